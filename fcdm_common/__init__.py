@@ -1,0 +1,1 @@
+"""Helpers shared by every program of the repository (written once, imported everywhere)."""

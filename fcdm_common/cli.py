@@ -1,0 +1,62 @@
+"""Command-line helpers shared by every script: boolean flags that parse correctly, and one way to fail.
+
+Scripts raise `UserError` for bad input (missing files, wrong shapes, corrupt checkpoints). `run_main`
+turns it into a single readable line on stderr and exit status 2, which is the contract of DESIGN.md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, NoReturn, Sequence
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, exit status 2, no traceback."""
+
+
+def str2bool(value: str | bool) -> bool:
+    """argparse `type=` for booleans: accepts true/false, 1/0, yes/no, on/off (any case)."""
+    if isinstance(value, bool):
+        return value
+    v = value.strip().lower()
+    if v in ("true", "1", "yes", "y", "on", "t"):
+        return True
+    if v in ("false", "0", "no", "n", "off", "f"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false, 1/0, yes/no), got {value!r}")
+
+
+def positive_int(value: str) -> int:
+    """argparse `type=` for integers > 0."""
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return v
+
+
+def non_negative_int(value: str) -> int:
+    """argparse `type=` for integers >= 0."""
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+    return v
+
+
+def fail(message: str) -> NoReturn:
+    """Print `error: message` on stderr and exit with status 2."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
+    """Run a script's `main(argv)`, mapping `UserError` to one line on stderr and exit status 2."""
+    try:
+        main(argv)
+    except UserError as e:
+        fail(str(e))
