@@ -1,0 +1,114 @@
+"""Training objectives and samplers: iDDPM Gaussian diffusion and linear-interpolant flow matching.
+
+- `create_diffusion(...)`: DiT's constructor and signature (iDDPM objective, respacing, DDPM/DDIM).
+- `create_flow(...)`: the flow-matching objective of the paper's Appendix E (SiT conventions).
+- `create_objective("diffusion" | "flow", **kwargs)`: pick either by name (`--objective`).
+- `sample(model, noise, y, ...)`: one entry point for every sampler, with classifier-free guidance,
+  a guidance interval and per-sample random generators.
+
+Both objective objects share the training interface
+`t = obj.sample_timesteps(B, device, generator); losses = obj.training_losses(model, x, t, dict(y=y))`.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+
+from . import gaussian_diffusion as gd
+from .flow_matching import FlowMatching, create_flow
+from .guidance import GuidedModel
+from .noise import Generators, check_generators, randn, randn_like
+from .respace import SpacedDiffusion, space_timesteps
+
+__all__ = ["create_diffusion", "create_flow", "create_objective", "sample", "GuidedModel", "SpacedDiffusion",
+           "FlowMatching", "space_timesteps", "randn", "randn_like", "DIFFUSION_SAMPLERS", "FLOW_SAMPLERS"]
+
+DIFFUSION_SAMPLERS = ("ddpm", "ddim")
+FLOW_SAMPLERS = ("euler", "heun", "sde")
+
+
+def create_diffusion(timestep_respacing="", noise_schedule="linear", use_kl=False, sigma_small=False,
+                     predict_xstart=False, learn_sigma=True, rescale_learned_sigmas=False,
+                     diffusion_steps=1000) -> SpacedDiffusion:
+    """The iDDPM diffusion with DiT's arguments; the paper's setting is the default (linear, T = 1000,
+    learned sigma, hybrid loss). `timestep_respacing` "" keeps all steps; "250", "ddim50" or "10,20,30"
+    respace it (see `space_timesteps`)."""
+    betas = gd.get_named_beta_schedule(noise_schedule, diffusion_steps)
+    if use_kl:
+        loss_type = gd.LossType.RESCALED_KL
+    elif rescale_learned_sigmas:
+        loss_type = gd.LossType.RESCALED_MSE
+    else:
+        loss_type = gd.LossType.MSE
+    if timestep_respacing is None or timestep_respacing == "":
+        timestep_respacing = [diffusion_steps]
+    if learn_sigma:
+        var_type = gd.ModelVarType.LEARNED_RANGE
+    else:
+        var_type = gd.ModelVarType.FIXED_SMALL if sigma_small else gd.ModelVarType.FIXED_LARGE
+    return SpacedDiffusion(
+        space_timesteps(diffusion_steps, timestep_respacing), betas=betas,
+        model_mean_type=gd.ModelMeanType.START_X if predict_xstart else gd.ModelMeanType.EPSILON,
+        model_var_type=var_type, loss_type=loss_type)
+
+
+def create_objective(name: str, **kwargs) -> Union[SpacedDiffusion, FlowMatching]:
+    """`create_diffusion(**kwargs)` for "diffusion", `create_flow(**kwargs)` for "flow"."""
+    if name == "diffusion":
+        return create_diffusion(**kwargs)
+    if name == "flow":
+        return create_flow(**kwargs)
+    raise ValueError(f"unknown objective {name!r}; expected 'diffusion' or 'flow'")
+
+
+def _respaced_for_sampler(objective: SpacedDiffusion, sampler: str, num_steps: int) -> SpacedDiffusion:
+    if sampler == "ddim":
+        try:
+            return objective.respace(f"ddim{num_steps}")
+        except ValueError:
+            warnings.warn(f"{num_steps} DDIM steps cannot be equally strided over {objective.original_num_steps}; "
+                          f"using evenly spaced (rounded) steps instead")
+    return objective.respace(str(num_steps))
+
+
+def sample(model: Callable, noise: torch.Tensor, y: torch.Tensor, *, objective, sampler: str, num_steps: int,
+           cfg_scale: float = 1.0, cfg_channels: Union[str, int] = "all",
+           guidance_interval: Optional[Tuple[float, float]] = None, null_label: int, ddim_eta: float = 0.0,
+           progress: bool = False, generators: Generators = None) -> torch.Tensor:
+    """Draw samples from noise (N, C, H, W) for labels y (N,) and return float32 (N, C, H, W).
+
+    model(x, t, y) is the raw network; objective comes from create_diffusion (samplers "ddpm", "ddim",
+    respaced to num_steps) or create_flow ("euler", "heun": num_steps ODE steps; "sde": num_steps model
+    calls, SiT's Euler-Maruyama). Guidance: see `GuidedModel`; guidance_interval=(lo, hi) is in noise-level
+    fraction (diffusion: t / T, flow: 1 - t). generators: None, one torch.Generator, or one per sample.
+    """
+    if num_steps < 1:
+        raise ValueError("num_steps must be >= 1")
+    if noise.ndim < 2 or y.shape[0] != noise.shape[0]:
+        raise ValueError(f"noise (N, C, ...) and labels (N,) disagree: {tuple(noise.shape)} vs {tuple(y.shape)}")
+    check_generators(generators, noise.shape[0])
+    kwargs = {"y": y}
+    if isinstance(objective, SpacedDiffusion):
+        if sampler not in DIFFUSION_SAMPLERS:
+            raise ValueError(f"unknown diffusion sampler {sampler!r}; expected one of {DIFFUSION_SAMPLERS}")
+        total = objective.original_num_steps
+        guided = GuidedModel(model, cfg_scale, null_label, cfg_channels, guidance_interval,
+                             noise_level_fn=lambda t: t.float() / total)  # t is the ORIGINAL timestep
+        spaced = _respaced_for_sampler(objective, sampler, num_steps)
+        if sampler == "ddpm":
+            return spaced.p_sample_loop(guided, tuple(noise.shape), noise=noise, model_kwargs=kwargs,
+                                        device=noise.device, progress=progress, generator=generators)
+        return spaced.ddim_sample_loop(guided, tuple(noise.shape), noise=noise, model_kwargs=kwargs,
+                                       device=noise.device, progress=progress, eta=ddim_eta, generator=generators)
+    if isinstance(objective, FlowMatching):
+        if sampler not in FLOW_SAMPLERS:
+            raise ValueError(f"unknown flow sampler {sampler!r}; expected one of {FLOW_SAMPLERS}")
+        guided = GuidedModel(model, cfg_scale, null_label, cfg_channels, guidance_interval,
+                             noise_level_fn=lambda t: 1.0 - t.float())  # t = 1 is data
+        if sampler == "sde":
+            return objective.sample_sde(guided, noise, num_steps, model_kwargs=kwargs, progress=progress,
+                                        generator=generators)
+        return objective.sample_ode(guided, noise, num_steps, method=sampler, model_kwargs=kwargs, progress=progress)
+    raise TypeError(f"objective must come from create_diffusion or create_flow, got {type(objective).__name__}")
