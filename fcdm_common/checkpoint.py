@@ -1,0 +1,85 @@
+"""Checkpoints: one dict of tensors and plain Python values, loadable with `torch.load(weights_only=True)`.
+
+Layout (the contract between train.py, sample.py, sample_ddp.py and any user code):
+
+    {
+      "model":  state_dict of the raw network,
+      "ema":    state_dict of the EMA network (the weights to report and sample from),
+      "opt":    optimizer state_dict,
+      "step":   int, optimizer steps taken,
+      "config": the resolved run configuration (plain JSON-able dict), with at least
+                "model" (registry name), "model_kwargs" (every constructor override, incl. in_channels,
+                num_classes, learn_sigma), "objective" ("diffusion" | "flow"), "objective_kwargs",
+                "data" (latent_shape [C, H, W], num_classes, image_size, vae name, scaling_factor) and
+                "vae" (the flags to rebuild the decoder: vae, hf_model_name, hf_model_dir),
+      "rng":    random states (python, numpy, torch CPU, torch CUDA) of the saving process,
+      ... anything else train.py needs to resume exactly (data position, counters).
+    }
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .cli import UserError
+from .io import atomic_torch_save
+
+REQUIRED_CONFIG_KEYS = ("model", "model_kwargs", "objective")
+
+
+def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
+    """Atomically write a checkpoint (temp file + rename): a crash never leaves a partial file."""
+    atomic_torch_save(obj, path)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", require_config: bool = True) -> dict:
+    """Load a checkpoint safely (weights_only=True). Missing, truncated or foreign files raise
+    `UserError` naming the file; so does a checkpoint without a usable "config"."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; pass the path of a .pt file written by train_gen/train.py")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise UserError(
+            f"checkpoint {path} is corrupt or not a torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "use an earlier checkpoint of the run"
+        ) from None
+    if not isinstance(ckpt, dict) or not ({"model", "ema"} & set(ckpt)):
+        raise UserError(f"checkpoint {path} holds no 'model' or 'ema' weights; it was not written by train_gen/train.py")
+    if require_config:
+        config = ckpt.get("config")
+        if not isinstance(config, dict) or any(k not in config for k in REQUIRED_CONFIG_KEYS):
+            raise UserError(
+                f"checkpoint {path} has no run config (needs keys {', '.join(REQUIRED_CONFIG_KEYS)}); "
+                "it was not written by train_gen/train.py, so the model cannot be rebuilt from it"
+            )
+    return ckpt
+
+
+def build_model(config: dict):
+    """Build the (randomly initialised) network a config describes."""
+    from models import create_model
+
+    try:
+        return create_model(config["model"], **config.get("model_kwargs", {}))
+    except (ValueError, TypeError) as e:
+        raise UserError(f"cannot build model {config.get('model')!r} from the checkpoint config: {e}") from None
+
+
+def model_from_checkpoint(ckpt: dict, use_ema: bool = True, path: str | os.PathLike = "checkpoint"):
+    """The network of a loaded checkpoint with its EMA (default) or raw weights, in eval mode."""
+    key = "ema" if use_ema else "model"
+    if key not in ckpt:
+        raise UserError(f"{path} has no {key!r} weights; use --use-ema {'false' if use_ema else 'true'}")
+    model = build_model(ckpt["config"])
+    try:
+        model.load_state_dict(ckpt[key])
+    except RuntimeError as e:
+        raise UserError(f"{path}: the {key!r} weights do not fit model {ckpt['config']['model']!r}: {str(e)[:300]}") from None
+    return model.eval()
