@@ -1,0 +1,336 @@
+"""Training data: precomputed VAE latents read in whole batches, deterministic and resumable.
+
+Two on-disk layouts are supported (docs/data.md describes both):
+
+* the zarr v3 store written by preparation/extract_features.py (or save_zarr.py): one group with
+  `latents` (both horizontal orientations of every image), `labels` (int64) and attributes;
+* the original release's layout: a folder of per-image latent `.npy` files (`--feature-path`) and
+  a folder of per-image label `.npy` files with the same names (`--label-path`).
+
+In "moments" stores each item is the posterior N(mean, std^2) of the autoencoder (Kingma &
+Welling, 2014), so every step draws a fresh latent z = (mean + std * eps) * scaling_factor, eps ~
+N(0, I), as latent diffusion does with `latent_dist.sample()`; "sample" stores hold one such
+scaled draw per image and orientation, the DiT/FCDM paper pipeline. Horizontal flips (the only
+augmentation of DiT and the paper) pick the stored flipped orientation instead of flipping the
+latent, which is not equivariant.
+
+`TrainLoader` makes the batches a pure function of (seed, rank, world_size, step): epoch e is the
+permutation `default_rng(SeedSequence([seed, e, ...])).permutation(N)`, cut into global batches of
+batch_size * world_size (the ragged tail is dropped) and each global batch into disjoint per-rank
+slices; orientation and eps come from a generator seeded by (seed, world_size, rank, step). So the
+batches do not depend on num_workers, and `start_step=k` resumes at step k without reading what was
+skipped.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from fcdm_common.cli import UserError
+
+STORE_FORMAT = "fcdm-latents"  # attrs["format"] of a store
+STORE_FORMAT_VERSION = 1  # bump on an incompatible layout change
+STORE_MODES = ("moments", "sample")
+# Settings that must match when a store is reopened for writing (resume) - see preparation/store.py.
+SETTING_KEYS = ("image_size", "vae", "scaling_factor", "store", "count", "latent_shape", "orientations",
+                "class_names", "shard_size", "chunk_size", "seed")
+
+
+def _available_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else free physical pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _num_classes(labels: np.ndarray, class_names, source: str) -> int:
+    """Number of classes from class_names (preferred) or max label + 1; labels are validated."""
+    if labels.size == 0:
+        raise UserError(f"{source} holds no items; extract features first")
+    lo, hi = int(labels.min()), int(labels.max())
+    n = len(class_names) if class_names else hi + 1
+    if lo < 0 or hi >= n:
+        raise UserError(f"{source}: labels must lie in [0, {n - 1}] but range over [{lo}, {hi}]; "
+                        "the labels do not match the class list - re-extract the data")
+    return n
+
+
+class ZarrLatentDataset:
+    """Reader of a complete latent store; `get_batch` reads one batch with one selection."""
+
+    def __init__(self, path: str | os.PathLike, cache: str = "auto"):
+        import zarr
+
+        self.path = Path(path)  # store folder
+        if cache not in ("auto", "memory", "none"):
+            raise UserError(f"cache must be auto, memory or none, got {cache!r}")
+        self.cache = cache  # "memory": decompress once into RAM; "none": read zarr per batch
+        if not (self.path / "zarr.json").is_file():
+            raise UserError(f"{self.path} is not a zarr latent store (no zarr.json); "
+                            "create one with preparation/extract_features.py or preparation/save_zarr.py")
+        try:
+            group = zarr.open_group(str(self.path), mode="r")
+        except Exception as e:  # zarr raises many kinds for a broken store
+            raise UserError(f"cannot open zarr store {self.path}: {e}") from None
+        info = dict(group.attrs)
+        if info.get("format") != STORE_FORMAT:
+            raise UserError(f"{self.path} is not an FCDM latent store (attribute format={info.get('format')!r})")
+        if not info.get("complete", False):
+            raise UserError(f"{self.path} is incomplete (extraction was interrupted); rerun the same "
+                            "preparation/extract_features.py command to finish it")
+        self.info = info  # the store attributes
+        self.mode = info["store"]  # "moments" or "sample"
+        self.scaling_factor = float(info["scaling_factor"])
+        self.orientations = int(info.get("orientations", 2))
+        self.latent_shape = tuple(int(v) for v in info["latent_shape"])  # (C, H, W)
+        count = int(info["count"])
+        latents = group["latents"]
+        labels = np.asarray(group["labels"][:], dtype=np.int64)
+        if latents.shape[0] != count or labels.shape[0] != count:
+            raise UserError(f"{self.path}: {latents.shape[0]} latents and {labels.shape[0]} labels but "
+                            f"count={count}; the store is damaged - re-extract it")
+        self.labels = labels  # (N,) int64
+        self.num_classes = _num_classes(labels, info.get("class_names"), str(self.path))
+        self.nbytes = int(np.prod(latents.shape)) * latents.dtype.itemsize
+        self._memory: np.ndarray | None = None
+        self._array = None
+        self._array_pid = None
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def prepare(self, local_world_size: int | None = None) -> None:
+        """Load the latents into RAM when cache is "memory" (or "auto" and they fit). Call before
+        worker processes fork so they share the pages."""
+        if self._memory is not None or self.cache == "none":
+            return
+        if self.cache == "auto":
+            local = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            if self.nbytes * local > 0.6 * _available_memory_bytes():
+                return
+        self._memory = np.asarray(self._zarr_array()[:])
+
+    @property
+    def cached(self) -> bool:
+        return self._memory is not None
+
+    def _zarr_array(self):
+        # zarr runs an event-loop thread; never reuse a handle across fork, reopen per process
+        if self._array is None or self._array_pid != os.getpid():
+            import zarr
+
+            self._array = zarr.open_group(str(self.path), mode="r")["latents"]
+            self._array_pid = os.getpid()
+        return self._array
+
+    def read(self, indices: np.ndarray, orient: np.ndarray) -> np.ndarray:
+        """Stored values of items `indices` in orientation `orient`: (B, 2, C, H, W) moments or (B, C, H, W)."""
+        if self._memory is not None:
+            return self._memory[indices, orient]
+        order = np.argsort(indices, kind="stable")
+        uniq, inverse = np.unique(indices[order], return_inverse=True)
+        block = self._zarr_array().oindex[uniq]  # one selection for the whole batch
+        rows = np.empty_like(order)
+        rows[order] = inverse
+        return block[rows, orient]
+
+    def get_batch(self, indices: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Model-ready scaled latents (B, C, H, W) float32 and labels (B,) int64."""
+        orient = rng.integers(0, self.orientations, size=len(indices))
+        values = self.read(indices, orient)
+        if self.mode == "moments":
+            mean = torch.from_numpy(np.ascontiguousarray(values[:, 0])).float()  # (B, C, H, W)
+            std = torch.from_numpy(np.ascontiguousarray(values[:, 1])).float()
+            eps = torch.from_numpy(rng.standard_normal(mean.shape, dtype=np.float32))
+            x = torch.addcmul(mean, std, eps).mul_(self.scaling_factor)  # z = (mean + std * eps) * s
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(values)).float()
+        return x, torch.from_numpy(self.labels[indices])
+
+
+class LegacyNpyDataset:
+    """The original release's layout: per-image latent and label `.npy` files with matching names.
+
+    Latent files hold scaled samples of shape (1, C, H, W), (C, H, W) or (2, C, H, W) (both
+    orientations); label files hold one integer.
+    """
+
+    def __init__(self, feature_path: str | os.PathLike, label_path: str | os.PathLike):
+        from tqdm import tqdm
+
+        self.feature_path = Path(feature_path)  # folder of per-image latent .npy files
+        self.label_path = Path(label_path)  # folder of per-image label .npy files
+        for folder, flag in ((self.feature_path, "--feature-path"), (self.label_path, "--label-path")):
+            if not folder.is_dir():
+                raise UserError(f"{flag} {folder} is not a folder")
+        self.files = sorted(p.name for p in self.feature_path.iterdir() if p.suffix == ".npy")
+        if not self.files:
+            raise UserError(f"--feature-path {self.feature_path} holds no .npy files")
+        n_labels = sum(1 for p in self.label_path.iterdir() if p.suffix == ".npy")
+        if n_labels != len(self.files):
+            raise UserError(f"{len(self.files)} latent files in {self.feature_path} but {n_labels} label files "
+                            f"in {self.label_path}; every latent needs a label file with the same name")
+        labels = np.empty(len(self.files), dtype=np.int64)
+        for i, name in enumerate(tqdm(self.files, desc="reading labels", disable=len(self.files) < 10000)):
+            label_file = self.label_path / name
+            if not label_file.is_file():
+                raise UserError(f"label file {label_file} is missing for latent {self.feature_path / name}")
+            labels[i] = int(np.asarray(np.load(label_file)).reshape(-1)[0])
+        self.labels = labels
+        first = self._load(0)
+        self.orientations = first.shape[0]
+        self.latent_shape = tuple(first.shape[1:])
+        self.num_classes = _num_classes(labels, None, str(self.label_path))
+        self.mode = "sample"
+        self.info = {"format": "legacy-npy", "store": "sample", "count": len(self.files),
+                     "latent_shape": list(self.latent_shape), "orientations": self.orientations,
+                     "class_names": None, "feature_path": str(self.feature_path), "label_path": str(self.label_path)}
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _load(self, i: int) -> np.ndarray:
+        path = self.feature_path / self.files[i]
+        arr = np.load(path)
+        if arr.ndim == 3:
+            arr = arr[None]
+        if arr.ndim != 4 or arr.shape[0] not in (1, 2):
+            raise UserError(f"{path} has shape {arr.shape}; expected (C,H,W), (1,C,H,W) or (2,C,H,W)")
+        return arr
+
+    def prepare(self, local_world_size: int | None = None) -> None:
+        pass
+
+    def get_batch(self, indices: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        orient = rng.integers(0, self.orientations, size=len(indices))
+        x = np.stack([self._load(int(i))[o] for i, o in zip(indices, orient)]).astype(np.float32)
+        if tuple(x.shape[1:]) != self.latent_shape:
+            raise UserError(f"latent files in {self.feature_path} have different shapes; re-extract them")
+        return torch.from_numpy(x), torch.from_numpy(self.labels[indices])
+
+
+def open_dataset(zarr_path=None, feature_path=None, label_path=None, cache: str = "auto"):
+    """Open the training data: a zarr store (`zarr_path`) or the legacy .npy folders."""
+    if zarr_path is not None:
+        if feature_path is not None or label_path is not None:
+            raise UserError("give either --zarr-path or --feature-path/--label-path, not both")
+        return ZarrLatentDataset(zarr_path, cache=cache)
+    if feature_path is None or label_path is None:
+        raise UserError("no training data: give --zarr-path STORE, or --feature-path DIR and --label-path DIR")
+    return LegacyNpyDataset(feature_path, label_path)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The seeded shuffle of epoch `epoch` (same on every rank)."""
+    return np.random.default_rng(np.random.SeedSequence([seed, epoch, 0x5EED])).permutation(n)
+
+
+def batch_rng(seed: int, world_size: int, rank: int, step: int) -> np.random.Generator:
+    """Generator for the orientation choice and posterior noise of one batch."""
+    return np.random.default_rng(np.random.SeedSequence([seed, world_size, rank, step, 0xF11B]))
+
+
+class _StepBatches(torch.utils.data.Dataset):
+    """Map-style dataset whose item `step` is the whole batch of that step (runs in workers)."""
+
+    def __init__(self, dataset, batch_size: int, rank: int, world_size: int, seed: int, steps_per_epoch: int):
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.steps_per_epoch = steps_per_epoch
+        self._perm_epoch = -1
+        self._perm = None
+
+    def indices(self, step: int) -> np.ndarray:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._perm_epoch:
+            self._perm = epoch_permutation(len(self.dataset), self.seed, epoch)
+            self._perm_epoch = epoch
+        start = (i * self.world_size + self.rank) * self.batch_size
+        return self._perm[start:start + self.batch_size]
+
+    def __getitem__(self, step: int):
+        rng = batch_rng(self.seed, self.world_size, self.rank, step)
+        return self.dataset.get_batch(self.indices(step), rng)
+
+    def __len__(self):  # not used by the infinite sampler; DataLoader only needs it to exist
+        return 2 ** 62
+
+
+class _StepSampler(torch.utils.data.Sampler):
+    def __init__(self, start: int):
+        self.start = start
+
+    def __iter__(self):
+        step = self.start
+        while True:
+            yield step
+            step += 1
+
+
+class TrainLoader:
+    """Infinite deterministic iterator of (x (B, C, H, W) float32 scaled latents, y (B,) int64).
+
+    `step` is the step of the next batch; rebuilding with start_step=step resumes exactly.
+    """
+
+    def __init__(self, dataset, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 start_step: int = 0, num_workers: int = 2, prefetch_factor: int = 4, pin_memory: bool = False):
+        if batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size or start_step < 0:
+            raise ValueError(f"bad loader settings batch_size={batch_size} rank={rank} "
+                             f"world_size={world_size} start_step={start_step}")
+        self.dataset = dataset  # ZarrLatentDataset or LegacyNpyDataset
+        self.batch_size = batch_size  # per-rank batch
+        self.rank = rank  # this process
+        self.world_size = world_size  # number of processes sharing each epoch
+        self.seed = seed  # global seed (same on every rank)
+        self.num_workers = num_workers  # DataLoader worker processes (0: read in this process)
+        self.prefetch_factor = prefetch_factor  # batches queued per worker
+        self.pin_memory = pin_memory  # page-locked batches for faster host-to-GPU copies
+        self.steps_per_epoch = len(dataset) // (batch_size * world_size)
+        if self.steps_per_epoch == 0:
+            raise UserError(f"the data has {len(dataset)} items, fewer than one global batch of "
+                            f"{batch_size} x {world_size} processes; lower --global-batch-size")
+        self.step = start_step
+        self._batches = _StepBatches(dataset, batch_size, rank, world_size, seed, self.steps_per_epoch)
+        dataset.prepare()  # load the cache before workers fork
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the next batch."""
+        return self.step // self.steps_per_epoch
+
+    def batch_indices(self, step: int) -> np.ndarray:
+        """Dataset indices of this rank's batch at `step` (for tests and debugging)."""
+        return self._batches.indices(step).copy()
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of `step`, computed in this process."""
+        return self._batches[step]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.num_workers == 0:
+            while True:
+                out = self._batches[self.step]
+                self.step += 1
+                yield out
+        loader = torch.utils.data.DataLoader(
+            self._batches, batch_size=None, sampler=_StepSampler(self.step), num_workers=self.num_workers,
+            prefetch_factor=self.prefetch_factor, persistent_workers=False, pin_memory=self.pin_memory)
+        for out in loader:
+            self.step += 1
+            yield out

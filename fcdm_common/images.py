@@ -1,0 +1,75 @@
+"""Image helpers shared by preparation, training grids and sampling.
+
+`center_crop_arr` reproduces the preprocessing of ADM (Dhariwal & Nichol, 2021, guided-diffusion
+`image_datasets.py`) that DiT and FCDM use for ImageNet: while the short side is at least twice the
+target, halve the image with a BOX filter (cheap anti-aliasing); then resize with BICUBIC so the
+short side equals the target; then take the central square. `to_uint8` rounds like DiT's sampling
+scripts: clamp((x + 1) * 127.5 + 0.5, 0, 255) truncated to uint8.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fcdm_common.io import atomic_path
+
+
+def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
+    """ADM center crop: BOX halving while the short side >= 2 * image_size, BICUBIC resize, crop."""
+    while min(pil_image.size) >= 2 * image_size:
+        half = (pil_image.size[0] // 2, pil_image.size[1] // 2)
+        pil_image = pil_image.resize(half, resample=Image.BOX)
+    scale = image_size / min(pil_image.size)
+    target = (round(pil_image.size[0] * scale), round(pil_image.size[1] * scale))
+    pil_image = pil_image.resize(target, resample=Image.BICUBIC)
+    arr = np.asarray(pil_image)  # (H, W, 3)
+    top = (arr.shape[0] - image_size) // 2
+    left = (arr.shape[1] - image_size) // 2
+    return Image.fromarray(arr[top:top + image_size, left:left + image_size])
+
+
+def pil_to_tensor(pil_image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float32 tensor (3, H, W) in [-1, 1] (ToTensor then Normalize(0.5, 0.5))."""
+    arr = np.asarray(pil_image.convert("RGB"), dtype=np.float32)  # (H, W, 3) in [0, 255]
+    return torch.from_numpy(arr / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+
+
+def to_uint8(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Images in [-1, 1], NCHW float -> uint8 NHWC numpy, rounding like DiT's sample.py."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    x = x.detach().float()
+    if x.ndim != 4:
+        raise ValueError(f"to_uint8 expects NCHW images, got shape {tuple(x.shape)}")
+    x = torch.clamp((x + 1.0) * 127.5 + 0.5, 0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def make_grid(images_uint8_nhwc: np.ndarray, nrow: int, padding: int = 2) -> np.ndarray:
+    """Tile N images (N, H, W, 3) uint8 into one (rows * (H + p) + p, nrow * (W + p) + p, 3) image."""
+    images = np.asarray(images_uint8_nhwc)
+    if images.ndim == 3:  # grayscale (N, H, W)
+        images = images[..., None]
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    n, h, w, c = images.shape
+    nrow = max(1, min(int(nrow), n))
+    rows = math.ceil(n / nrow)
+    grid = np.zeros((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        y = padding + r * (h + padding)
+        x = padding + col * (w + padding)
+        grid[y:y + h, x:x + w] = images[i]
+    return grid
+
+
+def save_grid(images_uint8_nhwc: np.ndarray, path: str | os.PathLike, nrow: int, padding: int = 2) -> None:
+    """Write a grid of uint8 NHWC images as one PNG, atomically (temp file + rename)."""
+    grid = make_grid(images_uint8_nhwc, nrow, padding)
+    with atomic_path(path) as tmp:
+        Image.fromarray(grid).save(tmp, format="PNG")

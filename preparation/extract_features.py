@@ -1,0 +1,257 @@
+"""Encode an ImageFolder into VAE latents: one resumable zarr store, one or many processes.
+
+    torchrun --nproc_per_node=N preparation/extract_features.py --data-path IMAGEFOLDER --features-path OUT
+    python preparation/extract_features.py --data-path IMAGEFOLDER --features-path OUT   # one process / CPU
+
+Preprocessing follows ADM/DiT: center crop to --image-size (fcdm_common.images.center_crop_arr),
+pixels to [-1, 1]. Every image is encoded twice, as is and horizontally flipped, so training flips
+by choosing the stored orientation. `--store moments` keeps the posterior mean and std (float16) and
+training draws a fresh latent each step; `--store sample` keeps one draw z = (mean + std * eps) *
+scaling_factor per image and orientation, the DiT/FCDM paper pipeline, with eps seeded by
+(--seed, shard) so the store does not depend on the number of processes.
+
+Work is split into shards of --shard-size images (= zarr shard files); shard k goes to rank
+k % world_size, so no two processes write one file. Finished shards are recorded in the store and
+skipped when the same command is rerun after an interruption; the result equals an uninterrupted
+run. Layout: docs/data.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fcdm_common.cli import UserError, non_negative_int, positive_int, run_main
+from fcdm_common.distributed import barrier, cleanup, init_distributed
+from fcdm_common.images import center_crop_arr, pil_to_tensor
+from fcdm_common.vae import DEFAULT_HF_MODEL, DEFAULT_SCALING_FACTOR, load_vae, vae_id
+from preparation import store as zstore
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's list
+
+
+def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]]]:
+    """Classes and (path, label) pairs in torchvision ImageFolder order (sorted classes, sorted walk).
+
+    Unlike ImageFolder, a visible file without an image extension is an error instead of being
+    skipped silently (hidden files such as .DS_Store are ignored).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"--data-path {root} does not exist or is not a folder; point it at an ImageFolder "
+                        "(one sub-folder of images per class)")
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    if not classes:
+        raise UserError(f"--data-path {root} has no class sub-folders; an ImageFolder needs one folder per class")
+    samples: list[tuple[str, int]] = []
+    for label, name in enumerate(classes):
+        n_before = len(samples)
+        for dirpath, _, fnames in sorted(os.walk(root / name, followlinks=True)):
+            for fname in sorted(fnames):
+                path = os.path.join(dirpath, fname)
+                if fname.lower().endswith(IMG_EXTENSIONS):
+                    samples.append((path, label))
+                elif not fname.startswith("."):
+                    raise UserError(f"{path} is not an image (allowed: {', '.join(IMG_EXTENSIONS)}); "
+                                    "move it out of --data-path")
+        if len(samples) == n_before:
+            raise UserError(f"class folder {root / name} holds no images; remove it or add images")
+    return classes, samples
+
+
+class CroppedImages(torch.utils.data.Dataset):
+    """Item i -> (image (3, S, S) in [-1, 1], label, error text or "")."""
+
+    def __init__(self, samples: list[tuple[str, int]], image_size: int):
+        self.samples = samples  # (path, label) pairs
+        self.image_size = image_size  # output side length in pixels
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+            return pil_to_tensor(center_crop_arr(img, self.image_size)), label, ""
+        except Exception as e:  # unreadable file: reported by the main process as one line
+            size = self.image_size
+            return torch.zeros(3, size, size), label, f"{path} cannot be read as an image ({type(e).__name__}: {e})"
+
+
+def _collate(items):
+    images = torch.stack([it[0] for it in items])  # (B, 3, S, S)
+    labels = torch.tensor([it[1] for it in items], dtype=torch.int64)
+    errors = [it[2] for it in items if it[2]]
+    return images, labels, errors
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Encode an ImageFolder into a zarr store of VAE latents "
+                                "(both orientations), resumable, one or many processes (torchrun).")
+    p.add_argument("--data-path", required=True, help="ImageFolder root: one sub-folder of images per class")
+    p.add_argument("--features-path", required=True, help="output zarr store (a folder); rerun to resume")
+    p.add_argument("--image-size", type=positive_int, default=256,
+                   help="center-crop side in pixels (multiple of the VAE downsampling, 8); default 256")
+    p.add_argument("--vae", choices=("sd", "none"), default="sd",
+                   help="'sd': diffusers AutoencoderKL; 'none': pixel space (identity, used by the demo)")
+    p.add_argument("--hf-model-name", default=DEFAULT_HF_MODEL,
+                   help=f"Hugging Face repo of the VAE, downloaded when --hf-model-dir is not given "
+                        f"(default {DEFAULT_HF_MODEL})")
+    p.add_argument("--hf-model-dir", default=None,
+                   help="local VAE snapshot folder (loaded with local_files_only; see download_snapshot.py)")
+    p.add_argument("--vae-scaling-factor", type=float, default=DEFAULT_SCALING_FACTOR,
+                   help="latent scaling factor stored with the data (default 0.18215, SD-VAE)")
+    p.add_argument("--vae-dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="VAE compute precision (default fp32, as the paper)")
+    p.add_argument("--store", choices=("moments", "sample"),
+                   default="moments", help="'moments': posterior mean and std (float16), a fresh sample each "
+                   "training step; 'sample': one scaled sample per image and orientation (the paper)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per process per batch")
+    p.add_argument("--num-workers", type=non_negative_int, default=4, help="DataLoader workers per process")
+    p.add_argument("--shard-size", type=positive_int, default=zstore.DEFAULT_SHARD_SIZE,
+                   help="images per zarr shard = per work unit (default 1024); part of the store settings")
+    p.add_argument("--chunk-size", type=positive_int, default=zstore.DEFAULT_CHUNK_SIZE,
+                   help="images per compressed chunk inside a shard (divides --shard-size; default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the posterior samples in --store sample")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--debug-stop-after-shards", type=non_negative_int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def _plan_batches(shards: list[int], count: int, shard_size: int, batch_size: int):
+    """Batches (lists of indices) that never cross a shard boundary, and the shard of each batch."""
+    batches, owner = [], []
+    for k in shards:
+        start, end = zstore.shard_range(k, count, shard_size)
+        for b in range(start, end, batch_size):
+            batches.append(list(range(b, min(end, b + batch_size))))
+            owner.append(k)
+    return batches, owner
+
+
+def _shard_values(mean: np.ndarray, std: np.ndarray, mode: str, scaling_factor: float, seed: int, k: int):
+    """Values stored for shard k from float32 mean/std (n, 2, C, H, W)."""
+    if mode == "moments":
+        return np.stack([mean, std], axis=2)  # (n, O, 2, C, H, W)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, k, 0xE7C]))
+    eps = rng.standard_normal(mean.shape, dtype=np.float32)
+    return ((mean + std * eps) * np.float32(scaling_factor)).astype(np.float32)  # (n, O, C, H, W)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.shard_size % args.chunk_size != 0:
+        raise UserError(f"--chunk-size {args.chunk_size} must divide --shard-size {args.shard_size}")
+    dist_info = init_distributed(args.device)
+    rank, world = dist_info.rank, dist_info.world_size
+    device = dist_info.device
+    say = print if rank == 0 else (lambda *a, **k: None)
+    try:
+        _run(args, rank, world, device, say)
+    finally:
+        cleanup()
+
+
+def _run(args, rank, world, device, say):
+    classes, samples = scan_image_folder(args.data_path)
+    count = len(samples)
+    say(f"{args.data_path}: {count} images in {len(classes)} classes; {world} process(es) on {device}")
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.vae_dtype]
+    name = vae_id(args.vae, args.hf_model_name, args.hf_model_dir)
+    down = 1 if args.vae == "none" else 8
+    if args.image_size % down:
+        raise UserError(f"--image-size {args.image_size} must be a multiple of {down} for --vae {args.vae}")
+    scaling = 1.0 if args.vae == "none" else args.vae_scaling_factor
+    channels = 3 if args.vae == "none" else None
+    vae = None
+    if args.vae == "sd":  # the latent channel count comes from the model config
+        vae = load_vae("sd", args.hf_model_name, args.hf_model_dir, scaling, device=device, dtype=dtype)
+        channels, down = vae.latent_channels, vae.downsample
+        if args.image_size % down:
+            raise UserError(f"--image-size {args.image_size} must be a multiple of the VAE downsampling {down}")
+    else:
+        vae = load_vae("none", device=device)
+    latent_shape = (channels, args.image_size // down, args.image_size // down)
+    settings = zstore.make_settings(
+        image_size=args.image_size, vae=name, scaling_factor=scaling, store=args.store, count=count,
+        latent_shape=latent_shape, orientations=2, class_names=classes, shard_size=args.shard_size,
+        chunk_size=args.chunk_size, seed=args.seed if args.store == "sample" else None)
+
+    state = zstore.check_existing(args.features_path, settings)
+    if state == "complete":
+        say(f"{args.features_path} is already complete ({count} images); nothing to do")
+        return
+    barrier()
+    if rank == 0 and state == "absent":
+        zstore.create_store(args.features_path, settings, extra_attrs={"source": str(Path(args.data_path))})
+        say(f"created {args.features_path}")
+    barrier()
+    import zarr
+
+    group = zarr.open_group(str(args.features_path), mode="r+")
+    done = zstore.done_shards(group)
+    n_shards = len(done)
+    mine = [k for k in range(rank, n_shards, world) if not done[k]]
+    say(f"{int(done.sum())}/{n_shards} shards already done; {len(mine)} to encode on rank 0")
+
+    batches, owner = _plan_batches(mine, count, args.shard_size, args.batch_size)
+    loader = torch.utils.data.DataLoader(
+        CroppedImages(samples, args.image_size), batch_sampler=batches, num_workers=args.num_workers,
+        collate_fn=_collate, pin_memory=device.type == "cuda")
+    from tqdm import tqdm
+
+    total = sum(len(b) for b in batches)
+    bar = tqdm(total=total, unit="img", desc=f"encoding ({world} procs)", disable=rank != 0, dynamic_ncols=True)
+    buf: dict = {}
+    written = 0
+    t0 = time.time()
+    for (images, labels, errors), k in zip(loader, owner):
+        if errors:
+            raise UserError(errors[0] + "; replace or remove the file and rerun")
+        start, end = zstore.shard_range(k, count, args.shard_size)
+        if buf.get("k") != k:
+            n = end - start
+            buf = {"k": k, "mean": np.empty((n, 2, *latent_shape), np.float32),
+                   "std": np.empty((n, 2, *latent_shape), np.float32), "labels": np.empty(n, np.int64), "filled": 0}
+        images = images.to(device, non_blocking=True)
+        both = torch.cat([images, images.flip(-1)])  # (2B, 3, S, S): original, then flipped
+        mean, std = vae.encode_moments(both)  # each (2B, C, h, w), unscaled
+        b = images.shape[0]
+        rows = slice(buf["filled"], buf["filled"] + b)
+        buf["mean"][rows] = torch.stack([mean[:b], mean[b:]], 1).cpu().numpy()  # (B, 2, C, h, w)
+        buf["std"][rows] = torch.stack([std[:b], std[b:]], 1).cpu().numpy()
+        buf["labels"][rows] = labels.numpy()
+        buf["filled"] += b
+        bar.update(b)
+        if buf["filled"] == end - start:
+            values = _shard_values(buf["mean"], buf["std"], args.store, scaling, args.seed, k)
+            zstore.write_shard(group, k, values, buf["labels"])
+            written += 1
+            buf = {}
+            if args.debug_stop_after_shards is not None and written >= args.debug_stop_after_shards:
+                bar.close()
+                print(f"rank {rank}: stopping after {written} shard(s) (debug); rerun to resume", flush=True)
+                return
+    bar.close()
+    barrier()
+    if rank == 0:
+        if zstore.done_shards(group).all():
+            zstore.mark_complete(group)
+            rate = total / max(time.time() - t0, 1e-9)
+            say(f"done: {args.features_path} holds {count} images x 2 orientations, latents {latent_shape}, "
+                f"store={args.store} ({rate:.1f} img/s on rank 0)")
+        else:
+            say(f"{args.features_path} is not complete yet; rerun the same command to resume")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,133 @@
+"""Writing side of the latent store (layout in docs/data.md, reader in fcdm_common/data.py).
+
+One zarr v3 group. `latents` and `labels` are sharded along the image axis with one shard per
+work unit of `shard_size` images, so the processes of a multi-GPU extraction never write the same
+file. The bool array `done` (one chunk per shard) records finished shards: a rerun skips them and
+a shard whose process died half-way is simply rewritten. The group attribute `complete` becomes
+true only after every shard is done, so readers never mistake a half-written store for data.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from fcdm_common.cli import UserError
+from fcdm_common.data import SETTING_KEYS, STORE_FORMAT, STORE_FORMAT_VERSION
+
+DEFAULT_SHARD_SIZE = 1024  # images per shard file = per work unit of one process
+DEFAULT_CHUNK_SIZE = 64  # images per compressed inner chunk
+
+
+def latent_array_shape(count: int, mode: str, orientations: int, latent_shape) -> tuple[int, ...]:
+    """(N, O, 2, C, H, W) for moments (mean, std), (N, O, C, H, W) for samples."""
+    if mode == "moments":
+        return (count, orientations, 2, *latent_shape)
+    return (count, orientations, *latent_shape)
+
+
+def latent_dtype(mode: str) -> str:
+    # Moments in float16 halve the store (mean/std of the SD-VAE posterior fit easily); scaled
+    # samples stay float32 like the paper's .npy files.
+    return "float16" if mode == "moments" else "float32"
+
+
+def make_settings(*, image_size: int, vae: str, scaling_factor: float, store: str, count: int, latent_shape,
+                  orientations: int, class_names, shard_size: int, chunk_size: int, seed: int | None) -> dict:
+    """Attributes that identify how a store was made (compared on resume)."""
+    return {"image_size": int(image_size), "vae": str(vae), "scaling_factor": float(scaling_factor),
+            "store": store, "count": int(count), "latent_shape": [int(v) for v in latent_shape],
+            "orientations": int(orientations), "class_names": None if class_names is None else list(class_names),
+            "shard_size": int(shard_size), "chunk_size": int(chunk_size),
+            "seed": None if seed is None else int(seed)}
+
+
+def describe_mismatch(existing: dict, wanted: dict) -> str | None:
+    """First differing setting as readable text, or None when the store matches."""
+    for key in SETTING_KEYS:
+        old, new = existing.get(key), wanted.get(key)
+        if key == "class_names" and old is not None and new is not None and list(old) != list(new):
+            return f"class_names (the store has {len(old)} classes, the data {len(new)} / different names)"
+        if old != new:
+            return f"{key} (store: {old!r}, this run: {new!r})"
+    return None
+
+
+def check_existing(path: str | os.PathLike, settings: dict, what: str = "--features-path") -> str:
+    """'absent', 'incomplete' or 'complete' for a store at `path` made with `settings`; UserError otherwise."""
+    import zarr
+
+    path = Path(path)
+    if not path.exists():
+        return "absent"
+    if not (path / "zarr.json").is_file():
+        if path.is_dir() and not any(path.iterdir()):
+            return "absent"
+        raise UserError(f"{what} {path} exists but is not a zarr store; choose a new output path")
+    try:
+        attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+    except Exception as e:
+        raise UserError(f"{what} {path} is a damaged zarr store ({e}); delete it and rerun") from None
+    if attrs.get("format") != STORE_FORMAT:
+        raise UserError(f"{what} {path} is a zarr group but not an FCDM latent store; choose a new output path")
+    diff = describe_mismatch(attrs, settings)
+    if diff is not None:
+        raise UserError(f"the store {path} was made with other settings: {diff}; use a new output path, "
+                        "or delete it to start over")
+    return "complete" if attrs.get("complete") else "incomplete"
+
+
+def create_store(path: str | os.PathLike, settings: dict, extra_attrs: dict | None = None):
+    """Create an empty store (overwriting anything at `path`) and return the zarr group."""
+    import zarr
+    from zarr.codecs import BloscCodec
+
+    count, shard, chunk = settings["count"], settings["shard_size"], settings["chunk_size"]
+    shape = latent_array_shape(count, settings["store"], settings["orientations"], settings["latent_shape"])
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    compressor = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+    group.create_array("latents", shape=shape, dtype=latent_dtype(settings["store"]),
+                       chunks=(min(chunk, shard), *shape[1:]), shards=(shard, *shape[1:]),
+                       compressors=compressor, fill_value=0)
+    group.create_array("labels", shape=(count,), dtype="int64", chunks=(shard,), compressors=compressor,
+                       fill_value=-1)
+    group.create_array("done", shape=(num_shards(count, shard),), dtype="bool", chunks=(1,), fill_value=False)
+    attrs = {"format": STORE_FORMAT, "format_version": STORE_FORMAT_VERSION, **settings,
+             "latents_axes": ("N, orientation, moment(mean,std), C, H, W" if settings["store"] == "moments"
+                              else "N, orientation, C, H, W"),
+             **(extra_attrs or {}), "complete": False}
+    group.attrs.update(attrs)
+    return group
+
+
+def num_shards(count: int, shard_size: int) -> int:
+    return math.ceil(count / shard_size)
+
+
+def shard_range(k: int, count: int, shard_size: int) -> tuple[int, int]:
+    """[start, end) image indices of shard k."""
+    return k * shard_size, min(count, (k + 1) * shard_size)
+
+
+def done_shards(group) -> np.ndarray:
+    return np.asarray(group["done"][:], dtype=bool)
+
+
+def write_shard(group, k: int, latents: np.ndarray, labels: np.ndarray) -> None:
+    """Write shard k's latents and labels, then mark it done (the marker goes last)."""
+    count, shard = group.attrs["count"], group.attrs["shard_size"]
+    start, end = shard_range(k, count, shard)
+    if latents.shape[0] != end - start or labels.shape[0] != end - start:
+        raise ValueError(f"shard {k} expects {end - start} items, got {latents.shape[0]} / {labels.shape[0]}")
+    group["latents"][start:end] = latents.astype(group["latents"].dtype, copy=False)
+    group["labels"][start:end] = labels.astype(np.int64, copy=False)
+    group["done"][k] = True
+
+
+def mark_complete(group) -> None:
+    """Set the completion attribute once every shard is done."""
+    if not done_shards(group).all():
+        raise RuntimeError("mark_complete called before every shard was written")
+    group.attrs["complete"] = True
