@@ -1,0 +1,41 @@
+# FCDM: one-command set-up. `make demo` runs the whole pipeline on a CPU; `make test` runs the tests.
+# Both create .venv with the package installed (editable) the first time.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fcdm-installed
+
+.PHONY: install test demo demo-quick eval-env summary clean-demo help
+
+help:
+	@echo "make demo      - the whole pipeline (data, train, sample, evaluate) on the digits demo, CPU, ~12 min"
+	@echo "make test      - install (if needed) and run the test suite"
+	@echo "make install   - create $(VENV) and install the package with its test extras"
+	@echo "make eval-env  - add TensorFlow (CPU) for the exact ADM evaluator backend"
+	@echo "make summary   - params and GFLOPs of every registered model"
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) train_gen/demo.py
+
+demo-quick: $(STAMP)
+	$(PY) train_gen/demo.py --quick
+
+eval-env: $(STAMP)
+	$(PY) -m pip install -e ".[eval-tf]"
+
+summary: $(STAMP)
+	$(PY) -m models.summary
+
+clean-demo:
+	rm -rf results/demo
