@@ -31,12 +31,14 @@ IMAGE_SIZE = 299
 SPATIAL_CHANNELS = 7
 
 
-def build_inception(num_classes: int = NUM_CLASSES):
-    """torchvision's Inception-v3 skeleton (random, uninitialised weights) without the aux head."""
+def build_inception(num_classes: int = NUM_CLASSES, device=None):
+    """torchvision's Inception-v3 skeleton without the aux head (device="meta": no memory, no init cost)."""
+    import torch
     from torchvision.models import inception_v3
 
-    return inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=num_classes,
-                         transform_input=False)
+    with torch.device(device or "cpu"):
+        return inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=num_classes,
+                            transform_input=False)
 
 
 def load_state_dict(path: str) -> Dict[str, "object"]:
@@ -68,9 +70,9 @@ class TorchInception:
 
         self.torch = torch
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = build_inception()
+        model = build_inception(device="meta")  # parameters come from the file (assign=True)
         try:
-            model.load_state_dict(load_state_dict(weights_path), strict=True)
+            model.load_state_dict(load_state_dict(weights_path), strict=True, assign=True)
         except RuntimeError as e:
             first = str(e).splitlines()[0:3]
             raise UserError(f"{weights_path}: does not match torchvision's inception_v3 with "
