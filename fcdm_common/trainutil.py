@@ -1,0 +1,201 @@
+"""Training helpers: per-rank seeding, RNG state capture/restore, run naming, checkpoint rotation, logs.
+
+Every random state is stored as tensors and plain Python values so checkpoints keep loading with
+`torch.load(weights_only=True)` (numpy's MT19937 key becomes an int64 tensor).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import time
+import warnings
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+
+from .checkpoint import load_checkpoint
+from .cli import UserError
+from .io import atomic_write_text
+
+CKPT_RE = re.compile(r"^(\d{7,})\.pt$")  # checkpoints/<step, 7+ digits>.pt
+
+
+# ---------------------------------------------------------------------------------- seeding / RNG
+def rank_seed(seed: int, rank: int, world_size: int) -> int:
+    """Seed of process `rank`: distinct per rank, fixed by (seed, rank, world_size) (DiT: seed * W + rank)."""
+    return int(seed) * int(world_size) + int(rank)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy, torch CPU and every CUDA device."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds all CUDA devices
+
+
+def capture_rng(generators: Optional[dict] = None) -> dict:
+    """All random states of this process (+ named torch.Generators) as checkpoint-safe values."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),  # (version, tuple of 625 ints, gauss_next)
+        "numpy": {"name": np_state[0], "key": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+        "cuda": [s for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "generators": {k: g.get_state() for k, g in (generators or {}).items()},
+    }
+    return state
+
+
+def restore_rng(state: dict, generators: Optional[dict] = None) -> None:
+    """Inverse of `capture_rng`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if torch.cuda.is_available() and state.get("cuda"):
+        if len(state["cuda"]) != torch.cuda.device_count():
+            warnings.warn(f"checkpoint holds {len(state['cuda'])} CUDA RNG states but {torch.cuda.device_count()} "
+                          "devices are visible; restoring the ones that fit")
+        for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s.cpu(), i)
+    for k, g in (generators or {}).items():
+        if k in state.get("generators", {}):
+            g.set_state(state["generators"][k].cpu())
+        else:
+            warnings.warn(f"checkpoint has no state for generator {k!r}; it keeps its fresh seed")
+
+
+# ---------------------------------------------------------------------------------- run naming
+def format_lr(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "e-").replace("e+0", "e")
+
+
+def experiment_name(model: str, objective: str, data_name: str, global_batch_size: int, lr: float, seed: int,
+                    extra: Optional[dict] = None) -> str:
+    """A stable name for a run from its settings: rerunning the same command maps to the same folder.
+
+    `extra` (settings that change training, e.g. model overrides) adds a short hash when non-empty.
+    """
+    name = f"{model.replace('/', '-')}-{objective}-{data_name}-bs{global_batch_size}-lr{format_lr(lr)}-seed{seed}"
+    if extra:
+        blob = json.dumps(extra, sort_keys=True, separators=(",", ":"))
+        name += "-" + hashlib.sha256(blob.encode()).hexdigest()[:8]
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", name)
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+def checkpoint_path(ckpt_dir: str | os.PathLike, step: int) -> Path:
+    return Path(ckpt_dir) / f"{step:07d}.pt"
+
+
+def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint in the folder, oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = []
+    for p in ckpt_dir.iterdir():
+        m = CKPT_RE.match(p.name)
+        if m and p.is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def load_latest_valid(ckpt_dir: str | os.PathLike, log=print) -> tuple[Optional[dict], Optional[Path]]:
+    """The newest checkpoint that loads; corrupt newer ones are skipped with a warning."""
+    for step, path in reversed(list_checkpoints(ckpt_dir)):
+        try:
+            return load_checkpoint(path), path
+        except UserError as e:
+            log(f"WARNING: skipping unreadable checkpoint {path} ({e}); falling back to the previous one")
+    return None, None
+
+
+def prune_checkpoints(ckpt_dir: str | os.PathLike, keep_last: int, keep_every: int,
+                      suffixes: Iterable[str] = ("-ema.safetensors",)) -> list[Path]:
+    """Delete checkpoints except the newest `keep_last` and every step that is a multiple of
+    `keep_every` (0: none). Companion files (<step><suffix>) go with their checkpoint."""
+    ckpts = list_checkpoints(ckpt_dir)
+    keep = {s for s, _ in ckpts[-keep_last:]} if keep_last > 0 else set()
+    if keep_every > 0:
+        keep |= {s for s, _ in ckpts if s % keep_every == 0}
+    removed = []
+    for s, p in ckpts:
+        if s in keep:
+            continue
+        for q in [p] + [p.with_name(f"{s:07d}{suf}") for suf in suffixes]:
+            if q.exists():
+                q.unlink()
+                removed.append(q)
+    return removed
+
+
+def save_safetensors(state_dict: dict, path: str | os.PathLike, metadata: Optional[dict] = None) -> None:
+    """Write a state_dict as safetensors atomically (contiguous copies; metadata values as strings)."""
+    from safetensors.torch import save_file
+
+    from .io import atomic_path
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+
+
+# ---------------------------------------------------------------------------------- logs
+class RunLogger:
+    """log.txt (human) and metrics.jsonl (one JSON object per log step), both appended and flushed.
+
+    Only the main process writes; other ranks get a logger with `enabled=False`."""
+
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True, echo: bool = True):
+        self.run_dir = Path(run_dir)  # where log.txt and metrics.jsonl live
+        self.enabled = enabled  # main process only
+        self.echo = echo  # also print to stdout
+        if enabled:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def log(self, message: str) -> None:
+        if not self.enabled:
+            return
+        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}"
+        if self.echo:
+            try:
+                from tqdm import tqdm
+
+                tqdm.write(line)
+            except ImportError:
+                print(line, flush=True)
+        with open(self.run_dir / "log.txt", "a") as f:
+            f.write(line + "\n")
+
+    def metrics(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(clean) + "\n")
+            f.flush()
+
+
+def truncate_metrics(path: str | os.PathLike, max_step: int) -> None:
+    """Drop metrics.jsonl records after `max_step` (work lost by a kill, redone after resume)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= max_step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+    atomic_write_text(path, "".join(s + "\n" for s in kept))
