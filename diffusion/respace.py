@@ -64,8 +64,9 @@ class _OriginalTimestepModel:
         self.timestep_map = timestep_map    # (K,) int64, respaced index -> original step
 
     def __call__(self, x, t, **kwargs):
-        mapping = self.timestep_map.to(t.device)
-        return self.model(x, mapping[t.long()], **kwargs)
+        if self.timestep_map.device != t.device:  # copied once, not at every step
+            self.timestep_map = self.timestep_map.to(t.device)
+        return self.model(x, self.timestep_map[t.long()], **kwargs)
 
 
 class SpacedDiffusion(GaussianDiffusion):
@@ -96,9 +97,15 @@ class SpacedDiffusion(GaussianDiffusion):
         return _OriginalTimestepModel(model, self.timestep_map)
 
     def respace(self, timestep_respacing: Union[str, Iterable[int]]) -> "SpacedDiffusion":
-        """A new SpacedDiffusion over the ORIGINAL schedule ("" = all steps), same objective settings."""
-        if isinstance(timestep_respacing, str) and timestep_respacing.strip() == "":
-            steps = range(self.original_num_steps)
-        else:
-            steps = space_timesteps(self.original_num_steps, timestep_respacing)
-        return SpacedDiffusion(steps, betas=self.original_betas, **self._init_kwargs)
+        """A SpacedDiffusion over the ORIGINAL schedule ("" = all steps), same objective settings.
+
+        Cached per spec, so calling it for every sampling batch costs nothing after the first time."""
+        key = timestep_respacing if isinstance(timestep_respacing, str) else tuple(timestep_respacing)
+        cache = self.__dict__.setdefault("_respaced", {})
+        if key not in cache:
+            if isinstance(timestep_respacing, str) and timestep_respacing.strip() == "":
+                steps = range(self.original_num_steps)
+            else:
+                steps = space_timesteps(self.original_num_steps, timestep_respacing)
+            cache[key] = SpacedDiffusion(steps, betas=self.original_betas, **self._init_kwargs)
+        return cache[key]
