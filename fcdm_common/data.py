@@ -24,6 +24,9 @@ skipped.
 from __future__ import annotations
 
 import os
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -74,9 +77,12 @@ class ZarrLatentDataset:
         import zarr
 
         self.path = Path(path)  # store folder
-        if cache not in ("auto", "memory", "none"):
-            raise UserError(f"cache must be auto, memory or none, got {cache!r}")
-        self.cache = cache  # "memory": decompress once into RAM; "none": read zarr per batch
+        if cache not in ("auto", "memory", "mmap", "none"):
+            raise UserError(f"cache must be auto, memory, mmap or none, got {cache!r}")
+        # "memory": decompress once into RAM; "mmap": decompress once into a raw .npy beside the
+        # store, memory-mapped (the page cache is shared by all ranks of a node); "none": one zarr
+        # selection per batch (slow for random access); "auto": memory when it fits, else mmap.
+        self.cache = cache
         if not (self.path / "zarr.json").is_file():
             raise UserError(f"{self.path} is not a zarr latent store (no zarr.json); "
                             "create one with preparation/extract_features.py or preparation/save_zarr.py")
@@ -112,22 +118,59 @@ class ZarrLatentDataset:
         return int(self.labels.shape[0])
 
     def prepare(self, local_world_size: int | None = None) -> None:
-        """Load the latents into RAM when cache is "memory" (or "auto" and they fit). Call before
-        worker processes fork so they share the pages."""
+        """Load the latents into RAM when cache is "memory" (or "auto" and they fit); reads are
+        then a numpy gather. Otherwise every batch is one zarr selection."""
         if self._memory is not None or self.cache == "none":
             return
-        if self.cache == "auto":
+        mode = self.cache
+        if mode == "auto":
             local = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-            if self.nbytes * local > 0.6 * _available_memory_bytes():
-                return
-        self._memory = np.asarray(self._zarr_array()[:])
+            mode = "memory" if self.nbytes * local <= 0.6 * _available_memory_bytes() else "mmap"
+        if mode == "memory":
+            self._memory = np.asarray(self._zarr_array()[:])
+        else:
+            self._memory = self._mmap_cache()
+
+    def cache_file(self) -> Path:
+        """Raw decompressed copy used by cache="mmap": <store>.cache-<id>.npy, id from the store's metadata."""
+        import hashlib
+
+        meta = (self.path / "zarr.json").stat()
+        key = f"{self.path.resolve()}|{meta.st_mtime_ns}|{meta.st_size}|{self.info.get('count')}"
+        digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+        return self.path.parent / f"{self.path.name}.cache-{digest}.npy"
+
+    def _mmap_cache(self) -> np.ndarray:
+        import fcntl
+
+        from tqdm import tqdm
+
+        target = self.cache_file()
+        array = self._zarr_array()
+        with open(str(target) + ".lock", "w") as lock:  # one writer per node; the others wait
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not target.exists():
+                tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=array.dtype, shape=array.shape)
+                step = int(self.info.get("shard_size", 1024))
+                for start in tqdm(range(0, array.shape[0], step), desc=f"decompressing to {target.name}",
+                                  unit="shard", disable=array.shape[0] <= 16 * step):
+                    out[start:start + step] = array[start:start + step]
+                out.flush()
+                del out
+                os.replace(tmp, target)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        memory = np.load(target, mmap_mode="r")
+        if memory.shape != tuple(array.shape):
+            raise UserError(f"cache file {target} does not match {self.path}; delete it and rerun")
+        return memory
 
     @property
     def cached(self) -> bool:
         return self._memory is not None
 
     def _zarr_array(self):
-        # zarr runs an event-loop thread; never reuse a handle across fork, reopen per process
+        # zarr runs an event-loop thread; a handle is never reused across fork, reopen per process
         if self._array is None or self._array_pid != os.getpid():
             import zarr
 
@@ -149,14 +192,13 @@ class ZarrLatentDataset:
     def get_batch(self, indices: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Model-ready scaled latents (B, C, H, W) float32 and labels (B,) int64."""
         orient = rng.integers(0, self.orientations, size=len(indices))
-        values = self.read(indices, orient)
-        if self.mode == "moments":
-            mean = torch.from_numpy(np.ascontiguousarray(values[:, 0])).float()  # (B, C, H, W)
-            std = torch.from_numpy(np.ascontiguousarray(values[:, 1])).float()
-            eps = torch.from_numpy(rng.standard_normal(mean.shape, dtype=np.float32))
-            x = torch.addcmul(mean, std, eps).mul_(self.scaling_factor)  # z = (mean + std * eps) * s
+        values = torch.from_numpy(np.ascontiguousarray(self.read(indices, orient))).float()
+        if self.mode == "moments":  # values: (B, 2, C, H, W) = (mean, std)
+            gen = torch.Generator().manual_seed(int(rng.integers(0, 2 ** 63 - 1)))
+            eps = torch.randn(values[:, 0].shape, generator=gen)  # (B, C, H, W)
+            x = torch.addcmul(values[:, 0], values[:, 1], eps).mul_(self.scaling_factor)  # (mean + std*eps) * s
         else:
-            x = torch.from_numpy(np.ascontiguousarray(values)).float()
+            x = values  # already scaled samples (B, C, H, W)
         return x, torch.from_numpy(self.labels[indices])
 
 
@@ -242,8 +284,8 @@ def batch_rng(seed: int, world_size: int, rank: int, step: int) -> np.random.Gen
     return np.random.default_rng(np.random.SeedSequence([seed, world_size, rank, step, 0xF11B]))
 
 
-class _StepBatches(torch.utils.data.Dataset):
-    """Map-style dataset whose item `step` is the whole batch of that step (runs in workers)."""
+class _StepBatches:
+    """Item `step` is the whole batch of that step (called from worker threads)."""
 
     def __init__(self, dataset, batch_size: int, rank: int, world_size: int, seed: int, steps_per_epoch: int):
         self.dataset = dataset
@@ -252,34 +294,24 @@ class _StepBatches(torch.utils.data.Dataset):
         self.world_size = world_size
         self.seed = seed
         self.steps_per_epoch = steps_per_epoch
-        self._perm_epoch = -1
-        self._perm = None
+        self._perms: dict[int, np.ndarray] = {}  # epoch -> permutation (the last two epochs)
+        self._lock = threading.Lock()
 
     def indices(self, step: int) -> np.ndarray:
         epoch, i = divmod(step, self.steps_per_epoch)
-        if epoch != self._perm_epoch:
-            self._perm = epoch_permutation(len(self.dataset), self.seed, epoch)
-            self._perm_epoch = epoch
+        with self._lock:
+            perm = self._perms.get(epoch)
+            if perm is None:
+                perm = epoch_permutation(len(self.dataset), self.seed, epoch)
+                self._perms[epoch] = perm
+                for old in [e for e in self._perms if e < epoch - 1]:
+                    del self._perms[old]
         start = (i * self.world_size + self.rank) * self.batch_size
-        return self._perm[start:start + self.batch_size]
+        return perm[start:start + self.batch_size]
 
     def __getitem__(self, step: int):
         rng = batch_rng(self.seed, self.world_size, self.rank, step)
         return self.dataset.get_batch(self.indices(step), rng)
-
-    def __len__(self):  # not used by the infinite sampler; DataLoader only needs it to exist
-        return 2 ** 62
-
-
-class _StepSampler(torch.utils.data.Sampler):
-    def __init__(self, start: int):
-        self.start = start
-
-    def __iter__(self):
-        step = self.start
-        while True:
-            yield step
-            step += 1
 
 
 class TrainLoader:
@@ -298,8 +330,8 @@ class TrainLoader:
         self.rank = rank  # this process
         self.world_size = world_size  # number of processes sharing each epoch
         self.seed = seed  # global seed (same on every rank)
-        self.num_workers = num_workers  # DataLoader worker processes (0: read in this process)
-        self.prefetch_factor = prefetch_factor  # batches queued per worker
+        self.num_workers = num_workers  # background reader threads (0: read in the calling thread)
+        self.prefetch_factor = prefetch_factor  # batches queued per worker thread
         self.pin_memory = pin_memory  # page-locked batches for faster host-to-GPU copies
         self.steps_per_epoch = len(dataset) // (batch_size * world_size)
         if self.steps_per_epoch == 0:
@@ -307,7 +339,7 @@ class TrainLoader:
                             f"{batch_size} x {world_size} processes; lower --global-batch-size")
         self.step = start_step
         self._batches = _StepBatches(dataset, batch_size, rank, world_size, seed, self.steps_per_epoch)
-        dataset.prepare()  # load the cache before workers fork
+        dataset.prepare()  # fill the cache (RAM or memory-mapped file) before the first batch
 
     @property
     def epoch(self) -> int:
@@ -328,9 +360,27 @@ class TrainLoader:
                 out = self._batches[self.step]
                 self.step += 1
                 yield out
-        loader = torch.utils.data.DataLoader(
-            self._batches, batch_size=None, sampler=_StepSampler(self.step), num_workers=self.num_workers,
-            prefetch_factor=self.prefetch_factor, persistent_workers=False, pin_memory=self.pin_memory)
-        for out in loader:
-            self.step += 1
-            yield out
+        # Worker THREADS, not processes: the heavy parts (gather, half->float, randn, zarr/blosc
+        # decoding) release the GIL, and threads avoid copying every batch through shared memory,
+        # which costs more than producing it. Results are consumed strictly in step order.
+        pool = ThreadPoolExecutor(max_workers=self.num_workers, thread_name_prefix="fcdm-data")
+        pending: deque = deque()
+        next_submit = self.step
+        try:
+            while True:
+                while len(pending) < self.num_workers * self.prefetch_factor:
+                    pending.append(pool.submit(self._produce, next_submit))
+                    next_submit += 1
+                out = pending.popleft().result()
+                self.step += 1
+                yield out
+        finally:
+            for fut in pending:
+                fut.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _produce(self, step: int):
+        x, y = self._batches[step]
+        if self.pin_memory:
+            x, y = x.pin_memory(), y.pin_memory()
+        return x, y

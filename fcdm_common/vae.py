@@ -65,7 +65,10 @@ class SDVAE:
     downsample = 8
 
     def __init__(self, model, scaling_factor: float, name: str, device="cpu", dtype=torch.float32):
-        self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)  # AutoencoderKL
+        model = model.to(device=device)
+        if dtype != torch.float32:  # casting an fp32 model to fp32 makes diffusers warn needlessly
+            model = model.to(dtype=dtype)
+        self.model = model.eval().requires_grad_(False)  # AutoencoderKL
         self.scaling_factor = float(scaling_factor)  # latents * factor ~ unit variance
         self.name = name  # id stored with the data
         self.device = torch.device(device)  # device the model runs on

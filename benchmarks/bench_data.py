@@ -1,0 +1,88 @@
+"""Throughput of the training data path: latents/s delivered by TrainLoader from a local store.
+
+Builds (or reuses) a moments-mode zarr store of random 4x32x32 latents (ImageNet 256 with the
+SD-VAE) and iterates the loader with the training settings (batch 256, 2 workers). Every batch is
+complete model input: orientation choice, fresh posterior sample and scaling included.
+
+    python benchmarks/bench_data.py                       # default: 20,000 items, cache auto
+    python benchmarks/bench_data.py --cache none          # read zarr per batch (no RAM cache)
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fcdm_common.cli import UserError, non_negative_int, positive_int, run_main
+from fcdm_common.data import TrainLoader, open_dataset
+from preparation import store as zstore
+
+
+def make_random_store(path: Path, count: int, latent_shape=(4, 32, 32), seed: int = 0) -> None:
+    """A complete moments store of random data (mean ~ N(0, 1), std ~ U(0, 0.1)) with 1000 classes."""
+    settings = zstore.make_settings(image_size=latent_shape[1] * 8, vae="sd:random", scaling_factor=0.18215,
+                                    store="moments", count=count, latent_shape=latent_shape, orientations=2,
+                                    class_names=[f"c{i}" for i in range(1000)], shard_size=1024, chunk_size=64,
+                                    seed=None)
+    group = zstore.create_store(path, settings)
+    rng = np.random.default_rng(seed)
+    for k in range(zstore.num_shards(count, 1024)):
+        start, end = zstore.shard_range(k, count, 1024)
+        n = end - start
+        mean = rng.standard_normal((n, 2, 1, *latent_shape), dtype=np.float32)
+        std = rng.uniform(0, 0.1, (n, 2, 1, *latent_shape)).astype(np.float32)
+        zstore.write_shard(group, k, np.concatenate([mean, std], axis=2), rng.integers(0, 1000, n))
+    zstore.mark_complete(group)
+
+
+def measure(path: Path, batch_size: int, num_workers: int, steps: int, warmup: int, cache: str) -> float:
+    ds = open_dataset(zarr_path=path, cache=cache)
+    t_open = time.perf_counter()
+    loader = TrainLoader(ds, batch_size=batch_size, rank=0, world_size=1, seed=0, num_workers=num_workers)
+    print(f"  loader ready in {time.perf_counter() - t_open:.2f}s (in-memory cache: {ds.cached})")
+    it = iter(loader)
+    for _ in range(warmup):
+        next(it)
+    t0 = time.perf_counter()
+    n = 0
+    for _ in range(steps):
+        x, y = next(it)
+        n += x.shape[0]
+    return n / (time.perf_counter() - t0)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Measure latents/s of the training data loader on CPU.")
+    p.add_argument("--store", default=None, help="existing store to read (default: build a random one in a temp dir)")
+    p.add_argument("--count", type=positive_int, default=20_000, help="items in the generated store")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="batch size (training default 256)")
+    p.add_argument("--num-workers", type=non_negative_int, default=2, help="DataLoader workers (default 2)")
+    p.add_argument("--steps", type=positive_int, default=200, help="timed batches")
+    p.add_argument("--warmup", type=non_negative_int, default=10, help="untimed batches first")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed runs; the best is reported")
+    p.add_argument("--cache", choices=("auto", "memory", "mmap", "none"), default="auto", help="dataset cache mode")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.store is None:
+            path = Path(tmp) / "bench.zarr"
+            t0 = time.perf_counter()
+            make_random_store(path, args.count)
+            print(f"built {path} ({args.count} items, 4x32x32 moments) in {time.perf_counter() - t0:.1f}s")
+        else:
+            path = Path(args.store)
+            if not path.exists():
+                raise UserError(f"--store {path} does not exist")
+        rates = []
+        for r in range(args.repeats):
+            rate = measure(path, args.batch_size, args.num_workers, args.steps, args.warmup, args.cache)
+            rates.append(rate)
+            print(f"run {r + 1}: {rate:,.0f} latents/s")
+        print(f"best: {max(rates):,.0f} latents/s (batch {args.batch_size}, {args.num_workers} workers, "
+              f"cache {args.cache})")
+
+
+if __name__ == "__main__":
+    run_main(main)
