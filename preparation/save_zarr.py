@@ -1,0 +1,126 @@
+"""Convert the original release's latent layout into the zarr store of extract_features.py.
+
+The original FCDM/DiT pipeline wrote one `.npy` per image: `--feature-path` holds the scaled latent
+samples ((1, C, H, W), (C, H, W), or (2, C, H, W) with both orientations) and `--label-path` a
+label `.npy` with the same file name. Files are taken in sorted name order. The result is a
+"sample" store (docs/data.md) with 1 or 2 orientations, written shard by shard with the same
+done markers as extraction, so an interrupted conversion resumes.
+
+    python preparation/save_zarr.py --feature-path features/ --label-path labels/ --zarr-path out.zarr
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from fcdm_common.cli import UserError, positive_int, run_main
+from fcdm_common.vae import DEFAULT_SCALING_FACTOR
+from preparation import store as zstore
+
+
+def _load_latent(path: Path) -> np.ndarray:
+    try:
+        arr = np.load(path)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable .npy file ({e}); remove or regenerate it") from None
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[0] not in (1, 2):
+        raise UserError(f"{path} has shape {arr.shape}; expected (C,H,W), (1,C,H,W) or (2,C,H,W)")
+    return arr
+
+
+def _load_label(path: Path) -> int:
+    if not path.is_file():
+        raise UserError(f"label file {path} is missing; every latent needs a label .npy with the same name")
+    try:
+        arr = np.asarray(np.load(path)).reshape(-1)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable .npy file ({e})") from None
+    if arr.size != 1 or not np.issubdtype(arr.dtype, np.integer) and not float(arr[0]).is_integer():
+        raise UserError(f"{path} should hold one integer label, got {arr!r}")
+    label = int(arr[0])
+    if label < 0:
+        raise UserError(f"{path} holds a negative label {label}")
+    return label
+
+
+def convert(feature_path, label_path, zarr_path, image_size: int | None = None, vae: str = "sd:sd-vae-ft-ema",
+            scaling_factor: float = DEFAULT_SCALING_FACTOR, shard_size: int = zstore.DEFAULT_SHARD_SIZE,
+            chunk_size: int = zstore.DEFAULT_CHUNK_SIZE, progress: bool = True) -> Path:
+    """Write the store; returns its path. Raises UserError on bad input."""
+    import zarr
+    from tqdm import tqdm
+
+    feature_path, label_path, zarr_path = Path(feature_path), Path(label_path), Path(zarr_path)
+    for folder, flag in ((feature_path, "--feature-path"), (label_path, "--label-path")):
+        if not folder.is_dir():
+            raise UserError(f"{flag} {folder} is not a folder")
+    names = sorted(p.name for p in feature_path.iterdir() if p.suffix == ".npy")
+    if not names:
+        raise UserError(f"--feature-path {feature_path} holds no .npy files")
+    label_names = sorted(p.name for p in label_path.iterdir() if p.suffix == ".npy")
+    if len(label_names) != len(names):
+        extra = sorted(set(label_names) - set(names))[:1] or sorted(set(names) - set(label_names))[:1]
+        raise UserError(f"{len(names)} latent files in {feature_path} but {len(label_names)} label files in "
+                        f"{label_path} (e.g. {extra[0] if extra else '?'} has no partner); "
+                        "the two folders must hold the same file names")
+    if shard_size % chunk_size:
+        raise UserError(f"--chunk-size {chunk_size} must divide --shard-size {shard_size}")
+    first = _load_latent(feature_path / names[0])
+    orientations, latent_shape = first.shape[0], tuple(first.shape[1:])
+    settings = zstore.make_settings(
+        image_size=image_size if image_size is not None else latent_shape[-1] * 8, vae=vae,
+        scaling_factor=scaling_factor, store="sample", count=len(names), latent_shape=latent_shape,
+        orientations=orientations, class_names=None, shard_size=shard_size, chunk_size=chunk_size, seed=None)
+    state = zstore.check_existing(zarr_path, settings, what="--zarr-path")
+    if state == "complete":
+        print(f"{zarr_path} is already complete ({len(names)} items); nothing to do")
+        return zarr_path
+    if state == "absent":
+        zstore.create_store(zarr_path, settings, extra_attrs={"source": str(feature_path)})
+    group = zarr.open_group(str(zarr_path), mode="r+")
+    done = zstore.done_shards(group)
+    todo = [k for k in range(len(done)) if not done[k]]
+    for k in tqdm(todo, desc="converting", unit="shard", disable=not progress):
+        start, end = zstore.shard_range(k, len(names), shard_size)
+        lat = np.empty((end - start, orientations, *latent_shape), np.float32)
+        lab = np.empty(end - start, np.int64)
+        for j, name in enumerate(names[start:end]):
+            arr = _load_latent(feature_path / name)
+            if arr.shape != (orientations, *latent_shape):
+                raise UserError(f"{feature_path / name} has shape {arr.shape} but {names[0]} has "
+                                f"{(orientations, *latent_shape)}; all latents must share one shape")
+            if not np.isfinite(arr).all():
+                raise UserError(f"{feature_path / name} contains NaN or inf; regenerate it")
+            lat[j] = arr
+            lab[j] = _load_label(label_path / name)
+        zstore.write_shard(group, k, lat, lab)
+    zstore.mark_complete(group)
+    return zarr_path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Convert per-image latent/label .npy folders (the original "
+                                "release's layout) into one zarr latent store.")
+    p.add_argument("--feature-path", required=True, help="folder of per-image latent .npy files (scaled samples)")
+    p.add_argument("--label-path", required=True, help="folder of per-image label .npy files, same file names")
+    p.add_argument("--zarr-path", required=True, help="output zarr store (rerun to resume an interrupted run)")
+    p.add_argument("--image-size", type=positive_int, default=None,
+                   help="pixel size the latents came from (default: 8 x latent width)")
+    p.add_argument("--vae", default="sd:sd-vae-ft-ema", help="VAE id stored with the data (default sd:sd-vae-ft-ema)")
+    p.add_argument("--vae-scaling-factor", type=float, default=DEFAULT_SCALING_FACTOR,
+                   help="scaling factor the latents were multiplied by (default 0.18215)")
+    p.add_argument("--shard-size", type=positive_int, default=zstore.DEFAULT_SHARD_SIZE, help="images per shard")
+    p.add_argument("--chunk-size", type=positive_int, default=zstore.DEFAULT_CHUNK_SIZE,
+                   help="images per compressed chunk (divides --shard-size)")
+    args = p.parse_args(argv)
+    out = convert(args.feature_path, args.label_path, args.zarr_path, args.image_size, args.vae,
+                  args.vae_scaling_factor, args.shard_size, args.chunk_size)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    run_main(main)
