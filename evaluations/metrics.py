@@ -146,8 +146,8 @@ def manifold_radii(
     """Squared distance of each row to its k-th nearest row (rank 0 = itself): (N, D) -> (N,) float32.
 
     Distances are computed in (row_batch x row_batch) blocks like ADM's; per block only the k+1
-    smallest entries of each row are kept, which gives the same k-th order statistic as sorting
-    the whole row while needing O(row_batch * N / row_batch * k) memory instead of O(row_batch * N).
+    smallest entries of each row are kept, which gives the same k-th order statistic as ADM's
+    partition of the whole row while holding (row_batch, blocks * (k+1)) instead of (row_batch, N).
     """
     n = feats.shape[0]
     if n <= k:

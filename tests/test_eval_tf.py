@@ -8,26 +8,45 @@ images (where the graph's resize is the identity on values) and from running the
 single-image DecodeJpeg path, which bypasses our placeholder remapping and batching.
 
 TensorFlow is required (CI installs tensorflow-cpu); without it these tests fail, they do not skip.
+TensorFlow itself only ever runs in child processes (graph building here, feature extraction in
+evaluations.features_tf): loading it into the pytest process next to torch can crash it.
 """
 from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
 
 from fcdm_common.cli import UserError
 
-try:
-    import tensorflow as tf
-except ImportError:  # reported by the fixture below as a failure
-    tf = None
+# run in a child process: build the graph from weights.npz, save it, run its DecodeJpeg path
+GRAPH_SCRIPT = textwrap.dedent("""
+    import sys, numpy as np, tensorflow as tf
+    sys.path.insert(0, sys.argv[1])
+    from test_eval_tf import _build_pb
+    w = dict(np.load(sys.argv[2]))
+    graph = _build_pb(tf, sys.argv[3], w)
+    textured = np.load(sys.argv[4])["arr_0"]
+    with tf.compat.v1.Session(graph=graph) as sess:
+        outs = [sess.run(["pool_3:0", "mixed_6/conv:0"], {"DecodeJpeg:0": img}) for img in textured]
+    bad = tf.Graph()  # a graph without ADM's tensors, for the error test
+    with bad.as_default():
+        tf.compat.v1.placeholder(tf.float32, [None, 3], name="ExpandDims")
+    open(sys.argv[6], "wb").write(bad.as_graph_def().SerializeToString())
+    np.savez(sys.argv[5], pool=np.stack([o[0].reshape(-1) for o in outs]),
+             spatial=np.stack([o[1][0, :, :, :7].reshape(-1) for o in outs]), version=np.array(tf.__version__))
+""")
 
 
 @pytest.fixture(scope="module")
-def tf_module():
-    if tf is None:
+def tf_available():
+    if importlib.util.find_spec("tensorflow") is None:
         pytest.fail("TensorFlow is needed for the tf evaluation backend tests: pip install tensorflow-cpu "
                     "(the eval-tf extra, `pip install -e '.[eval-tf]'`)")
-    return tf
 
 
 def _weights(seed: int = 0):
@@ -44,6 +63,7 @@ def _weights(seed: int = 0):
 
 
 def _build_pb(tf, path, w):
+    """The synthetic graph (runs where TensorFlow is imported; see GRAPH_SCRIPT)."""
     v1 = tf.compat.v1
     g = tf.Graph()
     with g.as_default():
@@ -61,7 +81,8 @@ def _build_pb(tf, path, w):
         flat = tf.reshape(pool3, [-1, 2048])
         logits = tf.matmul(flat, tf.constant(w["w"]), name="softmax/logits/MatMul") + w["bias"]
         tf.nn.softmax(logits, name="softmax")
-    path.write_bytes(g.as_graph_def().SerializeToString())
+    with open(path, "wb") as f:
+        f.write(g.as_graph_def().SerializeToString())
     return g
 
 
@@ -78,27 +99,34 @@ def _numpy_constant_image_features(colors: np.ndarray, w):
 
 
 @pytest.fixture(scope="module")
-def synthetic_pb(tf_module, tmp_path_factory):
+def synthetic_pb(tf_available, tmp_path_factory):
+    """(graph path, weights, textured images, the graph's own single-image outputs for them)."""
+    tmp = tmp_path_factory.mktemp("tfgraph")
     w = _weights()
-    path = tmp_path_factory.mktemp("tfgraph") / "classify_image_graph_def.pb"
-    graph = _build_pb(tf_module, path, w)
-    return path, w, graph
+    np.savez(tmp / "weights.npz", **w)
+    textured = np.random.default_rng(2).integers(0, 256, (3, 40, 40, 3)).astype(np.uint8)
+    np.savez(tmp / "tex.npz", arr_0=textured)
+    pb = tmp / "classify_image_graph_def.pb"
+    here = str(__import__("pathlib").Path(__file__).resolve().parent)
+    proc = subprocess.run([sys.executable, "-c", GRAPH_SCRIPT, here, str(tmp / "weights.npz"), str(pb),
+                           str(tmp / "tex.npz"), str(tmp / "direct.npz"), str(tmp / "bad.pb")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with np.load(tmp / "direct.npz") as z:
+        direct = {k: z[k] for k in z.files}
+    return pb, w, tmp / "tex.npz", direct
 
 
 def test_tf_features_match_closed_form_and_graph_single_image_path(synthetic_pb, tmp_path):
     from evaluations.features_tf import compute_tf_features
 
-    pb, w, graph = synthetic_pb
+    pb, w, tex_npz, direct = synthetic_pb
     rng = np.random.default_rng(1)
     # 70 constant-colour images (one partial batch of 6 after a full batch of 64), side 12
     colors = rng.integers(0, 256, (70, 3)).astype(np.uint8)
     const = np.broadcast_to(colors[:, None, None, :], (70, 12, 12, 3)).copy()
-    # random-texture images at another size, checked against the graph's own DecodeJpeg path
-    textured = rng.integers(0, 256, (3, 40, 40, 3)).astype(np.uint8)
     np.savez(tmp_path / "const.npz", arr_0=const)
-    np.savez(tmp_path / "tex.npz", arr_0=textured)
-
-    feats_const, feats_tex = compute_tf_features([str(tmp_path / "const.npz"), str(tmp_path / "tex.npz")], str(pb))
+    # random-texture 40x40 images, checked against the graph's own DecodeJpeg path (batch of one)
+    feats_const, feats_tex = compute_tf_features([str(tmp_path / "const.npz"), str(tex_npz)], str(pb))
 
     pool, spatial, probs = _numpy_constant_image_features(colors, w)
     assert feats_const["pool"].shape == (70, 2048)
@@ -107,16 +135,12 @@ def test_tf_features_match_closed_form_and_graph_single_image_path(synthetic_pb,
     np.testing.assert_allclose(feats_const["pool"], pool, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(feats_const["spatial"], spatial, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(feats_const["softmax"], probs, rtol=1e-3, atol=1e-7)
-    assert str(feats_const["tf_version"]) == tf.__version__
-
-    with tf.compat.v1.Session(graph=graph) as sess:
-        for i, img in enumerate(textured):
-            p3, m6 = sess.run(["pool_3:0", "mixed_6/conv:0"], {"DecodeJpeg:0": img})
-            np.testing.assert_allclose(feats_tex["pool"][i], p3.reshape(-1), rtol=1e-4, atol=1e-5)
-            np.testing.assert_allclose(feats_tex["spatial"][i], m6[0, :, :, :7].reshape(-1), rtol=1e-4, atol=1e-6)
+    assert str(feats_const["tf_version"]) == str(direct["version"])
+    np.testing.assert_allclose(feats_tex["pool"], direct["pool"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(feats_tex["spatial"], direct["spatial"], rtol=1e-4, atol=1e-6)
 
 
-def test_tf_backend_errors_are_user_errors(synthetic_pb, tmp_path, tf_module, monkeypatch):
+def test_tf_backend_errors_are_user_errors(synthetic_pb, tmp_path, monkeypatch):
     from evaluations.features_tf import PB_ENV, compute_tf_features, resolve_pb
 
     np.savez(tmp_path / "a.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
@@ -127,11 +151,7 @@ def test_tf_backend_errors_are_user_errors(synthetic_pb, tmp_path, tf_module, mo
     assert resolve_pb(None) == str(synthetic_pb[0])
     with pytest.raises(UserError, match="not found"):
         compute_tf_features([str(tmp_path / "a.npz")], str(tmp_path / "missing.pb"))
-    # a graph without ADM's tensors: the subprocess exits 2, reported as a UserError
-    g = tf_module.Graph()
-    with g.as_default():
-        tf_module.compat.v1.placeholder(tf_module.float32, [None, 3], name="ExpandDims")
-    bad = tmp_path / "bad.pb"
-    bad.write_bytes(g.as_graph_def().SerializeToString())
+    # a graph without ADM's tensors: the subprocess exits 2 ("not the ADM Inception graph") -> UserError
+    bad = synthetic_pb[0].parent / "bad.pb"
     with pytest.raises(UserError, match="TensorFlow feature extraction failed"):
         compute_tf_features([str(tmp_path / "a.npz")], str(bad))
