@@ -320,7 +320,8 @@ def main(argv=None):
     run_dir = Path(args.results_dir) / exp_name
     accelerator = Accelerator(mixed_precision=args.mixed_precision,
                               log_with=None if args.report_to == "none" else args.report_to,
-                              project_dir=str(run_dir))
+                              project_dir=str(run_dir),
+                              cpu=not torch.cuda.is_available())  # CPU: gloo process group under torchrun
     rank, world = accelerator.process_index, accelerator.num_processes
     is_main = accelerator.is_main_process
     device = accelerator.device
@@ -393,7 +394,7 @@ def main(argv=None):
         model.set_grad_checkpointing(args.grad_checkpointing)
     elif args.grad_checkpointing != "none":
         raise UserError(f"--model {args.model} has no set_grad_checkpointing(); use --grad-checkpointing none")
-    model = model.to(device=device, memory_format=torch.channels_last)
+    model = model.to(device)  # the network keeps its own (channels-last) activation layout; inputs go in NHWC
     ema = create_ema(model)  # EMA starts as an exact copy (DiT: update_ema(ema, model, decay=0))
     model.train()
     if args.compile:
@@ -434,6 +435,8 @@ def main(argv=None):
     # --- run folder
     if is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        for stale in (run_dir / "checkpoints").glob(".*.tmp"):  # temp files of a killed save
+            stale.unlink()
         (run_dir / "samples").mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
         truncate_metrics(run_dir / "metrics.jsonl", start_step)
@@ -477,6 +480,7 @@ def main(argv=None):
                 f"{last[-1] if last else 'none'}; lower --lr, set --grad-clip or use --mixed-precision bf16/no")
 
     def save(step: int) -> None:
+        skipped = skipped_total + int(sums["bad"].item())  # bad steps are identical on every rank
         rng_all = accelerator.gather_for_metrics([capture_rng(generators)], use_gather_object=True) \
             if world > 1 else [capture_rng(generators)]
         if is_main:
@@ -484,7 +488,7 @@ def main(argv=None):
                 "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
                 "config": config, "rng": rng_all[0], "rng_per_rank": list(rng_all),
                 "data": {"step": loader.step, "epoch": loader.epoch, "seed": args.seed, "world_size": world},
-                "counters": {"skipped_steps": skipped_total, "nimg": step * args.global_batch_size},
+                "counters": {"skipped_steps": skipped, "nimg": step * args.global_batch_size},
             }
             if scaler is not None:
                 state["scaler"] = scaler.state_dict()
@@ -566,7 +570,7 @@ def main(argv=None):
             skipped_total += int(round(s[5] / world))
             record = {"step": step, "loss": mean(s[0]), "mse": mean(s[1]),
                       "vb": mean(s[2]) if objective_name == "diffusion" else None,
-                      "grad_norm": mean(s[3]) * world, "lr": opt.param_groups[0]["lr"],
+                      "grad_norm": mean(s[3]), "lr": opt.param_groups[0]["lr"],
                       "steps_per_sec": sps, "images_per_sec": sps * args.global_batch_size,
                       "peak_mem_gb": (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None,
                       "skipped_steps": int(round(s[5] / world)), "skipped_total": skipped_total,
