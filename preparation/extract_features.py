@@ -167,12 +167,8 @@ def _run(args, rank, world, device, say):
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.vae_dtype]
     name = vae_id(args.vae, args.hf_model_name, args.hf_model_dir)
-    down = 1 if args.vae == "none" else 8
-    if args.image_size % down:
-        raise UserError(f"--image-size {args.image_size} must be a multiple of {down} for --vae {args.vae}")
     scaling = 1.0 if args.vae == "none" else args.vae_scaling_factor
-    channels = 3 if args.vae == "none" else None
-    vae = None
+    channels, down = 3, 1
     if args.vae == "sd":  # the latent channel count comes from the model config
         vae = load_vae("sd", args.hf_model_name, args.hf_model_dir, scaling, device=device, dtype=dtype)
         channels, down = vae.latent_channels, vae.downsample
@@ -216,6 +212,8 @@ def _run(args, rank, world, device, say):
     t0 = time.time()
     for (images, labels, errors), k in zip(loader, owner):
         if errors:
+            bar.close()
+            print(file=sys.stderr)  # end the progress-bar line so the error stands on its own line
             raise UserError(errors[0] + "; replace or remove the file and rerun")
         start, end = zstore.shard_range(k, count, args.shard_size)
         if buf.get("k") != k:
