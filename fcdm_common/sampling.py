@@ -1,0 +1,448 @@
+"""Sampling library shared by train_gen/sample.py (a quick grid) and train_gen/sample_ddp.py (FID archives).
+
+Reproducibility contract: sample i is a function of (global seed, i) and the settings only.
+- `sample_generator(seed, i)` is a CPU `torch.Generator` seeded from numpy's SeedSequence((seed, i)).
+  From it, in this order, come the random label (always drawn, so the noise is the same in both label
+  modes), the initial noise and every random draw of the sampler (`diffusion.sample` with a list of
+  per-sample generators). Balanced labels are i % num_classes.
+- The network (and the VAE decoder) always run on batches of exactly `forward_batch` rows
+  (`FixedBatchModel`): the last chunk is padded. GEMM/convolution kernels pick their blocking from the
+  matrix shape, so a row computed in a batch of 3 and in a batch of 8 can differ in the last bits (we
+  measured ~2e-6 on CPU with a tiny FCDM), enough to flip uint8 pixels after many sampling steps; with
+  one fixed shape every row is computed by the same kernel and is independent of its neighbours, so the
+  images do not depend on --per-proc-batch-size or on the number of processes.
+
+Archives follow ADM's format (guided-diffusion `evaluations/evaluator.py`): `arr_0` uint8 (N, H, W, 3),
+`arr_1` int64 (N,) labels; `write_npz` streams the images into the zip member so 50K images at 512
+never sit in memory at once.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .checkpoint import load_checkpoint, model_from_checkpoint
+from .cli import UserError, positive_int, str2bool
+from .images import to_uint8
+from .io import atomic_path
+
+DIFFUSION_SAMPLERS = ("ddpm", "ddim")
+FLOW_SAMPLERS = ("euler", "heun", "sde")
+DIT_SAMPLE_LABELS = (207, 360, 387, 974, 88, 979, 417, 279)  # the classes of DiT's sample.py grid
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+__all__ = [
+    "DIFFUSION_SAMPLERS", "FLOW_SAMPLERS", "DIT_SAMPLE_LABELS", "SamplingSetup", "FixedBatchModel",
+    "add_sampler_args", "sampler_settings", "resolve_sampler", "parse_cfg_channels", "sample_seed",
+    "sample_generator", "sample_labels", "load_setup", "generate", "decode_to_uint8", "write_png", "read_png",
+    "write_npz", "validate_npz", "package_versions",
+]
+
+
+# ----------------------------------------------------------------------------- seeds and labels
+def sample_seed(global_seed: int, index: int) -> int:
+    """A 63-bit seed that depends on (global_seed, index) only (numpy SeedSequence hashing)."""
+    state = np.random.SeedSequence([int(global_seed), int(index)]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def sample_generator(global_seed: int, index: int) -> torch.Generator:
+    """The CPU generator that owns every random draw of sample `index`."""
+    return torch.Generator(device="cpu").manual_seed(sample_seed(global_seed, index))
+
+
+def _label_and_noise(gen: torch.Generator, num_classes: int, latent_shape: Sequence[int]):
+    label = int(torch.randint(num_classes, (1,), generator=gen))  # first draw: the random label
+    noise = torch.randn(tuple(latent_shape), generator=gen)  # then the initial noise (C, H, W)
+    return label, noise
+
+
+def sample_labels(global_seed: int, indices: Iterable[int], num_classes: int, mode: str) -> np.ndarray:
+    """int64 labels of the given sample indices: "balanced" i % num_classes, "random" the first draw of
+    each sample's generator (the same draw `generate` makes)."""
+    indices = [int(i) for i in indices]
+    if mode == "balanced":
+        return np.asarray([i % num_classes for i in indices], dtype=np.int64)
+    if mode != "random":
+        raise ValueError(f"label mode must be 'random' or 'balanced', got {mode!r}")
+    return np.asarray([int(torch.randint(num_classes, (1,), generator=sample_generator(global_seed, i)))
+                       for i in indices], dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------- command-line flags
+def add_sampler_args(parser, cfg_scale_default: float = 1.0, forward_batch_default: int = 64) -> None:
+    """The sampler, guidance, precision and VAE flags both sampling scripts share."""
+    g = parser.add_argument_group("sampler")
+    g.add_argument("--sampler", choices=DIFFUSION_SAMPLERS + FLOW_SAMPLERS, default=None,
+                   help="sampler; default: ddpm (or ddim with --ddpm false) for diffusion checkpoints, "
+                        "sde (the paper's Euler-Maruyama) for flow checkpoints")
+    g.add_argument("--ddpm", type=str2bool, default=None, metavar="BOOL",
+                   help="diffusion checkpoints: true = DDPM (ancestral), false = DDIM; kept from the original README")
+    g.add_argument("--num-sampling-steps", type=positive_int, default=250,
+                   help="sampling steps (DDPM/DDIM respacing, ODE steps or SDE model calls)")
+    g.add_argument("--ddim-eta", type=float, default=0.0, help="DDIM eta (0 = deterministic DDIM)")
+    g.add_argument("--cfg-scale", type=float, default=cfg_scale_default,
+                   help="classifier-free guidance scale s (1 = no guidance, a single conditional pass)")
+    g.add_argument("--cfg-channels", default="all",
+                   help="guide 'all' prediction channels (default) or only the first K (3 = DiT / original FCDM)")
+    g.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="apply guidance only at noise levels in [LO, HI] (0 = data, 1 = noise; Kynkaanniemi et al. 2024)")
+    g.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
+                   help="network precision: fp32, or bf16 autocast (sampler math stays float32)")
+    g.add_argument("--forward-batch", type=int, default=forward_batch_default,
+                   help="rows per network/VAE call; batches are split and padded to exactly this many rows so the "
+                        "images do not depend on the batch size or process count (0 = no padding, fastest)")
+    g.add_argument("--use-ema", type=str2bool, default=True, metavar="BOOL",
+                   help="sample from the EMA weights (default true) or the raw weights (false)")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    v = parser.add_argument_group("autoencoder (default: what the checkpoint's config records)")
+    v.add_argument("--vae", choices=("sd", "none"), default=None,
+                   help="'sd' = diffusers AutoencoderKL decoder, 'none' = pixel-space model")
+    v.add_argument("--hf-model-name", default=None, help="Hugging Face repository of the VAE (downloads if needed)")
+    v.add_argument("--hf-model-dir", default=None, help="local snapshot folder of the VAE (wins over --hf-model-name)")
+
+
+def resolve_sampler(objective: str, sampler: Optional[str] = None, ddpm: Optional[bool] = None) -> str:
+    """The sampler to use for a checkpoint's objective, from --sampler and the legacy --ddpm flag."""
+    valid = DIFFUSION_SAMPLERS if objective == "diffusion" else FLOW_SAMPLERS if objective == "flow" else None
+    if valid is None:
+        raise UserError(f"checkpoint objective {objective!r} is unknown; expected 'diffusion' or 'flow'")
+    if sampler is not None:
+        if sampler not in valid:
+            raise UserError(f"--sampler {sampler} does not apply to a {objective} checkpoint; use one of {', '.join(valid)}")
+        if ddpm is not None and objective == "diffusion" and (sampler == "ddpm") != ddpm:
+            raise UserError(f"--sampler {sampler} contradicts --ddpm {str(ddpm).lower()}; pass only one of them")
+        return sampler
+    if objective == "flow":
+        if ddpm is not None:
+            raise UserError("--ddpm applies to diffusion checkpoints; this is a flow checkpoint, "
+                            "use --sampler euler|heun|sde")
+        return "sde"
+    return "ddpm" if ddpm is None or ddpm else "ddim"
+
+
+def parse_cfg_channels(value: Union[str, int], in_channels: int) -> Union[str, int]:
+    """'all' or an int K in [1, in_channels]."""
+    if value == "all":
+        return "all"
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        raise UserError(f"--cfg-channels must be 'all' or a channel count, got {value!r}") from None
+    if not 1 <= k <= in_channels:
+        raise UserError(f"--cfg-channels {k} is out of range for a model with {in_channels} latent channels; "
+                        f"use 'all' or 1..{in_channels}")
+    return k
+
+
+def sampler_settings(args, setup: "SamplingSetup") -> dict:
+    """Validated sampler settings from parsed `add_sampler_args` flags (UserError on bad values)."""
+    sampler = resolve_sampler(setup.objective_name, args.sampler, args.ddpm)
+    if sampler == "sde" and args.num_sampling_steps < 2:
+        raise UserError("the SDE sampler needs --num-sampling-steps >= 2")
+    interval = None
+    if args.guidance_interval is not None:
+        lo, hi = (float(v) for v in args.guidance_interval)
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise UserError(f"--guidance-interval {lo} {hi} must satisfy 0 <= LO <= HI <= 1")
+        interval = (lo, hi)
+    if args.forward_batch < 0:
+        raise UserError(f"--forward-batch must be >= 0, got {args.forward_batch}")
+    if not np.isfinite(args.cfg_scale):
+        raise UserError(f"--cfg-scale must be a finite number, got {args.cfg_scale}")
+    return dict(sampler=sampler, num_steps=int(args.num_sampling_steps), cfg_scale=float(args.cfg_scale),
+                cfg_channels=parse_cfg_channels(args.cfg_channels, setup.latent_shape[0]), guidance_interval=interval,
+                ddim_eta=float(args.ddim_eta), precision=args.precision, forward_batch=int(args.forward_batch))
+
+
+# ----------------------------------------------------------------------------- model, objective, VAE
+@dataclass
+class SamplingSetup:
+    """Everything rebuilt from a checkpoint that sampling needs."""
+    model: torch.nn.Module  # the network in eval mode on `device`
+    objective: object  # diffusion.SpacedDiffusion or diffusion.FlowMatching
+    objective_name: str  # "diffusion" | "flow"
+    vae: object  # fcdm_common.vae.IdentityVAE or SDVAE
+    config: dict  # the checkpoint's run config
+    latent_shape: Tuple[int, int, int]  # (C, H, W) the model samples
+    num_classes: int  # labels 0..num_classes-1; num_classes is the null label
+    model_name: str  # registry name of the network
+    ckpt_path: Path  # the checkpoint file
+    use_ema: bool  # EMA (True) or raw weights
+    vae_settings: dict = field(default_factory=dict)  # vae, hf_model_name, hf_model_dir, scaling_factor
+    device: torch.device = torch.device("cpu")  # where sampling runs
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+
+def _latent_shape(config: dict, in_channels: int, downsample: int, path) -> Tuple[int, int, int]:
+    data = config.get("data") or {}
+    if data.get("latent_shape"):
+        shape = tuple(int(v) for v in data["latent_shape"])
+        if len(shape) != 3:
+            raise UserError(f"{path}: config data.latent_shape {list(shape)} is not [C, H, W]")
+        return shape
+    if data.get("image_size"):
+        side = int(data["image_size"]) // downsample
+        return (in_channels, side, side)
+    raise UserError(f"{path}: the config records neither data.latent_shape nor data.image_size; "
+                    "the sample size cannot be known")
+
+
+def load_setup(ckpt_path, *, model_name: Optional[str] = None, use_ema: bool = True, vae: Optional[str] = None,
+               hf_model_name: Optional[str] = None, hf_model_dir: Optional[str] = None, device="cpu") -> SamplingSetup:
+    """Load a checkpoint and rebuild the network, the objective and the VAE decoder, checking they fit."""
+    import diffusion
+    from .vae import DEFAULT_HF_MODEL, DEFAULT_SCALING_FACTOR, load_vae
+
+    path = Path(ckpt_path)
+    device = torch.device(device)
+    ckpt = load_checkpoint(path)
+    config = ckpt["config"]
+    if model_name is not None and model_name != config["model"]:
+        raise UserError(f"--model {model_name} does not match checkpoint {path}, which holds a {config['model']}; "
+                        f"pass --model {config['model']} or leave --model out")
+    model = model_from_checkpoint(ckpt, use_ema=use_ema, path=path).to(device)
+    del ckpt
+    objective_name = config["objective"]
+    try:
+        objective = diffusion.create_objective(objective_name, **(config.get("objective_kwargs") or {}))
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{path}: cannot rebuild objective {objective_name!r} from the config: {e}") from None
+
+    vae_cfg = dict(config.get("vae") or {})
+    data_cfg = config.get("data") or {}
+    vae_name = vae or vae_cfg.get("vae") or ("none" if data_cfg.get("vae") == "none" else "sd")
+    settings = dict(vae=vae_name,
+                    hf_model_name=hf_model_name or vae_cfg.get("hf_model_name") or DEFAULT_HF_MODEL,
+                    hf_model_dir=hf_model_dir if hf_model_dir is not None else
+                    (vae_cfg.get("hf_model_dir") if hf_model_name is None else None),
+                    scaling_factor=float(data_cfg.get("scaling_factor") or vae_cfg.get("scaling_factor")
+                                         or DEFAULT_SCALING_FACTOR))
+    if vae_name == "none":
+        settings.update(hf_model_name=None, hf_model_dir=None, scaling_factor=1.0)
+    decoder = load_vae(vae_name, settings["hf_model_name"], settings["hf_model_dir"], settings["scaling_factor"],
+                       device=device)
+    in_ch = int(model.in_channels)
+    if int(decoder.latent_channels) != in_ch:
+        raise UserError(f"the VAE ({vae_name}) has {decoder.latent_channels} latent channels but model "
+                        f"{config['model']} in {path} takes {in_ch}; pass the VAE the model was trained with "
+                        f"(--vae/--hf-model-dir)")
+    latent_shape = _latent_shape(config, in_ch, int(decoder.downsample), path)
+    if latent_shape[0] != in_ch:
+        raise UserError(f"{path}: config latent_shape {list(latent_shape)} disagrees with the model's {in_ch} input channels")
+    return SamplingSetup(model=model, objective=objective, objective_name=objective_name, vae=decoder, config=config,
+                         latent_shape=latent_shape, num_classes=int(model.num_classes), model_name=config["model"],
+                         ckpt_path=path, use_ema=use_ema, vae_settings=settings, device=device)
+
+
+# ----------------------------------------------------------------------------- fixed-shape forward passes
+def run_fixed_batches(fn: Callable[..., torch.Tensor], tensors: Sequence[torch.Tensor], forward_batch: int) -> torch.Tensor:
+    """fn(*chunk) over chunks of exactly `forward_batch` rows (the last padded by repeating its final row),
+    concatenated and trimmed to the input length. forward_batch 0: one call on the whole batch."""
+    n = tensors[0].shape[0]
+    if forward_batch <= 0 or n == forward_batch:
+        return fn(*tensors)
+    outs = []
+    for start in range(0, n, forward_batch):
+        chunk = [x[start:start + forward_batch] for x in tensors]
+        m = chunk[0].shape[0]
+        if m < forward_batch:
+            pad = forward_batch - m
+            chunk = [torch.cat([x, x[-1:].expand(pad, *x.shape[1:])]) for x in chunk]
+        outs.append(fn(*chunk)[:m])
+    return torch.cat(outs)
+
+
+class FixedBatchModel:
+    """Callable like the network, model(x, t, y): runs it in fixed-size chunks under optional autocast and
+    returns float32. Counts calls and rows (`calls`, `rows`) for tests and benchmarks."""
+
+    def __init__(self, model: Callable, forward_batch: int = 0, autocast_dtype: Optional[torch.dtype] = None,
+                 device_type: str = "cpu"):
+        self.model = model  # raw network model(x, t, y)
+        self.forward_batch = int(forward_batch)  # rows per call, 0 = whatever the sampler passes
+        self.autocast_dtype = autocast_dtype  # None = fp32, torch.bfloat16 = bf16 autocast
+        self.device_type = device_type  # "cpu" or "cuda", for torch.autocast
+        self.calls = 0  # network invocations
+        self.rows = 0  # rows evaluated, padding included
+
+    def _forward(self, x, t, y):
+        self.calls += 1
+        self.rows += x.shape[0]
+        ctx = (torch.autocast(self.device_type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
+               else contextlib.nullcontext())
+        with ctx:
+            return self.model(x, t, y).float()
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return run_fixed_batches(self._forward, (x, t, y), self.forward_batch)
+
+
+# ----------------------------------------------------------------------------- sampling
+def decode_to_uint8(vae, latents: torch.Tensor, forward_batch: int = 0) -> np.ndarray:
+    """Scaled latents (N, C, h, w) -> uint8 images (N, H, W, 3), decoding in fixed-size chunks."""
+    with torch.no_grad():
+        images = run_fixed_batches(lambda z: vae.decode(z).float(), (latents,), forward_batch)
+    return to_uint8(images)
+
+
+def generate(setup: SamplingSetup, indices: Sequence[int], *, global_seed: int, sampler: str, num_steps: int,
+             cfg_scale: float = 1.0, cfg_channels: Union[str, int] = "all",
+             guidance_interval: Optional[Tuple[float, float]] = None, ddim_eta: float = 0.0,
+             precision: str = "fp32", forward_batch: int = 0, label_mode: str = "random",
+             labels: Optional[Sequence[int]] = None, progress: bool = False,
+             counter: Optional[FixedBatchModel] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Sample the images of `indices` -> (uint8 (N, H, W, 3), int64 labels (N,)).
+
+    Labels: explicit `labels` (one per index) or `label_mode` ("random" | "balanced"). `counter`: a
+    FixedBatchModel to run the network through (to count calls); built from the settings by default."""
+    import diffusion
+
+    indices = [int(i) for i in indices]
+    if not indices:
+        raise ValueError("no sample indices given")
+    if labels is not None and len(labels) != len(indices):
+        raise ValueError(f"{len(labels)} labels for {len(indices)} samples")
+    gens = [sample_generator(global_seed, i) for i in indices]
+    drawn = [_label_and_noise(g, setup.num_classes, setup.latent_shape) for g in gens]
+    if labels is not None:
+        y = [int(v) for v in labels]
+        bad = [v for v in y if not 0 <= v < setup.num_classes]
+        if bad:
+            raise UserError(f"class labels {bad} are out of range for {setup.model_name} in {setup.ckpt_path}; "
+                            f"use labels in 0..{setup.num_classes - 1}")
+    elif label_mode == "balanced":
+        y = [i % setup.num_classes for i in indices]
+    elif label_mode == "random":
+        y = [lab for lab, _ in drawn]
+    else:
+        raise ValueError(f"label_mode must be 'random' or 'balanced', got {label_mode!r}")
+    device = setup.device
+    noise = torch.stack([n for _, n in drawn]).to(device)  # (N, C, H, W)
+    y_t = torch.tensor(y, dtype=torch.long, device=device)
+    net = counter if counter is not None else FixedBatchModel(
+        setup.model, forward_batch, PRECISIONS[precision], device.type)
+    with torch.no_grad():
+        latents = diffusion.sample(net, noise, y_t, objective=setup.objective, sampler=sampler, num_steps=num_steps,
+                                   cfg_scale=cfg_scale, cfg_channels=cfg_channels, guidance_interval=guidance_interval,
+                                   null_label=setup.null_label, ddim_eta=ddim_eta, progress=progress,
+                                   generators=gens)
+    if latents.shape[1] != setup.latent_shape[0]:  # learned sigma: the sampler returns only x
+        latents = latents[:, :setup.latent_shape[0]]
+    return decode_to_uint8(setup.vae, latents, forward_batch), np.asarray(y, dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------- files
+def write_png(path, image: np.ndarray) -> None:
+    """One uint8 (H, W, 3) image as a PNG, atomically."""
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(image)).save(tmp, format="PNG")
+
+
+def read_png(path, shape: Optional[Tuple[int, int, int]] = None) -> Optional[np.ndarray]:
+    """The uint8 (H, W, 3) image in `path`, or None when it is missing, does not decode or has another shape."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode != "RGB":
+                return None
+            arr = np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError):
+        return None
+    if shape is not None and arr.shape != tuple(shape):
+        return None
+    return arr
+
+
+def write_npz(path, images: Union[np.ndarray, Iterable[np.ndarray]], labels: np.ndarray,
+              image_shape: Optional[Tuple[int, int, int]] = None) -> None:
+    """ADM archive: arr_0 uint8 (N, H, W, 3), arr_1 int64 (N,), written atomically. `images` is an array or
+    an iterable of uint8 (b, H, W, 3) chunks (then `image_shape` = (H, W, 3) is required); the chunks are
+    streamed into an uncompressed zip member exactly as `np.savez` lays it out."""
+    labels = np.asarray(labels, dtype=np.int64)
+    n = labels.shape[0]
+    if isinstance(images, np.ndarray):
+        image_shape = images.shape[1:]
+        if images.shape[0] != n:
+            raise ValueError(f"{images.shape[0]} images but {n} labels")
+        images = [images]
+    if image_shape is None:
+        raise ValueError("image_shape is required when images is an iterable of chunks")
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+              "shape": (n, *image_shape)}
+    written = 0
+    with atomic_path(path) as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(f, header)
+                for chunk in images:
+                    chunk = np.ascontiguousarray(chunk, dtype=np.uint8)
+                    if chunk.shape[1:] != tuple(image_shape):
+                        raise ValueError(f"image chunk of shape {chunk.shape}, expected (b, {image_shape})")
+                    f.write(chunk.tobytes())
+                    written += chunk.shape[0]
+            if written != n:
+                raise ValueError(f"wrote {written} images but {n} labels")
+            with zf.open("arr_1.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, labels, allow_pickle=False)
+
+
+def validate_npz(path, num_samples: Optional[int] = None, num_classes: Optional[int] = None) -> dict:
+    """Check an ADM archive (keys, dtypes, shapes, label range) without loading the images; UserError if bad.
+    Returns {"num_samples", "image_shape", "labels"}."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+            if not {"arr_0.npy", "arr_1.npy"} <= names:
+                raise UserError(f"{path}: expected members arr_0 and arr_1, found {sorted(names)}")
+            with zf.open("arr_0.npy") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = read_header(f)
+            with zf.open("arr_1.npy") as f:
+                labels = np.lib.format.read_array(f, allow_pickle=False)
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable .npz archive ({e}); rerun the sampling command to rewrite it") from None
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
+        raise UserError(f"{path}: arr_0 is {dtype} {shape}, expected uint8 (N, H, W, 3)")
+    if labels.dtype != np.int64 or labels.shape != (shape[0],):
+        raise UserError(f"{path}: arr_1 is {labels.dtype} {labels.shape}, expected int64 ({shape[0]},)")
+    if num_samples is not None and shape[0] != num_samples:
+        raise UserError(f"{path}: holds {shape[0]} images, expected {num_samples}")
+    if num_classes is not None and labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise UserError(f"{path}: labels outside 0..{num_classes - 1}")
+    return {"num_samples": int(shape[0]), "image_shape": tuple(int(v) for v in shape[1:]), "labels": labels}
+
+
+def package_versions() -> dict:
+    """Versions that matter for reproducing an archive."""
+    from importlib import metadata
+
+    import PIL
+
+    out = {"torch": torch.__version__, "numpy": np.__version__, "pillow": PIL.__version__}
+    try:
+        out["fcdm"] = metadata.version("fcdm")
+    except metadata.PackageNotFoundError:
+        out["fcdm"] = "unknown"
+    return out
+
+
+def write_json(path, obj: dict) -> None:
+    """Pretty JSON, atomically."""
+    from .io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")

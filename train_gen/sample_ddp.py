@@ -1,0 +1,224 @@
+"""Sample many images with one or more processes and pack them into one ADM-format .npz for FID.
+
+    torchrun --nnodes=1 --nproc_per_node=4 train_gen/sample_ddp.py --model FCDM-XL \
+        --num-fid-samples 50000 --ckpt CKPT --sample-dir samples --ddpm True --cfg-scale 1.0
+
+Also runs as a plain `python train_gen/sample_ddp.py ...` (one process, CPU or GPU). Sample i is a function
+of (--global-seed, i) and the settings only (see fcdm_common/sampling.py), so the archive is byte-identical
+whatever the number of processes and --per-proc-batch-size. Process r draws the indices r, r + W, r + 2W, ...
+and writes `NNNNNN.png` into a folder named from the settings; rerunning the same command after an
+interruption keeps every PNG that decodes and only samples the rest. Rank 0 then writes
+`<folder>-<N>.npz` (arr_0 uint8 NxHxWx3, arr_1 int64 labels) and `<folder>-<N>.json` (checkpoint hash,
+sampler, guidance, seed, versions) beside the folder, both atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from fcdm_common import distributed as dist_utils
+from fcdm_common.cli import UserError, run_main, str2bool
+from fcdm_common.io import sha256_file
+from fcdm_common.sampling import (add_sampler_args, generate, load_setup, package_versions, read_png, sample_labels,
+                                  sampler_settings, validate_npz, write_json, write_npz, write_png)
+
+SETTINGS_FILE = "settings.json"  # inside the PNG folder: what its images were sampled with
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train_gen/train.py")
+    p.add_argument("--model", default=None,
+                   help="optional: the model name the checkpoint must hold (e.g. FCDM-XL); read from the checkpoint")
+    p.add_argument("--sample-dir", default="samples", help="folder for the PNG folder, the .npz and its .json")
+    p.add_argument("--num-fid-samples", type=int, default=50_000, help="number of images in the archive")
+    p.add_argument("--per-proc-batch-size", type=int, default=64, help="samples per sampler batch on each process")
+    p.add_argument("--global-seed", type=int, default=0, help="seed; sample i depends on (seed, i) only")
+    p.add_argument("--label-sampling", choices=("random", "balanced"), default="random",
+                   help="random: uniform labels drawn per sample; balanced: label i %% num_classes")
+    p.add_argument("--keep-pngs", type=str2bool, default=True, metavar="BOOL",
+                   help="keep the PNG folder after the archive is written (false deletes it)")
+    add_sampler_args(p, cfg_scale_default=1.0, forward_batch_default=64)
+    return p
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def run_name(setup, s: dict, args) -> str:
+    """Folder name from the settings that change the pixels."""
+    parts = [setup.model_name, setup.ckpt_path.stem, "ema" if setup.use_ema else "raw",
+             f"{s['sampler']}{s['num_steps']}", f"cfg{_fmt(s['cfg_scale'])}"]
+    if s["cfg_scale"] != 1.0 and s["cfg_channels"] != "all":
+        parts.append(f"ch{s['cfg_channels']}")
+    if s["cfg_scale"] != 1.0 and s["guidance_interval"] is not None:
+        parts.append("int{}-{}".format(*(_fmt(v) for v in s["guidance_interval"])))
+    if s["sampler"] == "ddim" and s["ddim_eta"] != 0:
+        parts.append(f"eta{_fmt(s['ddim_eta'])}")
+    parts += [f"vae-{setup.vae_settings['vae']}", s["precision"], args.label_sampling, f"seed{args.global_seed}"]
+    return "-".join(str(p).replace("/", "_") for p in parts)
+
+
+def content_settings(setup, s: dict, args, ckpt_sha256: str) -> dict:
+    """Everything an image depends on (not the sample count, batch size or process count)."""
+    cfg = setup.config
+    return {
+        "checkpoint_sha256": ckpt_sha256, "model": setup.model_name, "use_ema": setup.use_ema,
+        "objective": setup.objective_name, "objective_kwargs": cfg.get("objective_kwargs") or {},
+        "sampler": s["sampler"], "num_sampling_steps": s["num_steps"], "ddim_eta": s["ddim_eta"],
+        "cfg_scale": s["cfg_scale"], "cfg_channels": s["cfg_channels"],
+        "guidance_interval": list(s["guidance_interval"]) if s["guidance_interval"] else None,
+        "precision": s["precision"], "forward_batch": s["forward_batch"], "label_sampling": args.label_sampling,
+        "global_seed": args.global_seed, "vae": setup.vae_settings, "latent_shape": list(setup.latent_shape),
+        "num_classes": setup.num_classes, "device_type": setup.device.type,
+    }
+
+
+def check_folder(folder: Path, settings: dict) -> str | None:
+    """Rank 0: None when the folder is new or was sampled with the same settings (then it is reused)."""
+    import json
+
+    path = folder / SETTINGS_FILE
+    if not path.exists():
+        if folder.is_dir() and any(folder.glob("*.png")):
+            return (f"{folder} holds PNGs but no {SETTINGS_FILE}, so it cannot be checked against these settings; "
+                    "delete it or pass another --sample-dir")
+        write_json(path, settings)
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        old = None
+    if old != json.loads(json.dumps(settings)):
+        diff = sorted(k for k in set(settings) | set(old or {}) if (old or {}).get(k) != json.loads(json.dumps(settings)).get(k))
+        return (f"{folder} was sampled with other settings ({', '.join(diff) or 'unreadable ' + SETTINGS_FILE}); "
+                "delete it or pass another --sample-dir")
+    return None
+
+
+def archive_done(npz: Path, meta: Path, settings: dict, n: int, num_classes: int) -> bool:
+    import json
+
+    if not (npz.is_file() and meta.is_file()):
+        return False
+    try:
+        old = json.loads(meta.read_text())
+        validate_npz(npz, num_samples=n, num_classes=num_classes)
+    except (OSError, ValueError, UserError):
+        return False
+    return old.get("settings") == json.loads(json.dumps(settings)) and old.get("npz_sha256") == sha256_file(npz)
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.num_fid_samples <= 0:
+        raise UserError(f"--num-fid-samples must be > 0, got {args.num_fid_samples}")
+    if args.per_proc_batch_size <= 0:
+        raise UserError(f"--per-proc-batch-size must be > 0, got {args.per_proc_batch_size}")
+    info = dist_utils.init_distributed(args.device)
+    try:
+        _sample(args, info)
+    finally:
+        dist_utils.cleanup()
+
+
+def _sample(args, info) -> None:
+    import torch
+
+    torch.backends.cudnn.benchmark = False  # fixed algorithm choice: same bits on every run
+    torch.set_grad_enabled(False)
+    setup = load_setup(args.ckpt, model_name=args.model, use_ema=args.use_ema, vae=args.vae,
+                       hf_model_name=args.hf_model_name, hf_model_dir=args.hf_model_dir, device=info.device)
+    s = sampler_settings(args, setup)
+    n = args.num_fid_samples
+    name = run_name(setup, s, args)
+    sample_dir = Path(args.sample_dir)
+    folder = sample_dir / name
+    npz_path, meta_path = sample_dir / f"{name}-{n}.npz", sample_dir / f"{name}-{n}.json"
+
+    # rank 0 hashes the checkpoint, checks/creates the folder and decides whether anything is left to do
+    state = None
+    if info.is_main:
+        sha = sha256_file(setup.ckpt_path)
+        settings = content_settings(setup, s, args, sha)
+        if archive_done(npz_path, meta_path, settings, n, setup.num_classes):
+            state = {"done": True}
+        else:
+            try:
+                problem = check_folder(folder, settings)
+            except OSError as e:
+                problem = f"cannot create {folder}: {e}"
+            state = {"done": False, "problem": problem, "settings": settings}
+    state = dist_utils.broadcast_object(state)
+    if state["done"]:
+        if info.is_main:
+            print(f"{npz_path} already holds these {n} samples; nothing to do")
+        return
+    if state["problem"]:
+        raise UserError(state["problem"])
+    settings = state["settings"]
+
+    c, h, w = setup.latent_shape
+    image_shape = (h * setup.vae.downsample, w * setup.vae.downsample, 3)
+    mine = range(info.rank, n, info.world_size)
+    todo = [i for i in mine if read_png(folder / f"{i:06d}.png", image_shape) is None]
+    total_todo = sum(dist_utils.all_gather_object(len(todo)))
+    if info.is_main:
+        print(f"sampling {n} images of {setup.model_name} ({s['sampler']}, {s['num_steps']} steps, cfg {s['cfg_scale']}) "
+              f"with {info.world_size} process(es) into {folder}: {n - total_todo} found, {total_todo} to sample",
+              flush=True)
+    bar = tqdm(total=total_todo, unit="img", disable=not info.is_main or total_todo == 0, dynamic_ncols=True)
+    b = args.per_proc_batch_size
+    for start in range(0, len(todo), b):
+        batch = todo[start:start + b]
+        images, _ = generate(setup, batch, global_seed=args.global_seed, sampler=s["sampler"],
+                             num_steps=s["num_steps"], cfg_scale=s["cfg_scale"], cfg_channels=s["cfg_channels"],
+                             guidance_interval=s["guidance_interval"], ddim_eta=s["ddim_eta"],
+                             precision=s["precision"], forward_batch=s["forward_batch"],
+                             label_mode=args.label_sampling)
+        for i, img in zip(batch, images):
+            write_png(folder / f"{i:06d}.png", img)
+        bar.update(min(len(batch) * info.world_size, bar.total - bar.n))
+    bar.close()
+    dist_utils.barrier()
+    if not info.is_main:
+        return
+
+    t0 = time.time()
+    labels = sample_labels(args.global_seed, range(n), setup.num_classes, args.label_sampling)
+
+    def chunks(size: int = 1000):
+        for lo in range(0, n, size):
+            out = np.empty((min(size, n - lo), *image_shape), dtype=np.uint8)
+            for j in range(out.shape[0]):
+                arr = read_png(folder / f"{lo + j:06d}.png", image_shape)
+                if arr is None:
+                    raise UserError(f"{folder / f'{lo + j:06d}.png'} is missing or corrupt after sampling "
+                                    "(another job writing the same folder?); rerun the same command to redo it")
+                out[j] = arr
+            yield out
+
+    write_npz(npz_path, chunks(), labels, image_shape=image_shape)
+    validate_npz(npz_path, num_samples=n, num_classes=setup.num_classes)
+    write_json(meta_path, {
+        "npz": npz_path.name, "npz_sha256": sha256_file(npz_path), "num_samples": n,
+        "image_shape": list(image_shape), "checkpoint": str(setup.ckpt_path.resolve()), "settings": settings,
+        "versions": package_versions(), "command": " ".join(sys.argv),
+        "world_size": info.world_size, "per_proc_batch_size": args.per_proc_batch_size,
+    })
+    if not args.keep_pngs:
+        shutil.rmtree(folder)
+    print(f"wrote {npz_path} ({n} images {image_shape}, labels {args.label_sampling}) and {meta_path.name} "
+          f"in {time.time() - t0:.1f}s", flush=True)
+
+
+if __name__ == "__main__":
+    run_main(main)
