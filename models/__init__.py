@@ -68,3 +68,5 @@ def create_model(name: str, **overrides) -> nn.Module:
 
 
 __all__ = ["MODELS", "create_model", "register", "FCDM"]
+
+from . import dit  # noqa: E402,F401  (registers DiT-S/2 ... DiT-XL/2)

@@ -1,0 +1,418 @@
+"""Throughput, training-step speed, peak memory and MFU of any registered model, on CPU or CUDA.
+
+Forward throughput follows the paper's protocol (images/s of no-grad forward passes at batch 64,
+as DiT's sampling measures it). A training step is forward + backward + AdamW + EMA update with an
+MSE loss on the network output against a random target (the loss choice does not change the
+network's cost; the iDDPM hybrid loss adds a few elementwise ops). Every measurement has warm-up
+iterations, device synchronisation around the timed region, and reports the median of the repeats.
+When several variants are measured (`--compare-baseline`, `--compare`), their repeats are
+interleaved so that all of them see the same machine load.
+
+Variants:
+  optimized (default)  the registered network with its fast paths: channels-last activations,
+                       pointwise convs as matmuls, kernel crop, fast GRN, optional bf16 autocast
+                       (float32 statistics), `--checkpointing`, `--compile`; AdamW fused (CUDA) or
+                       foreach (CPU); foreach EMA.
+  baseline             (`--baseline`, FCDM only) models.fcdm_reference.FCDMReference with the same
+                       weights: NCHW, 1x1 Conv2d, torch.norm GRN, full kernels, every block
+                       checkpointed, fp32 (TF32 on CUDA), no compile, torch's default AdamW, the
+                       per-parameter Python EMA loop.
+
+MFU = achieved model FLOPs / (--peak-tflops). Model FLOPs per image = 2 x forward MACs (counted on the
+meta device), x3 for a training step (forward + backward); recomputation is not counted.
+
+Examples:
+  python benchmarks/bench_model.py --model FCDM-XL --device cuda --dtype bf16 --batch-size 256 \\
+      --mode train --peak-tflops 989
+  python benchmarks/bench_model.py --model FCDM-XL --compare DiT-XL/2 --device cuda --dtype bf16 --mode forward
+  python benchmarks/bench_model.py --model FCDM-S --model-kwargs '{"hidden_size": 64, "depths": [1,2,2,2,1]}' \\
+      --latent-size 32 --batch-size 16 --device cpu --mode train --compare-baseline
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fcdm_common.cli import UserError, non_negative_int, positive_int, run_main
+from fcdm_common.ema import create_ema, update_ema, update_ema_reference
+from models import MODELS, create_model
+from models.fcdm import FCDM
+from models.fcdm_reference import FCDMReference
+from models.summary import count_params, forward_gmacs
+
+VAE_DOWNSAMPLE = 8  # 4-channel models work on SD-VAE latents: resolution / 8
+
+
+# ----------------------------------------------------------------------------------------------
+# Environment
+# ----------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment(device: torch.device) -> dict:
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "cpu_threads": torch.get_num_threads(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Variants
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Variant:
+    label: str  # row name in the table
+    model_name: str
+    baseline: bool
+    model: nn.Module = None
+    gmacs: float = 0.0  # forward MACs per image, 1e9
+    params: int = 0
+    results: Dict[str, float] = field(default_factory=dict)
+    forward_times: List[float] = field(default_factory=list)
+    train_times: List[float] = field(default_factory=list)
+    forward_fn: Optional[Callable[[], None]] = None
+    train_fn: Optional[Callable[[], None]] = None
+
+
+def resolve_latent(args, in_channels: int) -> int:
+    if args.latent_size is not None:
+        return args.latent_size
+    down = VAE_DOWNSAMPLE if in_channels == 4 else 1
+    if args.resolution % down:
+        raise UserError(f"--resolution {args.resolution} is not a multiple of the VAE factor {down}")
+    return args.resolution // down
+
+
+def build_model(name: str, kwargs: dict, device: torch.device, latent: Optional[int]) -> nn.Module:
+    """Create a registered model; DiT-like models get `input_size` = the latent size."""
+    with torch.device("meta"):
+        probe = create_model(name, **kwargs)
+    if latent is not None and hasattr(probe, "input_size") and "input_size" not in kwargs:
+        kwargs = dict(kwargs, input_size=latent)
+    with torch.device(device):
+        return create_model(name, **kwargs)
+
+
+def model_gmacs(name: str, kwargs: dict, latent: int) -> tuple[float, int]:
+    with torch.device("meta"):
+        probe = create_model(name, **kwargs)
+    if hasattr(probe, "input_size") and "input_size" not in kwargs:
+        with torch.device("meta"):
+            probe = create_model(name, **dict(kwargs, input_size=latent))
+    try:
+        return forward_gmacs(probe, latent), count_params(probe)
+    except ValueError as e:
+        raise UserError(f"{name} cannot run at latent size {latent}: {e}") from None
+
+
+def make_optimizer(model: nn.Module, device: torch.device, baseline: bool) -> torch.optim.Optimizer:
+    """AdamW with the paper's hyper-parameters (lr 1e-4, betas (0.9, 0.999), no weight decay).
+    Optimized: fused kernels on CUDA, foreach on CPU. Baseline: torch's default implementation."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    kw = dict(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)
+    if baseline:
+        return torch.optim.AdamW(params, **kw)
+    if device.type == "cuda":
+        return torch.optim.AdamW(params, fused=True, **kw)
+    return torch.optim.AdamW(params, foreach=True, **kw)
+
+
+def prepare_variant(v: Variant, args, device: torch.device, latent: int, kwargs: dict) -> None:
+    torch.manual_seed(args.seed)
+    model = build_model(v.model_name, dict(kwargs), device, latent)
+    if v.baseline:
+        if not isinstance(model, FCDM):
+            raise UserError(f"--baseline needs an FCDM model, got {v.model_name} ({type(model).__name__})")
+        model = FCDMReference.from_fcdm(model, grad_checkpointing=True)
+    else:
+        model.set_grad_checkpointing(args.checkpointing)
+    model.train()
+    ema = create_ema(model) if args.mode != "forward" else None
+    if args.compile and not v.baseline:
+        if hasattr(model, "compile_blocks"):
+            model.compile_blocks()
+        else:
+            model.compile()
+    v.model = model
+
+    in_ch = model.in_channels
+    num_classes = model.num_classes
+    g = torch.Generator().manual_seed(args.seed)
+    n = args.batch_size
+    x = torch.randn(n, in_ch, latent, latent, generator=g).to(device)
+    t = torch.randint(0, 1000, (n,), generator=g).to(device)
+    y = torch.randint(0, num_classes, (n,), generator=g).to(device)
+    target = torch.randn(n, model.out_channels, latent, latent, generator=g).to(device)
+    use_bf16 = args.dtype == "bf16" and not v.baseline
+
+    def autocast():
+        if use_bf16:
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def forward():
+        with torch.no_grad(), autocast():
+            model(x, t, y)
+
+    v.forward_fn = forward
+    if ema is not None:
+        opt = make_optimizer(model, device, v.baseline)
+        ema_update = update_ema_reference if v.baseline else update_ema
+
+        def train_step():
+            opt.zero_grad(set_to_none=True)
+            with autocast():
+                out = model(x, t, y)
+            loss = F.mse_loss(out.float(), target)
+            loss.backward()
+            opt.step()
+            ema_update(ema, model, 0.9999)
+
+        v.train_fn = train_step
+
+
+def timed(fn: Callable[[], None], device: torch.device) -> float:
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+def peak_memory(fn: Callable[[], None], device: torch.device) -> Optional[int]:
+    """CUDA: max_memory_allocated over one call (bytes). CPU: None (see the process ru_maxrss)."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    synchronize(device)
+    return int(torch.cuda.max_memory_allocated(device))
+
+
+def run_benchmark(args) -> dict:
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda requested but torch.cuda.is_available() is False")
+        # fp32 matmuls and convolutions in TF32 for every variant (the baseline's "fp32 (TF32 on GPU)")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    except json.JSONDecodeError as e:
+        raise UserError(f"--model-kwargs is not valid JSON: {e}") from None
+    if not isinstance(kwargs, dict):
+        raise UserError("--model-kwargs must be a JSON object")
+    for name in [args.model] + ([args.compare] if args.compare else []):
+        if name not in MODELS:
+            raise UserError(f"unknown model {name!r}; registered: {', '.join(sorted(MODELS))}")
+
+    with torch.device("meta"):
+        try:
+            probe = create_model(args.model, **kwargs)
+        except TypeError as e:
+            raise UserError(f"--model-kwargs do not fit {args.model}: {e}") from None
+    latent = resolve_latent(args, probe.in_channels)
+
+    variants: List[Variant] = []
+    if args.compare_baseline:
+        variants += [Variant(f"{args.model} baseline", args.model, True),
+                     Variant(f"{args.model} optimized", args.model, False)]
+    else:
+        kind = "baseline" if args.baseline else "optimized"
+        variants.append(Variant(f"{args.model} {kind}", args.model, args.baseline))
+    if args.compare:
+        # the compared model is built from its own preset; --model-kwargs apply to --model only
+        variants.append(Variant(f"{args.compare} optimized", args.compare, False))
+    for v in variants:
+        kw = kwargs if v.model_name == args.model else {}
+        v.gmacs, v.params = model_gmacs(v.model_name, kw, latent)
+        prepare_variant(v, args, device, latent, kw)
+
+    modes = ["forward", "train"] if args.mode == "both" else [args.mode]
+    for mode in modes:
+        fns = [(v, v.forward_fn if mode == "forward" else v.train_fn) for v in variants]
+        for v, fn in fns:  # warm-up (compilation, allocator, cudnn autotuning)
+            for _ in range(args.warmup):
+                timed(fn, device)
+        for _ in range(args.repeats):  # interleaved repeats: every variant sees the same load
+            for v, fn in fns:
+                (v.forward_times if mode == "forward" else v.train_times).append(timed(fn, device))
+        for v, fn in fns:
+            mem = peak_memory(fn, device)
+            if mem is not None:
+                v.results[f"{mode}_peak_mem_gib"] = mem / 2**30
+
+    n = args.batch_size
+    for v in variants:
+        r = v.results
+        r["params_m"] = v.params / 1e6
+        r["gmacs_per_image"] = v.gmacs
+        if v.forward_times:
+            sec = statistics.median(v.forward_times)
+            r["forward_s"] = sec
+            r["forward_img_per_s"] = n / sec
+            r["forward_tflops"] = 2 * v.gmacs * 1e9 * n / sec / 1e12
+        if v.train_times:
+            sec = statistics.median(v.train_times)
+            r["train_step_s"] = sec
+            r["train_steps_per_s"] = 1 / sec
+            r["train_img_per_s"] = n / sec
+            r["train_tflops"] = 3 * 2 * v.gmacs * 1e9 * n / sec / 1e12
+        if args.peak_tflops:
+            for mode in ("forward", "train"):
+                if f"{mode}_tflops" in r:
+                    r[f"{mode}_mfu"] = r[f"{mode}_tflops"] / args.peak_tflops
+
+    ratios = {}
+    if args.compare_baseline:
+        base, opt = variants[0].results, variants[1].results
+        for key, label in (("forward_s", "forward"), ("train_step_s", "train")):
+            if key in base:
+                ratios[f"{label}_speedup_vs_baseline"] = base[key] / opt[key]
+    if args.compare:
+        main, other = variants[-2].results, variants[-1].results  # optimized --model vs MODEL2
+        for key, label in (("forward_s", "forward"), ("train_step_s", "train")):
+            if key in main:
+                ratios[f"{label}_speedup_{args.model}_vs_{args.compare}"] = other[key] / main[key]
+
+    report = {
+        "config": {k: v for k, v in vars(args).items() if k != "json"} | {"latent_size": latent},
+        "environment": environment(device),
+        "results": {v.label: v.results | {"model": v.model_name, "baseline": v.baseline} for v in variants},
+        "ratios": ratios,
+        "raw_times_s": {v.label: {"forward": v.forward_times, "train": v.train_times} for v in variants},
+    }
+    if device.type == "cpu":
+        # ru_maxrss is in KiB on Linux: the whole process, all variants together
+        report["environment"]["process_max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return report
+
+
+def format_report(report: dict) -> str:
+    cfg, env = report["config"], report["environment"]
+    lines = [
+        f"device={cfg['device']} dtype={cfg['dtype']} batch={cfg['batch_size']} latent={cfg['latent_size']} "
+        f"checkpointing={cfg['checkpointing']} compile={cfg['compile']} repeats={cfg['repeats']} (median)",
+        f"torch {env['torch']}, {env.get('gpu', env['cpu'])}, {env['cpu_threads']} threads, "
+        f"load {env['load_average']}, {env['date']}",
+        "| variant | params (M) | GMACs/img | fwd img/s | train steps/s | train img/s | peak mem (GiB) | MFU fwd | MFU train |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def f(r, k, fmt):
+        return format(r[k], fmt) if k in r else "-"
+
+    for label, r in report["results"].items():
+        mem = r.get("train_peak_mem_gib", r.get("forward_peak_mem_gib"))
+        mem = f"{mem:.2f}" if mem is not None else "n/a (CPU)"
+        lines.append(
+            f"| {label} | {r['params_m']:.2f} | {r['gmacs_per_image']:.3f} | {f(r, 'forward_img_per_s', '.2f')} | "
+            f"{f(r, 'train_steps_per_s', '.3f')} | {f(r, 'train_img_per_s', '.2f')} | {mem} | "
+            f"{f(r, 'forward_mfu', '.1%')} | {f(r, 'train_mfu', '.1%')} |"
+        )
+    for k, v in report["ratios"].items():
+        lines.append(f"{k}: {v:.2f}x")
+    if "process_max_rss_gib" in env:
+        lines.append(f"CPU process max RSS (all variants): {env['process_max_rss_gib']:.2f} GiB")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="FCDM-XL", help="registered model name (default: FCDM-XL)")
+    p.add_argument("--model-kwargs", default=None,
+                   help='JSON object of constructor overrides for --model, e.g. \'{"hidden_size": 64}\'')
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per step (default: 64)")
+    p.add_argument("--resolution", type=positive_int, default=256,
+                   help="image resolution; 4-channel latent models see resolution/8 (default: 256)")
+    p.add_argument("--latent-size", type=positive_int, default=None,
+                   help="the network's input side length directly (overrides --resolution)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="fp32, or bf16 autocast with float32 statistics (the baseline always runs fp32)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where to run (default: cuda when available)")
+    p.add_argument("--mode", choices=("forward", "train", "both"), default="both",
+                   help="forward throughput (no grad), training step, or both (default: both)")
+    p.add_argument("--checkpointing", choices=("none", "selective", "full"), default="none",
+                   help="activation checkpointing of the optimized network (default: none)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the blocks of the optimized network")
+    p.add_argument("--baseline", action="store_true", help="run the paper-mode baseline instead (FCDM only)")
+    p.add_argument("--compare-baseline", action="store_true",
+                   help="run baseline and optimized in one process (interleaved) and print the speedup")
+    p.add_argument("--compare", default=None, metavar="MODEL2",
+                   help="also run this registered model (optimized, its own preset) and print the ratio")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak dense TFLOPs of the device at --dtype, for model-FLOPs utilisation")
+    p.add_argument("--warmup", type=non_negative_int, default=2, help="untimed iterations per variant (default: 2)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed iterations; the median is reported (default: 5)")
+    p.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights and inputs (default: 0)")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the full report (incl. raw times) here")
+    args = p.parse_args(argv)
+    if args.baseline and args.compare_baseline:
+        raise UserError("--baseline and --compare-baseline are exclusive (the comparison includes the baseline)")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        raise UserError("--peak-tflops must be positive")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    report = run_benchmark(args)
+    print(format_report(report))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(report, fh, indent=2)
+        os.replace(tmp, args.json)
+    return report
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,295 @@
+"""DiT: the Diffusion Transformer baseline (Peebles & Xie, "Scalable Diffusion Models with
+Transformers", ICCV 2023), registered as DiT-S/2, DiT-B/2, DiT-L/2 and DiT-XL/2 so that FCDM and DiT
+run through the same training, sampling and benchmark code.
+
+The network (Section 3.2 and Figure 3 of the DiT paper):
+
+    latent (N, C, H, W) -> patchify (p x p conv, stride p) + fixed 2D sin-cos position embedding
+      -> depth x DiT block with adaLN-Zero -> final adaLN LayerNorm + Linear -> unpatchify
+
+A DiT block computes, from the condition c = t_emb + y_emb, six vectors
+(shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) with a zero-initialised
+SiLU -> Linear(D, 6D), and
+
+    x = x + gate_msa * Attention(LN(x) * (1 + scale_msa) + shift_msa)
+    x = x + gate_mlp * MLP(LN(x) * (1 + scale_mlp) + shift_mlp)
+
+(LayerNorm without affine, eps 1e-6; MLP ratio 4 with tanh-GELU). Table 1 of the DiT paper gives the
+sizes: S (12 layers, width 384, 6 heads), B (12, 768, 12), L (24, 1024, 16), XL (28, 1152, 16);
+DiT-XL/2 has 675M parameters and 118.6 GFLOPs at 256x256 (32x32x4 latents, 256 tokens).
+Attention uses `torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient kernels
+on GPU).
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from . import register
+from .fcdm import CHECKPOINT_MODES, TimestepEmbedder, _selective_policy, guide
+
+
+# ----------------------------------------------------------------------------------------------
+# Position embedding
+# ----------------------------------------------------------------------------------------------
+
+
+def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+    """[sin(pos * w), cos(pos * w)] with w_i = 10000^(-i / (dim/2)). pos (M,) -> (M, dim)."""
+    if dim % 2:
+        raise ValueError(f"embedding dim must be even, got {dim}")
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2))
+    out = np.outer(pos.reshape(-1).astype(np.float64), omega)  # (M, dim/2)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_2d(dim: int, grid_size: int) -> np.ndarray:
+    """Fixed 2D sin-cos embedding (MAE / DiT): half the channels encode the row, half the column.
+    Returns (grid_size**2, dim) in row-major token order."""
+    if dim % 4:
+        raise ValueError(f"2D sin-cos embedding needs dim divisible by 4, got {dim}")
+    coords = np.arange(grid_size, dtype=np.float64)
+    gw, gh = np.meshgrid(coords, coords)  # gw varies along the row (x), gh along the column (y)
+    # first half from the x coordinate, second from y, as in MAE's get_2d_sincos_pos_embed
+    return np.concatenate([sincos_1d(dim // 2, gw), sincos_1d(dim // 2, gh)], axis=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------------------
+
+
+def modulate_tokens(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (N, T, D) * (1 + scale) + shift with per-sample (N, D) vectors."""
+    return torch.addcmul(shift[:, None, :], x, 1 + scale[:, None, :])
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one qkv projection and an output projection."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (N, heads, T, D/heads)
+        out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, D/heads)
+        return self.proj(out.transpose(1, 2).reshape(n, t, d))
+
+
+class MLP(nn.Module):
+    """Linear D -> rD, tanh-GELU, Linear rD -> D."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero conditioning (DiT paper, Figure 3 right)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        # x: (N, T, D) tokens; c: (N, D) condition
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = torch.addcmul(x, gate1[:, None, :], self.attn(modulate_tokens(self.norm1(x), shift1, scale1)))
+        return torch.addcmul(x, gate2[:, None, :], self.mlp(modulate_tokens(self.norm2(x), shift2, scale2)))
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm, then Linear D -> p * p * C_out per token."""
+
+    def __init__(self, dim: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate_tokens(self.norm_final(x), shift, scale))  # (N, T, p*p*C_out)
+
+
+# ----------------------------------------------------------------------------------------------
+# The network
+# ----------------------------------------------------------------------------------------------
+
+
+class DiT(nn.Module):
+    """Diffusion Transformer. `forward(x, t, y)`: x (N, C_in, S, S) NCHW latents with S = input_size,
+    t (N,) timesteps, y (N,) labels in [0, num_classes] (num_classes = null label).
+    Returns (N, C_out, S, S) with C_out = 2 * C_in when learn_sigma else C_in."""
+
+    def __init__(
+        self,
+        input_size: int = 32,  # latent side length S (256x256 images -> 32)
+        patch_size: int = 2,  # tokens are p x p latent patches
+        in_channels: int = 4,  # latent channels
+        hidden_size: int = 1152,  # token width D
+        depth: int = 28,  # number of DiT blocks
+        num_heads: int = 16,  # attention heads
+        mlp_ratio: float = 4.0,  # MLP expansion
+        num_classes: int = 1000,  # class labels 0..num_classes-1; num_classes is the null label
+        class_dropout_prob: float = 0.1,  # label dropout for classifier-free guidance (training only)
+        learn_sigma: bool = True,  # also predict the iDDPM variance interpolation
+    ):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.hidden_size = hidden_size
+        self.depth = depth
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+        self.class_dropout_prob = class_dropout_prob
+        self.learn_sigma = learn_sigma
+        self.checkpoint_mode = "none"
+        self.grid_size = input_size // patch_size
+
+        self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)  # patchify
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = nn.Embedding(num_classes + 1, hidden_size)  # + the null label
+        pos = torch.tensor(sincos_2d(hidden_size, self.grid_size), dtype=torch.float32)[None]  # (1, T, D)
+        self.register_buffer("pos_embed", pos, persistent=False)  # fixed, rebuilt from the config
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """DiT's initialisation: xavier-uniform linears (and the patchify conv as a matrix), zero biases,
+        normal(0.02) label table and timestep MLP, zero adaLN outputs and zero final linear."""
+        if self.pos_embed.device.type != "meta":
+            pos = torch.from_numpy(sincos_2d(self.hidden_size, self.grid_size)).float()[None]
+            self.pos_embed.copy_(pos)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.y_embedder.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for blk in self.blocks:
+            nn.init.zeros_(blk.adaLN_modulation[-1].weight)
+            nn.init.zeros_(blk.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def set_grad_checkpointing(self, enable: bool | str = True) -> None:
+        """Recompute blocks in backward: True/'full', 'selective' (keep matmul outputs), False/'none'."""
+        mode = {True: "full", False: "none"}[enable] if isinstance(enable, bool) else enable
+        if mode not in CHECKPOINT_MODES:
+            raise ValueError(f"checkpoint mode must be one of {CHECKPOINT_MODES} or a bool, got {enable!r}")
+        self.checkpoint_mode = mode
+
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """torch.compile every block in place."""
+        for blk in self.blocks:
+            blk.compile(**compile_kwargs)
+
+    def drop_labels(self, y: torch.Tensor) -> torch.Tensor:
+        """Replace labels by the null label with probability class_dropout_prob (training only)."""
+        if not self.training or self.class_dropout_prob <= 0:
+            return y
+        drop = torch.rand(y.shape, device=y.device) < self.class_dropout_prob
+        return torch.where(drop, torch.full_like(y, self.num_classes), y)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, p*p*C) -> (N, C, S, S); each token's features are ordered (p_row, p_col, C)."""
+        n, p, g, c = x.shape[0], self.patch_size, self.grid_size, self.out_channels
+        x = x.reshape(n, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)  # (N, C, g, p, g, p)
+        return x.reshape(n, c, g * p, g * p)
+
+    def _run_block(self, blk: DiTBlock, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint_mode == "none" or not torch.is_grad_enabled():
+            return blk(x, c)
+        if self.checkpoint_mode == "full":
+            return checkpoint(blk, x, c, use_reentrant=False)
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        ctx = partial(create_selective_checkpoint_contexts, _selective_policy)
+        return checkpoint(blk, x, c, use_reentrant=False, context_fn=ctx)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        s = self.input_size
+        if x.ndim != 4 or tuple(x.shape[1:]) != (self.in_channels, s, s):
+            raise ValueError(f"DiT expects x of shape (N, {self.in_channels}, {s}, {s}), got {tuple(x.shape)}")
+        n = x.shape[0]
+        if t.shape != (n,) or y.shape != (n,):
+            raise ValueError(f"t and y must have shape ({n},), got {tuple(t.shape)} and {tuple(y.shape)}")
+        if y.dtype.is_floating_point or y.dtype == torch.bool:
+            raise ValueError(f"labels must be integers, got dtype {y.dtype}")
+        y = self.drop_labels(y)
+        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)  # (N, T, D)
+        c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
+        for blk in self.blocks:
+            h = self._run_block(blk, h, c)  # (N, T, D)
+        h = self.final_layer(h, c)  # (N, T, p*p*C_out)
+        return self.unpatchify(h)  # (N, C_out, S, S)
+
+    def forward_with_cfg(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, cfg_channels: int | str = "all"
+    ) -> torch.Tensor:
+        """Classifier-free guidance, same convention as `FCDM.forward_with_cfg`: the batch is
+        [cond; uncond] with the null label in the second half of y; cfg_channels=3 is DiT's choice."""
+        half = x[: len(x) // 2]
+        out = self.forward(torch.cat([half, half]), t, y)
+        cond, uncond = out.chunk(2)
+        guided = guide(cond, uncond, cfg_scale, self.in_channels, cfg_channels)
+        return torch.cat([guided, guided])
+
+
+# Table 1 of the DiT paper (patch size 2): DiT-S/2 33.0M, B/2 130.5M, L/2 458.1M, XL/2 675M params.
+def _dit(depth: int, width: int, heads: int, /, **overrides) -> DiT:
+    kwargs = dict(depth=depth, hidden_size=width, num_heads=heads, patch_size=2)
+    kwargs.update(overrides)
+    return DiT(**kwargs)
+
+
+@register("DiT-S/2")
+def dit_s_2(**kw):
+    return _dit(12, 384, 6, **kw)
+
+
+@register("DiT-B/2")
+def dit_b_2(**kw):
+    return _dit(12, 768, 12, **kw)
+
+
+@register("DiT-L/2")
+def dit_l_2(**kw):
+    return _dit(24, 1024, 16, **kw)
+
+
+@register("DiT-XL/2")
+def dit_xl_2(**kw):
+    return _dit(28, 1152, 16, **kw)

@@ -1,0 +1,60 @@
+"""benchmarks/bench_model.py end to end on tiny CPU configs: JSON report, ratios, bad input."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import bench_model
+from fcdm_common.cli import UserError
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_model.py"
+TINY_FCDM = '{"hidden_size": 16, "depths": [1, 1, 1], "num_classes": 10}'
+
+
+def test_compare_baseline_writes_json(tmp_path):
+    out = tmp_path / "r" / "bench.json"
+    report = bench_model.main([
+        "--model", "FCDM-S", "--model-kwargs", TINY_FCDM, "--latent-size", "8", "--batch-size", "2",
+        "--device", "cpu", "--mode", "both", "--repeats", "1", "--warmup", "1", "--compare-baseline",
+        "--peak-tflops", "1", "--json", str(out),
+    ])
+    data = json.loads(out.read_text())
+    assert set(data["results"]) == {"FCDM-S baseline", "FCDM-S optimized"}
+    for r in data["results"].values():
+        assert r["forward_img_per_s"] > 0 and r["train_steps_per_s"] > 0
+        assert r["train_img_per_s"] == pytest.approx(2 * r["train_steps_per_s"])
+        assert r["train_mfu"] == pytest.approx(r["train_tflops"] / 1)
+        assert 0 < r["gmacs_per_image"] < 0.01
+    assert data["ratios"]["train_speedup_vs_baseline"] > 0
+    assert data["config"]["latent_size"] == 8 and data["environment"]["torch"]
+    assert report["ratios"] == data["ratios"]
+
+
+def test_compare_with_dit_forward_and_script_entry(tmp_path):
+    out = tmp_path / "dit.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--model", "FCDM-S", "--model-kwargs", TINY_FCDM, "--compare", "DiT-S/2",
+         "--resolution", "64", "--batch-size", "1", "--device", "cpu", "--mode", "forward",
+         "--repeats", "1", "--warmup", "0", "--json", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    dit = data["results"]["DiT-S/2 optimized"]
+    assert dit["params_m"] == pytest.approx(32.87, abs=0.01)  # DiT-S/2 preset at 64 / 8 = 8x8 latents
+    assert "forward_speedup_FCDM-S_vs_DiT-S/2" in data["ratios"]
+    assert "|" in proc.stdout
+
+
+def test_bad_input_exits_2():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--model", "NoSuchNet", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown model" in proc.stderr
+    with pytest.raises(UserError, match="needs an FCDM"):
+        bench_model.main(["--model", "DiT-S/2", "--baseline", "--latent-size", "4", "--batch-size", "1",
+                          "--device", "cpu", "--mode", "forward", "--repeats", "1", "--warmup", "0"])
+    with pytest.raises(UserError, match="divisible"):
+        bench_model.main(["--model", "FCDM-S", "--model-kwargs", TINY_FCDM, "--latent-size", "5",
+                          "--device", "cpu", "--mode", "forward", "--repeats", "1"])

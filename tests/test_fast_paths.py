@@ -1,0 +1,195 @@
+"""Every fast path of models.fcdm.FCDM against the paper-mode reference (models.fcdm_reference):
+channels-last + matmul pointwise convs, kernel crop, fast GRN, checkpoint modes, 2/3/4 levels,
+bf16 autocast, the optimized training step (foreach AdamW + foreach EMA), torch.compile."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fcdm_common.ema import create_ema, update_ema, update_ema_reference
+from models.fcdm import FCDM, GRN
+from models.fcdm_reference import (
+    FCDMReference,
+    GRNReference,
+    fcdm_to_reference_state_dict,
+    reference_to_fcdm_state_dict,
+)
+
+
+def randomize(model, std=0.2, seed=0):
+    """Move every parameter off its (partly zero) initialisation, so the comparison is not trivial."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def tiny(**kw):
+    args = dict(in_channels=4, hidden_size=16, depths=(1, 1, 2, 1, 1), num_classes=10, class_dropout_prob=0.0)
+    args.update(kw)
+    return FCDM(**args)
+
+
+def batch(n=2, size=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(n, 4, size, size, generator=g),
+        torch.randint(0, 1000, (n,), generator=g),
+        torch.randint(0, 10, (n,), generator=g),
+    )
+
+
+def grads_in_fcdm_shapes(ref: FCDMReference, like: FCDM) -> dict:
+    g = {n: p.grad for n, p in ref.named_parameters()}
+    return reference_to_fcdm_state_dict(g, dict(like.named_parameters()))
+
+
+def assert_same_forward_backward(model: FCDM, ref: FCDMReference, x, t, y, tol=2e-4):
+    xa = x.clone().requires_grad_(True)
+    xb = x.clone().requires_grad_(True)
+    out = model(xa, t, y)
+    ref_out = ref(xb, t, y)
+    assert out.shape == ref_out.shape and out.abs().max() > 1e-2  # not the zero output of the init
+    torch.testing.assert_close(out, ref_out, rtol=tol, atol=tol)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    (out * w).sum().backward()
+    (ref_out * w).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=tol, atol=tol)
+    ref_grads = grads_in_fcdm_shapes(ref, model)
+    for n, p in model.named_parameters():
+        scale = max(1.0, ref_grads[n].abs().max().item())  # sums over many terms: relative to the grad's size
+        torch.testing.assert_close(p.grad / scale, ref_grads[n] / scale, rtol=tol, atol=tol, msg=lambda m: f"{n}: {m}")
+
+
+# -- conversion ----------------------------------------------------------------------------------
+
+
+def test_state_dict_round_trip():
+    model = randomize(tiny())
+    ref = FCDMReference.from_fcdm(model)
+    sd = model.state_dict()
+    ref_sd = ref.state_dict()
+    assert ref_sd["encoder.0.0.pwconv1.weight"].shape == (48, 16, 1, 1)
+    assert sd["encoder.0.0.pwconv1.weight"].shape == (48, 16)
+    back = reference_to_fcdm_state_dict(ref_sd, sd)
+    assert back.keys() == sd.keys()
+    for k in sd:
+        assert torch.equal(back[k], sd[k]), k
+    with pytest.raises(KeyError):
+        fcdm_to_reference_state_dict({k: v for k, v in sd.items() if "fuse" not in k}, ref_sd)
+
+
+# -- the whole network: outputs and gradients ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "depths,size",
+    [
+        ((1, 1, 2, 1, 1), 16),  # 3 levels, 16/8/4 maps: no crop (a 4x4 map still uses all 7 taps)
+        ((1, 1, 2, 1, 1), 8),  # 3 levels, 8/4/2 maps: crop at 2x2 (and 4x4 keeps r=3)
+        ((1, 2, 1), 16),  # 2 levels
+        ((1, 1, 1, 2, 1, 1, 1), 16),  # 4 levels, 16/8/4/2: crop at 2x2
+        ((1, 1, 1, 2, 1, 1, 1), 8),  # 4 levels down to 1x1: crop to a single tap
+    ],
+)
+@pytest.mark.parametrize("mode", ["none", "selective", "full"])
+def test_optimized_matches_reference(depths, size, mode):
+    model = randomize(tiny(depths=depths))
+    model.set_grad_checkpointing(mode)
+    ref = FCDMReference.from_fcdm(model, grad_checkpointing=True)
+    assert_same_forward_backward(model, ref, *batch(size=size))
+
+
+def test_kernel_sizes_and_reference_checkpointing_switch():
+    model = randomize(tiny(kernel_size=5, depths=(1, 1, 1)))
+    ref = FCDMReference.from_fcdm(model, grad_checkpointing=False)
+    assert_same_forward_backward(model, ref, *batch(size=4))  # 4x4 -> 2x2: crop 5 -> 3 taps
+
+
+def test_label_dropout_draws_the_same_labels():
+    model = randomize(tiny(class_dropout_prob=0.5))
+    ref = FCDMReference.from_fcdm(model)
+    x, t, y = batch(n=8)
+    torch.manual_seed(3)
+    a = model(x, t, y)
+    torch.manual_seed(3)
+    b = ref(x, t, y)
+    torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-4)
+
+
+# -- layers --------------------------------------------------------------------------------------
+
+
+def test_grn_fast_path_matches_torch_norm_reference_with_gradients():
+    fast, ref = GRN(12), GRNReference(12)
+    randomize(fast)
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(3, 5, 6, 12)  # NHWC for the fast path
+    xa = x.clone().requires_grad_(True)
+    xb = x.permute(0, 3, 1, 2).clone().requires_grad_(True)  # NCHW for the reference
+    a = fast(xa)
+    b = ref(xb)
+    torch.testing.assert_close(a, b.permute(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+    w = torch.randn(a.shape)
+    (a * w).sum().backward()
+    (b * w.permute(0, 3, 1, 2)).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad.permute(0, 2, 3, 1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_keeps_float32_statistics():
+    grn = randomize(GRN(8))
+    x = torch.randn(2, 4, 4, 8) * 50  # large values: bf16 sums of squares would lose digits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = grn(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), grn(x.bfloat16().float()), rtol=2e-2, atol=0.5)
+    model = randomize(tiny(), std=0.1)
+    x, t, y = batch()
+    ref = model(x, t, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, t, y)
+    rel = (out.float() - ref).norm() / ref.norm()
+    assert rel < 5e-2, rel
+
+
+# -- the optimized training step against the baseline training step --------------------------------
+
+
+def test_training_step_foreach_adamw_and_ema_match_baseline():
+    model = randomize(tiny(), std=0.1)
+    ref = FCDMReference.from_fcdm(model)  # checkpoints every block
+    model.set_grad_checkpointing("selective")
+    ema, ref_ema = create_ema(model), create_ema(ref)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, foreach=True)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.0, foreach=False)
+    x, t, y = batch(n=4)
+    target = torch.randn(4, 8, 16, 16)
+    for _ in range(2):
+        for m, o, e, upd in ((model, opt, ema, update_ema), (ref, ref_opt, ref_ema, update_ema_reference)):
+            o.zero_grad(set_to_none=True)
+            F.mse_loss(m(x, t, y), target).backward()
+            o.step()
+            upd(e, m, 0.9)
+    for a, b in ((model, ref), (ema, ref_ema)):
+        conv = reference_to_fcdm_state_dict(b.state_dict(), a.state_dict())
+        for k, v in a.state_dict().items():
+            # Adam divides by sqrt(v): float noise in a near-zero gradient moves a weight by a
+            # fraction of lr (1e-3); a real mismatch (sign flip, wrong EMA) moves it by ~lr or more
+            torch.testing.assert_close(v, conv[k], rtol=1e-4, atol=1e-4, msg=lambda m: f"{k}: {m}")
+
+
+# -- torch.compile -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["none", "full"])
+def test_compiled_blocks_match_eager_with_checkpointing(mode):
+    """compile_blocks composes with checkpointing and gives the eager result (aot_eager backend: the
+    traced graph, without paying for C++ code generation in a unit test)."""
+    torch._dynamo.reset()
+    model = randomize(tiny(depths=(1, 1, 1)))
+    ref = FCDMReference.from_fcdm(model, grad_checkpointing=False)
+    model.set_grad_checkpointing(mode)
+    model.compile_blocks(backend="aot_eager", fullgraph=True, dynamic=False)
+    assert_same_forward_backward(model, ref, *batch(size=8))
