@@ -47,7 +47,9 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float = 0.9999,
     e_list, m_list = _pairs(ema, model)
     if not e_list:
         return
-    if weight is None:
+    if weight is None and decay == 0:
+        torch._foreach_copy_(e_list, m_list)  # exact copy (lerp by 1 may round)
+    elif weight is None:
         torch._foreach_lerp_(e_list, m_list, 1.0 - decay)  # e + (1 - decay) * (m - e)
     else:
         delta = torch._foreach_sub(m_list, e_list)  # (m - e)
