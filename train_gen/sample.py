@@ -1,0 +1,69 @@
+"""Quick look at a checkpoint: sample a few class labels in one process (CPU or GPU) and save a grid PNG.
+
+    python train_gen/sample.py --ckpt results/000-FCDM-XL/checkpoints/0400000.pt \
+        --class-labels 207 360 387 974 88 979 417 279 --cfg-scale 4.0 --out grid.png
+
+The model, objective and VAE come from the checkpoint's config; the sampler flags are those of
+train_gen/sample_ddp.py. Image k uses the random stream of (--seed, k), the same as sample index k of
+sample_ddp.py with that global seed.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from fcdm_common.cli import UserError, run_main
+from fcdm_common.images import save_grid
+from fcdm_common.sampling import DIT_SAMPLE_LABELS, add_sampler_args, generate, load_setup, sampler_settings, write_png
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train_gen/train.py")
+    p.add_argument("--model", default=None, help="optional: the model name the checkpoint must hold")
+    p.add_argument("--class-labels", type=int, nargs="+", default=None,
+                   help="labels to sample, one image each (default: DiT's 8 classes for 1000-class models, "
+                        "else every class up to 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed; image k depends on (seed, k) only")
+    p.add_argument("--out", default="sample.png", help="grid PNG to write")
+    p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: about sqrt(N), max 8)")
+    p.add_argument("--save-individual", default=None, metavar="DIR",
+                   help="also write each image as DIR/NNNNNN_label.png")
+    add_sampler_args(p, cfg_scale_default=4.0, forward_batch_default=0)
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_grad_enabled(False)
+    setup = load_setup(args.ckpt, model_name=args.model, use_ema=args.use_ema, vae=args.vae,
+                       hf_model_name=args.hf_model_name, hf_model_dir=args.hf_model_dir, device=device)
+    s = sampler_settings(args, setup)
+    labels = args.class_labels
+    if labels is None:
+        labels = list(DIT_SAMPLE_LABELS) if setup.num_classes == 1000 else list(range(min(setup.num_classes, 8)))
+    bad = [v for v in labels if not 0 <= v < setup.num_classes]
+    if bad:
+        raise UserError(f"--class-labels {' '.join(map(str, bad))} out of range: {setup.model_name} in {args.ckpt} "
+                        f"has classes 0..{setup.num_classes - 1}")
+    images, labels = generate(setup, range(len(labels)), global_seed=args.seed, labels=labels, sampler=s["sampler"],
+                              num_steps=s["num_steps"], cfg_scale=s["cfg_scale"], cfg_channels=s["cfg_channels"],
+                              guidance_interval=s["guidance_interval"], ddim_eta=s["ddim_eta"],
+                              precision=s["precision"], forward_batch=s["forward_batch"], progress=True)
+    nrow = args.nrow or min(8, math.ceil(math.sqrt(len(images))))
+    save_grid(images, args.out, nrow=nrow)
+    print(f"wrote {args.out} ({len(images)} images, {s['sampler']} {s['num_steps']} steps, cfg {s['cfg_scale']})")
+    if args.save_individual:
+        folder = Path(args.save_individual)
+        for k, (img, lab) in enumerate(zip(images, labels)):
+            write_png(folder / f"{k:06d}_{lab}.png", img)
+        print(f"wrote {len(images)} images to {folder}")
+
+
+if __name__ == "__main__":
+    run_main(main)
