@@ -1,0 +1,37 @@
+#!/bin/bash
+# Multi-node FCDM training on SLURM: one task per node, accelerate starts 8 GPU processes per node.
+# Submit:  sbatch docs/slurm_example.sh          (edit the paths and sizes below first)
+# Because the run folder name is derived from the settings, a requeued or resubmitted job resumes
+# from the newest readable checkpoint in results/<name>/checkpoints/.
+#SBATCH --job-name=fcdm-xl-256
+#SBATCH --nodes=4
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --time=48:00:00
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@300
+#SBATCH --output=slurm-%x-%j.out
+set -euo pipefail
+
+GPUS_PER_NODE=8
+STORE=/shared/data/imagenet256.zarr          # from preparation/extract_features.py
+RESULTS=/shared/results                      # shared by all nodes; only the main process writes
+VAE_DIR=/shared/vae/sd-vae-ft-ema            # local VAE snapshot for the sample grids (offline nodes)
+
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_PORT=29500
+NUM_PROCESSES=$((SLURM_NNODES * GPUS_PER_NODE))
+
+# On a time-limit warning, requeue the job; the rerun resumes from the last checkpoint.
+trap 'echo "requeueing"; scontrol requeue "$SLURM_JOB_ID"' USR1
+
+srun --kill-on-bad-exit=1 bash -c "
+  . .venv/bin/activate
+  accelerate launch --multi_gpu --mixed_precision bf16 \
+    --num_machines $SLURM_NNODES --num_processes $NUM_PROCESSES \
+    --machine_rank \$SLURM_NODEID --main_process_ip $MASTER_ADDR --main_process_port $MASTER_PORT \
+    train_gen/train.py --model FCDM-XL --zarr-path $STORE --results-dir $RESULTS \
+      --global-batch-size 256 --hf-model-dir $VAE_DIR --ckpt-every 10000 --sample-every 10000
+" &
+wait
