@@ -39,6 +39,7 @@ STORE_FORMAT = "fcdm-latents"  # attrs["format"] of a store
 STORE_FORMAT_VERSION = 1  # bump on an incompatible layout change
 STORE_MODES = ("moments", "sample")
 # Settings that must match when a store is reopened for writing (resume) - see preparation/store.py.
+_GRAIN = 32768  # elements per op slice (torch's at::internal::GRAIN_SIZE)
 SETTING_KEYS = ("image_size", "vae", "scaling_factor", "store", "count", "latent_shape", "orientations",
                 "class_names", "shard_size", "chunk_size", "seed")
 
@@ -192,13 +193,23 @@ class ZarrLatentDataset:
     def get_batch(self, indices: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Model-ready scaled latents (B, C, H, W) float32 and labels (B,) int64."""
         orient = rng.integers(0, self.orientations, size=len(indices))
-        values = torch.from_numpy(np.ascontiguousarray(self.read(indices, orient))).float()
-        if self.mode == "moments":  # values: (B, 2, C, H, W) = (mean, std)
-            gen = torch.Generator().manual_seed(int(rng.integers(0, 2 ** 63 - 1)))
-            eps = torch.randn(values[:, 0].shape, generator=gen)  # (B, C, H, W)
-            x = torch.addcmul(values[:, 0], values[:, 1], eps).mul_(self.scaling_factor)  # (mean + std*eps) * s
-        else:
-            x = values  # already scaled samples (B, C, H, W)
+        values = torch.from_numpy(np.ascontiguousarray(self.read(indices, orient)))
+        if self.mode != "moments":
+            return values.float(), torch.from_numpy(self.labels[indices])  # scaled samples (B, C, H, W)
+        # values: (B, 2, C, H, W) = (mean, std). Work in slices below torch's parallel grain size
+        # (32768 elements) so no op fans out to the intra-op pool: on a busy machine a parallel
+        # region waits for its slowest thread, and the reader threads already run in parallel.
+        gen = torch.Generator().manual_seed(int(rng.integers(0, 2 ** 63 - 1)))
+        b = values.shape[0]
+        per_item = values[0].numel()
+        step = max(1, _GRAIN // per_item)
+        x = torch.empty((b, *values.shape[2:]), dtype=torch.float32)  # (B, C, H, W)
+        for s in range(0, b, step):
+            v = values[s:s + step].float()  # (g, 2, C, H, W)
+            eps = torch.randn(v[:, 0].shape, generator=gen)
+            out = x[s:s + step]
+            torch.addcmul(v[:, 0], v[:, 1], eps, out=out)  # mean + std * eps
+            out.mul_(self.scaling_factor)  # z = (mean + std * eps) * s
         return x, torch.from_numpy(self.labels[indices])
 
 
