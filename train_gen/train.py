@@ -270,7 +270,8 @@ def draw_grid(ema, config: dict, vae, device, path: Path, autocast) -> None:
     cfg_channels = int(cfg_channels) if str(cfg_channels).isdigit() else cfg_channels
     with autocast():
         z = sample(ema, noise, y, objective=objective, sampler=log["grid_sampler"], num_steps=log["grid_steps"],
-                   cfg_scale=log["cfg_scale"], cfg_channels=cfg_channels, null_label=ema.num_classes,
+                   cfg_scale=log["cfg_scale"], cfg_channels=cfg_channels,
+                   null_label=config["model_kwargs"]["num_classes"],
                    generators=sampler_gen)
     images = torch.cat([vae.decode(z[i:i + 32].float()) for i in range(0, len(z), 32)])
     save_grid(to_uint8(images), path, nrow=log["grid_cols"])
