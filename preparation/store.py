@@ -67,16 +67,24 @@ def check_existing(path: str | os.PathLike, settings: dict, what: str = "--featu
             return "absent"
         raise UserError(f"{what} {path} exists but is not a zarr store; choose a new output path")
     try:
-        attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+        group = zarr.open_group(str(path), mode="r")
+        attrs = dict(group.attrs)
+        arrays = set(group.array_keys())
     except Exception as e:
         raise UserError(f"{what} {path} is a damaged zarr store ({e}); delete it and rerun") from None
+    if not attrs and not arrays:
+        return "absent"  # a group whose creation was interrupted before anything was recorded
     if attrs.get("format") != STORE_FORMAT:
         raise UserError(f"{what} {path} is a zarr group but not an FCDM latent store; choose a new output path")
     diff = describe_mismatch(attrs, settings)
     if diff is not None:
         raise UserError(f"the store {path} was made with other settings: {diff}; use a new output path, "
                         "or delete it to start over")
-    return "complete" if attrs.get("complete") else "incomplete"
+    if attrs.get("complete"):
+        return "complete"
+    if not {"latents", "labels", "done"} <= arrays:
+        return "absent"  # creation was interrupted: nothing was encoded yet, start over
+    return "incomplete"
 
 
 def create_store(path: str | os.PathLike, settings: dict, extra_attrs: dict | None = None):
@@ -88,17 +96,17 @@ def create_store(path: str | os.PathLike, settings: dict, extra_attrs: dict | No
     shape = latent_array_shape(count, settings["store"], settings["orientations"], settings["latent_shape"])
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
     compressor = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+    attrs = {"format": STORE_FORMAT, "format_version": STORE_FORMAT_VERSION, **settings,
+             "latents_axes": ("N, orientation, moment(mean,std), C, H, W" if settings["store"] == "moments"
+                              else "N, orientation, C, H, W"),
+             **(extra_attrs or {}), "complete": False}
+    group.attrs.update(attrs)  # attributes first: an interrupted creation is recognised and redone
     group.create_array("latents", shape=shape, dtype=latent_dtype(settings["store"]),
                        chunks=(min(chunk, shard), *shape[1:]), shards=(shard, *shape[1:]),
                        compressors=compressor, fill_value=0)
     group.create_array("labels", shape=(count,), dtype="int64", chunks=(shard,), compressors=compressor,
                        fill_value=-1)
     group.create_array("done", shape=(num_shards(count, shard),), dtype="bool", chunks=(1,), fill_value=False)
-    attrs = {"format": STORE_FORMAT, "format_version": STORE_FORMAT_VERSION, **settings,
-             "latents_axes": ("N, orientation, moment(mean,std), C, H, W" if settings["store"] == "moments"
-                              else "N, orientation, C, H, W"),
-             **(extra_attrs or {}), "complete": False}
-    group.attrs.update(attrs)
     return group
 
 

@@ -198,3 +198,19 @@ def test_save_zarr_count_mismatch_and_cli_exit_2(tmp_path, capsys):
     assert not (tmp_path / "o.zarr").exists()
     with pytest.raises(UserError, match="label"):
         open_dataset(feature_path=feats, label_path=labels)
+
+
+def test_interrupted_store_creation_is_redone(tmp_path):
+    import zarr
+
+    settings = zstore.make_settings(image_size=16, vae="sd:test", scaling_factor=SF, store="moments", count=8,
+                                    latent_shape=(2, 2, 2), orientations=2, class_names=["a"], shard_size=4,
+                                    chunk_size=4, seed=None)
+    group = zarr.open_group(str(tmp_path / "c.zarr"), mode="w", zarr_format=3)
+    assert zstore.check_existing(tmp_path / "c.zarr", settings) == "absent"  # empty group
+    group.attrs.update({"format": "fcdm-latents", **settings, "complete": False})  # arrays never created
+    assert zstore.check_existing(tmp_path / "c.zarr", settings) == "absent"
+    zstore.create_store(tmp_path / "c.zarr", settings)
+    assert zstore.check_existing(tmp_path / "c.zarr", settings) == "incomplete"
+    with pytest.raises(UserError, match="other settings: image_size"):
+        zstore.check_existing(tmp_path / "c.zarr", {**settings, "image_size": 32})
