@@ -52,14 +52,17 @@ def ckpts(tmp_path_factory):
             "flow": make_checkpoint(root / "flow.pt", "flow", seed=1)}
 
 
-def run_inprocess(argv):
-    """sample_ddp.main with one intra-op thread, torchrun's per-process default."""
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread, torchrun's per-process default (and fast on a shared 2-core machine)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        sample_ddp.main([str(a) for a in argv])
-    finally:
-        torch.set_num_threads(threads)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_inprocess(argv):
+    sample_ddp.main([str(a) for a in argv])
 
 
 def the_archive(sample_dir):
