@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from fcdm_common.cli import UserError, positive_int, run_main
-from fcdm_common.io import atomic_path
+from fcdm_common.io import atomic_write_text
 
 
 def digits_images(upscale: int = 2) -> tuple[np.ndarray, np.ndarray]:
@@ -33,15 +33,23 @@ def digits_images(upscale: int = 2) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_demo_dataset(out: str | os.PathLike, upscale: int = 2) -> Path:
-    """Write the ImageFolder under `out` (files out/<digit>/<index>.png) and return its path."""
+    """Write the ImageFolder under `out` (files out/<digit>/<index>.png) and return its path.
+
+    A hidden marker `out/.complete` (ignored by ImageFolder) is written last; when it already
+    records the same upscale the folder is reused as is, so the demo can call this every time.
+    """
     out = Path(out)
+    marker = out / ".complete"
     images, labels = digits_images(upscale)
+    stamp = f"sklearn digits, upscale={upscale}, count={len(labels)}\n"
+    if marker.is_file() and marker.read_text() == stamp:
+        return out
+    marker.unlink(missing_ok=True)
     for d in range(10):
         (out / str(d)).mkdir(parents=True, exist_ok=True)
     for i, (img, label) in enumerate(zip(images, labels)):
-        path = out / str(int(label)) / f"{i:05d}.png"
-        with atomic_path(path) as tmp:
-            Image.fromarray(img, mode="RGB").save(tmp, format="PNG")
+        Image.fromarray(img).save(out / str(int(label)) / f"{i:05d}.png", format="PNG")
+    atomic_write_text(marker, stamp)  # the folder is complete only once this exists
     return out
 
 

@@ -111,6 +111,11 @@ def test_make_demo_dataset_matches_sklearn_digits(tmp_path):
     expect = np.rint(digits.images[0] * 255 / 16).astype(np.uint8)
     np.testing.assert_array_equal(first[::3, ::3, 0], expect)
     np.testing.assert_array_equal(first[2::3, 1::3, 1], expect)  # nearest neighbour: blocks are constant
+    # a complete folder is reused; another upscale rewrites it
+    stamp = (out / ".complete").stat().st_mtime_ns
+    assert make_demo_dataset(out, upscale=3) == out and (out / ".complete").stat().st_mtime_ns == stamp
+    make_demo_dataset(out, upscale=1)
+    assert np.asarray(Image.open(out / str(digits.target[0]) / "00000.png")).shape == (8, 8, 3)
 
 
 def test_distributed_noop_without_torchrun(monkeypatch):
