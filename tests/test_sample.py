@@ -7,7 +7,6 @@ import pytest
 import torch
 from PIL import Image
 
-from fcdm_common.checkpoint import save_checkpoint
 from fcdm_common.cli import UserError
 from fcdm_common.images import make_grid
 from fcdm_common.sampling import generate, load_setup

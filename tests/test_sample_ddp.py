@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-import diffusion
 from diffusion.respace import space_timesteps
 from fcdm_common.checkpoint import save_checkpoint
 from fcdm_common.cli import UserError
