@@ -102,7 +102,13 @@ def synchronize(device: torch.device) -> None:
 class Variant:
     label: str  # row name in the table
     model_name: str
-    baseline: bool
+    baseline: bool  # paper-mode network and training loop (all four settings below at their baseline values)
+    network: str = "optimized"  # "optimized" (models registry) or "reference" (FCDMReference)
+    checkpointing: str = "none"  # none | selective | full (the reference knows none | full)
+    optimizer_impl: str = "auto"  # auto (fused on CUDA, foreach on CPU) | default (torch's choice) | loop
+    ema_impl: str = "foreach"  # foreach | loop
+    bf16: bool = False  # bf16 autocast
+    compile: bool = False  # torch.compile the blocks
     model: nn.Module = None
     gmacs: float = 0.0  # forward MACs per image, 1e9
     params: int = 0
@@ -144,13 +150,26 @@ def model_gmacs(name: str, kwargs: dict, latent: int) -> tuple[float, int]:
         raise UserError(f"{name} cannot run at latent size {latent}: {e}") from None
 
 
-def make_optimizer(model: nn.Module, device: torch.device, baseline: bool) -> torch.optim.Optimizer:
+def make_variant(label: str, model_name: str, args, baseline: bool, **overrides) -> Variant:
+    """A baseline variant (paper mode) or an optimized one with the command-line settings."""
+    if baseline:
+        kw = dict(network="reference", checkpointing="full", optimizer_impl="default", ema_impl="loop")
+    else:
+        kw = dict(checkpointing=args.checkpointing, bf16=args.dtype == "bf16", compile=args.compile)
+    kw.update(overrides)
+    return Variant(label, model_name, baseline, **kw)
+
+
+def make_optimizer(model: nn.Module, device: torch.device, impl: str) -> torch.optim.Optimizer:
     """AdamW with the paper's hyper-parameters (lr 1e-4, betas (0.9, 0.999), no weight decay).
-    Optimized: fused kernels on CUDA, foreach on CPU. Baseline: torch's default implementation."""
+    auto: fused kernels on CUDA, foreach on CPU; default: torch's own choice (the paper's code);
+    loop: the per-parameter for-loop implementation."""
     params = [p for p in model.parameters() if p.requires_grad]
     kw = dict(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)
-    if baseline:
+    if impl == "default":
         return torch.optim.AdamW(params, **kw)
+    if impl == "loop":
+        return torch.optim.AdamW(params, foreach=False, **kw)
     if device.type == "cuda":
         return torch.optim.AdamW(params, fused=True, **kw)
     return torch.optim.AdamW(params, foreach=True, **kw)
@@ -159,15 +178,15 @@ def make_optimizer(model: nn.Module, device: torch.device, baseline: bool) -> to
 def prepare_variant(v: Variant, args, device: torch.device, latent: int, kwargs: dict) -> None:
     torch.manual_seed(args.seed)
     model = build_model(v.model_name, dict(kwargs), device, latent)
-    if v.baseline:
+    if v.network == "reference":
         if not isinstance(model, FCDM):
             raise UserError(f"--baseline needs an FCDM model, got {v.model_name} ({type(model).__name__})")
-        model = FCDMReference.from_fcdm(model, grad_checkpointing=True)
+        model = FCDMReference.from_fcdm(model, grad_checkpointing=v.checkpointing != "none")
     else:
-        model.set_grad_checkpointing(args.checkpointing)
+        model.set_grad_checkpointing(v.checkpointing)
     model.train()
     ema = create_ema(model) if args.mode != "forward" else None
-    if args.compile and not v.baseline:
+    if v.compile:
         if hasattr(model, "compile_blocks"):
             model.compile_blocks()
         else:
@@ -182,7 +201,7 @@ def prepare_variant(v: Variant, args, device: torch.device, latent: int, kwargs:
     t = torch.randint(0, 1000, (n,), generator=g).to(device)
     y = torch.randint(0, num_classes, (n,), generator=g).to(device)
     target = torch.randn(n, model.out_channels, latent, latent, generator=g).to(device)
-    use_bf16 = args.dtype == "bf16" and not v.baseline
+    use_bf16 = v.bf16
 
     def autocast():
         if use_bf16:
@@ -195,8 +214,8 @@ def prepare_variant(v: Variant, args, device: torch.device, latent: int, kwargs:
 
     v.forward_fn = forward
     if ema is not None:
-        opt = make_optimizer(model, device, v.baseline)
-        ema_update = update_ema_reference if v.baseline else update_ema
+        opt = make_optimizer(model, device, v.optimizer_impl)
+        ema_update = update_ema_reference if v.ema_impl == "loop" else update_ema
 
         def train_step():
             opt.zero_grad(set_to_none=True)
@@ -260,14 +279,30 @@ def run_benchmark(args) -> dict:
 
     variants: List[Variant] = []
     if args.compare_baseline:
-        variants += [Variant(f"{args.model} baseline", args.model, True),
-                     Variant(f"{args.model} optimized", args.model, False)]
+        variants += [make_variant(f"{args.model} baseline", args.model, args, True),
+                     make_variant(f"{args.model} optimized", args.model, args, False)]
     else:
         kind = "baseline" if args.baseline else "optimized"
-        variants.append(Variant(f"{args.model} {kind}", args.model, args.baseline))
+        variants.append(make_variant(f"{args.model} {kind}", args.model, args, args.baseline))
+    if args.ablate:
+        # one change at a time against the optimized variant (or from the baseline)
+        m = args.model
+        variants += [
+            make_variant("ablate: baseline net, no ckpt, foreach AdamW+EMA", m, args, False, network="reference",
+                         checkpointing="none", bf16=False, compile=False),
+            make_variant("ablate: baseline with foreach AdamW+EMA", m, args, True, optimizer_impl="auto",
+                         ema_impl="foreach"),
+            make_variant("ablate: optimized, loop AdamW+EMA", m, args, False, optimizer_impl="loop", ema_impl="loop"),
+            make_variant("ablate: optimized, selective ckpt", m, args, False, checkpointing="selective"),
+            make_variant("ablate: optimized, full ckpt", m, args, False, checkpointing="full"),
+            make_variant(f"ablate: optimized, {'fp32' if args.dtype == 'bf16' else 'bf16 autocast'}", m, args,
+                         False, bf16=args.dtype != "bf16"),
+        ]
+        if args.ablate_compile:
+            variants.append(make_variant("ablate: optimized, compiled blocks", m, args, False, compile=True))
     if args.compare:
         # the compared model is built from its own preset; --model-kwargs apply to --model only
-        variants.append(Variant(f"{args.compare} optimized", args.compare, False))
+        variants.append(make_variant(f"{args.compare} optimized", args.compare, args, False))
     for v in variants:
         kw = kwargs if v.model_name == args.model else {}
         v.gmacs, v.params = model_gmacs(v.model_name, kw, latent)
@@ -314,8 +349,14 @@ def run_benchmark(args) -> dict:
         for key, label in (("forward_s", "forward"), ("train_step_s", "train")):
             if key in base:
                 ratios[f"{label}_speedup_vs_baseline"] = base[key] / opt[key]
+    if args.ablate:
+        base = variants[0].results
+        for v in variants:
+            if v.label.startswith("ablate") and "train_step_s" in base:
+                ratios[f"train_speedup_vs_first_row[{v.label}]"] = base["train_step_s"] / v.results["train_step_s"]
     if args.compare:
-        main, other = variants[-2].results, variants[-1].results  # optimized --model vs MODEL2
+        main = next(v for v in variants if v.label == f"{args.model} optimized").results
+        other = variants[-1].results  # MODEL2
         for key, label in (("forward_s", "forward"), ("train_step_s", "train")):
             if key in main:
                 ratios[f"{label}_speedup_{args.model}_vs_{args.compare}"] = other[key] / main[key]
@@ -323,7 +364,13 @@ def run_benchmark(args) -> dict:
     report = {
         "config": {k: v for k, v in vars(args).items() if k != "json"} | {"latent_size": latent},
         "environment": environment(device),
-        "results": {v.label: v.results | {"model": v.model_name, "baseline": v.baseline} for v in variants},
+        "results": {
+            v.label: v.results | {
+                "model": v.model_name, "baseline": v.baseline, "network": v.network, "checkpointing": v.checkpointing,
+                "optimizer_impl": v.optimizer_impl, "ema_impl": v.ema_impl, "bf16": v.bf16, "compile": v.compile,
+            }
+            for v in variants
+        },
         "ratios": ratios,
         "raw_times_s": {v.label: {"forward": v.forward_times, "train": v.train_times} for v in variants},
     }
@@ -331,6 +378,66 @@ def run_benchmark(args) -> dict:
         # ru_maxrss is in KiB on Linux: the whole process, all variants together
         report["environment"]["process_max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return report
+
+
+def layer_benchmarks(args) -> dict:
+    """Forward + backward time of each FCDM layer-level fast path against its straightforward form,
+    at every level of the configured model (widths and feature-map sizes), batch --batch-size:
+    GRN (sum of squares in float32 vs torch.norm), depthwise conv (cropped vs full kernel) and the
+    pointwise conv (Linear on NHWC vs 1x1 Conv2d on NCHW). Median of --repeats, interleaved."""
+    from models.fcdm import GRN, DepthwiseConv
+    from models.fcdm_reference import GRNReference
+
+    device = torch.device(args.device)
+    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    with torch.device("meta"):
+        probe = create_model(args.model, **kwargs)
+    if not isinstance(probe, FCDM):
+        raise UserError("--mode layers needs an FCDM model")
+    latent = resolve_latent(args, probe.in_channels)
+    n, k, r = args.batch_size, probe.kernel_size, probe.mlp_ratio
+    rows = {}
+    for level, w in enumerate(probe.widths):
+        size = latent // 2**level
+        hid = w * r
+        x_nhwc = torch.randn(n, size, size, w, device=device)
+        h_nhwc = torch.randn(n, size, size, hid, device=device)
+        x_cl = x_nhwc.permute(0, 3, 1, 2)  # NCHW view of channels-last memory (what FCDM's convs see)
+        x_nchw = x_cl.contiguous()
+        h_nchw = h_nhwc.permute(0, 3, 1, 2).contiguous()
+        grn, grn_ref = GRN(hid).to(device), GRNReference(hid).to(device)
+        dw = DepthwiseConv(w, k).to(device)
+        nn.init.normal_(dw.weight)
+        dw_full = nn.Conv2d(w, w, k, padding=k // 2, groups=w).to(device)
+        lin, conv1 = nn.Linear(w, hid).to(device), nn.Conv2d(w, hid, 1).to(device)
+        cases = {
+            "grn": (lambda: grn(h_nhwc.requires_grad_()), lambda: grn_ref(h_nchw.requires_grad_())),
+            "depthwise": (lambda: dw(x_nhwc.requires_grad_()), lambda: dw_full(x_nchw.requires_grad_())),
+            "pointwise": (lambda: lin(x_nhwc.requires_grad_()), lambda: conv1(x_nchw.requires_grad_())),
+        }
+        for name, (fast, ref) in cases.items():
+            times = {"fast": [], "reference": []}
+            fns = {"fast": lambda f=fast: f().square().mean().backward(),
+                   "reference": lambda f=ref: f().square().mean().backward()}
+            for fn in fns.values():
+                for _ in range(args.warmup):
+                    fn()
+            for _ in range(args.repeats):
+                for key, fn in fns.items():
+                    times[key].append(timed(fn, device))
+            fast_s, ref_s = statistics.median(times["fast"]), statistics.median(times["reference"])
+            rows[f"level{level} {size}x{size} {name}"] = {
+                "fast_ms": fast_s * 1e3, "reference_ms": ref_s * 1e3, "speedup": ref_s / fast_s,
+            }
+    return {"config": {k: v for k, v in vars(args).items() if k != "json"} | {"latent_size": latent},
+            "environment": environment(device), "layers": rows}
+
+
+def format_layers(report: dict) -> str:
+    lines = ["| layer (fwd+bwd) | fast (ms) | reference (ms) | speedup |", "|---|---|---|---|"]
+    for name, r in report["layers"].items():
+        lines.append(f"| {name} | {r['fast_ms']:.2f} | {r['reference_ms']:.2f} | {r['speedup']:.2f}x |")
+    return "\n".join(lines)
 
 
 def format_report(report: dict) -> str:
@@ -376,14 +483,20 @@ def parse_args(argv=None):
                    help="fp32, or bf16 autocast with float32 statistics (the baseline always runs fp32)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where to run (default: cuda when available)")
-    p.add_argument("--mode", choices=("forward", "train", "both"), default="both",
-                   help="forward throughput (no grad), training step, or both (default: both)")
+    p.add_argument("--mode", choices=("forward", "train", "both", "layers"), default="both",
+                   help="forward throughput (no grad), training step, both (default), or 'layers': FCDM "
+                        "layer fast paths (GRN, depthwise crop, pointwise matmul) against their plain forms")
     p.add_argument("--checkpointing", choices=("none", "selective", "full"), default="none",
                    help="activation checkpointing of the optimized network (default: none)")
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks of the optimized network")
     p.add_argument("--baseline", action="store_true", help="run the paper-mode baseline instead (FCDM only)")
     p.add_argument("--compare-baseline", action="store_true",
                    help="run baseline and optimized in one process (interleaved) and print the speedup")
+    p.add_argument("--ablate", action="store_true",
+                   help="FCDM only: add variants that change one thing at a time (network, checkpointing, "
+                        "optimizer/EMA implementation), interleaved with the others")
+    p.add_argument("--ablate-compile", action="store_true",
+                   help="with --ablate: also a variant with torch.compile'd blocks (slow warm-up on CPU)")
     p.add_argument("--compare", default=None, metavar="MODEL2",
                    help="also run this registered model (optimized, its own preset) and print the ratio")
     p.add_argument("--peak-tflops", type=float, default=None,
@@ -403,8 +516,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    report = run_benchmark(args)
-    print(format_report(report))
+    if args.mode == "layers":
+        report = layer_benchmarks(args)
+        print(format_layers(report))
+    else:
+        report = run_benchmark(args)
+        print(format_report(report))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         tmp = args.json + ".tmp"

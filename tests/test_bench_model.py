@@ -58,3 +58,19 @@ def test_bad_input_exits_2():
     with pytest.raises(UserError, match="divisible"):
         bench_model.main(["--model", "FCDM-S", "--model-kwargs", TINY_FCDM, "--latent-size", "5",
                           "--device", "cpu", "--mode", "forward", "--repeats", "1"])
+
+
+def test_ablation_variants_and_layer_mode(tmp_path):
+    common = ["--model", "FCDM-S", "--model-kwargs", TINY_FCDM, "--latent-size", "4", "--batch-size", "1",
+              "--device", "cpu", "--repeats", "1", "--warmup", "0"]
+    report = bench_model.main(common + ["--mode", "train", "--compare-baseline", "--ablate"])
+    rows = report["results"]
+    assert rows["FCDM-S baseline"]["network"] == "reference" and rows["FCDM-S baseline"]["checkpointing"] == "full"
+    assert rows["FCDM-S baseline"]["ema_impl"] == "loop" and rows["FCDM-S optimized"]["ema_impl"] == "foreach"
+    assert rows["ablate: optimized, bf16 autocast"]["bf16"] is True
+    assert rows["ablate: optimized, selective ckpt"]["checkpointing"] == "selective"
+    assert all("train_step_s" in r for r in rows.values())
+    out = tmp_path / "layers.json"
+    layers = bench_model.main(common + ["--mode", "layers", "--json", str(out)])["layers"]
+    assert {"level0 4x4 grn", "level1 2x2 depthwise", "level1 2x2 pointwise"} <= set(layers)
+    assert json.loads(out.read_text())["layers"].keys() == layers.keys()
