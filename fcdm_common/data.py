@@ -274,15 +274,22 @@ class LegacyNpyDataset:
         return torch.from_numpy(x), torch.from_numpy(self.labels[indices])
 
 
-def open_dataset(zarr_path=None, feature_path=None, label_path=None, cache: str = "auto"):
-    """Open the training data: a zarr store (`zarr_path`) or the legacy .npy folders."""
+def open_dataset(zarr_path=None, feature_path=None, label_path=None, cache: str = "auto", hflip: bool = True):
+    """Open the training data: a zarr store (`zarr_path`) or the legacy .npy folders.
+
+    `hflip=False` trains on the original orientation only (data where a mirror image is not a valid
+    sample, such as digits); by default each item picks one of its stored orientations at random."""
     if zarr_path is not None:
         if feature_path is not None or label_path is not None:
             raise UserError("give either --zarr-path or --feature-path/--label-path, not both")
-        return ZarrLatentDataset(zarr_path, cache=cache)
-    if feature_path is None or label_path is None:
+        dataset = ZarrLatentDataset(zarr_path, cache=cache)
+    elif feature_path is None or label_path is None:
         raise UserError("no training data: give --zarr-path STORE, or --feature-path DIR and --label-path DIR")
-    return LegacyNpyDataset(feature_path, label_path)
+    else:
+        dataset = LegacyNpyDataset(feature_path, label_path)
+    if not hflip:
+        dataset.orientations = 1  # orientation 0 is the original image
+    return dataset
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:

@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-cache", choices=("auto", "memory", "none"), default="auto",
                    help="hold the zarr latents in RAM (auto: when they fit)")
     g.add_argument("--num-workers", type=non_negative_int, default=2, help="data loader worker processes per rank")
+    g.add_argument("--hflip", type=str2bool, default=True,
+                   help="random horizontal flips (the paper's only augmentation; picks the stored flipped latent). "
+                        "false: original orientation only, for data whose mirror image is not valid (digits)")
     g = p.add_argument_group("run folder and resume")
     g.add_argument("--results-dir", default="results", help="parent folder of run folders")
     g.add_argument("--exp-name", default=None, help="run folder name (default: derived from the settings)")
@@ -297,7 +300,8 @@ def main(argv=None):
 
     if args.model not in MODELS:
         raise UserError(f"unknown --model {args.model!r}; registered models: {', '.join(sorted(MODELS))}")
-    dataset = open_dataset(args.zarr_path, args.feature_path, args.label_path, cache=args.data_cache)
+    dataset = open_dataset(args.zarr_path, args.feature_path, args.label_path, cache=args.data_cache,
+                           hflip=args.hflip)
     if len(dataset) == 0:
         raise UserError("the training data holds no items")
     data = _data_description(args, dataset)
@@ -361,7 +365,7 @@ def main(argv=None):
                   "ema_decay": args.ema_decay, "grad_clip": args.grad_clip, "seed": args.seed,
                   "mixed_precision": accelerator.mixed_precision, "grad_checkpointing": args.grad_checkpointing,
                   "compile": args.compile, "optimizer_impl": opt_impl, "max_bad_steps": args.max_bad_steps,
-                  "num_workers": args.num_workers, "data_cache": args.data_cache},
+                  "num_workers": args.num_workers, "data_cache": args.data_cache, "hflip": args.hflip},
         "log": {"log_every": args.log_every, "ckpt_every": args.ckpt_every, "keep_last": args.keep_last,
                 "keep_every": args.keep_every, "sample_every": args.sample_every, "cfg_scale": args.cfg_scale,
                 "cfg_channels": args.cfg_channels, "grid_sampler": grid_sampler, "grid_steps": args.grid_steps,
