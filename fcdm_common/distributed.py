@@ -41,6 +41,10 @@ def init_distributed(device: str | None = None) -> DistInfo:
     device: "cuda", "cpu" or None (cuda when available).
     """
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        from fcdm_common.cli import UserError
+
+        raise UserError(f"--device {device} was requested but CUDA is not available; use --device cpu")
     if not launched_distributed():
         dev = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
         return DistInfo(device=dev)
