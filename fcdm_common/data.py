@@ -74,7 +74,7 @@ def _num_classes(labels: np.ndarray, class_names, source: str) -> int:
 class ZarrLatentDataset:
     """Reader of a complete latent store; `get_batch` reads one batch with one selection."""
 
-    def __init__(self, path: str | os.PathLike, cache: str = "auto"):
+    def __init__(self, path: str | os.PathLike, cache: str = "auto", hflip: bool = True):
         import zarr
 
         self.path = Path(path)  # store folder
@@ -100,7 +100,8 @@ class ZarrLatentDataset:
         self.info = info  # the store attributes
         self.mode = info["store"]  # "moments" or "sample"
         self.scaling_factor = float(info["scaling_factor"])
-        self.orientations = int(info.get("orientations", 2))
+        self.orientations = int(info.get("orientations", 2))  # stored orientations
+        self.hflip = bool(hflip)  # False: always the original orientation (data whose mirror is invalid)
         self.latent_shape = tuple(int(v) for v in info["latent_shape"])  # (C, H, W)
         count = int(info["count"])
         latents = group["latents"]
@@ -192,7 +193,7 @@ class ZarrLatentDataset:
 
     def get_batch(self, indices: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Model-ready scaled latents (B, C, H, W) float32 and labels (B,) int64."""
-        orient = rng.integers(0, self.orientations, size=len(indices))
+        orient = rng.integers(0, self.orientations if self.hflip else 1, size=len(indices))
         values = torch.from_numpy(np.ascontiguousarray(self.read(indices, orient)))
         if self.mode != "moments":
             return values.float(), torch.from_numpy(self.labels[indices])  # scaled samples (B, C, H, W)
@@ -220,7 +221,7 @@ class LegacyNpyDataset:
     orientations); label files hold one integer.
     """
 
-    def __init__(self, feature_path: str | os.PathLike, label_path: str | os.PathLike):
+    def __init__(self, feature_path: str | os.PathLike, label_path: str | os.PathLike, hflip: bool = True):
         from tqdm import tqdm
 
         self.feature_path = Path(feature_path)  # folder of per-image latent .npy files
@@ -244,6 +245,7 @@ class LegacyNpyDataset:
         self.labels = labels
         first = self._load(0)
         self.orientations = first.shape[0]
+        self.hflip = bool(hflip)  # False: always the first stored orientation
         self.latent_shape = tuple(first.shape[1:])
         self.num_classes = _num_classes(labels, None, str(self.label_path))
         self.mode = "sample"
@@ -267,7 +269,7 @@ class LegacyNpyDataset:
         pass
 
     def get_batch(self, indices: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        orient = rng.integers(0, self.orientations, size=len(indices))
+        orient = rng.integers(0, self.orientations if self.hflip else 1, size=len(indices))
         x = np.stack([self._load(int(i))[o] for i, o in zip(indices, orient)]).astype(np.float32)
         if tuple(x.shape[1:]) != self.latent_shape:
             raise UserError(f"latent files in {self.feature_path} have different shapes; re-extract them")

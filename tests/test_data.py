@@ -214,3 +214,16 @@ def test_interrupted_store_creation_is_redone(tmp_path):
     assert zstore.check_existing(tmp_path / "c.zarr", settings) == "incomplete"
     with pytest.raises(UserError, match="other settings: image_size"):
         zstore.check_existing(tmp_path / "c.zarr", {**settings, "image_size": 32})
+
+
+def test_hflip_false_uses_the_original_orientation_only(store):
+    ds = open_dataset(zarr_path=store, hflip=False)
+    loader = TrainLoader(ds, 8, seed=0, num_workers=0)
+    for step in range(5):
+        x, _ = loader.batch(step)
+        ids, orient = item_ids(x)
+        assert (orient == 0).all()
+        np.testing.assert_array_equal(ids.numpy(), loader.batch_indices(step))
+    flipped = torch.cat([item_ids(TrainLoader(open_dataset(zarr_path=store), 8, seed=0, num_workers=0)
+                                  .batch(s)[0])[1] for s in range(5)])
+    assert flipped.any()  # the default does flip
