@@ -279,19 +279,17 @@ class LegacyNpyDataset:
 def open_dataset(zarr_path=None, feature_path=None, label_path=None, cache: str = "auto", hflip: bool = True):
     """Open the training data: a zarr store (`zarr_path`) or the legacy .npy folders.
 
+    cache: "auto" | "memory" | "mmap" | "none" (zarr stores only, see ZarrLatentDataset).
     `hflip=False` trains on the original orientation only (data where a mirror image is not a valid
-    sample, such as digits); by default each item picks one of its stored orientations at random."""
+    sample, such as digits); by default each item picks one of its stored orientations at random.
+    """
     if zarr_path is not None:
         if feature_path is not None or label_path is not None:
             raise UserError("give either --zarr-path or --feature-path/--label-path, not both")
-        dataset = ZarrLatentDataset(zarr_path, cache=cache)
-    elif feature_path is None or label_path is None:
+        return ZarrLatentDataset(zarr_path, cache=cache, hflip=hflip)
+    if feature_path is None or label_path is None:
         raise UserError("no training data: give --zarr-path STORE, or --feature-path DIR and --label-path DIR")
-    else:
-        dataset = LegacyNpyDataset(feature_path, label_path)
-    if not hflip:
-        dataset.orientations = 1  # orientation 0 is the original image
-    return dataset
+    return LegacyNpyDataset(feature_path, label_path, hflip=hflip)
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
