@@ -95,9 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--zarr-path", default=None, help="latent store written by preparation/extract_features.py")
     g.add_argument("--feature-path", default=None, help="legacy layout: folder of per-image latent .npy files")
     g.add_argument("--label-path", default=None, help="legacy layout: folder of per-image label .npy files")
-    g.add_argument("--data-cache", choices=("auto", "memory", "none"), default="auto",
-                   help="hold the zarr latents in RAM (auto: when they fit)")
-    g.add_argument("--num-workers", type=non_negative_int, default=2, help="data loader worker processes per rank")
+    g.add_argument("--data-cache", choices=("auto", "memory", "mmap", "none"), default="auto",
+                   help="zarr latents: memory (decompressed in RAM), mmap (a decompressed copy beside the store, "
+                        "shared by the ranks of a node), none (read zarr per batch: slow), auto (memory when it fits, "
+                        "else mmap)")
+    g.add_argument("--num-workers", type=non_negative_int, default=2,
+                   help="background reader threads per rank (0: read in the training thread)")
     g.add_argument("--hflip", type=str2bool, default=True,
                    help="random horizontal flips (the paper's only augmentation; picks the stored flipped latent). "
                         "false: original orientation only, for data whose mirror image is not valid (digits)")
