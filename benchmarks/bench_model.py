@@ -18,6 +18,11 @@ Variants:
                        checkpointed, fp32 (TF32 on CUDA), no compile, torch's default AdamW, the
                        per-parameter Python EMA loop.
 
+`--ablate` (FCDM) adds variants that change one setting at a time (network, checkpointing, AdamW/EMA
+implementation, bf16; `--ablate-compile`: compiled blocks), and `--mode layers` times the layer-level
+fast paths (GRN, depthwise conv, pointwise conv) against their plain NCHW forms at every level.
+On a shared CPU, `--threads 1` gives far steadier numbers than torch's default thread count.
+
 MFU = achieved model FLOPs / (--peak-tflops). Model FLOPs per image = 2 x forward MACs (counted on the
 meta device), x3 for a training step (forward + backward); recomputation is not counted.
 
