@@ -166,9 +166,10 @@ def test_training_step_foreach_adamw_and_ema_match_baseline():
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.0, foreach=False)
     x, t, y = batch(n=4)
     target = torch.randn(4, 8, 16, 16)
-    for _ in range(2):
+    for step in range(2):
         for m, o, e, upd in ((model, opt, ema, update_ema), (ref, ref_opt, ref_ema, update_ema_reference)):
             o.zero_grad(set_to_none=True)
+            torch.manual_seed(step)  # both networks drop the same labels (class dropout uses the global RNG)
             F.mse_loss(m(x, t, y), target).backward()
             o.step()
             upd(e, m, 0.9)
