@@ -22,16 +22,14 @@ on GPU).
 """
 from __future__ import annotations
 
-from functools import partial
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from . import register
-from .fcdm import CHECKPOINT_MODES, TimestepEmbedder, _selective_policy, guide
+from .fcdm import TimestepEmbedder, guide, resolve_checkpoint_mode, run_block
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,9 +204,7 @@ class DiT(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool | str = True) -> None:
         """Recompute blocks in backward: True/'full', 'selective' (keep matmul outputs), False/'none'."""
-        mode = {True: "full", False: "none"}[enable] if isinstance(enable, bool) else enable
-        if mode not in CHECKPOINT_MODES:
-            raise ValueError(f"checkpoint mode must be one of {CHECKPOINT_MODES} or a bool, got {enable!r}")
+        mode = resolve_checkpoint_mode(enable)
         self.checkpoint_mode = mode
 
     def compile_blocks(self, **compile_kwargs) -> None:
@@ -229,16 +225,6 @@ class DiT(nn.Module):
         x = x.reshape(n, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)  # (N, C, g, p, g, p)
         return x.reshape(n, c, g * p, g * p)
 
-    def _run_block(self, blk: DiTBlock, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        if self.checkpoint_mode == "none" or not torch.is_grad_enabled():
-            return blk(x, c)
-        if self.checkpoint_mode == "full":
-            return checkpoint(blk, x, c, use_reentrant=False)
-        from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
-        ctx = partial(create_selective_checkpoint_contexts, _selective_policy)
-        return checkpoint(blk, x, c, use_reentrant=False, context_fn=ctx)
-
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         s = self.input_size
         if x.ndim != 4 or tuple(x.shape[1:]) != (self.in_channels, s, s):
@@ -252,7 +238,7 @@ class DiT(nn.Module):
         h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
         for blk in self.blocks:
-            h = self._run_block(blk, h, c)  # (N, T, D)
+            h = run_block(blk, self.checkpoint_mode, h, c)  # (N, T, D)
         h = self.final_layer(h, c)  # (N, T, p*p*C_out)
         return self.unpatchify(h)  # (N, C_out, S, S)
 

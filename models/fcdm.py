@@ -245,6 +245,26 @@ def _selective_policy(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if save else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def resolve_checkpoint_mode(enable: bool | str) -> str:
+    """True -> 'full', False -> 'none'; strings must be one of CHECKPOINT_MODES."""
+    mode = {True: "full", False: "none"}[enable] if isinstance(enable, bool) else enable
+    if mode not in CHECKPOINT_MODES:
+        raise ValueError(f"checkpoint mode must be one of {CHECKPOINT_MODES} or a bool, got {enable!r}")
+    return mode
+
+
+def run_block(blk: nn.Module, mode: str, *args: torch.Tensor) -> torch.Tensor:
+    """Run a block under activation checkpointing `mode` (non-reentrant); plain call without grad."""
+    if mode == "none" or not torch.is_grad_enabled():
+        return blk(*args)
+    if mode == "full":
+        return checkpoint(blk, *args, use_reentrant=False)
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    ctx = partial(create_selective_checkpoint_contexts, _selective_policy)
+    return checkpoint(blk, *args, use_reentrant=False, context_fn=ctx)
+
+
 class FCDM(nn.Module):
     """Fully Convolutional Diffusion Model. `forward(x, t, y)`: x (N, C_in, H, W) NCHW latents,
     t (N,) timesteps (int or float), y (N,) labels in [0, num_classes] (num_classes = null label).
@@ -333,9 +353,7 @@ class FCDM(nn.Module):
     def set_grad_checkpointing(self, enable: bool | str = True) -> None:
         """Recompute blocks in backward: True/'full' (everything), 'selective' (keep matmul and
         conv outputs, recompute the rest), False/'none'. Non-reentrant; outputs are unchanged."""
-        mode = {True: "full", False: "none"}.get(enable, enable) if isinstance(enable, bool) else enable
-        if mode not in CHECKPOINT_MODES:
-            raise ValueError(f"checkpoint mode must be one of {CHECKPOINT_MODES} or a bool, got {enable!r}")
+        mode = resolve_checkpoint_mode(enable)
         self.checkpoint_mode = mode
 
     def compile_blocks(self, **compile_kwargs) -> None:
@@ -344,16 +362,6 @@ class FCDM(nn.Module):
             blk.compile(**compile_kwargs)
 
     # -- forward -------------------------------------------------------------------------------
-    def _run_block(self, blk: FCDMBlock, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        if self.checkpoint_mode == "none" or not torch.is_grad_enabled():
-            return blk(x, c)
-        if self.checkpoint_mode == "full":
-            return checkpoint(blk, x, c, use_reentrant=False)
-        from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
-        ctx = partial(create_selective_checkpoint_contexts, _selective_policy)
-        return checkpoint(blk, x, c, use_reentrant=False, context_fn=ctx)
-
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
@@ -398,16 +406,16 @@ class FCDM(nn.Module):
         skips = []
         for i in range(n_lv - 1):
             for blk in self.encoder[i]:
-                h = self._run_block(blk, h, conds[i])
+                h = run_block(blk, self.checkpoint_mode, h, conds[i])
             skips.append(h)
             h = self.downsamples[i](h)  # (N, H/2, W/2, 2W)
         for blk in self.middle:
-            h = self._run_block(blk, h, conds[n_lv - 1])
+            h = run_block(blk, self.checkpoint_mode, h, conds[n_lv - 1])
         for i in reversed(range(n_lv - 1)):
             h = self.upsamples[i](h)  # (N, H_i, W_i, W)
             h = self.fuse[i](torch.cat([h, skips[i]], dim=-1))  # 1x1 conv 2W -> W
             for blk in self.decoder[i]:
-                h = self._run_block(blk, h, conds[i])
+                h = run_block(blk, self.checkpoint_mode, h, conds[i])
         return self.head(h, conds[0]).contiguous()  # (N, C_out, H, W)
 
     def forward_with_cfg(
