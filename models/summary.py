@@ -59,7 +59,11 @@ def summarize(name: str, resolutions: Sequence[int] = (256, 512)) -> dict:
     row = {"model": name, "params_m": count_params(model) / 1e6, "gflops": {}}
     down = VAE_DOWNSAMPLE if getattr(model, "in_channels", 4) == 4 else 1
     for res in resolutions:
-        row["gflops"][res] = forward_gmacs(model, res // down)
+        m = model
+        if getattr(model, "input_size", None) not in (None, res // down):  # fixed-size models (DiT)
+            with torch.device("meta"):
+                m = create_model(name, input_size=res // down)
+        row["gflops"][res] = forward_gmacs(m, res // down)
     return row
 
 

@@ -231,3 +231,13 @@ def test_bad_inputs_raise_clear_errors():
     model(x, t, torch.tensor([0, 10, 2]))  # the null label is valid
     with pytest.raises(ValueError, match="odd length"):
         tiny(depths=(1, 1))
+
+
+def test_summary_table_includes_fixed_size_models_at_512(capsys):
+    from models.summary import main
+
+    main(["--models", "FCDM-XL", "DiT-XL/2", "--resolutions", "256", "512"])
+    rows = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert "257.52" in rows["FCDM-XL"] and "118.62" in rows["DiT-XL/2"]
+    dit512 = float(rows["DiT-XL/2"].split("|")[5])
+    assert 4.0 < dit512 / 118.62 < 4.6  # DiT rebuilt for 64x64 latents: 4x the tokens, attention grows faster
