@@ -25,10 +25,10 @@ def test_demo_quick_writes_every_artifact(tmp_path):
     assert list((out / "runs" / "fcdm-digits" / "samples").glob("*.png"))  # the training grid
     archive = next((out / "samples").glob("*-20.npz"))
     with np.load(archive) as data:
-        assert data["arr_0"].shape == (20, 16, 16, 3) and data["arr_0"].dtype == np.uint8
+        assert data["arr_0"].shape == (20, 8, 8, 3) and data["arr_0"].dtype == np.uint8
         assert np.bincount(data["arr_1"], minlength=10).tolist() == [2] * 10  # class-balanced
     grid = Image.open(out / "grid.png")
-    assert grid.size[0] > 10 * 16 * 4 and grid.size[1] > 10 * 16 * 4  # 10 x 10 tiles zoomed 4x
+    assert grid.size[0] > 10 * 64 and grid.size[1] > 10 * 64  # 10 x 10 digits zoomed to 64x64
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("fid", "inception_score", "precision", "recall", "class_accuracy"):
         assert key in metrics["metrics"]

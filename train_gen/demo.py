@@ -4,7 +4,7 @@
     python train_gen/demo.py --quick    # a reduced run (seconds) that checks every stage works
 
 Stages (each one a real program, run as a subprocess):
-  1. preparation/make_demo_dataset.py  scikit-learn's 8x8 digits as an ImageFolder (upscaled 2x: 16x16 RGB)
+  1. preparation/make_demo_dataset.py  scikit-learn's 8x8 digits as an ImageFolder (RGB PNGs)
   2. preparation/extract_features.py   --vae none: a pixel-space zarr store
   3. train_gen/train.py                FCDM-digits, EMA, label dropout, checkpoints, sample grids
   4. train_gen/sample_ddp.py           class-balanced samples with classifier-free guidance -> ADM .npz
@@ -33,9 +33,10 @@ from fcdm_common.io import atomic_write_text
 REPO = Path(__file__).resolve().parents[1]
 
 # The full demo: tuned to reach >= 0.90 class accuracy in about 12 minutes on 2 CPU cores.
-FULL = dict(steps=4000, batch=64, samples=1000, sampling_steps=50, ckpt_every=1000)
+FULL = dict(steps=1500, batch=128, samples=1000, sampling_steps=100, ckpt_every=500)
 # The reduced form run by the tests and CI: every stage and artifact, no quality target.
 QUICK = dict(steps=6, batch=16, samples=20, sampling_steps=4, ckpt_every=3)
+ZOOM = 8  # grid.png shows each 8x8 digit at 64x64
 
 
 def stage(title: str) -> float:
@@ -78,16 +79,20 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="results/demo", help="output folder (default results/demo)")
     p.add_argument("--quick", action="store_true", help="reduced run for tests/CI: few steps and samples")
-    p.add_argument("--train-steps", type=positive_int, default=None, help="training steps (default: 4000; quick: 6)")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="training batch (default 64; quick: 16)")
+    p.add_argument("--train-steps", type=positive_int, default=None, help="training steps (default: 1500; quick: 6)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="training batch (default 128; quick: 16)")
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default 2e-3: a short run)")
+    p.add_argument("--ema-decay", type=float, default=0.995, help="EMA decay (default 0.995: a short run)")
     p.add_argument("--num-samples", type=positive_int, default=None,
                    help="class-balanced samples to draw and score (default 1000; quick: 20)")
-    p.add_argument("--sampling-steps", type=positive_int, default=None, help="sampler steps (default 50; quick: 4)")
-    p.add_argument("--sampler", default="ddim", choices=("ddpm", "ddim"), help="diffusion sampler (default ddim)")
+    p.add_argument("--sampling-steps", type=positive_int, default=None, help="sampler steps (default 100; quick: 4)")
+    p.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim"), help="diffusion sampler (default ddpm)")
     p.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale (default 2.0)")
-    p.add_argument("--upscale", type=positive_int, default=2, help="digit upscale factor: 8x8 -> 8K x 8K (default 2)")
-    p.add_argument("--threads", type=non_negative_int, default=0,
-                   help="torch threads per program (0: all cores; the programs run one at a time)")
+    p.add_argument("--upscale", type=positive_int, default=1,
+                   help="digit upscale factor: 8x8 -> 8K x 8K (default 1; FCDM-digits is sized for 8x8)")
+    p.add_argument("--threads", type=non_negative_int, default=1,
+                   help="torch (OpenMP) threads per program (default 1: the demo's tensors are tiny, and more "
+                        "threads than free cores make OpenMP spin; 0: leave torch's default)")
     p.add_argument("--min-accuracy", type=float, default=None,
                    help="exit with status 1 if the samples' class accuracy is below this (default: 0.90 for the "
                         "full demo, no check for --quick)")
@@ -123,8 +128,8 @@ def main(argv=None):
     t = stage(f"3/6 train FCDM-digits for {steps} steps")
     runs = out / "runs"
     run(["train_gen/train.py", "--model", "FCDM-digits", "--zarr-path", store, "--results-dir", runs,
-         "--exp-name", "fcdm-digits", "--hflip", "false", "--global-batch-size", batch, "--lr", "1e-3",
-         "--ema-decay", "0.999", "--max-train-steps", steps, "--ckpt-every", ckpt_every, "--keep-last", 1,
+         "--exp-name", "fcdm-digits", "--hflip", "false", "--global-batch-size", batch, "--lr", args.lr,
+         "--ema-decay", args.ema_decay, "--max-train-steps", steps, "--ckpt-every", ckpt_every, "--keep-last", 1,
          "--log-every", max(1, min(100, steps // 10)), "--sample-every", steps, "--grid-sampler", args.sampler,
          "--grid-steps", sampling_steps, "--cfg-scale", args.cfg_scale, "--num-workers", 0, "--vae", "none",
          "--mixed-precision", "no"], env)
@@ -158,13 +163,13 @@ def main(argv=None):
          "--output_fid", fid_txt, "--output-json", eval_json], env)
     timings["evaluate"] = time.time() - t
 
-    class_grid(archive, out / "grid.png", num_classes=10, cols=10, zoom=4)
+    class_grid(archive, out / "grid.png", num_classes=10, cols=10, zoom=max(1, ZOOM // args.upscale))
     shutil.copyfile(run_dir / "log.txt", out / "train_log.txt")
     evaluation = json.loads(eval_json.read_text())
     metrics = dict(evaluation.get("metrics", evaluation))
     summary = {
         "metrics": metrics,
-        "settings": {"train_steps": steps, "batch_size": batch, "num_samples": num_samples, "sampler": args.sampler,
+        "settings": {"train_steps": steps, "batch_size": batch, "lr": args.lr, "ema_decay": args.ema_decay, "num_samples": num_samples, "sampler": args.sampler,
                      "sampling_steps": sampling_steps, "cfg_scale": args.cfg_scale, "image_size": size,
                      "quick": args.quick, "checkpoint": str(ckpt), "archive": str(archive)},
         "seconds": {k: round(v, 1) for k, v in timings.items()} | {"total": round(time.time() - t_start, 1)},
