@@ -40,7 +40,6 @@ def main(argv=None) -> None:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch.set_grad_enabled(False)
     setup = load_setup(args.ckpt, model_name=args.model, use_ema=args.use_ema, vae=args.vae,
                        hf_model_name=args.hf_model_name, hf_model_dir=args.hf_model_dir, device=device)
     s = sampler_settings(args, setup)

@@ -134,7 +134,6 @@ def _sample(args, info) -> None:
     import torch
 
     torch.backends.cudnn.benchmark = False  # fixed algorithm choice: same bits on every run
-    torch.set_grad_enabled(False)
     setup = load_setup(args.ckpt, model_name=args.model, use_ema=args.use_ema, vae=args.vae,
                        hf_model_name=args.hf_model_name, hf_model_dir=args.hf_model_dir, device=info.device)
     s = sampler_settings(args, setup)
