@@ -209,6 +209,7 @@ class DiT(nn.Module):
 
     def compile_blocks(self, **compile_kwargs) -> None:
         """torch.compile every block in place."""
+        compile_kwargs.setdefault("dynamic", False)  # blocks see fixed shapes
         for blk in self.blocks:
             blk.compile(**compile_kwargs)
 

@@ -358,6 +358,7 @@ class FCDM(nn.Module):
 
     def compile_blocks(self, **compile_kwargs) -> None:
         """torch.compile every block in place (static shapes; composes with checkpointing)."""
+        compile_kwargs.setdefault("dynamic", False)  # all blocks share one forward; levels differ in shape
         for blk in self.blocks():
             blk.compile(**compile_kwargs)
 
