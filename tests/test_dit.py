@@ -10,6 +10,8 @@ from models import MODELS, create_model
 from models.dit import DiT, sincos_2d
 from models.summary import PAPER_TABLE1, count_params, forward_gmacs
 
+from helpers import assert_checkpointing_preserves_outputs_and_grads, randomize
+
 # DiT paper, Table 1 / Table 4: params (M) of the /2 models; DiT-XL/2: 118.6 GFLOPs at 256
 DIT_PARAMS_M = {"DiT-S/2": 33.0, "DiT-B/2": 130.5, "DiT-L/2": 458.1, "DiT-XL/2": 675.0}
 DIT_SIZES = {"DiT-S/2": (12, 384, 6), "DiT-B/2": (12, 768, 12), "DiT-L/2": (24, 1024, 16), "DiT-XL/2": (28, 1152, 16)}
@@ -19,14 +21,6 @@ def tiny(**kw):
     args = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, num_classes=10)
     args.update(kw)
     return DiT(**args)
-
-
-def randomize(model, std=0.2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
 
 
 def batch(n=3, size=8, seed=1):
@@ -115,19 +109,7 @@ def test_unpatchify_inverts_token_order():
 @pytest.mark.parametrize("mode", ["full", "selective", True])
 def test_checkpointing_same_output_and_grads(mode):
     model = randomize(tiny(class_dropout_prob=0.0), std=0.1)
-    x, t, y = batch()
-    out = model(x, t, y)
-    out.square().mean().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    model.set_grad_checkpointing(mode)
-    out2 = model(x, t, y)
-    out2.square().mean().backward()
-    torch.testing.assert_close(out2, out)
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, grads[n], msg=lambda m: f"{n}: {m}")
-    with pytest.raises(ValueError):
-        model.set_grad_checkpointing("partial")
+    assert_checkpointing_preserves_outputs_and_grads(model, batch(), mode)
 
 
 def test_every_parameter_trains():

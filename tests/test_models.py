@@ -7,20 +7,13 @@ from models import MODELS, create_model
 from models.fcdm import FCDM, GRN, DepthwiseConv, pixel_shuffle_nhwc, pixel_unshuffle_nhwc
 from models.summary import PAPER_TABLE1, count_params, forward_gmacs
 
+from helpers import assert_checkpointing_preserves_outputs_and_grads, randomize
+
 
 def tiny(**kw):
     args = dict(in_channels=4, hidden_size=16, depths=(1, 1, 2, 1, 1), num_classes=10)
     args.update(kw)
     return FCDM(**args)
-
-
-def randomize(model, std=0.2, seed=0):
-    """Move every parameter away from its (partly zero) initialisation."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
 
 
 def batch(n=3, c=4, size=16, num_classes=10, seed=1):
@@ -132,21 +125,7 @@ def test_every_parameter_gets_gradient_after_training_steps():
 
 @pytest.mark.parametrize("mode", ["full", "selective", True])
 def test_checkpointing_gives_same_output_and_gradients(mode):
-    model = randomize(tiny(class_dropout_prob=0.0))
-    x, t, y = batch()
-    ref_out = model(x, t, y)
-    ref_out.square().mean().backward()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
-    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    model.set_grad_checkpointing(mode)
-    out = model(x, t, y)
-    out.square().mean().backward()
-    torch.testing.assert_close(out, ref_out)
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, ref_grads[n], msg=lambda m: f"{n}: {m}")
-    with pytest.raises(ValueError):
-        model.set_grad_checkpointing("sometimes")
+    assert_checkpointing_preserves_outputs_and_grads(randomize(tiny(class_dropout_prob=0.0)), batch(), mode)
 
 
 # -- classifier-free guidance --------------------------------------------------------------------
