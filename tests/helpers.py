@@ -28,3 +28,13 @@ def assert_checkpointing_preserves_outputs_and_grads(model, inputs, mode):
         torch.testing.assert_close(p.grad, ref_grads[n], msg=lambda m: f"{n}: {m}")
     with pytest.raises(ValueError):
         model.set_grad_checkpointing("sometimes")
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, torchrun's per-process default (and fast on a shared 2-core machine).
+    Use with `pytestmark = pytest.mark.usefixtures("one_thread")` after importing it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

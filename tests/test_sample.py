@@ -10,16 +10,12 @@ from PIL import Image
 from fcdm_common.cli import UserError
 from fcdm_common.images import make_grid
 from fcdm_common.sampling import generate, load_setup
+from helpers import one_thread  # noqa: F401  (fixture, used through pytestmark)
 from test_sample_ddp import make_checkpoint
 from train_gen import sample, sample_ddp
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

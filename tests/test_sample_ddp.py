@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import one_thread  # noqa: F401  (fixture, used through pytestmark)
 from diffusion.respace import space_timesteps
 from fcdm_common.checkpoint import save_checkpoint
 from fcdm_common.cli import UserError
@@ -51,13 +52,7 @@ def ckpts(tmp_path_factory):
             "flow": make_checkpoint(root / "flow.pt", "flow", seed=1)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, torchrun's per-process default (and fast on a shared 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_inprocess(argv):
