@@ -38,3 +38,41 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def parameters_without_gradient(model, inputs, target, steps=3, lr=1e-2):
+    """Train `steps` AdamW steps on an MSE to `target`; names of parameters that never got a non-zero
+    gradient. Zero-initialised gates open one layer per step, hence several steps."""
+    import torch.nn.functional as F
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    touched = {n: False for n, _ in model.named_parameters()}
+    for _ in range(steps):
+        opt.zero_grad()
+        F.mse_loss(model(*inputs), target).backward()
+        for n, p in model.named_parameters():
+            touched[n] |= bool(p.grad is not None and torch.count_nonzero(p.grad) > 0)
+        opt.step()
+    return [n for n, ok in touched.items() if not ok]
+
+
+def run_torchrun(script, args, timeout, nproc=2):
+    """Run `script` under torchrun (standalone, one thread per process) and return its stderr; a run
+    that times out has its whole process group killed, so no worker is left behind."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
+           *map(str, args)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
+    return stderr

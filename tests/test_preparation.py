@@ -6,7 +6,6 @@ runs), and the closed form of the posterior sample z = (mean + std * eps) * s.
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import zarr
 from PIL import Image
 
 from fcdm_common.cli import UserError, run_main
+from helpers import run_torchrun
 from fcdm_common.data import open_dataset
 from fcdm_common.images import center_crop_arr, pil_to_tensor
 from preparation import extract_features
@@ -136,18 +136,7 @@ def test_identity_vae_flipped_latents_are_flipped_pixels(assets, tmp_path):
 def test_torchrun_two_processes_equal_one_process(assets, reference, tmp_path):
     root, vae_dir, images = assets
     out = tmp_path / "two.zarr"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT),
-           *common_args(images, vae_dir, out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:  # never leave workers behind
-            os.killpg(proc.pid, 9)
-            proc.wait()
-    assert proc.returncode == 0, stderr[-3000:]
+    run_torchrun(SCRIPT, common_args(images, vae_dir, out), timeout=120)
     a, b = read_store(reference), read_store(out)
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])

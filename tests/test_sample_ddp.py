@@ -4,16 +4,13 @@ References: per-sample reruns (one image at a time), the diffusion/flow sampling
 numpy's view of the archive, and exact model-call counts derived from the respaced timesteps.
 """
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import one_thread  # noqa: F401  (fixture, used through pytestmark)
+from helpers import one_thread, run_torchrun  # noqa: F401  (one_thread: fixture, used through pytestmark)
 from diffusion.respace import space_timesteps
 from fcdm_common.checkpoint import save_checkpoint
 from fcdm_common.cli import UserError
@@ -72,19 +69,8 @@ FLOW_ARGS = ["--num-fid-samples", 11, "--num-sampling-steps", 6, "--cfg-scale", 
 def test_one_vs_two_processes_and_batch_sizes_give_identical_archives(ckpts, tmp_path):
     run_inprocess(["--ckpt", ckpts["flow"], "--sample-dir", tmp_path / "a", "--per-proc-batch-size", 5, *FLOW_ARGS])
     run_inprocess(["--ckpt", ckpts["flow"], "--sample-dir", tmp_path / "b", "--per-proc-batch-size", 11, *FLOW_ARGS])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT),
-           "--ckpt", str(ckpts["flow"]), "--sample-dir", str(tmp_path / "c"), "--per-proc-batch-size", "2",
-           *map(str, FLOW_ARGS)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:  # never leave workers behind
-            os.killpg(proc.pid, 9)
-            proc.wait()
-    assert proc.returncode == 0, stderr[-3000:]
+    run_torchrun(SCRIPT, ["--ckpt", ckpts["flow"], "--sample-dir", tmp_path / "c", "--per-proc-batch-size", 2,
+                          *FLOW_ARGS], timeout=180)
 
     archives = [np.load(the_archive(tmp_path / d)) for d in "abc"]
     images, labels = archives[0]["arr_0"], archives[0]["arr_1"]
