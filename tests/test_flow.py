@@ -1,5 +1,4 @@
 """Flow matching (SiT linear path) against closed forms for Gaussian data, where the exact velocity is known."""
-import math
 
 import pytest
 import torch

@@ -20,10 +20,7 @@ one host synchronisation per step (documented in docs/training.md).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import math
-import os
 import time
 from pathlib import Path
 
