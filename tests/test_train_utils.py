@@ -92,3 +92,20 @@ def test_truncate_metrics(tmp_path):
     path.write_text('{"step": 10}\n{"step": 20}\n{"step": 30}\n{"ste')
     truncate_metrics(path, 20)
     assert path.read_text() == '{"step": 10}\n{"step": 20}\n'
+
+
+def test_trajectory_settings_change_the_run_name():
+    from fcdm_common.trainutil import experiment_name
+    from train_gen.train import _nondefault_training, build_parser
+
+    def name(*flags):
+        args = build_parser().parse_args(["--zarr-path", "s", *flags])
+        return experiment_name("FCDM-S", "diffusion", "d", 256, 1e-4, 0, extra={"train": _nondefault_training(args)}
+                               if _nondefault_training(args) else None)
+
+    plain = name()
+    assert plain == "FCDM-S-diffusion-d-bs256-lr1e-4-seed0"  # defaults keep the readable name
+    assert name("--hflip", "true", "--ema-decay", "0.9999") == plain  # explicit defaults too
+    variants = {name("--hflip", "false"), name("--ema-decay", "0.999"), name("--weight-decay", "0.01"),
+                name("--grad-clip", "1.0")}
+    assert len(variants) == 4 and plain not in variants

@@ -292,6 +292,16 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# Settings that change the training trajectory but are not spelled out in the run name: a value other
+# than the flag's default goes into the name's hash, so a rerun with it never resumes a different run.
+TRAJECTORY_SETTINGS = ("hflip", "ema_decay", "weight_decay", "grad_clip")
+
+
+def _nondefault_training(args) -> dict:
+    parser = build_parser()
+    return {k: getattr(args, k) for k in TRAJECTORY_SETTINGS if getattr(args, k) != parser.get_default(k)}
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from accelerate import Accelerator
@@ -321,7 +331,8 @@ def main(argv=None):
 
     exp_name = args.exp_name or experiment_name(
         args.model, objective_name, data["name"], args.global_batch_size, args.lr, args.seed,
-        extra={k: v for k, v in (("model", user_overrides), ("objective", args.objective_kwargs)) if v})
+        extra={k: v for k, v in (("model", user_overrides), ("objective", args.objective_kwargs),
+                                 ("train", _nondefault_training(args))) if v})
     run_dir = Path(args.results_dir) / exp_name
     accelerator = Accelerator(mixed_precision=args.mixed_precision,
                               log_with=None if args.report_to == "none" else args.report_to,
