@@ -166,7 +166,7 @@ def main(argv=None):
     class_grid(archive, out / "grid.png", num_classes=10, cols=10, zoom=max(1, ZOOM // args.upscale))
     shutil.copyfile(run_dir / "log.txt", out / "train_log.txt")
     evaluation = json.loads(eval_json.read_text())
-    metrics = dict(evaluation.get("metrics", evaluation))
+    metrics = evaluation["metrics"]
     summary = {
         "metrics": metrics,
         "settings": {"train_steps": steps, "batch_size": batch, "lr": args.lr, "ema_decay": args.ema_decay, "num_samples": num_samples, "sampler": args.sampler,
