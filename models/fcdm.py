@@ -25,6 +25,12 @@ Implementation notes (all mathematically identical to the description above):
   2x2 and 4x4 maps of small inputs).
 - GRN (ConvNeXt-V2, Woo et al. 2023) computes its L2 statistics in float32 with a sum of squares
   rather than `torch.norm`, and folds the residual into one multiply-add: x * (1 + gamma * N(x)) + beta.
+  Its backward is written by hand (`_GRNFunction`): five passes over the (N, H, W, 3C) tensor instead
+  of the dozen that autograd's chain of pow/mul/sum/addcmul backward functions makes.
+- On CPU, the depthwise convolution's backward is written by hand (`_DepthwiseConvCPU`): oneDNN's
+  depthwise weight gradient is several times slower than its forward; we compute the input gradient
+  as a forward convolution with the flipped kernel and the weight gradient as a grouped convolution
+  whose kernels are the output gradients. Other devices use the library's own backward.
 """
 from __future__ import annotations
 
@@ -102,14 +108,59 @@ class GRN(nn.Module):
         self.eps = eps  # added to the channel-mean of the norms
         self.weight = nn.Parameter(torch.zeros(dim))  # gamma
         self.bias = nn.Parameter(torch.zeros(dim))  # beta
+        self.handwritten_backward = True  # False: autograd differentiates the same forward (benchmarks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (N, 1, 1, C) in float32; the clamp gives an all-zero channel torch.norm's zero subgradient
-        # instead of the infinite derivative of sqrt at 0
-        gx = x.float().square().sum(dim=(1, 2), keepdim=True).clamp_min(1e-30).sqrt()
-        nx = gx / (gx.mean(dim=-1, keepdim=True) + self.eps)
-        factor = (1 + self.weight.float() * nx).to(x.dtype)
-        return torch.addcmul(self.bias.to(x.dtype), x, factor)
+        if self.handwritten_backward:
+            return _GRNFunction.apply(x, self.weight, self.bias, self.eps)
+        *_, f = _grn_statistics(x, self.weight, self.eps)
+        return torch.addcmul(self.bias.to(x.dtype), x, f.to(x.dtype))
+
+
+_GRN_TINY = 1e-30  # sums of squares at or below this count as an all-zero channel (zero subgradient)
+
+
+def _grn_statistics(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    """GRN's per-(sample, channel) statistics of channels-last x, in float32 (float64 for float64 x):
+    ss = sum_hw x^2, g = sqrt(ss) (clamped: an all-zero channel gets a zero subgradient, as torch.norm
+    gives), m = mean_c g + eps, N(x) = g / m and the factor f = 1 + gamma * N(x). Shapes (N, 1, 1, C)."""
+    stat = torch.promote_types(x.dtype, torch.float32)
+    ss = x.to(stat).square().sum(dim=(1, 2), keepdim=True)
+    g = ss.clamp_min(_GRN_TINY).sqrt()
+    m = g.mean(dim=-1, keepdim=True) + eps  # (N, 1, 1, 1)
+    nx = g / m
+    return ss, g, m, nx, 1 + weight.to(stat) * nx
+
+
+class _GRNFunction(torch.autograd.Function):
+    """y = x * f + beta with f = 1 + gamma * N(x), N(x) = g / (mean_c g + eps), g = ||x||_2 over (H, W).
+    Statistics in float32 whatever the dtype of x (N, H, W, C). Backward, per sample n and channel c:
+
+        dL/dx     = dy * f + x * (dL/dg / g)           (the second term: through g = sqrt(sum x^2))
+        dL/df     = s = sum_hw dy * x                   dL/dgamma = sum_n s * N(x),  dL/dbeta = sum dy
+        dL/dg_c   = q_c / m - (sum_j q_j g_j) / (m^2 C)  with q = s * gamma, m = mean_c g + eps
+
+    and dL/dg / g taken as 0 on an all-zero channel (torch.norm's subgradient)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float):
+        ss, g, m, nx, f = _grn_statistics(x, weight, eps)
+        ctx.save_for_backward(x, weight, ss, g, m, nx, f)
+        return torch.addcmul(bias.to(x.dtype), x, f.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, ss, g, m, nx, f = ctx.saved_tensors
+        stat = g.dtype
+        s = (dy * x).sum(dim=(1, 2), keepdim=True, dtype=stat)  # dL/df, (N, 1, 1, C)
+        d_weight = (s * nx).sum(dim=(0, 1, 2)).to(weight.dtype)
+        d_bias = dy.sum(dim=(0, 1, 2), dtype=stat).to(weight.dtype)
+        q = s * weight.to(stat)  # dL/dN(x)
+        d_g = q / m - (q * g).sum(dim=-1, keepdim=True) / (m * m * g.shape[-1])
+        k = torch.where(ss > _GRN_TINY, d_g / g, torch.zeros_like(g))
+        dx = dy * f.to(dy.dtype)
+        dx.addcmul_(x.to(dy.dtype), k.to(dy.dtype))
+        return dx, d_weight, d_bias, None
 
 
 class DepthwiseConv(nn.Module):
@@ -126,6 +177,7 @@ class DepthwiseConv(nn.Module):
         self.kernel_size = kernel_size
         self.weight = nn.Parameter(torch.empty(dim, 1, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(dim))
+        self.handwritten_backward = True  # on CPU (_DepthwiseConvCPU); False: the library's (benchmarks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, h, w, c = x.shape
@@ -134,8 +186,47 @@ class DepthwiseConv(nn.Module):
         weight = self.weight
         if rh < r or rw < r:
             weight = weight[:, :, r - rh : r + rh + 1, r - rw : r + rw + 1]
-        y = F.conv2d(x.permute(0, 3, 1, 2), weight, self.bias, padding=(rh, rw), groups=c)
+        x = x.permute(0, 3, 1, 2)  # NCHW view of channels-last memory
+        if self.handwritten_backward and x.device.type == "cpu" and torch.is_grad_enabled():
+            y = _DepthwiseConvCPU.apply(x, weight, self.bias, (rh, rw))
+        else:
+            y = F.conv2d(x, weight, self.bias, padding=(rh, rw), groups=c)
         return y.permute(0, 2, 3, 1)  # (N, H, W, C), contiguous when y is channels-last
+
+
+class _DepthwiseConvCPU(torch.autograd.Function):
+    """Depthwise 'same' convolution (odd kernel, padding = kernel // 2) with a faster CPU backward.
+
+    dL/dx is the convolution of dy with the spatially flipped kernel (same padding). dL/dw[c] is the
+    correlation of x[n, c] with dy[n, c] summed over n: one convolution of x seen as a single image
+    with N*C channels against the N*C kernels dy[n, c] (groups = N*C), whose 'same'-padded output is
+    exactly kernel-sized. Both run on oneDNN's fast forward kernels. Autocast state is kept for the
+    backward (custom_fwd/custom_bwd), so a bf16 forward has a bf16 backward."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
+    def forward(ctx, x, weight, bias, padding: tuple[int, int]):
+        ctx.save_for_backward(x, weight)
+        ctx.padding = padding
+        return F.conv2d(x, weight, bias, padding=padding, groups=x.shape[1])
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        n, c, h, w = x.shape
+        d_x = d_weight = d_bias = None
+        if ctx.needs_input_grad[0]:
+            d_x = F.conv2d(dy, weight.flip(2, 3).to(dy.dtype), None, padding=ctx.padding, groups=c)
+        if ctx.needs_input_grad[1]:
+            d_weight = F.conv2d(
+                x.to(dy.dtype).reshape(1, n * c, h, w), dy.reshape(n * c, 1, h, w), padding=ctx.padding, groups=n * c
+            )  # (1, N*C, kh, kw)
+            acc = torch.promote_types(d_weight.dtype, torch.float32)
+            d_weight = d_weight.reshape(n, c, *weight.shape[2:]).sum(0, dtype=acc)[:, None].to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            d_bias = dy.sum(dim=(0, 2, 3), dtype=torch.promote_types(dy.dtype, torch.float32)).to(weight.dtype)
+        return d_x, d_weight, d_bias, None
 
 
 class Conv3x3(nn.Conv2d):
@@ -355,6 +446,16 @@ class FCDM(nn.Module):
         conv outputs, recompute the rest), False/'none'. Non-reentrant; outputs are unchanged."""
         mode = resolve_checkpoint_mode(enable)
         self.checkpoint_mode = mode
+
+    def set_handwritten_backward(self, depthwise: bool = True, grn: bool = True) -> None:
+        """Use the hand-written backward passes (the default) or let the library/autograd differentiate
+        the same forward: `depthwise` (CPU only; other devices always use the library's) and `grn`.
+        Outputs and gradients agree either way; this exists so that benchmarks can measure each."""
+        for m in self.modules():
+            if isinstance(m, DepthwiseConv):
+                m.handwritten_backward = bool(depthwise)
+            elif isinstance(m, GRN):
+                m.handwritten_backward = bool(grn)
 
     def compile_blocks(self, **compile_kwargs) -> None:
         """torch.compile every block in place (static shapes; composes with checkpointing)."""
