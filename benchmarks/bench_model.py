@@ -53,6 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fcdm_common.cli import UserError, non_negative_int, positive_int, run_main
+from fcdm_common.cpu import cpu_allocator_state, tune_cpu_allocator
 from fcdm_common.ema import create_ema, update_ema, update_ema_reference
 from models import MODELS, create_model
 from models.fcdm import FCDM
@@ -90,7 +91,26 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
+    else:
+        env["cpu_allocator"] = cpu_allocator_state()
     return env
+
+
+def setup_device(args) -> torch.device:
+    """The device of the run, with its process-wide settings (applied to every variant alike)."""
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda requested but torch.cuda.is_available() is False")
+        # fp32 matmuls and convolutions in TF32 for every variant (the baseline's "fp32 (TF32 on GPU)")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    elif args.cpu_allocator == "tuned":
+        tune_cpu_allocator()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return device
 
 
 def synchronize(device: torch.device) -> None:
@@ -114,6 +134,8 @@ class Variant:
     ema_impl: str = "foreach"  # foreach | loop
     bf16: bool = False  # bf16 autocast
     compile: bool = False  # torch.compile the blocks
+    handwritten_dw: bool = True  # optimized FCDM: hand-written CPU depthwise backward (else the library's)
+    handwritten_grn: bool = True  # optimized FCDM: hand-written GRN backward (else autograd's)
     model: nn.Module = None
     gmacs: float = 0.0  # forward MACs per image, 1e9
     params: int = 0
@@ -189,6 +211,8 @@ def prepare_variant(v: Variant, args, device: torch.device, latent: int, kwargs:
         model = FCDMReference.from_fcdm(model, grad_checkpointing=v.checkpointing != "none")
     else:
         model.set_grad_checkpointing(v.checkpointing)
+        if hasattr(model, "set_handwritten_backward"):
+            model.set_handwritten_backward(depthwise=v.handwritten_dw, grn=v.handwritten_grn)
     model.train()
     ema = create_ema(model) if args.mode != "forward" else None
     if v.compile:
@@ -255,16 +279,7 @@ def peak_memory(fn: Callable[[], None], device: torch.device) -> Optional[int]:
 
 
 def run_benchmark(args) -> dict:
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda requested but torch.cuda.is_available() is False")
-        # fp32 matmuls and convolutions in TF32 for every variant (the baseline's "fp32 (TF32 on GPU)")
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = setup_device(args)
     try:
         kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
     except json.JSONDecodeError as e:
@@ -300,6 +315,8 @@ def run_benchmark(args) -> dict:
             make_variant("ablate: optimized, loop AdamW+EMA", m, args, False, optimizer_impl="loop", ema_impl="loop"),
             make_variant("ablate: optimized, selective ckpt", m, args, False, checkpointing="selective"),
             make_variant("ablate: optimized, full ckpt", m, args, False, checkpointing="full"),
+            make_variant("ablate: optimized, library depthwise backward", m, args, False, handwritten_dw=False),
+            make_variant("ablate: optimized, autograd GRN backward", m, args, False, handwritten_grn=False),
             make_variant(f"ablate: optimized, {'fp32' if args.dtype == 'bf16' else 'bf16 autocast'}", m, args,
                          False, bf16=args.dtype != "bf16"),
         ]
@@ -373,6 +390,7 @@ def run_benchmark(args) -> dict:
             v.label: v.results | {
                 "model": v.model_name, "baseline": v.baseline, "network": v.network, "checkpointing": v.checkpointing,
                 "optimizer_impl": v.optimizer_impl, "ema_impl": v.ema_impl, "bf16": v.bf16, "compile": v.compile,
+                "handwritten_dw": v.handwritten_dw, "handwritten_grn": v.handwritten_grn,
             }
             for v in variants
         },
@@ -389,11 +407,13 @@ def layer_benchmarks(args) -> dict:
     """Forward + backward time of each FCDM layer-level fast path against its straightforward form,
     at every level of the configured model (widths and feature-map sizes), batch --batch-size:
     GRN (sum of squares in float32 vs torch.norm), depthwise conv (cropped vs full kernel) and the
-    pointwise conv (Linear on NHWC vs 1x1 Conv2d on NCHW). Median of --repeats, interleaved."""
+    pointwise conv (Linear on NHWC vs 1x1 Conv2d on NCHW); and, in the same channels-last layout, the
+    hand-written backward passes against the library's (depthwise, CPU) and autograd's (GRN).
+    Median of --repeats, interleaved."""
     from models.fcdm import GRN, DepthwiseConv
     from models.fcdm_reference import GRNReference
 
-    device = torch.device(args.device)
+    device = setup_device(args)
     kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
     with torch.device("meta"):
         probe = create_model(args.model, **kwargs)
@@ -410,15 +430,22 @@ def layer_benchmarks(args) -> dict:
         x_cl = x_nhwc.permute(0, 3, 1, 2)  # NCHW view of channels-last memory (what FCDM's convs see)
         x_nchw = x_cl.contiguous()
         h_nchw = h_nhwc.permute(0, 3, 1, 2).contiguous()
-        grn, grn_ref = GRN(hid).to(device), GRNReference(hid).to(device)
-        dw = DepthwiseConv(w, k).to(device)
-        nn.init.normal_(dw.weight)
+        grn, grn_ref, grn_autograd = GRN(hid).to(device), GRNReference(hid).to(device), GRN(hid).to(device)
+        grn_autograd.handwritten_backward = False
+        dw, dw_library = DepthwiseConv(w, k).to(device), DepthwiseConv(w, k).to(device)
+        dw_library.handwritten_backward = False
+        for m in (grn, grn_autograd, dw, dw_library):
+            nn.init.normal_(m.weight)
         dw_full = nn.Conv2d(w, w, k, padding=k // 2, groups=w).to(device)
         lin, conv1 = nn.Linear(w, hid).to(device), nn.Conv2d(w, hid, 1).to(device)
         cases = {
             "grn": (lambda: grn(h_nhwc.requires_grad_()), lambda: grn_ref(h_nchw.requires_grad_())),
             "depthwise": (lambda: dw(x_nhwc.requires_grad_()), lambda: dw_full(x_nchw.requires_grad_())),
             "pointwise": (lambda: lin(x_nhwc.requires_grad_()), lambda: conv1(x_nchw.requires_grad_())),
+            "grn hand-written vs autograd backward": (lambda: grn(h_nhwc.requires_grad_()),
+                                                      lambda: grn_autograd(h_nhwc.requires_grad_())),
+            "depthwise hand-written vs library backward": (lambda: dw(x_nhwc.requires_grad_()),
+                                                           lambda: dw_library(x_nhwc.requires_grad_())),
         }
         for name, (fast, ref) in cases.items():
             times = {"fast": [], "reference": []}
@@ -451,7 +478,8 @@ def format_report(report: dict) -> str:
         f"device={cfg['device']} dtype={cfg['dtype']} batch={cfg['batch_size']} latent={cfg['latent_size']} "
         f"checkpointing={cfg['checkpointing']} compile={cfg['compile']} repeats={cfg['repeats']} (median)",
         f"torch {env['torch']}, {env.get('gpu', env['cpu'])}, {env['cpu_threads']} threads, "
-        f"load {env['load_average']}, {env['date']}",
+        f"load {env['load_average']}, {env['date']}"
+        + (f", CPU allocator {env['cpu_allocator']}" if "cpu_allocator" in env else ""),
         "| variant | params (M) | GMACs/img | fwd img/s | train steps/s | train img/s | peak mem (GiB) | MFU fwd | MFU train |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -509,6 +537,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=non_negative_int, default=2, help="untimed iterations per variant (default: 2)")
     p.add_argument("--repeats", type=positive_int, default=5, help="timed iterations; the median is reported (default: 5)")
     p.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--cpu-allocator", choices=("tuned", "default"), default="tuned",
+                   help="CPU only, process-wide (all variants alike): 'tuned' keeps freed memory in glibc's heap "
+                        "(fcdm_common.cpu, what train/sample do on CPU); 'default' leaves malloc as it is, to "
+                        "measure that setting in a second run (default: tuned)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and inputs (default: 0)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the full report (incl. raw times) here")
     args = p.parse_args(argv)

@@ -31,6 +31,7 @@ from PIL import Image
 
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .cli import UserError, positive_int, str2bool
+from .cpu import tune_cpu_allocator
 from .images import to_uint8
 from .io import atomic_path
 
@@ -207,6 +208,8 @@ def load_setup(ckpt_path, *, model_name: Optional[str] = None, use_ema: bool = T
 
     path = Path(ckpt_path)
     device = torch.device(device)
+    if device.type == "cpu":
+        tune_cpu_allocator()  # reuse freed activations instead of page-faulting them in every forward pass
     ckpt = load_checkpoint(path)
     config = ckpt["config"]
     if model_name is not None and model_name != config["model"]:
