@@ -69,8 +69,42 @@ def test_ablation_variants_and_layer_mode(tmp_path):
     assert rows["FCDM-S baseline"]["ema_impl"] == "loop" and rows["FCDM-S optimized"]["ema_impl"] == "foreach"
     assert rows["ablate: optimized, bf16 autocast"]["bf16"] is True
     assert rows["ablate: optimized, selective ckpt"]["checkpointing"] == "selective"
+    assert rows["ablate: optimized, library depthwise backward"]["handwritten_dw"] is False
+    assert rows["ablate: optimized, autograd GRN backward"]["handwritten_grn"] is False
+    assert rows["FCDM-S optimized"]["handwritten_dw"] and rows["FCDM-S optimized"]["handwritten_grn"]
     assert all("train_step_s" in r for r in rows.values())
     out = tmp_path / "layers.json"
     layers = bench_model.main(common + ["--mode", "layers", "--json", str(out)])["layers"]
-    assert {"level0 4x4 grn", "level1 2x2 depthwise", "level1 2x2 pointwise"} <= set(layers)
+    assert {"level0 4x4 grn", "level1 2x2 depthwise", "level1 2x2 pointwise",
+            "level0 4x4 grn hand-written vs autograd backward",
+            "level1 2x2 depthwise hand-written vs library backward"} <= set(layers)
     assert json.loads(out.read_text())["layers"].keys() == layers.keys()
+
+
+def test_ablation_switches_reach_the_network():
+    """The variant's switches are set on the network it times (not only written in the report)."""
+    from models.fcdm import GRN, DepthwiseConv
+
+    args = bench_model.parse_args(["--model", "FCDM-S", "--model-kwargs", TINY_FCDM, "--latent-size", "4",
+                                   "--batch-size", "1", "--device", "cpu", "--mode", "train"])
+    for dw, grn in ((False, True), (True, False)):
+        v = bench_model.make_variant("v", "FCDM-S", args, False, handwritten_dw=dw, handwritten_grn=grn)
+        bench_model.prepare_variant(v, args, bench_model.torch.device("cpu"), 4, {"hidden_size": 16,
+                                    "depths": [1, 1, 1], "num_classes": 10})
+        mods = list(v.model.modules())
+        assert {m.handwritten_backward for m in mods if isinstance(m, DepthwiseConv)} == {dw}
+        assert {m.handwritten_backward for m in mods if isinstance(m, GRN)} == {grn}
+
+
+def test_cpu_allocator_setting_is_reported(tmp_path):
+    for setting in ("default", "tuned"):
+        out = tmp_path / f"{setting}.json"
+        proc = subprocess.run(
+            [sys.executable, str(SCRIPT), "--model", "FCDM-S", "--model-kwargs", TINY_FCDM, "--latent-size", "4",
+             "--batch-size", "1", "--device", "cpu", "--mode", "forward", "--repeats", "1", "--warmup", "0",
+             "--cpu-allocator", setting, "--json", str(out)],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(out.read_text())["environment"]["cpu_allocator"] == setting
+        assert f"CPU allocator {setting}" in proc.stdout

@@ -1,12 +1,14 @@
 """Every fast path of models.fcdm.FCDM against the paper-mode reference (models.fcdm_reference):
-channels-last + matmul pointwise convs, kernel crop, fast GRN, checkpoint modes, 2/3/4 levels,
-bf16 autocast, the optimized training step (foreach AdamW + foreach EMA), torch.compile."""
+channels-last + matmul pointwise convs, kernel crop, fast GRN, the hand-written backward passes
+(GRN; depthwise conv on CPU) and the library/autograd ones they replace, checkpoint modes, 2/3/4
+levels, bf16 autocast, the optimized training step (foreach AdamW + foreach EMA), torch.compile."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from fcdm_common.ema import create_ema, update_ema, update_ema_reference
-from models.fcdm import FCDM, GRN
+from models.fcdm import FCDM, GRN, DepthwiseConv
 from models.fcdm_reference import (
     FCDMReference,
     GRNReference,
@@ -93,6 +95,18 @@ def test_optimized_matches_reference(depths, size, mode):
     assert_same_forward_backward(model, ref, *batch(size=size))
 
 
+@pytest.mark.parametrize("mode", ["none", "selective"])
+@pytest.mark.parametrize("depthwise,grn", [(False, False), (False, True), (True, False)])
+def test_library_and_autograd_backward_paths_match_reference(depthwise, grn, mode):
+    """The paths that replace a hand-written backward (the library's depthwise backward is what CUDA
+    runs) give the reference's outputs and gradients too, down to cropped 2x2 and 1x1 maps."""
+    model = randomize(tiny(depths=(1, 1, 1, 2, 1, 1, 1)))
+    model.set_handwritten_backward(depthwise=depthwise, grn=grn)
+    model.set_grad_checkpointing(mode)
+    ref = FCDMReference.from_fcdm(model, grad_checkpointing=True)
+    assert_same_forward_backward(model, ref, *batch(size=8))
+
+
 def test_kernel_sizes_and_reference_checkpointing_switch():
     model = randomize(tiny(kernel_size=5, depths=(1, 1, 1)))
     ref = FCDMReference.from_fcdm(model, grad_checkpointing=False)
@@ -129,6 +143,68 @@ def test_grn_fast_path_matches_torch_norm_reference_with_gradients():
     torch.testing.assert_close(xa.grad, xb.grad.permute(0, 2, 3, 1), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fast.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fast.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-5)
+
+
+def graph_node_names(t: torch.Tensor) -> set:
+    """Names of the autograd nodes that produced t."""
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo += [n for n, _ in node.next_functions]
+    return {node.name() for node in seen}
+
+
+def test_grn_handwritten_backward_passes_gradcheck():
+    """Against finite differences in float64, incl. an all-zero channel (zero subgradient of its norm)."""
+    grn = GRN(6).double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 4, 6, dtype=torch.float64, generator=g)
+    x[1, ..., 2] = 0
+    w, b = (torch.randn(6, dtype=torch.float64, generator=g) for _ in range(2))
+
+    def f(x, w, b):
+        return functional_call(grn, {"weight": w, "bias": b}, (x,))
+
+    assert "_GRNFunctionBackward" in graph_node_names(f(x, w.requires_grad_(), b))  # the path checked
+    assert torch.autograd.gradcheck(f, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_()))
+
+
+@pytest.mark.parametrize("size,kernel", [((5, 6), 3), ((6, 6), 5), ((2, 3), 7), ((1, 1), 5)])
+def test_depthwise_handwritten_cpu_backward_passes_gradcheck(size, kernel):
+    """Input, weight and bias gradients of the CPU backward against finite differences in float64,
+    with the kernel cropped where the map is smaller than it."""
+    conv = DepthwiseConv(3, kernel).double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, *size, 3, dtype=torch.float64, generator=g)
+    w = torch.randn(3, 1, kernel, kernel, dtype=torch.float64, generator=g)
+    b = torch.randn(3, dtype=torch.float64, generator=g)
+
+    def f(x, w, b):
+        return functional_call(conv, {"weight": w, "bias": b}, (x,))
+
+    assert "_DepthwiseConvCPUBackward" in graph_node_names(f(x, w, b.requires_grad_()))  # the path checked
+    assert torch.autograd.gradcheck(f, (x.requires_grad_(), w.requires_grad_(), b))
+
+
+def test_handwritten_backward_under_bf16_autocast():
+    """bf16 autocast through both hand-written backward passes: bf16 activations, float32 parameter
+    gradients, close to the library/autograd paths under the same autocast."""
+    model = randomize(tiny(), std=0.1)
+    x, t, y = batch()
+    grads = {}
+    for handwritten in (True, False):
+        model.zero_grad(set_to_none=True)
+        model.set_handwritten_backward(depthwise=handwritten, grn=handwritten)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, t, y)
+        out.float().square().mean().backward()
+        grads[handwritten] = {n: p.grad for n, p in model.named_parameters()}
+    for n, g in grads[True].items():
+        assert g.dtype == torch.float32 and torch.isfinite(g).all(), n
+        ref = grads[False][n]
+        assert (g - ref).norm() <= 0.05 * ref.norm() + 1e-6, n
 
 
 def test_bf16_autocast_keeps_float32_statistics():
