@@ -23,6 +23,9 @@ implementation, bf16; `--ablate-compile`: compiled blocks), and `--mode layers` 
 fast paths (GRN, depthwise conv, pointwise conv) against their plain NCHW forms at every level.
 On a shared CPU, `--threads 1` gives far steadier numbers than torch's default thread count.
 
+On CPU the report also counts the process's minor page faults per timed call (memory the allocator
+handed back to the kernel and faults in again; `--cpu-allocator`).
+
 MFU = achieved model FLOPs / (--peak-tflops). Model FLOPs per image = 2 x forward MACs (counted on the
 meta device), x3 for a training step (forward + backward); recomputation is not counted.
 
@@ -336,10 +339,15 @@ def run_benchmark(args) -> dict:
         for v, fn in fns:  # warm-up (compilation, allocator, cudnn autotuning)
             for _ in range(args.warmup):
                 timed(fn, device)
+        faults = {v.label: 0 for v in variants}  # minor page faults of the process during each variant's calls
         for _ in range(args.repeats):  # interleaved repeats: every variant sees the same load
             for v, fn in fns:
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 (v.forward_times if mode == "forward" else v.train_times).append(timed(fn, device))
+                faults[v.label] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
         for v, fn in fns:
+            if device.type == "cpu":  # page-faulting fresh memory is a CPU cost (see fcdm_common/cpu.py)
+                v.results[f"{mode}_page_faults_per_call"] = faults[v.label] / args.repeats
             mem = peak_memory(fn, device)
             if mem is not None:
                 v.results[f"{mode}_peak_mem_gib"] = mem / 2**30
@@ -489,7 +497,8 @@ def format_report(report: dict) -> str:
 
     for label, r in report["results"].items():
         mem = r.get("train_peak_mem_gib", r.get("forward_peak_mem_gib"))
-        mem = f"{mem:.2f}" if mem is not None else "n/a (CPU)"
+        faults = r.get("train_page_faults_per_call", r.get("forward_page_faults_per_call"))
+        mem = f"{mem:.2f}" if mem is not None else f"n/a (CPU; {faults:,.0f} page faults/call)"
         lines.append(
             f"| {label} | {r['params_m']:.2f} | {r['gmacs_per_image']:.3f} | {f(r, 'forward_img_per_s', '.2f')} | "
             f"{f(r, 'train_steps_per_s', '.3f')} | {f(r, 'train_img_per_s', '.2f')} | {mem} | "

@@ -27,6 +27,7 @@ def test_compare_baseline_writes_json(tmp_path):
         assert r["train_img_per_s"] == pytest.approx(2 * r["train_steps_per_s"])
         assert r["train_mfu"] == pytest.approx(r["train_tflops"] / 1)
         assert 0 < r["gmacs_per_image"] < 0.01
+        assert r["train_page_faults_per_call"] >= 0 and r["forward_page_faults_per_call"] >= 0  # CPU only
     assert data["ratios"]["train_speedup_vs_baseline"] > 0
     assert data["config"]["latent_size"] == 8 and data["environment"]["torch"]
     assert report["ratios"] == data["ratios"]
