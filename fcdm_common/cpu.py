@@ -15,7 +15,7 @@ import os
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's <malloc.h>
 _M_MMAP_THRESHOLD = -3
-_KEEP_BYTES = 1 << 30  # heap blocks up to this size; never trim free memory below this much
+_KEEP_BYTES = 1 << 30  # blocks up to this size come from the heap; up to this much free memory stays in it
 _FALLBACK_MMAP_BYTES = 32 << 20  # the largest M_MMAP_THRESHOLD that every 64-bit glibc accepts
 
 _state = {"tuned": None}  # None: not tried yet; True/False: the outcome of the first call
