@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import bench_model
 from fcdm_common.cli import UserError
@@ -90,8 +91,7 @@ def test_ablation_switches_reach_the_network():
                                    "--batch-size", "1", "--device", "cpu", "--mode", "train"])
     for dw, grn in ((False, True), (True, False)):
         v = bench_model.make_variant("v", "FCDM-S", args, False, handwritten_dw=dw, handwritten_grn=grn)
-        bench_model.prepare_variant(v, args, bench_model.torch.device("cpu"), 4, {"hidden_size": 16,
-                                    "depths": [1, 1, 1], "num_classes": 10})
+        bench_model.prepare_variant(v, args, torch.device("cpu"), 4, json.loads(TINY_FCDM))
         mods = list(v.model.modules())
         assert {m.handwritten_backward for m in mods if isinstance(m, DepthwiseConv)} == {dw}
         assert {m.handwritten_backward for m in mods if isinstance(m, GRN)} == {grn}
