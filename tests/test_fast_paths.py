@@ -199,6 +199,7 @@ def test_handwritten_backward_under_bf16_autocast():
         model.set_handwritten_backward(depthwise=handwritten, grn=handwritten)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(x, t, y)
+        assert out.dtype == torch.bfloat16
         out.float().square().mean().backward()
         grads[handwritten] = {n: p.grad for n, p in model.named_parameters()}
     for n, g in grads[True].items():
