@@ -22,6 +22,7 @@ on GPU).
 """
 from __future__ import annotations
 
+from typing import Optional
 
 import numpy as np
 import torch
@@ -213,12 +214,21 @@ class DiT(nn.Module):
         for blk in self.blocks:
             blk.compile(**compile_kwargs)
 
-    def drop_labels(self, y: torch.Tensor) -> torch.Tensor:
-        """Replace labels by the null label with probability class_dropout_prob (training only)."""
+    def label_drop_shape(self, n: int) -> tuple:
+        """Shape of the boolean label-dropout mask for a batch of n (one embedder, so always (n,))."""
+        return (n,)
+
+    def drop_labels(self, y: torch.Tensor, drop_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Replace labels by the null label with probability class_dropout_prob (training only), from
+        `drop_mask` (bool (N,)) when the caller draws it, else from torch's global RNG."""
         if not self.training or self.class_dropout_prob <= 0:
             return y
-        drop = torch.rand(y.shape, device=y.device) < self.class_dropout_prob
-        return torch.where(drop, torch.full_like(y, self.num_classes), y)
+        if drop_mask is None:
+            drop_mask = torch.rand(y.shape, device=y.device) < self.class_dropout_prob
+        elif tuple(drop_mask.shape) != tuple(y.shape) or drop_mask.dtype != torch.bool:
+            raise ValueError(f"drop_mask must be a bool tensor of shape {tuple(y.shape)}, "
+                             f"got {drop_mask.dtype} {tuple(drop_mask.shape)}")
+        return torch.where(drop_mask, torch.full_like(y, self.num_classes), y)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, p*p*C) -> (N, C, S, S); each token's features are ordered (p_row, p_col, C)."""
@@ -226,7 +236,8 @@ class DiT(nn.Module):
         x = x.reshape(n, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)  # (N, C, g, p, g, p)
         return x.reshape(n, c, g * p, g * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                drop_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         s = self.input_size
         if x.ndim != 4 or tuple(x.shape[1:]) != (self.in_channels, s, s):
             raise ValueError(f"DiT expects x of shape (N, {self.in_channels}, {s}, {s}), got {tuple(x.shape)}")
@@ -235,7 +246,7 @@ class DiT(nn.Module):
             raise ValueError(f"t and y must have shape ({n},), got {tuple(t.shape)} and {tuple(y.shape)}")
         if y.dtype.is_floating_point or y.dtype == torch.bool:
             raise ValueError(f"labels must be integers, got dtype {y.dtype}")
-        y = self.drop_labels(y)
+        y = self.drop_labels(y, drop_mask)
         h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
         for blk in self.blocks:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import math
 from functools import partial
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -50,6 +50,9 @@ CHECKPOINT_MODES = ("none", "selective", "full")
 # ----------------------------------------------------------------------------------------------
 # Conditioning
 # ----------------------------------------------------------------------------------------------
+
+
+LABEL_DROPOUT_MODES = ("shared", "per-level")  # how label dropout is drawn across the U-Net levels
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
@@ -371,6 +374,7 @@ class FCDM(nn.Module):
         num_classes: int = 1000,  # class labels 0..num_classes-1; num_classes is the null label
         class_dropout_prob: float = 0.1,  # label dropout for classifier-free guidance (training only)
         learn_sigma: bool = True,  # also predict the iDDPM variance interpolation v (doubles the output)
+        label_dropout: str = "shared",  # "shared": one draw per sample (paper); "per-level": one per level (release)
     ):
         super().__init__()
         depths = tuple(int(d) for d in depths)
@@ -386,6 +390,9 @@ class FCDM(nn.Module):
         self.mlp_ratio = mlp_ratio
         self.num_classes = num_classes
         self.class_dropout_prob = class_dropout_prob
+        if label_dropout not in LABEL_DROPOUT_MODES:
+            raise ValueError(f"label_dropout must be one of {LABEL_DROPOUT_MODES}, got {label_dropout!r}")
+        self.label_dropout = label_dropout
         self.learn_sigma = learn_sigma
         self.num_levels = n = (len(depths) + 1) // 2
         self.widths = tuple(hidden_size * 2**i for i in range(n))
@@ -490,19 +497,38 @@ class FCDM(nn.Module):
             # no host synchronisation on accelerators: an asynchronous device-side assertion
             torch._assert_async(((y >= 0) & (y <= self.num_classes)).all())
 
-    def drop_labels(self, y: torch.Tensor) -> torch.Tensor:
-        """Classifier-free guidance training: replace labels by the null label with probability
-        class_dropout_prob, in training mode only."""
-        if not self.training or self.class_dropout_prob <= 0:
-            return y
-        drop = torch.rand(y.shape, device=y.device) < self.class_dropout_prob
-        return torch.where(drop, torch.full_like(y, self.num_classes), y)
+    def label_drop_shape(self, n: int) -> tuple:
+        """Shape of the boolean label-dropout mask for a batch of n: (n,) shared, (levels, n) per-level."""
+        return (n,) if self.label_dropout == "shared" else (self.num_levels, n)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def level_labels(self, y: torch.Tensor, drop_mask: Optional[torch.Tensor] = None) -> list:
+        """The labels each level's embedder sees. Classifier-free guidance training replaces a label by the
+        null label with probability class_dropout_prob, in training mode only: from `drop_mask` (bool,
+        `label_drop_shape(N)`) when the caller draws it (train.py does, so that every draw is a function
+        of the seed, step and sample index), else from torch's global RNG. "shared" drops a sample at
+        every level at once (the paper); "per-level" draws each level on its own (the authors' release,
+        where ~27% of the samples see mixed labels at dropout 0.1)."""
+        n_lv = self.num_levels
+        if not self.training or self.class_dropout_prob <= 0:
+            return [y] * n_lv
+        shape = self.label_drop_shape(y.shape[0])
+        if drop_mask is None:
+            drop_mask = torch.rand(shape, device=y.device) < self.class_dropout_prob
+        elif tuple(drop_mask.shape) != shape or drop_mask.dtype != torch.bool:
+            raise ValueError(f"drop_mask must be a bool tensor of shape {shape} for label_dropout="
+                             f"{self.label_dropout!r}, got {drop_mask.dtype} {tuple(drop_mask.shape)}")
+        null = torch.full_like(y, self.num_classes)
+        if drop_mask.ndim == 1:
+            return [torch.where(drop_mask, null, y)] * n_lv
+        return [torch.where(drop_mask[i], null, y) for i in range(n_lv)]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                drop_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (N, C_in, H, W), t (N,), y (N,); `drop_mask` optional (see `level_labels`)."""
         self._check_inputs(x, t, y)
         n_lv = self.num_levels
-        y = self.drop_labels(y)
-        conds = [te(t) + ye(y) for te, ye in zip(self.t_embedders, self.y_embedders)]  # each (N, W_i)
+        ys = self.level_labels(y, drop_mask)
+        conds = [te(t) + ye(yl) for te, ye, yl in zip(self.t_embedders, self.y_embedders, ys)]  # each (N, W_i)
 
         h = self.stem(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)  # (N, H, W, C)
         skips = []

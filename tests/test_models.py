@@ -145,9 +145,28 @@ def test_forward_with_cfg():
 def test_label_dropout_only_in_training():
     model = tiny(class_dropout_prob=1.0)
     y = torch.arange(10)
-    assert torch.equal(model.drop_labels(y), torch.full_like(y, 10))
+    assert all(torch.equal(yl, torch.full_like(y, 10)) for yl in model.level_labels(y))
     model.eval()
-    assert torch.equal(model.drop_labels(y), y)
+    assert all(torch.equal(yl, y) for yl in model.level_labels(y))
+
+
+def test_label_dropout_mask_from_the_caller():
+    """A caller-drawn mask replaces the model's own draw (shared: one (N,) mask; per-level: (levels, N))."""
+    y = torch.arange(6)
+    shared = tiny(class_dropout_prob=0.1)
+    mask = torch.tensor([True, False, True, False, False, True])
+    assert shared.label_drop_shape(6) == (6,)
+    for yl in shared.level_labels(y, mask):
+        assert torch.equal(yl, torch.where(mask, 10, y))
+    per = tiny(class_dropout_prob=0.1, label_dropout="per-level")
+    assert per.label_drop_shape(6) == (per.num_levels, 6)
+    masks = torch.rand(per.num_levels, 6, generator=torch.Generator().manual_seed(0)) < 0.5
+    for i, yl in enumerate(per.level_labels(y, masks)):
+        assert torch.equal(yl, torch.where(masks[i], 10, y))
+    with pytest.raises(ValueError, match="drop_mask"):
+        per.level_labels(y, mask)
+    with pytest.raises(ValueError, match="label_dropout"):
+        tiny(label_dropout="sometimes")
 
 
 # -- shapes and variants -----------------------------------------------------------------------

@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 from fcdm_common import distributed as dist_utils
 from fcdm_common.cli import UserError, run_main, str2bool
 from fcdm_common.io import sha256_file
-from fcdm_common.sampling import (add_sampler_args, generate, load_setup, package_versions, read_png, sample_labels,
-                                  sampler_settings, validate_npz, write_json, write_npz, write_png)
+from fcdm_common.archives import package_versions, read_png, validate_npz, write_json, write_npz, write_png
+from fcdm_common.sampling import add_sampler_args, generate, load_setup, sample_labels, sampler_settings
 
 SETTINGS_FILE = "settings.json"  # inside the PNG folder: what its images were sampled with
 
