@@ -10,14 +10,15 @@ STAMP := $(VENV)/.fcdm-installed
 help:
 	@echo "make demo      - the whole pipeline (data, train, sample, evaluate) on the digits demo, CPU, ~4 min"
 	@echo "make test      - install (if needed) and run the test suite"
-	@echo "make install   - create $(VENV) and install the package with its test extras"
+	@echo "make install   - create $(VENV) and install the package with its test extras (incl. TensorFlow CPU)"
 	@echo "make eval-env  - add TensorFlow (CPU) for the exact ADM evaluator backend"
 	@echo "make summary   - params and GFLOPs of every registered model"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e ".[test]"
+	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -e ".[test,eval-tf]"  # eval-tf: the suite runs the TF evaluator's tests too
 	touch $(STAMP)
 
 install: $(STAMP)
