@@ -19,17 +19,16 @@ Layout (the contract between train.py, sample.py, sample_ddp.py and any user cod
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .cli import UserError
+from .cli import UserError, error_summary
 from .io import atomic_torch_save
 
 REQUIRED_CONFIG_KEYS = ("model", "model_kwargs", "objective")
+TRAINING_KEYS = ("model", "ema", "opt", "step")  # what resuming a run needs
 
 
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
@@ -37,17 +36,19 @@ def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
     atomic_torch_save(obj, path)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", require_config: bool = True) -> dict:
-    """Load a checkpoint safely (weights_only=True). Missing, truncated or foreign files raise
-    `UserError` naming the file; so does a checkpoint without a usable "config"."""
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", require_config: bool = True,
+                    for_training: bool = False) -> dict:
+    """Load a checkpoint safely (weights_only=True). Missing, empty, truncated, random, text or foreign
+    files (and a valid zip with other contents) raise `UserError` naming the file; so does a checkpoint
+    without a usable "config" and, with `for_training`, one without the state a resume needs."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; pass the path of a .pt file written by train_gen/train.py")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - a damaged file raises anything (EOFError, KeyError, RuntimeError, ...)
         raise UserError(
-            f"checkpoint {path} is corrupt or not a torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            f"checkpoint {path} is corrupt or not a torch checkpoint ({error_summary(e)}); "
             "use an earlier checkpoint of the run"
         ) from None
     if not isinstance(ckpt, dict) or not ({"model", "ema"} & set(ckpt)):
@@ -59,6 +60,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", require_
                 f"checkpoint {path} has no run config (needs keys {', '.join(REQUIRED_CONFIG_KEYS)}); "
                 "it was not written by train_gen/train.py, so the model cannot be rebuilt from it"
             )
+    missing = [k for k in TRAINING_KEYS if k not in ckpt] if for_training else []
+    if missing:
+        raise UserError(f"checkpoint {path} lacks {', '.join(missing)}, so training cannot resume from it; "
+                        "it is an export, not a checkpoint written by train_gen/train.py")
     return ckpt
 
 

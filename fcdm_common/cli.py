@@ -48,6 +48,14 @@ def non_negative_int(value: str) -> int:
     return v
 
 
+def error_summary(e: BaseException, limit: int = 200) -> str:
+    """`Type: first line of the message` (at most `limit` characters), or just `Type` for an empty message:
+    for quoting a library's exception in a one-line UserError (some, like EOFError, carry no text)."""
+    lines = str(e).strip().splitlines()
+    first = lines[0].strip()[:limit] if lines else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
 def fail(message: str) -> NoReturn:
     """Print `error: message` on stderr and exit with status 2."""
     print(f"error: {message}", file=sys.stderr, flush=True)

@@ -1,16 +1,67 @@
 """Atomic file writing: a crash (even kill -9) never leaves a half-written file under the final name.
 
 Everything is written to a temporary file in the same directory, flushed to disk, then renamed over the
-destination with `os.replace`, which is atomic on POSIX file systems.
+destination with `os.replace`, which is atomic on POSIX file systems. A kill leaves at most a temp
+file (`.<name>.<8 chars>.tmp`) that `remove_stale_temps` deletes when the program reruns.
+
+Test hook (fault injection, tests/test_faults.py): with `FCDM_FAULT_KILL_AT="<glob>:<n>"` in the
+environment, the n-th write (1-based, counted per process) whose file name matches the glob SIGKILLs
+the process after the data is in the temp file and before the rename: a deterministic "kill -9 during
+the write". Unset (always, outside the tests) it costs one `is None` test per write.
 """
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import os
+import re
+import signal
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Optional
+
+_FAULT_SPEC = os.environ.get("FCDM_FAULT_KILL_AT")  # test hook, read once: "<basename glob>:<n>"
+_fault_hits = 0
+# temp files we can leave behind: ours (mkstemp below) and safetensors' own (`.tmp` + 6 characters,
+# written by `safetensors.torch.save_file`, which older versions of train.py called)
+_OUR_TEMP = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$")
+_SAFETENSORS_TEMP = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")
+
+
+def fault_point(name: str, before_kill: Optional[Callable[[], object]] = None) -> None:
+    """Test hook: SIGKILL this process here if `FCDM_FAULT_KILL_AT` selects this write of `name`
+    (`before_kill` runs first, e.g. to leave half a line in a log). A no-op when the variable is unset."""
+    if _FAULT_SPEC is None:
+        return
+    global _fault_hits
+    pattern, _, count = _FAULT_SPEC.rpartition(":")
+    if not pattern or not count.isdigit():
+        raise ValueError(f"FCDM_FAULT_KILL_AT must look like '<glob>:<n>', got {_FAULT_SPEC!r}")
+    if fnmatch.fnmatchcase(name, pattern):
+        _fault_hits += 1
+        if _fault_hits == int(count):
+            if before_kill is not None:
+                before_kill()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def remove_stale_temps(folder: str | os.PathLike, names: Optional[list] = None) -> list[Path]:
+    """Delete the temp files a killed write left in `folder` (not recursive): those of `atomic_path`
+    and safetensors' own; with `names`, only the temps of those destination file names. Call it only
+    when no other process is writing there (the run lock, rank 0 before the others start)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in folder.iterdir():
+        m = _OUR_TEMP.match(p.name)
+        ours = bool(m) and (names is None or m.group("name") in names)
+        if (ours or (names is None and _SAFETENSORS_TEMP.match(p.name))) and p.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+    return removed
 
 
 def _umask() -> int:
@@ -35,6 +86,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
+        fault_point(path.name)
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

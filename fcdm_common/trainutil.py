@@ -21,7 +21,7 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .cli import UserError
-from .io import atomic_write_text
+from .io import atomic_write_bytes, atomic_write_text, fault_point
 
 CKPT_RE = re.compile(r"^(\d{7,})\.pt$")  # checkpoints/<step, 7+ digits>.pt
 
@@ -112,22 +112,45 @@ def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 
 def load_latest_valid(ckpt_dir: str | os.PathLike, log=print) -> tuple[Optional[dict], Optional[Path]]:
     """The newest checkpoint that loads; corrupt newer ones are skipped with a warning."""
+    ckpt, path, _ = find_resume_checkpoint(ckpt_dir, log=log, start_over=True)
+    return ckpt, path
+
+
+def find_resume_checkpoint(ckpt_dir: str | os.PathLike, log=print, start_over: bool = False,
+                           flag: str = "--start-over true") -> tuple[Optional[dict], Optional[Path], list[Path]]:
+    """(checkpoint, its path, the unreadable newer files skipped) for resuming a run. Every unreadable
+    file (empty, truncated, random bytes, text, a zip of something else, an export) is skipped with a
+    warning and the previous one is used. When checkpoints exist but none loads, UserError lists them,
+    unless `start_over` (then training starts from step 0, keeping the files; see `prune_checkpoints`)."""
+    unreadable = []
     for step, path in reversed(list_checkpoints(ckpt_dir)):
         try:
-            return load_checkpoint(path), path
+            return load_checkpoint(path, for_training=True), path, unreadable
         except UserError as e:
             log(f"WARNING: skipping unreadable checkpoint {path} ({e}); falling back to the previous one")
-    return None, None
+            unreadable.append(path)
+    if unreadable and not start_over:
+        raise UserError(f"no checkpoint in {ckpt_dir} can be read ({', '.join(p.name for p in reversed(unreadable))}: "
+                        f"see the warnings above), so the run cannot resume; restore a good copy, or pass {flag} "
+                        "to train this run folder from step 0 (the unreadable files are kept until overwritten)")
+    return None, None, unreadable
 
 
 def prune_checkpoints(ckpt_dir: str | os.PathLike, keep_last: int, keep_every: int,
-                      suffixes: Iterable[str] = ("-ema.safetensors",)) -> list[Path]:
+                      suffixes: Iterable[str] = ("-ema.safetensors",), unreadable: Iterable = ()) -> list[Path]:
     """Delete checkpoints except the newest `keep_last` and every step that is a multiple of
-    `keep_every` (0: none). Companion files (<step><suffix>) go with their checkpoint."""
-    ckpts = list_checkpoints(ckpt_dir)
+    `keep_every` (0: none). Companion files (<step><suffix>) go with their checkpoint. Files known to
+    be `unreadable` never count among the newest (so the newest readable one is always kept); those
+    newer than every readable checkpoint stay until the run overwrites them, older ones are deleted."""
+    bad = {Path(p).name for p in unreadable}
+    everything = list_checkpoints(ckpt_dir)
+    ckpts = [(s, p) for s, p in everything if p.name not in bad]
     keep = {s for s, _ in ckpts[-keep_last:]} if keep_last > 0 else set()
     if keep_every > 0:
         keep |= {s for s, _ in ckpts if s % keep_every == 0}
+    newest = ckpts[-1][0] if ckpts else -1
+    keep |= {s for s, p in everything if p.name in bad and s > newest}
+    ckpts = everything
     removed = []
     for s, p in ckpts:
         if s in keep:
@@ -139,15 +162,28 @@ def prune_checkpoints(ckpt_dir: str | os.PathLike, keep_last: int, keep_every: i
     return removed
 
 
-def save_safetensors(state_dict: dict, path: str | os.PathLike, metadata: Optional[dict] = None) -> None:
-    """Write a state_dict as safetensors atomically (contiguous copies; metadata values as strings)."""
-    from safetensors.torch import save_file
+def ema_export_path(ckpt_path: str | os.PathLike) -> Path:
+    """<run>/checkpoints/<step>-ema.safetensors beside <step>.pt."""
+    ckpt_path = Path(ckpt_path)
+    return ckpt_path.with_name(f"{ckpt_path.stem}-ema.safetensors")
 
-    from .io import atomic_path
+
+def export_ema(ema_state: dict, config: dict, step: int, ckpt_path: str | os.PathLike) -> Path:
+    """The EMA weights of checkpoint `ckpt_path` as safetensors with the run config and step as metadata
+    (the same bytes whether written at save time or repaired on a rerun from the loaded checkpoint)."""
+    path = ema_export_path(ckpt_path)
+    save_safetensors(ema_state, path, metadata={"config": json.dumps(config), "step": step})
+    return path
+
+
+def save_safetensors(state_dict: dict, path: str | os.PathLike, metadata: Optional[dict] = None) -> None:
+    """Write a state_dict as safetensors atomically (contiguous copies; metadata values as strings).
+    Serialised in memory and written by our atomic writer: `save_file` would leave its own temp file
+    (`.tmpXXXXXX`) behind when killed."""
+    from safetensors.torch import save
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    atomic_write_bytes(path, save(tensors, metadata={k: str(v) for k, v in (metadata or {}).items()}))
 
 
 # ---------------------------------------------------------------------------------- logs
@@ -181,8 +217,10 @@ class RunLogger:
         if not self.enabled:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        line = json.dumps(clean) + "\n"
         with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(clean) + "\n")
+            fault_point("metrics.jsonl", before_kill=lambda: (f.write(line[:len(line) // 2]), f.flush()))
+            f.write(line)
             f.flush()
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fcdm_common.cli import UserError
+from fcdm_common.cli import UserError, error_summary
 
 DEFAULT_HF_MODEL = "stabilityai/sd-vae-ft-ema"
 DEFAULT_SCALING_FACTOR = 0.18215
@@ -112,7 +112,7 @@ def load_vae(vae: str = "sd", hf_model_name: str = DEFAULT_HF_MODEL, hf_model_di
         try:
             model = AutoencoderKL.from_pretrained(str(folder), local_files_only=True)
         except (OSError, ValueError, EnvironmentError) as e:
-            raise UserError(f"cannot load the AutoencoderKL in {folder}: {str(e).splitlines()[0]}") from None
+            raise UserError(f"cannot load the AutoencoderKL in {folder}: {error_summary(e)}") from None
     else:
         model = AutoencoderKL.from_pretrained(hf_model_name)
     return SDVAE(model, scaling_factor, vae_id("sd", hf_model_name, hf_model_dir), device=device, dtype=dtype)

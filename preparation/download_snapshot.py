@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fcdm_common.cli import UserError, run_main
+from fcdm_common.cli import UserError, error_summary, run_main
 
 
 def download(repo_id: str, local_dir, revision: str | None = None,
@@ -23,8 +23,7 @@ def download(repo_id: str, local_dir, revision: str | None = None,
         snapshot_download(repo_id=repo_id, local_dir=str(local_dir), revision=revision,
                           allow_patterns=list(allow_patterns))
     except Exception as e:  # network, auth, unknown repo
-        raise UserError(f"could not download {repo_id} to {local_dir}: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        raise UserError(f"could not download {repo_id} to {local_dir}: {error_summary(e)}") from None
     if not (local_dir / "config.json").is_file():
         raise UserError(f"{repo_id} downloaded to {local_dir} has no config.json; is it a diffusers model repo?")
     return local_dir

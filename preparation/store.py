@@ -16,6 +16,7 @@ import numpy as np
 
 from fcdm_common.cli import UserError
 from fcdm_common.data import SETTING_KEYS, STORE_FORMAT, STORE_FORMAT_VERSION
+from fcdm_common.io import fault_point
 
 DEFAULT_SHARD_SIZE = 1024  # images per shard file = per work unit of one process
 DEFAULT_CHUNK_SIZE = 64  # images per compressed inner chunk
@@ -130,6 +131,7 @@ def write_shard(group, k: int, latents: np.ndarray, labels: np.ndarray) -> None:
     if latents.shape[0] != end - start or labels.shape[0] != end - start:
         raise ValueError(f"shard {k} expects {end - start} items, got {latents.shape[0]} / {labels.shape[0]}")
     group["latents"][start:end] = latents.astype(group["latents"].dtype, copy=False)
+    fault_point("store-shard")  # test hook (fcdm_common/io.py): a kill between the data and its marker
     group["labels"][start:end] = labels.astype(np.int64, copy=False)
     group["done"][k] = True
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from fcdm_common import distributed as dist_utils
 from fcdm_common.cli import UserError, run_main, str2bool
-from fcdm_common.io import sha256_file
+from fcdm_common.io import remove_stale_temps, sha256_file
 from fcdm_common.archives import package_versions, read_png, validate_npz, write_json, write_npz, write_png
 from fcdm_common.sampling import add_sampler_args, generate, load_setup, sample_labels, sampler_settings
 
@@ -145,7 +145,10 @@ def _sample(args, info) -> None:
 
     # rank 0 hashes the checkpoint, checks/creates the folder and decides whether anything is left to do
     state = None
-    if info.is_main:
+    if info.is_main:  # temp files of a killed run first (the other ranks wait for the broadcast below)
+        stale = remove_stale_temps(folder) + remove_stale_temps(sample_dir, names=[npz_path.name, meta_path.name])
+        if stale:
+            print(f"removed {len(stale)} temp file(s) left by an interrupted run", flush=True)
         sha = sha256_file(setup.ckpt_path)
         settings = content_settings(setup, s, args, sha)
         if archive_done(npz_path, meta_path, settings, n, setup.num_classes):

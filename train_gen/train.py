@@ -28,14 +28,15 @@ import numpy as np
 import torch
 
 from fcdm_common.checkpoint import load_checkpoint, save_checkpoint
-from fcdm_common.cli import UserError, non_negative_int, positive_int, run_main, str2bool
+from fcdm_common.cli import UserError, error_summary, non_negative_int, positive_int, run_main, str2bool
 from fcdm_common.cpu import tune_cpu_allocator
 from fcdm_common.data import TrainLoader, open_dataset
 from fcdm_common.ema import create_ema, update_ema
-from fcdm_common.io import atomic_write_text
-from fcdm_common.trainutil import (RunLogger, capture_rng, checkpoint_path, experiment_name, load_latest_valid,
-                                   prune_checkpoints, rank_seed, restore_rng, save_safetensors, seed_everything,
-                                   truncate_metrics)
+from fcdm_common.io import atomic_write_text, remove_stale_temps
+from fcdm_common.runlock import acquire_run_lock
+from fcdm_common.trainutil import (RunLogger, capture_rng, checkpoint_path, ema_export_path, experiment_name,
+                                   export_ema, find_resume_checkpoint, prune_checkpoints, rank_seed, restore_rng,
+                                   seed_everything, truncate_metrics)
 
 PAPER_STEPS = 400_000  # Table 6 / headline results: 400K iterations
 DIT_GRID_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # DiT's sample classes for ImageNet
@@ -106,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--results-dir", default="results", help="parent folder of run folders")
     g.add_argument("--exp-name", default=None, help="run folder name (default: derived from the settings)")
     g.add_argument("--resume", default=None, help="resume from this checkpoint file instead of the run's newest")
+    g.add_argument("--start-over", type=str2bool, default=False,
+                   help="train from step 0 when the run folder has checkpoints but none can be read (without it "
+                        "that stops with a list of them); the unreadable files stay until overwritten")
     g = p.add_argument_group("optimisation (defaults: paper Table 6)")
     g.add_argument("--global-batch-size", type=positive_int, default=256, help="images per step over all processes")
     g.add_argument("--lr", type=_positive_float, default=1e-4, help="AdamW learning rate (constant)")
@@ -234,7 +238,7 @@ def check_model_fits_data(model, dataset, data: dict, objective: str, where: str
             out = model(x, t, y)
     except (ValueError, RuntimeError, AssertionError) as e:
         raise UserError(f"the model does not fit the data {where} (latents {tuple(data['latent_shape'])}): "
-                        f"{str(e).splitlines()[0][:300]}") from None
+                        f"{error_summary(e, 300)}") from None
     finally:
         model.train(was_training)
     C = data["latent_shape"][0]
@@ -391,12 +395,14 @@ def main(argv=None):
     config = json.loads(json.dumps(config))  # plain JSON types only (weights_only loading)
 
     # --- find what to resume from (every rank reads the same file)
+    run_lock = acquire_run_lock(run_dir) if is_main else None  # one trainer per run folder, freed on exit
     logger = RunLogger(run_dir, enabled=is_main)
-    ckpt, ckpt_file = None, None
+    ckpt, ckpt_file, unreadable = None, None, []
     if args.resume:
-        ckpt, ckpt_file = load_checkpoint(args.resume), Path(args.resume)
+        ckpt, ckpt_file = load_checkpoint(args.resume, for_training=True), Path(args.resume)
     else:
-        ckpt, ckpt_file = load_latest_valid(run_dir / "checkpoints", log=logger.log if is_main else (lambda m: None))
+        ckpt, ckpt_file, unreadable = find_resume_checkpoint(
+            run_dir / "checkpoints", log=logger.log if is_main else (lambda m: None), start_over=args.start_over)
     if ckpt is not None:
         old = ckpt["config"]
         for key in ("model", "model_kwargs", "objective", "objective_kwargs"):
@@ -448,15 +454,17 @@ def main(argv=None):
             seed_everything(rank_seed(args.seed, rank, world) + start_step)
             t_gen.manual_seed(rank_seed(args.seed, rank, world) + 0x7151 + start_step)
         logger.log(f"resumed from {ckpt_file} at step {start_step}")
+        if is_main and ckpt_file.parent == run_dir / "checkpoints" and not ema_export_path(ckpt_file).exists():
+            logger.log(f"completed the missing export {export_ema(ckpt['ema'], ckpt['config'], start_step, ckpt_file)}")
         del ckpt
     ddp_model = accelerator.prepare_model(model, device_placement=False) if world > 1 else model
 
     # --- run folder
     if is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        for stale in (run_dir / "checkpoints").glob(".*.tmp"):  # temp files of a killed save
-            stale.unlink()
         (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        for folder in (run_dir, run_dir / "checkpoints", run_dir / "samples"):  # temp files of killed writes
+            remove_stale_temps(folder)
         atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
         truncate_metrics(run_dir / "metrics.jsonl", start_step)
     if args.report_to != "none":
@@ -513,9 +521,8 @@ def main(argv=None):
                 state["scaler"] = scaler.state_dict()
             path = checkpoint_path(run_dir / "checkpoints", step)
             save_checkpoint(state, path)
-            save_safetensors(ema.state_dict(), path.with_name(f"{step:07d}-ema.safetensors"),
-                             metadata={"config": json.dumps(config), "step": step})
-            removed = prune_checkpoints(run_dir / "checkpoints", args.keep_last, args.keep_every)
+            export_ema(ema.state_dict(), config, step, path)
+            removed = prune_checkpoints(run_dir / "checkpoints", args.keep_last, args.keep_every, unreadable=unreadable)
             logger.log(f"saved checkpoint {path}" + (f" (removed {len(removed)} old files)" if removed else ""))
         accelerator.wait_for_everyone()
 
@@ -527,6 +534,10 @@ def main(argv=None):
         with torch.random.fork_rng(devices=devices):
             draw_grid(ema, config, vae, device, path, accelerator.autocast)
         logger.log(f"saved sample grid {path}")
+
+    if start_step and args.sample_every and (start_step % args.sample_every == 0 or start_step == max_steps) \
+            and not (run_dir / "samples" / f"{start_step:07d}.png").exists():
+        grid(start_step)  # killed between the checkpoint and its grid: draw the missing grid now
 
     from tqdm import tqdm
 
@@ -620,6 +631,8 @@ def main(argv=None):
     if args.report_to != "none":
         accelerator.end_training()
     accelerator.wait_for_everyone()
+    if run_lock is not None:
+        run_lock.release()
 
 
 if __name__ == "__main__":
