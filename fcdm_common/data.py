@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from fcdm_common.cli import UserError
+from fcdm_common.store_check import check_chunk_files, damaged_store
 
 STORE_FORMAT = "fcdm-latents"  # attrs["format"] of a store
 STORE_FORMAT_VERSION = 1  # bump on an incompatible layout change
@@ -104,8 +105,11 @@ class ZarrLatentDataset:
         self.hflip = bool(hflip)  # False: always the original orientation (data whose mirror is invalid)
         self.latent_shape = tuple(int(v) for v in info["latent_shape"])  # (C, H, W)
         count = int(info["count"])
-        latents = group["latents"]
-        labels = np.asarray(group["labels"][:], dtype=np.int64)
+        with damaged_store(self.path):
+            latents = group["latents"]
+            for array in (latents, group["labels"]):
+                check_chunk_files(self.path, array)  # zarr reads a lost chunk file as zeros
+            labels = np.asarray(group["labels"][:], dtype=np.int64)
         if latents.shape[0] != count or labels.shape[0] != count:
             raise UserError(f"{self.path}: {latents.shape[0]} latents and {labels.shape[0]} labels but "
                             f"count={count}; the store is damaged - re-extract it")
@@ -128,10 +132,11 @@ class ZarrLatentDataset:
         if mode == "auto":
             local = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             mode = "memory" if self.nbytes * local <= 0.6 * _available_memory_bytes() else "mmap"
-        if mode == "memory":
-            self._memory = np.asarray(self._zarr_array()[:])
-        else:
-            self._memory = self._mmap_cache()
+        with damaged_store(self.path):
+            if mode == "memory":
+                self._memory = np.asarray(self._zarr_array()[:])
+            else:
+                self._memory = self._mmap_cache()
 
     def cache_file(self) -> Path:
         """Raw decompressed copy used by cache="mmap": <store>.cache-<id>.npy, id from the store's metadata."""
@@ -186,7 +191,8 @@ class ZarrLatentDataset:
             return self._memory[indices, orient]
         order = np.argsort(indices, kind="stable")
         uniq, inverse = np.unique(indices[order], return_inverse=True)
-        block = self._zarr_array().oindex[uniq]  # one selection for the whole batch
+        with damaged_store(self.path):
+            block = self._zarr_array().oindex[uniq]  # one selection for the whole batch
         rows = np.empty_like(order)
         rows[order] = inverse
         return block[rows, orient]

@@ -56,14 +56,54 @@ def parameters_without_gradient(model, inputs, target, steps=3, lr=1e-2):
     return [n for n, ok in touched.items() if not ok]
 
 
+def processes_with_env(key, value):
+    """PIDs of this user's live processes whose environment holds key=value (read from /proc; Linux).
+    torch's elastic agent starts workers in their own sessions, so process groups cannot find them,
+    but they inherit the environment."""
+    import os
+
+    needle = f"{key}={value}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except OSError:  # gone, or another user's
+            continue
+        if needle in env and state != b"Z":  # zombies are dead already (waiting for their parent)
+            found.append(int(entry))
+    return found
+
+
+def kill_processes_with_env(key, value):
+    """SIGKILL every process tagged with key=value; returns their PIDs."""
+    import os
+    import signal
+
+    pids = processes_with_env(key, value)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
 def run_torchrun(script, args, timeout, nproc=2):
-    """Run `script` under torchrun (standalone, one thread per process) and return its stderr; a run
-    that times out has its whole process group killed, so no worker is left behind."""
+    """Run `script` under torchrun (standalone, one thread per process) and return its stderr. Every
+    process of the run carries a unique environment tag; a run that times out (or fails) has all of
+    them killed, torchrun's workers included (they live in their own sessions), so none is left behind."""
     import os
     import subprocess
     import sys
+    import uuid
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    tag = uuid.uuid4().hex
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FCDM_TEST_TORCHRUN": tag}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
            *map(str, args)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -73,6 +113,7 @@ def run_torchrun(script, args, timeout, nproc=2):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
-            proc.wait()
+        kill_processes_with_env("FCDM_TEST_TORCHRUN", tag)
+        proc.wait()
     assert proc.returncode == 0, stderr[-3000:]
     return stderr

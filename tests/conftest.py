@@ -1,0 +1,23 @@
+"""Suite-wide checks. Every process the tests start inherits FCDM_TEST_SESSION (set here, before any
+test module builds its subprocess environment); at the end no process with this session's tag may
+still run: a leftover (e.g. an orphaned torchrun worker) is killed and reported as an error."""
+import os
+import uuid
+
+import pytest
+
+from helpers import kill_processes_with_env
+
+SESSION_KEY = "FCDM_TEST_SESSION"
+os.environ.setdefault(SESSION_KEY, uuid.uuid4().hex)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind():
+    yield
+    import time
+
+    time.sleep(0.2)  # processes being killed right now get a moment to exit
+    leftovers = kill_processes_with_env(SESSION_KEY, os.environ[SESSION_KEY])
+    if leftovers:
+        pytest.fail(f"processes started by the tests were still running at the end (killed now): {leftovers}")
