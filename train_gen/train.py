@@ -521,6 +521,7 @@ def main(argv=None):
                 state["scaler"] = scaler.state_dict()
             path = checkpoint_path(run_dir / "checkpoints", step)
             save_checkpoint(state, path)
+            unreadable[:] = [p for p in unreadable if p.name != path.name]  # overwritten: readable now
             export_ema(ema.state_dict(), config, step, path)
             removed = prune_checkpoints(run_dir / "checkpoints", args.keep_last, args.keep_every, unreadable=unreadable)
             logger.log(f"saved checkpoint {path}" + (f" (removed {len(removed)} old files)" if removed else ""))
