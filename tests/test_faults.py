@@ -117,10 +117,9 @@ def assert_equals_reference(rd: Path, reference: Path):
 
 @pytest.mark.parametrize("spec", [
     "0000002.pt:1",  # the first checkpoint: the rerun starts from step 0
-    "0000004-ema.safetensors:1",  # after the final .pt: the rerun has no step left, completes the exports
+    "0000004-ema.safetensors:1",  # after the final .pt: the rerun has no step left, completes export and grid
     "metrics.jsonl:3",  # half a line in metrics.jsonl
     "0000002.png:1",  # a grid (after its checkpoint): the resumed run draws it
-    "0000004.png:1",  # the final grid
 ])
 def test_kill_during_a_training_write_then_rerun_equals_uninterrupted(store, reference, tmp_path, spec):
     args = train_args(store, tmp_path)
@@ -153,15 +152,6 @@ def test_unreadable_newest_checkpoint_is_skipped_in_training_and_refused_in_samp
     assert f"skipping unreadable checkpoint {newest}" in log
     assert f"resumed from {rd / 'checkpoints' / '0000002.pt'} at step 2" in log
     assert_equals_reference(rd, reference)
-
-
-def test_unreadable_checkpoint_in_sampling_is_one_line_and_exit_2(tmp_path):
-    empty = tmp_path / "0000010.pt"
-    empty.write_bytes(b"")  # was an IndexError traceback (EOFError with an empty message)
-    proc = subprocess.run([sys.executable, str(SAMPLE_DDP), "--ckpt", str(empty), "--sample-dir", str(tmp_path)],
-                          env=ENV, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
-    assert "EOFError" in proc.stderr and str(empty) in proc.stderr
 
 
 def test_all_checkpoints_unreadable_stop_then_start_over(store, reference, tmp_path):
@@ -201,17 +191,15 @@ def test_prune_never_deletes_the_only_readable_checkpoint(tmp_path):
 def test_two_trainers_on_one_folder(store, reference, tmp_path):
     long = train_args(store, tmp_path, "--max-train-steps", 100_000, "--ckpt-every", 100_000, "--sample-every", 0)
     first = subprocess.Popen([sys.executable, TRAIN, *map(str, long)], env=ENV, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+                             stderr=subprocess.DEVNULL, preexec_fn=lambda: os.nice(19))  # cores for the rest
     rd = tmp_path / "run"
     try:
         deadline = time.time() + 120
         while not (rd / "metrics.jsonl").is_file():  # the first trainer holds the lock and is training
             assert first.poll() is None and time.time() < deadline, "the first trainer did not start"
             time.sleep(0.1)
-        second = subprocess.run([sys.executable, TRAIN, *map(str, train_args(store, tmp_path))], env=ENV,
-                                capture_output=True, text=True, timeout=120)
-        assert second.returncode == 2 and second.stderr.strip().count("\n") == 0, second.stderr
-        assert "in use by another trainer" in second.stderr and f"pid {first.pid}" in second.stderr
+        with pytest.raises(UserError, match=f"in use by another trainer \\(pid {first.pid} on "):  # run_main: exit 2
+            _main(train_args(store, tmp_path))
         assert first.poll() is None  # the first one was not disturbed
     finally:
         first.kill()
@@ -307,9 +295,9 @@ def test_run_torchrun_kills_every_worker_on_timeout(tmp_path):
         time.sleep(600)
     """))
     with pytest.raises(subprocess.TimeoutExpired):
-        run_torchrun(script, [tmp_path], timeout=30)
+        run_torchrun(script, [tmp_path], timeout=20)
     pids = [int(p.stem) for p in tmp_path.glob("*.pid")]
-    assert len(pids) == 2, "the workers did not start within 30 s; cannot check them"
+    assert len(pids) == 2, "the workers did not start within 20 s; cannot check them"
     time.sleep(0.2)
     alive = [pid for pid in pids if pid in processes_with_env("FCDM_TEST_SESSION", os.environ["FCDM_TEST_SESSION"])]
     assert alive == [], f"torchrun workers survived: {alive}"
