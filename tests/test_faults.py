@@ -73,6 +73,15 @@ def killed(script, args, spec: str, timeout=240) -> subprocess.CompletedProcess:
     return proc
 
 
+def test_error_summary_never_fails_on_empty_or_multiline_messages():
+    from fcdm_common.cli import error_summary
+
+    assert error_summary(EOFError()) == "EOFError"  # str(e).splitlines()[0] raised IndexError here
+    assert error_summary(KeyError("101")) == "KeyError: '101'"
+    assert error_summary(RuntimeError("\n  first\nsecond")) == "RuntimeError: first"
+    assert error_summary(ValueError("x" * 500), limit=10) == "ValueError: " + "x" * 10
+
+
 # ---------------------------------------------------------------------------------- training
 STEPS = 4
 
