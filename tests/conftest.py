@@ -9,7 +9,7 @@ import pytest
 from helpers import kill_processes_with_env
 
 SESSION_KEY = "FCDM_TEST_SESSION"
-os.environ.setdefault(SESSION_KEY, uuid.uuid4().hex)
+os.environ[SESSION_KEY] = uuid.uuid4().hex  # always a new tag: a nested session never matches its parent
 
 
 @pytest.fixture(scope="session", autouse=True)
