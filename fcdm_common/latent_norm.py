@@ -97,6 +97,7 @@ class LatentNorm:
     """x = (z - mean_c) / std_c and its inverse, on (N, C, H, W) tensors."""
 
     def __init__(self, mean, std):
+        self.stats = {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}  # exact (float64) values
         self.mean = torch.tensor([float(v) for v in mean], dtype=torch.float32)  # (C,)
         self.std = torch.tensor([float(v) for v in std], dtype=torch.float32)  # (C,)
         if self.mean.shape != self.std.shape or self.mean.ndim != 1:
@@ -117,7 +118,7 @@ class LatentNorm:
         return x * std + mean
 
     def to_config(self) -> dict:
-        return {"mode": "channel", "mean": self.mean.tolist(), "std": self.std.tolist()}
+        return {"mode": "channel", **self.stats}
 
     @classmethod
     def from_config(cls, cfg) -> "LatentNorm | None":
