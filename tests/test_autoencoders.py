@@ -358,3 +358,34 @@ def test_offline_without_vae_folder_is_one_fast_message(tmp_path):
     assert proc.returncode == 2 and "--hf-model-dir" in proc.stderr and "download_snapshot.py" in proc.stderr
     assert "Traceback" not in proc.stderr and not out.exists()
     assert time.time() - t0 < 90  # no 30 s hub retries per program (three programs, under load)
+
+
+def test_download_snapshot_subfolder(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from preparation import download_snapshot
+
+    seen = {}
+
+    def fake(repo_id, local_dir, revision, allow_patterns):  # what a pipeline repository's vae/ download leaves
+        seen["patterns"] = allow_patterns
+        (Path(local_dir) / "vae").mkdir(parents=True, exist_ok=True)
+        (Path(local_dir) / "vae" / "config.json").write_text("{}")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    assert download_snapshot.download("org/pipe", tmp_path / "p", subfolder="vae") == tmp_path / "p" / "vae"
+    assert seen["patterns"] == ["vae/*.json", "vae/*.safetensors"]
+    with pytest.raises(UserError, match="--subfolder vae"):
+        download_snapshot.download("org/pipe", tmp_path / "q")
+
+
+def test_summary_gflops_on_other_latent_shapes():
+    from models.summary import latent_gflops, summarize
+
+    # 4x32x32 is the SD-VAE table's 256 column; 32 channels at 8x8 costs 1/16 of the spatial work and more
+    # at the stem/head, so it lies between 1/16 and 1/8 of it
+    base = summarize("FCDM-S", (256,))["gflops"][256]
+    assert latent_gflops("FCDM-S", (4, 32, 32)) == base
+    assert base / 16 < latent_gflops("FCDM-S", (32, 8, 8)) < base / 8
+    with pytest.raises(UserError, match="divisible by 4"):
+        latent_gflops("FCDM-S", (32, 6, 6))
