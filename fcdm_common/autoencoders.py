@@ -321,12 +321,14 @@ def load_vae(vae: str = "sd", hf_model_name: str = DEFAULT_HF_MODEL, hf_model_di
 
 
 def vae_for_data(data: dict, vae: str | None = None, hf_model_name: str | None = None,
-                 hf_model_dir: str | os.PathLike | None = None, hint: str = "") -> tuple[dict, str | None]:
+                 hf_model_dir: str | os.PathLike | None = None, hint: str = "",
+                 strict: bool = True) -> tuple[dict, str | None]:
     """The decoder settings for latents described by `data` (a run config's "data" entry), and a warning.
 
     By default the VAE the data was made with (the store records its hub name or folder); a user's
     --vae/--hf-model-name/--hf-model-dir wins, with a warning when it is not the data's VAE. Scale and
-    shift always come from the data: they define what its latents mean."""
+    shift always come from the data: they define what its latents mean. strict=False (nothing will be
+    decoded now) records the data's folder even when it does not exist here instead of failing."""
     data_vae = data.get("vae")
     vae = vae or ("none" if data_vae == "none" else "sd")
     settings = {"vae": vae, "hf_model_name": None, "hf_model_dir": None,
@@ -344,6 +346,8 @@ def vae_for_data(data: dict, vae: str | None = None, hf_model_name: str | None =
             hf_model_name = data["hf_model_name"]
         elif data_vae in (None, vae_id("sd", DEFAULT_HF_MODEL)):  # stores of the original release's VAE
             hf_model_name = DEFAULT_HF_MODEL
+        elif not strict:
+            hf_model_dir = folder
         else:
             where = f" from the folder {folder}, which does not exist on this machine" if folder else ""
             raise UserError(f"the data was made with the VAE {data_vae}{where}; pass its snapshot with "

@@ -230,8 +230,10 @@ def load_setup(ckpt_path, *, model_name: Optional[str] = None, use_ema: bool = T
                     shift_factor=float(data_cfg.get("shift_factor") or vae_cfg.get("shift_factor") or 0.0))
     if vae_name == "none":
         settings.update(hf_model_name=None, hf_model_dir=None, scaling_factor=1.0, shift_factor=0.0)
+    if not settings["shift_factor"]:
+        del settings["shift_factor"]  # unshifted latents keep the settings (and sample folders) of before
     decoder = load_autoencoder(vae_name, settings["hf_model_name"], settings["hf_model_dir"],
-                               scaling_factor=settings["scaling_factor"], shift_factor=settings["shift_factor"],
+                               scaling_factor=settings["scaling_factor"], shift_factor=settings.get("shift_factor", 0.0),
                                device=device)
     check_decoder_matches(decoder, data_cfg, path)  # normalised runs: the statistics belong to this VAE
     decoder = wrap_decoder(decoder, data_cfg.get("latent_norm"))  # (x * std_c + mean_c) before decoding

@@ -389,3 +389,36 @@ def test_summary_gflops_on_other_latent_shapes():
     assert base / 16 < latent_gflops("FCDM-S", (32, 8, 8)) < base / 8
     with pytest.raises(UserError, match="divisible by 4"):
         latent_gflops("FCDM-S", (32, 6, 6))
+
+
+def test_grids_use_the_datas_vae_and_resume_refuses_changed_statistics(extracted, tmp_path, capsys):
+    """Issue 13 item 7: no VAE flag -> the store's VAE (tested above); an override -> a warning; the
+    store's folder gone and no flag -> one message. A normalised run resumed on changed statistics stops."""
+    import shutil
+
+    import zarr
+
+    from train_gen import train
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(extracted["kl16-shift"]["store"], store)
+    base = ["--model", "FCDM-digits", "--hidden-size", "16", "--depths", "1,1,1", "--global-batch-size", "2",
+            "--num-workers", "0", "--zarr-path", str(store), "--grid-steps", "1", "--grid-cols", "1"]
+    build_kl(tmp_path / "other", channels=16, shift=0.1, scale=0.5)
+    train.main(base + ["--results-dir", str(tmp_path / "r1"), "--max-train-steps", "1", "--sample-every", "1",
+                       "--hf-model-dir", str(tmp_path / "other")])
+    out = capsys.readouterr().out
+    assert "WARNING: sample grids: decoding with the VAE sd:other, but the data was made with sd:vae-kl16-shift" in out
+    g = zarr.open_group(str(store), mode="r+")
+    g.attrs["hf_model_dir"] = str(tmp_path / "gone")
+    with pytest.raises(UserError, match=r"made with the VAE sd:vae-kl16-shift from the folder .*gone, which does not "
+                                        r"exist on this machine; pass its snapshot with --hf-model-dir .*--sample-every 0"):
+        train.main(base + ["--results-dir", str(tmp_path / "r2"), "--max-train-steps", "1"])
+    assert not (tmp_path / "r2").exists()
+    # --latent-norm channel, then the store's statistics change: resuming the run is refused
+    cmd = base + ["--results-dir", str(tmp_path / "r3"), "--sample-every", "0", "--latent-norm", "channel"]
+    train.main(cmd + ["--max-train-steps", "1"])
+    stats = dict(g.attrs["latent_stats"])
+    g.attrs["latent_stats"] = {**stats, "mean": [v + 0.5 for v in stats["mean"]]}
+    with pytest.raises(UserError, match="trained with latent normalisation .* but the data now gives"):
+        train.main(cmd + ["--max-train-steps", "2"])

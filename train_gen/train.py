@@ -183,7 +183,7 @@ def _vae_config(args, data: dict) -> dict:
     from fcdm_common.autoencoders import vae_for_data
 
     settings, warning = vae_for_data(data, args.vae, args.hf_model_name, args.hf_model_dir,
-                                     hint=GRID_VAE_HINT if args.sample_every > 0 else "")
+                                     hint=GRID_VAE_HINT, strict=args.sample_every > 0)
     if warning and args.sample_every > 0:
         print(f"WARNING: sample grids: {warning}", flush=True)
     return settings
