@@ -6,9 +6,12 @@
 Preprocessing follows ADM/DiT: center crop to --image-size (fcdm_common.images.center_crop_arr),
 pixels to [-1, 1]. Every image is encoded twice, as is and horizontally flipped, so training flips
 by choosing the stored orientation. `--store moments` keeps the posterior mean and std (float16) and
-training draws a fresh latent each step; `--store sample` keeps one draw z = (mean + std * eps) *
-scaling_factor per image and orientation, the DiT/FCDM paper pipeline, with eps seeded by
-(--seed, shard) so the store does not depend on the number of processes.
+training draws a fresh latent each step; `--store sample` keeps one draw z = (mean + std * eps -
+shift_factor) * scaling_factor per image and orientation, the DiT/FCDM paper pipeline, with eps seeded
+by (--seed, shard) so the store does not depend on the number of processes. Any autoencoder of
+fcdm_common/autoencoders.py works (class, channels, downsampling, scale and shift from its config);
+deterministic encoders (AutoencoderDC) store `sample`. Per-channel statistics of z are recorded with
+each shard and combined when the store completes (fcdm_common/latent_norm.py).
 
 Work is split into shards of --shard-size images (= zarr shard files); shard k goes to rank
 k % world_size, so no two processes write one file. Finished shards are recorded in the store and
