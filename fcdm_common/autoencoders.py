@@ -360,3 +360,22 @@ def vae_for_data(data: dict, vae: str | None = None, hf_model_name: str | None =
         warning = (f"decoding with the VAE {chosen}, but the data was made with {data_vae}; images will be wrong "
                    "unless the two are the same autoencoder")
     return settings, warning
+
+
+def decoder_for_run(settings: dict, data: dict, device="cpu", load: bool = True, hint: str = ""):
+    """The decoder of a run's grids from its config's "vae" settings: loaded (and wrapped to undo
+    --latent-norm) where `load`, only located elsewhere, so every process fails alike and early."""
+    if not load:
+        if settings["vae"] != "none":
+            resolve_snapshot(settings["hf_model_name"], settings["hf_model_dir"], hint=hint)
+        return None
+    from fcdm_common.latent_norm import wrap_decoder
+
+    vae = load_autoencoder(settings["vae"], settings["hf_model_name"], settings["hf_model_dir"],
+                           scaling_factor=settings["scaling_factor"], shift_factor=settings.get("shift_factor", 0.0),
+                           device=device, hint=hint)
+    C = int(data["latent_shape"][0])
+    if int(vae.latent_channels) != C:
+        raise UserError(f"the VAE {vae.name} has {vae.latent_channels} latent channels but the data has {C}; "
+                        f"pass the data's VAE with --hf-model-dir{hint}")
+    return wrap_decoder(vae, data.get("latent_norm"))  # decodes z = x * std_c + mean_c for normalised runs

@@ -296,35 +296,46 @@ def _run(script, args, env=None, timeout=120):
                           text=True, timeout=timeout)
 
 
-def test_latent_norm_channel_on_a_store_without_statistics(extracted, tmp_path):
+def test_latent_norm_channel_on_a_store_without_statistics(extracted, tmp_path, capsys):
     import shutil
 
     import zarr
+
+    from fcdm_common.cli import run_main
+    from train_gen import train
 
     old = tmp_path / "old.zarr"
     shutil.copytree(extracted["kl4"]["store"], old)
     g = zarr.open_group(str(old), mode="r+")
     del g.attrs["latent_stats"]
     res = tmp_path / "res"
-    proc = _run("train_gen/train.py", ["--model", "FCDM-digits", "--zarr-path", old, "--results-dir", res,
-                                       "--latent-norm", "channel", "--sample-every", "0"])
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert f"python preparation/latent_stats.py {old}" in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(SystemExit) as e:
+        run_main(train.main, ["--model", "FCDM-digits", "--zarr-path", str(old), "--results-dir", str(res),
+                              "--latent-norm", "channel", "--sample-every", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and f"python preparation/latent_stats.py {old}" in err[0], err
     assert not res.exists()
 
 
 def test_too_many_levels_for_the_latents_names_depths(extracted, tmp_path):
     from train_gen import train
 
-    with pytest.raises(UserError, match=r"4x4 do not fit the 4-level .*2\^3 = 8; use at most 3 level\(s\) via "
+    with pytest.raises(UserError, match=r"does not fit the data: latents of 4x4 .* 4-level .*2\^3 = 8; use at most 3 level\(s\) via "
                                         r"--depths with 5 entries \(e.g. --depths 1,2,3,2,1\)"):
         train.main(["--model", "FCDM-digits", "--hidden-size", "16", "--depths", "1,1,2,3,2,1,1",
                     "--zarr-path", str(extracted["dc"]["store"]), "--results-dir", str(tmp_path / "r")])
     assert not (tmp_path / "r").exists()
 
 
-def test_offline_without_vae_folder_is_one_fast_message(tmp_path):
-    """No network (HF_HUB_OFFLINE=1) and an empty hub cache: training (grids on) and sampling stop at once."""
+def test_offline_without_vae_folder_is_one_fast_message(tmp_path, monkeypatch, capsys):
+    """No network (HF_HUB_OFFLINE=1) and an empty hub cache: training (grids on), sampling and extraction
+    stop at once with one message naming the fix, and write nothing (issue 13 item 6)."""
+    import huggingface_hub.constants
+
+    from fcdm_common.cli import run_main
+    from preparation import extract_features
+    from train_gen import sample, train
+
     feats, labels = tmp_path / "feats", tmp_path / "labels"
     feats.mkdir()
     labels.mkdir()
@@ -334,10 +345,10 @@ def test_offline_without_vae_folder_is_one_fast_message(tmp_path):
         np.save(labels / f"{i}.npy", np.array(i % 2))
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     res = tmp_path / "res"
+    tiny = ["--model", "FCDM-digits", "--hidden-size", "16", "--depths", "1,1,1", "--feature-path", feats,
+            "--label-path", labels, "--global-batch-size", "2", "--num-workers", "0"]
     t0 = time.time()
-    proc = _run("train_gen/train.py", ["--model", "FCDM-digits", "--hidden-size", "16", "--depths", "1,1,1",
-                                       "--feature-path", feats, "--label-path", labels, "--results-dir", res,
-                                       "--global-batch-size", "2"], env=env)
+    proc = _run("train_gen/train.py", tiny + ["--results-dir", res], env=env)  # a real process: exit 2, one line
     assert proc.returncode == 2, proc.stderr[-2000:]
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in proc.stderr, proc.stderr
@@ -345,19 +356,26 @@ def test_offline_without_vae_folder_is_one_fast_message(tmp_path):
                  "--sample-every 0", "HF_HUB_OFFLINE"):
         assert part in err[0], err[0]
     assert not res.exists()  # nothing written
-    # sampling a checkpoint whose VAE is a hub name: the same kind of message, nothing written
-    ckpt_res = tmp_path / "ckres"
-    ok = _run("train_gen/train.py", ["--model", "FCDM-digits", "--hidden-size", "16", "--depths", "1,1,1",
-                                     "--feature-path", feats, "--label-path", labels, "--results-dir", ckpt_res,
-                                     "--global-batch-size", "2", "--max-train-steps", "1", "--sample-every", "0",
-                                     "--num-workers", "0"], env=env)
-    assert ok.returncode == 0, ok.stderr[-2000:]
-    ckpt = next(ckpt_res.iterdir()) / "checkpoints" / "0000001.pt"
+    assert time.time() - t0 < 40  # no 30 s of hub retries (one process start, under load)
+    # the same in this process for sampling and extraction (offline, empty cache)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    train.main([str(a) for a in tiny + ["--results-dir", tmp_path / "ck", "--max-train-steps", "1",
+                                        "--sample-every", "0"]])  # no grids: no VAE needed
+    ckpt = next((tmp_path / "ck").iterdir()) / "checkpoints" / "0000001.pt"
     out = tmp_path / "s.png"
-    proc = _run("train_gen/sample.py", ["--ckpt", ckpt, "--out", out, "--num-sampling-steps", "2"], env=env)
-    assert proc.returncode == 2 and "--hf-model-dir" in proc.stderr and "download_snapshot.py" in proc.stderr
-    assert "Traceback" not in proc.stderr and not out.exists()
-    assert time.time() - t0 < 90  # no 30 s hub retries per program (three programs, under load)
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "imgs" / "a" / "0.png")
+    capsys.readouterr()
+    for main, argv in ((sample.main, ["--ckpt", ckpt, "--out", out, "--num-sampling-steps", "2"]),
+                       (extract_features.main, ["--data-path", tmp_path / "imgs", "--features-path",
+                                                tmp_path / "f.zarr", "--image-size", "16", "--num-workers", "0"])):
+        with pytest.raises(SystemExit) as e:
+            run_main(main, [str(a) for a in argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1, err
+        assert "--hf-model-dir DIR" in err[0] and "download_snapshot.py" in err[0], err[0]
+    assert not out.exists() and not (tmp_path / "f.zarr").exists()
 
 
 def test_download_snapshot_subfolder(tmp_path, monkeypatch):

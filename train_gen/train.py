@@ -252,7 +252,8 @@ def check_levels_fit_data(model, name: str, data: dict) -> None:
     depths = list(getattr(model, "depths", []))
     keep = depths[levels - fits:len(depths) - (levels - fits)] if depths else []
     example = f" (e.g. --depths {','.join(map(str, keep))})" if keep else ""
-    raise UserError(f"latents of {H}x{W} do not fit the {levels}-level {name}: its U-Net needs H and W divisible by "
+    raise UserError(f"the model does not fit the data: latents of {H}x{W} are too small for the {levels}-level "
+                    f"{name}, whose U-Net needs H and W divisible by "
                     f"2^{levels - 1} = {f}; use at most {fits} level(s) via --depths with {2 * fits - 1} entries"
                     f"{example}, or a larger --image-size")
 
@@ -433,21 +434,9 @@ def main(argv=None):
     # --- the grids' VAE, checked before anything is written (offline: one message, no run folder)
     vae = None
     if args.sample_every > 0:
-        from fcdm_common.autoencoders import load_autoencoder, resolve_snapshot
-        from fcdm_common.latent_norm import wrap_decoder
+        from fcdm_common.autoencoders import decoder_for_run
 
-        v = config["vae"]
-        if not is_main:
-            if v["vae"] != "none":
-                resolve_snapshot(v["hf_model_name"], v["hf_model_dir"], hint=GRID_VAE_HINT)
-        else:
-            vae = load_autoencoder(v["vae"], v["hf_model_name"], v["hf_model_dir"], scaling_factor=v["scaling_factor"],
-                                   shift_factor=v["shift_factor"], device=device, hint=GRID_VAE_HINT)
-            if int(vae.latent_channels) != data["latent_shape"][0]:
-                raise UserError(f"the grids' VAE {vae.name} has {vae.latent_channels} latent channels but the data "
-                                f"has {data['latent_shape'][0]}; pass the data's VAE with --hf-model-dir "
-                                "(or --sample-every 0)")
-            vae = wrap_decoder(vae, data["latent_norm"])  # grids decode z = x * std_c + mean_c
+        vae = decoder_for_run(config["vae"], data, device, load=is_main, hint=GRID_VAE_HINT)  # None off rank 0
 
     # --- find what to resume from (every rank reads the same file)
     logger = RunLogger(run_dir, enabled=is_main)
