@@ -100,7 +100,8 @@ def add_sampler_args(parser, cfg_scale_default: float = 1.0, forward_batch_defau
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     v = parser.add_argument_group("autoencoder (default: what the checkpoint's config records)")
     v.add_argument("--vae", choices=("sd", "none"), default=None,
-                   help="'sd' = diffusers AutoencoderKL decoder, 'none' = pixel-space model")
+                   help="'sd' = a diffusers autoencoder (AutoencoderKL/AutoencoderDC, class from its config), "
+                        "'none' = pixel-space model")
     v.add_argument("--hf-model-name", default=None, help="Hugging Face repository of the VAE (downloads if needed)")
     v.add_argument("--hf-model-dir", default=None, help="local snapshot folder of the VAE (wins over --hf-model-name)")
 

@@ -115,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-downsample", type=positive_int, default=None,
                    help="spatial downsampling of the VAE (default: from the config's encoder blocks)")
     p.add_argument("--hf-model-name", default=DEFAULT_HF_MODEL,
-                   help=f"Hugging Face repo of the VAE, downloaded when --hf-model-dir is not given "
-                        f"(default {DEFAULT_HF_MODEL})")
+                   help=f"Hugging Face repo of the VAE when --hf-model-dir is not given: taken from the local hub "
+                        f"cache, else downloaded (default {DEFAULT_HF_MODEL})")
     p.add_argument("--hf-model-dir", default=None,
                    help="local VAE snapshot folder (loaded with local_files_only; see download_snapshot.py)")
     p.add_argument("--vae-scaling-factor", type=float, default=None,
