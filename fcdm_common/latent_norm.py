@@ -31,10 +31,21 @@ STATS_ATTR = "latent_stats"
 
 
 # ----------------------------------------------------------------------------- statistics
-def shard_sums(values: np.ndarray, mode: str, scaling_factor: float, shift_factor: float) -> np.ndarray:
+def shard_sums(values: np.ndarray, mode: str, scaling_factor: float, shift_factor: float,
+               items_per_step: int = 64) -> np.ndarray:
     """(2, C) float64: per-channel sum of z and of z^2 (expected, for moments) over one shard's values.
 
-    values: (n, O, 2, C, H, W) raw moments (mean, std) or (n, O, C, H, W) stored z samples."""
+    values: (n, O, 2, C, H, W) raw moments (mean, std) or (n, O, C, H, W) stored z samples. Summed in
+    fixed groups of `items_per_step` items (bounded float64 temporaries; the order depends on n only)."""
+    if len(values) > items_per_step:
+        out = np.zeros((2, values.shape[3 if mode == "moments" else 2]), dtype=np.float64)
+        for start in range(0, len(values), items_per_step):
+            out += _sums(values[start:start + items_per_step], mode, scaling_factor, shift_factor)
+        return out
+    return _sums(values, mode, scaling_factor, shift_factor)
+
+
+def _sums(values: np.ndarray, mode: str, scaling_factor: float, shift_factor: float) -> np.ndarray:
     if mode == "moments":
         m = values[:, :, 0].astype(np.float64) - float(shift_factor)  # (n, O, C, H, W)
         s = values[:, :, 1].astype(np.float64)

@@ -440,3 +440,11 @@ def test_grids_use_the_datas_vae_and_resume_refuses_changed_statistics(extracted
     g.attrs["latent_stats"] = {**stats, "mean": [v + 0.5 for v in stats["mean"]]}
     with pytest.raises(UserError, match="trained with latent normalisation .* but the data now gives"):
         train.main(cmd + ["--max-train-steps", "2"])
+
+
+def test_shard_sums_in_groups_equal_numpy():
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(150, 2, 3, 4, 4)).astype(np.float32)
+    got = shard_sums(z, "sample", 1.0, 0.0, items_per_step=64)  # three groups: 64 + 64 + 22 items
+    want = np.stack([z.astype(np.float64).sum(axis=(0, 1, 3, 4)), (z.astype(np.float64) ** 2).sum(axis=(0, 1, 3, 4))])
+    np.testing.assert_allclose(got, want, rtol=1e-12)
