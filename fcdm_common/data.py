@@ -42,7 +42,7 @@ STORE_MODES = ("moments", "sample")
 # Settings that must match when a store is reopened for writing (resume) - see preparation/store.py.
 _GRAIN = 32768  # elements per op slice (torch's at::internal::GRAIN_SIZE)
 SETTING_KEYS = ("image_size", "vae", "scaling_factor", "store", "count", "latent_shape", "orientations",
-                "class_names", "shard_size", "chunk_size", "seed")
+                "class_names", "shard_size", "chunk_size", "seed", "vae_class", "shift_factor")
 
 
 def _available_memory_bytes() -> int:
@@ -101,6 +101,7 @@ class ZarrLatentDataset:
         self.info = info  # the store attributes
         self.mode = info["store"]  # "moments" or "sample"
         self.scaling_factor = float(info["scaling_factor"])
+        self.shift_factor = float(info.get("shift_factor") or 0.0)  # z = (latent - shift) * scale
         self.orientations = int(info.get("orientations", 2))  # stored orientations
         self.hflip = bool(hflip)  # False: always the original orientation (data whose mirror is invalid)
         self.latent_shape = tuple(int(v) for v in info["latent_shape"])  # (C, H, W)
@@ -216,7 +217,9 @@ class ZarrLatentDataset:
             eps = torch.randn(v[:, 0].shape, generator=gen)
             out = x[s:s + step]
             torch.addcmul(v[:, 0], v[:, 1], eps, out=out)  # mean + std * eps
-            out.mul_(self.scaling_factor)  # z = (mean + std * eps) * s
+            if self.shift_factor:
+                out.sub_(self.shift_factor)
+            out.mul_(self.scaling_factor)  # z = (mean + std * eps - shift) * s
         return x, torch.from_numpy(self.labels[indices])
 
 

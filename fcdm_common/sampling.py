@@ -100,7 +100,8 @@ def add_sampler_args(parser, cfg_scale_default: float = 1.0, forward_batch_defau
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     v = parser.add_argument_group("autoencoder (default: what the checkpoint's config records)")
     v.add_argument("--vae", choices=("sd", "none"), default=None,
-                   help="'sd' = diffusers AutoencoderKL decoder, 'none' = pixel-space model")
+                   help="'sd' = a diffusers autoencoder (AutoencoderKL/AutoencoderDC, class from its config), "
+                        "'none' = pixel-space model")
     v.add_argument("--hf-model-name", default=None, help="Hugging Face repository of the VAE (downloads if needed)")
     v.add_argument("--hf-model-dir", default=None, help="local snapshot folder of the VAE (wins over --hf-model-name)")
 
@@ -198,7 +199,8 @@ def load_setup(ckpt_path, *, model_name: Optional[str] = None, use_ema: bool = T
                hf_model_name: Optional[str] = None, hf_model_dir: Optional[str] = None, device="cpu") -> SamplingSetup:
     """Load a checkpoint and rebuild the network, the objective and the VAE decoder, checking they fit."""
     import diffusion
-    from .vae import DEFAULT_HF_MODEL, DEFAULT_SCALING_FACTOR, load_vae
+    from .autoencoders import DEFAULT_HF_MODEL, DEFAULT_SCALING_FACTOR, load_autoencoder
+    from .latent_norm import check_decoder_matches, wrap_decoder
 
     path = Path(ckpt_path)
     device = torch.device(device)
@@ -225,11 +227,17 @@ def load_setup(ckpt_path, *, model_name: Optional[str] = None, use_ema: bool = T
                     hf_model_dir=hf_model_dir if hf_model_dir is not None else
                     (vae_cfg.get("hf_model_dir") if hf_model_name is None else None),
                     scaling_factor=float(data_cfg.get("scaling_factor") or vae_cfg.get("scaling_factor")
-                                         or DEFAULT_SCALING_FACTOR))
+                                         or DEFAULT_SCALING_FACTOR),
+                    shift_factor=float(data_cfg.get("shift_factor") or vae_cfg.get("shift_factor") or 0.0))
     if vae_name == "none":
-        settings.update(hf_model_name=None, hf_model_dir=None, scaling_factor=1.0)
-    decoder = load_vae(vae_name, settings["hf_model_name"], settings["hf_model_dir"], settings["scaling_factor"],
-                       device=device)
+        settings.update(hf_model_name=None, hf_model_dir=None, scaling_factor=1.0, shift_factor=0.0)
+    if not settings["shift_factor"]:
+        del settings["shift_factor"]  # unshifted latents keep the settings (and sample folders) of before
+    decoder = load_autoencoder(vae_name, settings["hf_model_name"], settings["hf_model_dir"],
+                               scaling_factor=settings["scaling_factor"], shift_factor=settings.get("shift_factor", 0.0),
+                               device=device)
+    check_decoder_matches(decoder, data_cfg, path)  # normalised runs: the statistics belong to this VAE
+    decoder = wrap_decoder(decoder, data_cfg.get("latent_norm"))  # (x * std_c + mean_c) before decoding
     in_ch = int(model.in_channels)
     if int(decoder.latent_channels) != in_ch:
         raise UserError(f"the VAE ({vae_name}) has {decoder.latent_channels} latent channels but model "

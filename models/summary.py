@@ -6,6 +6,7 @@ second without allocating its weights.
 
     python -m models.summary                 # every registered model at 256 and 512 (SD-VAE latents)
     python -m models.summary --models FCDM-S FCDM-XL --resolutions 256
+    python -m models.summary --models FCDM-XL --latents 32x8x8 16x32x32   # other latent spaces (CxHxW)
 """
 from __future__ import annotations
 
@@ -67,6 +68,33 @@ def summarize(name: str, resolutions: Sequence[int] = (256, 512)) -> dict:
     return row
 
 
+def latent_shape(value: str) -> tuple[int, int, int]:
+    """'32x8x8' -> (32, 8, 8): channels x height x width of the latents."""
+    try:
+        c, h, w = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected CxHxW such as 32x8x8, got {value!r}") from None
+    if min(c, h, w) < 1:
+        raise argparse.ArgumentTypeError(f"every size in {value!r} must be >= 1")
+    return c, h, w
+
+
+def latent_gflops(name: str, shape: tuple[int, int, int]) -> float:
+    """GFLOPs (MACs) of one forward pass on C x H x W latents (in_channels = C; DiT gets input_size H)."""
+    c, h, w = shape
+    if h != w:
+        raise UserError(f"latents {c}x{h}x{w}: only square latents are tabulated")
+    with torch.device("meta"):
+        try:
+            model = create_model(name, in_channels=c, input_size=h)
+        except TypeError:  # FCDM takes any size and has no input_size
+            model = create_model(name, in_channels=c)
+    levels = getattr(model, "num_levels", 1)
+    if h % 2 ** (levels - 1):
+        raise UserError(f"{name} has {levels} levels and needs sizes divisible by {2 ** (levels - 1)}; got {h}")
+    return forward_gmacs(model, h, in_channels=c)
+
+
 def format_table(rows: Sequence[dict], resolutions: Sequence[int]) -> str:
     head = ["model", "params (M)", "paper"] + [f"GFLOPs@{r}" for r in resolutions] + [
         f"paper@{r}" for r in resolutions
@@ -87,6 +115,9 @@ def main(argv=None):
                         help="registered model names (default: every registered model except demo presets)")
     parser.add_argument("--resolutions", nargs="+", type=positive_int, default=[256, 512],
                         help="image resolutions; latent models see resolution/8 (default: 256 512)")
+    parser.add_argument("--latents", nargs="+", type=latent_shape, default=None, metavar="CxHxW",
+                        help="instead: GFLOPs on these latent shapes, e.g. 32x8x8 (DC-AE f32c32 at 256) "
+                             "16x32x32 (16-channel SD3/FLUX-style VAE at 256)")
     args = parser.parse_args(argv)
     names = args.models or [n for n in MODELS if not n.endswith("digits")]
     for n in names:
@@ -95,6 +126,12 @@ def main(argv=None):
     for r in args.resolutions:
         if r % VAE_DOWNSAMPLE:
             raise UserError(f"resolution {r} is not a multiple of the VAE downsampling factor {VAE_DOWNSAMPLE}")
+    if args.latents:
+        head = ["model"] + [f"GFLOPs@{c}x{h}x{w}" for c, h, w in args.latents]
+        print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+        for n in names:
+            print("| " + " | ".join([n] + [f"{latent_gflops(n, s):.2f}" for s in args.latents]) + " |")
+        return
     rows = [summarize(n, args.resolutions) for n in names]
     print(format_table(rows, args.resolutions))
 

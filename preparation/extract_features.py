@@ -6,9 +6,12 @@
 Preprocessing follows ADM/DiT: center crop to --image-size (fcdm_common.images.center_crop_arr),
 pixels to [-1, 1]. Every image is encoded twice, as is and horizontally flipped, so training flips
 by choosing the stored orientation. `--store moments` keeps the posterior mean and std (float16) and
-training draws a fresh latent each step; `--store sample` keeps one draw z = (mean + std * eps) *
-scaling_factor per image and orientation, the DiT/FCDM paper pipeline, with eps seeded by
-(--seed, shard) so the store does not depend on the number of processes.
+training draws a fresh latent each step; `--store sample` keeps one draw z = (mean + std * eps -
+shift_factor) * scaling_factor per image and orientation, the DiT/FCDM paper pipeline, with eps seeded
+by (--seed, shard) so the store does not depend on the number of processes. Any autoencoder of
+fcdm_common/autoencoders.py works (class, channels, downsampling, scale and shift from its config);
+deterministic encoders (AutoencoderDC) store `sample`. Per-channel statistics of z are recorded with
+each shard and combined when the store completes (fcdm_common/latent_norm.py).
 
 Work is split into shards of --shard-size images (= zarr shard files); shard k goes to rank
 k % world_size, so no two processes write one file. Finished shards are recorded in the store and
@@ -30,7 +33,7 @@ from PIL import Image
 from fcdm_common.cli import UserError, non_negative_int, positive_int, run_main
 from fcdm_common.distributed import barrier, cleanup, init_distributed
 from fcdm_common.images import center_crop_arr, pil_to_tensor
-from fcdm_common.vae import DEFAULT_HF_MODEL, DEFAULT_SCALING_FACTOR, load_vae, vae_id
+from fcdm_common.autoencoders import DEFAULT_HF_MODEL, SUPPORTED_CLASSES, describe, load_autoencoder, vae_id
 from preparation import store as zstore
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's list
@@ -101,19 +104,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=positive_int, default=256,
                    help="center-crop side in pixels (multiple of the VAE downsampling, 8); default 256")
     p.add_argument("--vae", choices=("sd", "none"), default="sd",
-                   help="'sd': diffusers AutoencoderKL; 'none': pixel space (identity, used by the demo)")
+                   help=f"'sd': a diffusers autoencoder ({', '.join(SUPPORTED_CLASSES)}; class from the snapshot's "
+                        "config); 'none': pixel space (identity, used by the demo)")
+    p.add_argument("--vae-class", choices=tuple(SUPPORTED_CLASSES), default=None,
+                   help="diffusers class of the VAE (default: the config's _class_name)")
+    p.add_argument("--vae-shift-factor", type=float, default=None,
+                   help="latent shift: z = (latent - shift) * scale (default: the config's shift_factor, else 0)")
+    p.add_argument("--vae-latent-channels", type=positive_int, default=None,
+                   help="latent channels (default: the config's latent_channels)")
+    p.add_argument("--vae-downsample", type=positive_int, default=None,
+                   help="spatial downsampling of the VAE (default: from the config's encoder blocks)")
     p.add_argument("--hf-model-name", default=DEFAULT_HF_MODEL,
-                   help=f"Hugging Face repo of the VAE, downloaded when --hf-model-dir is not given "
-                        f"(default {DEFAULT_HF_MODEL})")
+                   help=f"Hugging Face repo of the VAE when --hf-model-dir is not given: taken from the local hub "
+                        f"cache, else downloaded (default {DEFAULT_HF_MODEL})")
     p.add_argument("--hf-model-dir", default=None,
                    help="local VAE snapshot folder (loaded with local_files_only; see download_snapshot.py)")
-    p.add_argument("--vae-scaling-factor", type=float, default=DEFAULT_SCALING_FACTOR,
-                   help="latent scaling factor stored with the data (default 0.18215, SD-VAE)")
+    p.add_argument("--vae-scaling-factor", type=float, default=None,
+                   help="latent scaling factor stored with the data (default: the config's scaling_factor; "
+                        "0.18215 for SD-VAE)")
     p.add_argument("--vae-dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="VAE compute precision (default fp32, as the paper)")
     p.add_argument("--store", choices=("moments", "sample"),
-                   default="moments", help="'moments': posterior mean and std (float16), a fresh sample each "
-                   "training step; 'sample': one scaled sample per image and orientation (the paper)")
+                   default=None, help="'moments': posterior mean and std (float16), a fresh sample each "
+                   "training step; 'sample': one scaled sample per image and orientation (the paper). Default: "
+                   "moments, and always sample for deterministic encoders (AutoencoderDC)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per process per batch")
     p.add_argument("--num-workers", type=non_negative_int, default=4, help="DataLoader workers per process")
     p.add_argument("--shard-size", type=positive_int, default=zstore.DEFAULT_SHARD_SIZE,
@@ -137,13 +151,18 @@ def _plan_batches(shards: list[int], count: int, shard_size: int, batch_size: in
     return batches, owner
 
 
-def _shard_values(mean: np.ndarray, std: np.ndarray, mode: str, scaling_factor: float, seed: int, k: int):
-    """Values stored for shard k from float32 mean/std (n, 2, C, H, W)."""
+def _shard_values(mean: np.ndarray, std: np.ndarray, mode: str, scaling_factor: float, seed: int, k: int,
+                  shift_factor: float = 0.0):
+    """Values stored for shard k from float32 mean/std (n, 2, C, H, W): raw moments, or
+    z = (mean + std * eps - shift) * scale."""
     if mode == "moments":
         return np.stack([mean, std], axis=2)  # (n, O, 2, C, H, W)
     rng = np.random.default_rng(np.random.SeedSequence([seed, k, 0xE7C]))
     eps = rng.standard_normal(mean.shape, dtype=np.float32)
-    return ((mean + std * eps) * np.float32(scaling_factor)).astype(np.float32)  # (n, O, C, H, W)
+    latent = mean + std * eps
+    if shift_factor:
+        latent = latent - np.float32(shift_factor)
+    return (latent * np.float32(scaling_factor)).astype(np.float32)  # (n, O, C, H, W)
 
 
 def main(argv=None):
@@ -160,6 +179,14 @@ def main(argv=None):
         cleanup()
 
 
+def zstore_has_stats(path) -> bool:
+    import zarr
+
+    from fcdm_common.latent_norm import stats_from_info
+
+    return stats_from_info(dict(zarr.open_group(str(path), mode="r").attrs)) is not None
+
+
 def _run(args, rank, world, device, say):
     classes, samples = scan_image_folder(args.data_path)
     count = len(samples)
@@ -167,28 +194,43 @@ def _run(args, rank, world, device, say):
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.vae_dtype]
     name = vae_id(args.vae, args.hf_model_name, args.hf_model_dir)
-    scaling = 1.0 if args.vae == "none" else args.vae_scaling_factor
-    channels, down = 3, 1
-    if args.vae == "sd":  # the latent channel count comes from the model config
-        vae = load_vae("sd", args.hf_model_name, args.hf_model_dir, scaling, device=device, dtype=dtype)
-        channels, down = vae.latent_channels, vae.downsample
-        if args.image_size % down:
-            raise UserError(f"--image-size {args.image_size} must be a multiple of the VAE downsampling {down}")
-    else:
-        vae = load_vae("none", device=device)
+    # class, channels, downsampling, scale and shift come from the snapshot's config; flags override
+    vae = load_autoencoder(args.vae, args.hf_model_name, args.hf_model_dir, vae_class=args.vae_class,
+                           latent_channels=args.vae_latent_channels, downsample=args.vae_downsample,
+                           scaling_factor=args.vae_scaling_factor, shift_factor=args.vae_shift_factor,
+                           device=device, dtype=dtype)
+    props = describe(vae)
+    scaling, shift, channels, down = (props["scaling_factor"], props["shift_factor"], props["latent_channels"],
+                                      props["downsample"])
+    if args.image_size % down:
+        raise UserError(f"--image-size {args.image_size} must be a multiple of the VAE downsampling {down}")
+    if args.store is None or (vae.deterministic and args.store == "moments"):
+        if vae.deterministic and args.store == "moments":
+            say(f"the {vae.vae_class} encoder is deterministic (no posterior std): storing one latent per image "
+                "(--store sample)")
+        args.store = "sample" if vae.deterministic else "moments"
+    say(f"VAE {name} ({props['vae_class']}): {channels} latent channels, {down}x downsampling, "
+        f"z = (latent - {shift:g}) * {scaling:g}")
     latent_shape = (channels, args.image_size // down, args.image_size // down)
     settings = zstore.make_settings(
         image_size=args.image_size, vae=name, scaling_factor=scaling, store=args.store, count=count,
         latent_shape=latent_shape, orientations=2, class_names=classes, shard_size=args.shard_size,
-        chunk_size=args.chunk_size, seed=args.seed if args.store == "sample" else None)
+        chunk_size=args.chunk_size, seed=args.seed if args.store == "sample" else None,
+        vae_class=props["vae_class"], shift_factor=shift)
 
     state = zstore.check_existing(args.features_path, settings)
     if state == "complete":
         say(f"{args.features_path} is already complete ({count} images); nothing to do")
+        if rank == 0 and not zstore_has_stats(args.features_path):
+            say(f"it has no per-channel latent statistics; add them with "
+                f"'python preparation/latent_stats.py {args.features_path}'")
         return
     barrier()
     if rank == 0 and state == "absent":
-        zstore.create_store(args.features_path, settings, extra_attrs={"source": str(Path(args.data_path))})
+        zstore.create_store(args.features_path, settings, extra_attrs={
+            "source": str(Path(args.data_path)), "downsample": down, "latent_channels": channels,
+            "hf_model_name": None if args.vae == "none" or args.hf_model_dir else args.hf_model_name,
+            "hf_model_dir": None if args.vae == "none" or not args.hf_model_dir else str(Path(args.hf_model_dir).resolve())})
         say(f"created {args.features_path}")
     barrier()
     import zarr
@@ -231,7 +273,7 @@ def _run(args, rank, world, device, say):
         buf["filled"] += b
         bar.update(b)
         if buf["filled"] == end - start:
-            values = _shard_values(buf["mean"], buf["std"], args.store, scaling, args.seed, k)
+            values = _shard_values(buf["mean"], buf["std"], args.store, scaling, args.seed, k, shift)
             zstore.write_shard(group, k, values, buf["labels"])
             written += 1
             buf = {}

@@ -17,9 +17,11 @@ import numpy as np
 from fcdm_common.cli import UserError
 from fcdm_common.data import SETTING_KEYS, STORE_FORMAT, STORE_FORMAT_VERSION
 from fcdm_common.io import fault_point
+from fcdm_common.latent_norm import STATS_ATTR, ensure_stats_arrays, shard_sums, store_stats_from_rows, write_shard_sums
 
 DEFAULT_SHARD_SIZE = 1024  # images per shard file = per work unit of one process
 DEFAULT_CHUNK_SIZE = 64  # images per compressed inner chunk
+ADDED_SETTING_KEYS = ("vae_class", "shift_factor")  # settings recorded since the any-autoencoder layer
 
 
 def latent_array_shape(count: int, mode: str, orientations: int, latent_shape) -> tuple[int, ...]:
@@ -36,9 +38,13 @@ def latent_dtype(mode: str) -> str:
 
 
 def make_settings(*, image_size: int, vae: str, scaling_factor: float, store: str, count: int, latent_shape,
-                  orientations: int, class_names, shard_size: int, chunk_size: int, seed: int | None) -> dict:
-    """Attributes that identify how a store was made (compared on resume)."""
+                  orientations: int, class_names, shard_size: int, chunk_size: int, seed: int | None,
+                  vae_class: str | None = None, shift_factor: float = 0.0) -> dict:
+    """Attributes that identify how a store was made (compared on resume). vae_class defaults to
+    "none" for pixel data and "AutoencoderKL" otherwise (the SD-VAE of the original release)."""
+    vae_class = vae_class or ("none" if vae == "none" else "AutoencoderKL")
     return {"image_size": int(image_size), "vae": str(vae), "scaling_factor": float(scaling_factor),
+            "vae_class": str(vae_class), "shift_factor": float(shift_factor),
             "store": store, "count": int(count), "latent_shape": [int(v) for v in latent_shape],
             "orientations": int(orientations), "class_names": None if class_names is None else list(class_names),
             "shard_size": int(shard_size), "chunk_size": int(chunk_size),
@@ -48,6 +54,8 @@ def make_settings(*, image_size: int, vae: str, scaling_factor: float, store: st
 def describe_mismatch(existing: dict, wanted: dict) -> str | None:
     """First differing setting as readable text, or None when the store matches."""
     for key in SETTING_KEYS:
+        if key in ADDED_SETTING_KEYS and key not in existing:
+            continue  # a store begun before the key was recorded
         old, new = existing.get(key), wanted.get(key)
         if key == "class_names" and old is not None and new is not None and list(old) != list(new):
             return f"class_names (the store has {len(old)} classes, the data {len(new)} / different names)"
@@ -108,6 +116,7 @@ def create_store(path: str | os.PathLike, settings: dict, extra_attrs: dict | No
     group.create_array("labels", shape=(count,), dtype="int64", chunks=(shard,), compressors=compressor,
                        fill_value=-1)
     group.create_array("done", shape=(num_shards(count, shard),), dtype="bool", chunks=(1,), fill_value=False)
+    ensure_stats_arrays(group, num_shards(count, shard), settings["latent_shape"][0])
     return group
 
 
@@ -125,12 +134,18 @@ def done_shards(group) -> np.ndarray:
 
 
 def write_shard(group, k: int, latents: np.ndarray, labels: np.ndarray) -> None:
-    """Write shard k's latents and labels, then mark it done (the marker goes last)."""
-    count, shard = group.attrs["count"], group.attrs["shard_size"]
+    """Write shard k's latents, labels and per-channel sums (fcdm_common.latent_norm), then mark it done
+    (the marker goes last)."""
+    attrs = dict(group.attrs)
+    count, shard = attrs["count"], attrs["shard_size"]
     start, end = shard_range(k, count, shard)
     if latents.shape[0] != end - start or labels.shape[0] != end - start:
         raise ValueError(f"shard {k} expects {end - start} items, got {latents.shape[0]} / {labels.shape[0]}")
-    group["latents"][start:end] = latents.astype(group["latents"].dtype, copy=False)
+    values = latents.astype(group["latents"].dtype, copy=False)  # statistics of exactly what is stored
+    if "stat_sums" in set(group.array_keys()):
+        write_shard_sums(group, k, shard_sums(values, attrs["store"], attrs["scaling_factor"],
+                                              attrs.get("shift_factor", 0.0)))
+    group["latents"][start:end] = values
     fault_point("store-shard")  # test hook (fcdm_common/io.py): a kill between the data and its marker
     group["labels"][start:end] = labels.astype(np.int64, copy=False)
     group["done"][k] = True
@@ -140,4 +155,6 @@ def mark_complete(group) -> None:
     """Set the completion attribute once every shard is done."""
     if not done_shards(group).all():
         raise RuntimeError("mark_complete called before every shard was written")
+    if "stat_sums" in set(group.array_keys()):
+        group.attrs[STATS_ATTR] = store_stats_from_rows(group)  # before `complete`: readers see both or neither
     group.attrs["complete"] = True

@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hflip", type=str2bool, default=True,
                    help="random horizontal flips (the paper's only augmentation; picks the stored flipped latent). "
                         "false: original orientation only, for data whose mirror image is not valid (digits)")
+    g.add_argument("--latent-norm", choices=("none", "channel"), default="none",
+                   help="none: the network sees the stored latents (paper); channel: (z - mean_c) / std_c with the "
+                        "store's per-channel statistics (preparation/latent_stats.py adds them to older stores)")
     g = p.add_argument_group("run folder and resume")
     g.add_argument("--results-dir", default="results", help="parent folder of run folders")
     g.add_argument("--exp-name", default=None, help="run folder name (default: derived from the settings)")
@@ -147,8 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grid-seed", type=int, default=0, help="seed of the fixed grid noise")
     g.add_argument("--vae", choices=("sd", "none"), default=None,
                    help="decoder of the grids (default: the VAE recorded with the data)")
-    g.add_argument("--hf-model-dir", default=None, help="local diffusers AutoencoderKL snapshot for decoding grids")
-    g.add_argument("--hf-model-name", default=None, help="hub name of the VAE (default: the data's, sd-vae-ft-ema)")
+    g.add_argument("--hf-model-dir", default=None,
+                   help="local diffusers autoencoder snapshot for decoding grids (default: the data's VAE folder)")
+    g.add_argument("--hf-model-name", default=None,
+                   help="hub name of the grids' VAE (default: the data's; sd-vae-ft-ema for .npy data)")
     g.add_argument("--report-to", choices=("none", "tensorboard", "wandb"), default="none",
                    help="also send metrics to TensorBoard or Weights & Biases")
     return p
@@ -168,15 +173,24 @@ def _data_description(args, dataset) -> dict:
     return {"zarr_path": args.zarr_path, "feature_path": args.feature_path, "label_path": args.label_path,
             "name": Path(str(source).rstrip("/")).stem or "data", "count": len(dataset),
             "latent_shape": [C, H, W], "num_classes": int(dataset.num_classes), "image_size": image_size,
-            "vae": vae_name, "scaling_factor": scale}
+            "vae": vae_name, "scaling_factor": scale, "shift_factor": float(info.get("shift_factor") or 0.0),
+            "vae_class": info.get("vae_class", "none" if vae_name == "none" else "AutoencoderKL"),
+            "downsample": image_size // H, "hf_model_name": info.get("hf_model_name"),
+            "hf_model_dir": info.get("hf_model_dir")}
+
+
+GRID_VAE_HINT = ", or train without sample grids (--sample-every 0)"
 
 
 def _vae_config(args, data: dict) -> dict:
-    from fcdm_common.vae import DEFAULT_HF_MODEL
+    """The grids' decoder: the data's VAE unless --vae/--hf-model-* override it (warned on a mismatch)."""
+    from fcdm_common.autoencoders import vae_for_data
 
-    vae = args.vae or ("none" if data["vae"] == "none" else "sd")
-    return {"vae": vae, "hf_model_name": args.hf_model_name or DEFAULT_HF_MODEL, "hf_model_dir": args.hf_model_dir,
-            "scaling_factor": data["scaling_factor"]}
+    settings, warning = vae_for_data(data, args.vae, args.hf_model_name, args.hf_model_dir,
+                                     hint=GRID_VAE_HINT, strict=args.sample_every > 0)
+    if warning and args.sample_every > 0:
+        print(f"WARNING: sample grids: {warning}", flush=True)
+    return settings
 
 
 def resolve_model_kwargs(args, data: dict) -> tuple[dict, dict]:
@@ -225,6 +239,27 @@ def build_model_for_data(name: str, kwargs: dict, data: dict):
             last = e
             break
     raise UserError(f"cannot build --model {name} with {json.dumps(kwargs)}: {last}")
+
+
+def check_levels_fit_data(model, name: str, data: dict) -> None:
+    """A U-Net with n levels halves the latents n-1 times: H and W must be divisible by 2^(n-1)."""
+    levels = getattr(model, "num_levels", None)
+    if not levels:
+        return
+    _, H, W = data["latent_shape"]
+    f = 2 ** (levels - 1)
+    if H % f == 0 and W % f == 0:
+        return
+    fits = 1
+    while H % (2 ** fits) == 0 and W % (2 ** fits) == 0:
+        fits += 1  # fits = the most levels these latents allow
+    depths = list(getattr(model, "depths", []))
+    keep = depths[levels - fits:len(depths) - (levels - fits)] if depths else []
+    example = f" (e.g. --depths {','.join(map(str, keep))})" if keep else ""
+    raise UserError(f"the model does not fit the data: latents of {H}x{W} are too small for the {levels}-level "
+                    f"{name}, whose U-Net needs H and W divisible by "
+                    f"2^{levels - 1} = {f}; use at most {fits} level(s) via --depths with {2 * fits - 1} entries"
+                    f"{example}, or a larger --image-size")
 
 
 def check_model_fits_data(model, dataset, data: dict, objective: str, where: str) -> None:
@@ -299,7 +334,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 # Settings that change the training trajectory but are not spelled out in the run name: a value other
 # than the flag's default goes into the name's hash, so a rerun with it never resumes a different run.
-TRAJECTORY_SETTINGS = ("hflip", "ema_decay", "weight_decay", "grad_clip")
+TRAJECTORY_SETTINGS = ("hflip", "ema_decay", "weight_decay", "grad_clip", "latent_norm")
 
 
 def _nondefault_training(args) -> dict:
@@ -320,6 +355,11 @@ def main(argv=None):
     if len(dataset) == 0:
         raise UserError("the training data holds no items")
     data = _data_description(args, dataset)
+    from fcdm_common.latent_norm import NormalizedDataset, norm_for_training
+
+    norm = norm_for_training(dataset, args.latent_norm, args.zarr_path or args.feature_path)
+    data["latent_norm"] = norm.to_config() if norm is not None else {"mode": "none"}
+    dataset = NormalizedDataset(dataset, norm) if norm is not None else dataset
     model_kwargs, user_overrides = resolve_model_kwargs(args, data)
     objective_name = args.objective
     default_sampler = "ddim" if objective_name == "diffusion" else "euler"
@@ -358,6 +398,7 @@ def main(argv=None):
     # --- model (same init on every rank), checked against the data before anything is written
     seed_everything(args.seed)
     model, model_kwargs = build_model_for_data(args.model, model_kwargs, data)
+    check_levels_fit_data(model, args.model, data)
     check_model_fits_data(model, dataset, data, objective_name,
                           args.zarr_path or f"{args.feature_path} / {args.label_path}")
     from diffusion import create_objective
@@ -394,6 +435,13 @@ def main(argv=None):
 
     config = json.loads(json.dumps(config))  # plain JSON types only (weights_only loading)
 
+    # --- the grids' VAE, checked before anything is written (offline: one message, no run folder)
+    vae = None
+    if args.sample_every > 0:
+        from fcdm_common.autoencoders import decoder_for_run
+
+        vae = decoder_for_run(config["vae"], data, device, load=is_main, hint=GRID_VAE_HINT)  # None off rank 0
+
     # --- find what to resume from (every rank reads the same file)
     run_lock = acquire_run_lock(run_dir) if is_main else None  # one trainer per run folder, freed on exit
     logger = RunLogger(run_dir, enabled=is_main)
@@ -409,6 +457,13 @@ def main(argv=None):
             if json.loads(json.dumps(old.get(key))) != json.loads(json.dumps(config[key])):
                 raise UserError(f"checkpoint {ckpt_file} was trained with {key}={json.dumps(old.get(key))}, this "
                                 f"command asks for {json.dumps(config[key])}; use another --exp-name/--results-dir")
+        from fcdm_common.latent_norm import same_norm
+
+        if not same_norm((old.get("data") or {}).get("latent_norm"), config["data"]["latent_norm"]):
+            raise UserError(f"checkpoint {ckpt_file} was trained with latent normalisation "
+                            f"{json.dumps((old.get('data') or {}).get('latent_norm', {'mode': 'none'}))}, but the data "
+                            f"now gives {json.dumps(config['data']['latent_norm'])}; train on the same store and "
+                            "--latent-norm, or start a new run (--exp-name)")
         old_train = old.get("train", {})
         for key in ("global_batch_size", "lr", "seed", "ema_decay", "weight_decay", "mixed_precision", "grad_clip"):
             if key in old_train and old_train[key] != config["train"][key]:
@@ -476,14 +531,6 @@ def main(argv=None):
                f"({len(dataset)} items, latents {data['latent_shape']}, {data['num_classes']} classes); "
                f"{world} process(es) x batch {batch}, precision {accelerator.mixed_precision}, {opt_impl} AdamW; "
                f"run folder {run_dir}; steps {start_step} -> {max_steps}")
-
-    vae = None
-    if args.sample_every > 0 and is_main:
-        from fcdm_common.vae import load_vae
-
-        v = config["vae"]
-        vae = load_vae(v["vae"], hf_model_name=v["hf_model_name"], hf_model_dir=v["hf_model_dir"],
-                       scaling_factor=v["scaling_factor"], device=device)
 
     loader = TrainLoader(dataset, batch, rank=rank, world_size=world, seed=args.seed, start_step=start_step,
                          num_workers=args.num_workers, pin_memory=device.type == "cuda")
