@@ -344,7 +344,7 @@ def accumulation_steps(global_batch: int, world: int, batch_per_gpu) -> tuple[in
         raise UserError(f"--batch-per-gpu {batch_per_gpu} is larger than the per-process share of the global batch "
                         f"({global_batch} / {world} processes = {share}); use --batch-per-gpu <= {share}")
     if global_batch % (world * batch_per_gpu):
-        raise UserError(f"--global-batch-size {global_batch} is not divisible by {world} processes x --batch-per-gpu "
+        raise UserError(f"--global-batch-size {global_batch} is not divisible by {world} process(es) x --batch-per-gpu "
                         f"{batch_per_gpu}; pick a --batch-per-gpu that divides {share}")
     return batch_per_gpu, share // batch_per_gpu
 
