@@ -42,6 +42,7 @@ STORE_FORMAT = "fcdm-latents"  # attrs["format"] of a store
 STORE_FORMAT_VERSION = 1  # bump on an incompatible layout change
 STORE_MODES = ("moments", "sample")
 # Settings that must match when a store is reopened for writing (resume) - see preparation/store.py.
+_GRAIN = 32768  # elements per op slice (torch's at::internal::GRAIN_SIZE)
 SETTING_KEYS = ("image_size", "vae", "scaling_factor", "store", "count", "latent_shape", "orientations",
                 "class_names", "shard_size", "chunk_size", "seed")
 
@@ -204,17 +205,22 @@ class ZarrLatentDataset:
             return values.float(), torch.from_numpy(self.labels[indices])  # scaled samples (B, C, H, W)
         if noise_seeds is None:
             noise_seeds = rng.integers(0, 2 ** 63 - 1, size=len(indices))
-        # values: (B, 2, C, H, W) = (mean, std). One item per op keeps every op below torch's
-        # parallel grain size (32768 elements for latents up to 64x64x8), so none fans out to the
+        # values: (B, 2, C, H, W) = (mean, std). Each item's eps comes from its own seed. Work in
+        # slices below torch's parallel grain size (32768 elements) so no op fans out to the
         # intra-op pool: on a busy machine a parallel region waits for its slowest thread, and the
-        # reader threads already run in parallel. Each item's eps comes from its own seed.
+        # reader threads already run in parallel.
         gen = torch.Generator()
-        x = torch.empty((values.shape[0], *values.shape[2:]), dtype=torch.float32)  # (B, C, H, W)
-        for i in range(values.shape[0]):
-            v = values[i].float()  # (2, C, H, W)
-            eps = torch.randn(v[0].shape, generator=gen.manual_seed(int(noise_seeds[i])))
-            torch.addcmul(v[0], v[1], eps, out=x[i])  # mean + std * eps
-            x[i].mul_(self.scaling_factor)  # z = (mean + std * eps) * s
+        b = values.shape[0]
+        x = torch.empty((b, *values.shape[2:]), dtype=torch.float32)  # (B, C, H, W)
+        eps = torch.empty_like(x)
+        for i in range(b):
+            torch.randn(x.shape[1:], generator=gen.manual_seed(int(noise_seeds[i])), out=eps[i])
+        step = max(1, _GRAIN // values[0].numel())
+        for s in range(0, b, step):
+            v = values[s:s + step].float()  # (g, 2, C, H, W)
+            out = x[s:s + step]
+            torch.addcmul(v[:, 0], v[:, 1], eps[s:s + step], out=out)  # mean + std * eps
+            out.mul_(self.scaling_factor)  # z = (mean + std * eps) * s
         return x, torch.from_numpy(self.labels[indices])
 
 
