@@ -12,6 +12,11 @@ command resumes from the newest readable checkpoint in `<run>/checkpoints/`: mod
 step, data position and every random state of every process. Training N steps straight and N/2 +
 resume N/2 give bitwise-identical weights (on CPU; on GPUs as far as the kernels are deterministic).
 
+Every random draw of a step (data order, flips, posterior noise, timesteps, noise, label dropout) is
+a function of (seed, step, index of the sample in the global batch) (fcdm_common/step_rng.py), so
+a run is the same at any process count and `--batch-per-gpu` (gradient accumulation) up to float
+summation order, and a checkpoint resumes on another process count on the same trajectory.
+
 Per step there is no host synchronisation: losses and gradient norms accumulate in device tensors
 that are reduced over all processes only every `--log-every` steps; a non-finite step is skipped on
 the device (fused AdamW's `found_inf`, EMA weight 0). With `--optimizer-impl foreach` the skip needs
