@@ -179,3 +179,54 @@ def test_two_nodes_on_one_machine_equal_one_node_with_two_processes(runs, tmp_pa
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
     assert losses(tmp_path) == losses(runs["2x1"]["results"])
+
+
+class _Accel:
+    """The two Accelerator methods accumulate_gradients uses; fp16-style loss scaling when given a scaler."""
+
+    def __init__(self, scaler=None):
+        self.scaler = scaler
+
+    def autocast(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def backward(self, loss):
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+
+@pytest.mark.parametrize("use_scaler", [False, True])
+def test_accumulated_gradient_is_the_full_batch_mean(use_scaler):
+    """In process: 4 micro-batches (optionally through a GradScaler, unscaled once) give the gradient of
+    the plain full-batch mean loss with the same draws, to float rounding."""
+    from diffusion import create_diffusion
+    from fcdm_common.step_rng import StepDraws
+    from models import create_model
+    from train_gen.train import accumulate_gradients
+
+    torch.manual_seed(0)
+    model = create_model("FCDM-digits", hidden_size=16, depths=(1, 1, 1, 1, 1), num_classes=4).train()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # open the zero-initialised gates
+    objective = create_diffusion()
+    draws = StepDraws(0, 16, 1, 0, (3, 8, 8), "cpu", objective.sample_timesteps, model.label_drop_shape,
+                      model.class_dropout_prob).draw(0)
+    x = torch.randn(16, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    y = torch.arange(16) % 4
+    full = objective.training_losses(model, x, draws["t"], model_kwargs={"y": y, "drop_mask": draws["drop_mask"]},
+                                     noise=draws["noise"])
+    full["loss"].mean().backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) if use_scaler else None
+    out = accumulate_gradients(model, objective, _Accel(scaler), x, y, draws, 4)
+    if scaler is not None:
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        scaler.unscale_(opt)
+    torch.testing.assert_close(out["loss"], full["loss"].mean(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(out["mse"], full["mse"].mean(), rtol=1e-6, atol=0)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], rtol=1e-5, atol=1e-7, msg=lambda m: f"{n}: {m}")
+    assert max(float(ref[n].abs().max()) for n in ref) > 1e-3  # the gradients are not trivially zero
