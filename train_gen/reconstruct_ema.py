@@ -86,8 +86,7 @@ def main(argv=None):
                 "posthoc_ema": {"sigma_rel": s, "gamma": gamma, "achieved_sigma_rel": gamma_to_sigma_rel(gamma),
                                 "snapshots": [u["path"].name for u in used],
                                 "coefficients": [float(c) for c in coefs]}}
-        if path.parent != Path(""):
-            path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         save_checkpoint(ckpt, path)
         print(f"wrote {path} (sigma_rel {s}, gamma {gamma:.3f}, step {t_step})", flush=True)
 
