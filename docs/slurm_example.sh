@@ -15,6 +15,8 @@
 set -euo pipefail
 
 GPUS_PER_NODE=8
+BATCH_PER_GPU=8    # micro-batch per GPU: 256 / (4 nodes x 8 GPUs) = 8 in one pass; lower it (4, 2) to
+                   # accumulate gradients on smaller GPUs - the run is the same at any setting and GPU count
 STORE=/shared/data/imagenet256.zarr          # from preparation/extract_features.py
 RESULTS=/shared/results                      # shared by all nodes; only the main process writes
 VAE_DIR=/shared/vae/sd-vae-ft-ema            # local VAE snapshot for the sample grids (offline nodes)
@@ -32,6 +34,7 @@ srun --kill-on-bad-exit=1 bash -c "
     --num_machines $SLURM_NNODES --num_processes $NUM_PROCESSES \
     --machine_rank \$SLURM_NODEID --main_process_ip $MASTER_ADDR --main_process_port $MASTER_PORT \
     train_gen/train.py --model FCDM-XL --zarr-path $STORE --results-dir $RESULTS \
-      --global-batch-size 256 --hf-model-dir $VAE_DIR --ckpt-every 10000 --sample-every 10000
+      --global-batch-size 256 --batch-per-gpu $BATCH_PER_GPU --hf-model-dir $VAE_DIR \
+      --ckpt-every 10000 --sample-every 10000
 " &
 wait

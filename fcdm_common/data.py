@@ -14,12 +14,15 @@ scaled draw per image and orientation, the DiT/FCDM paper pipeline. Horizontal f
 augmentation of DiT and the paper) pick the stored flipped orientation instead of flipping the
 latent, which is not equivariant.
 
-`TrainLoader` makes the batches a pure function of (seed, rank, world_size, step): epoch e is the
-permutation `default_rng(SeedSequence([seed, e, ...])).permutation(N)`, cut into global batches of
-batch_size * world_size (the ragged tail is dropped) and each global batch into disjoint per-rank
-slices; orientation and eps come from a generator seeded by (seed, world_size, rank, step). So the
-batches do not depend on num_workers, and `start_step=k` resumes at step k without reading what was
-skipped.
+`TrainLoader` makes every sample a pure function of (seed, step, index in the global batch), as
+fcdm_common/step_rng.py does for the rest of a step: epoch e is the global permutation
+`default_rng(SeedSequence([seed, e, ...])).permutation(N)`, cut into global batches of
+G = batch_size * world_size (the ragged tail is dropped); process r takes the contiguous slice
+[r * batch_size, (r + 1) * batch_size) of each. The orientations and posterior-noise seeds of all G
+samples come from one generator seeded by (seed, step), each item's eps from its own seed. So the
+batches do not depend on num_workers, and for a fixed G neither on world_size (concatenating the
+ranks' batches gives the 1-process batch); `start_step=k` resumes at step k without reading what
+was skipped.
 """
 from __future__ import annotations
 
@@ -198,25 +201,32 @@ class ZarrLatentDataset:
         rows[order] = inverse
         return block[rows, orient]
 
-    def get_batch(self, indices: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Model-ready scaled latents (B, C, H, W) float32 and labels (B,) int64."""
-        orient = rng.integers(0, self.orientations if self.hflip else 1, size=len(indices))
+    def get_batch(self, indices: np.ndarray, rng: np.random.Generator | None, orient: np.ndarray | None = None,
+                  noise_seeds: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Model-ready scaled latents (B, C, H, W) float32 and labels (B,) int64. `orient` (B,) and
+        `noise_seeds` (B,) (one posterior-noise seed per item) are drawn from `rng` when not given."""
+        if orient is None:
+            orient = rng.integers(0, self.orientations if self.hflip else 1, size=len(indices))
         values = torch.from_numpy(np.ascontiguousarray(self.read(indices, orient)))
         if self.mode != "moments":
             return values.float(), torch.from_numpy(self.labels[indices])  # scaled samples (B, C, H, W)
-        # values: (B, 2, C, H, W) = (mean, std). Work in slices below torch's parallel grain size
-        # (32768 elements) so no op fans out to the intra-op pool: on a busy machine a parallel
-        # region waits for its slowest thread, and the reader threads already run in parallel.
-        gen = torch.Generator().manual_seed(int(rng.integers(0, 2 ** 63 - 1)))
+        if noise_seeds is None:
+            noise_seeds = rng.integers(0, 2 ** 63 - 1, size=len(indices))
+        # values: (B, 2, C, H, W) = (mean, std). Each item's eps comes from its own seed. Work in
+        # slices below torch's parallel grain size (32768 elements) so no op fans out to the
+        # intra-op pool: on a busy machine a parallel region waits for its slowest thread, and the
+        # reader threads already run in parallel.
+        gen = torch.Generator()
         b = values.shape[0]
-        per_item = values[0].numel()
-        step = max(1, _GRAIN // per_item)
         x = torch.empty((b, *values.shape[2:]), dtype=torch.float32)  # (B, C, H, W)
+        eps = torch.empty_like(x)
+        for i in range(b):
+            torch.randn(x.shape[1:], generator=gen.manual_seed(int(noise_seeds[i])), out=eps[i])
+        step = max(1, _GRAIN // values[0].numel())
         for s in range(0, b, step):
             v = values[s:s + step].float()  # (g, 2, C, H, W)
-            eps = torch.randn(v[:, 0].shape, generator=gen)
             out = x[s:s + step]
-            torch.addcmul(v[:, 0], v[:, 1], eps, out=out)  # mean + std * eps
+            torch.addcmul(v[:, 0], v[:, 1], eps[s:s + step], out=out)  # mean + std * eps
             if self.shift_factor:
                 out.sub_(self.shift_factor)
             out.mul_(self.scaling_factor)  # z = (mean + std * eps - shift) * s
@@ -277,8 +287,9 @@ class LegacyNpyDataset:
     def prepare(self, local_world_size: int | None = None) -> None:
         pass
 
-    def get_batch(self, indices: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        orient = rng.integers(0, self.orientations if self.hflip else 1, size=len(indices))
+    def get_batch(self, indices: np.ndarray, rng: np.random.Generator | None,
+                  orient: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        orient = rng.integers(0, self.orientations if self.hflip else 1, size=len(indices)) if orient is None else orient
         x = np.stack([self._load(int(i))[o] for i, o in zip(indices, orient)]).astype(np.float32)
         if tuple(x.shape[1:]) != self.latent_shape:
             raise UserError(f"latent files in {self.feature_path} have different shapes; re-extract them")
@@ -306,9 +317,11 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng(np.random.SeedSequence([seed, epoch, 0x5EED])).permutation(n)
 
 
-def batch_rng(seed: int, world_size: int, rank: int, step: int) -> np.random.Generator:
-    """Generator for the orientation choice and posterior noise of one batch."""
-    return np.random.default_rng(np.random.SeedSequence([seed, world_size, rank, step, 0xF11B]))
+def batch_rng(seed: int, step: int) -> np.random.Generator:
+    """Generator of the orientation choices and posterior-noise seeds of one GLOBAL batch."""
+    from .step_rng import step_seed
+
+    return np.random.default_rng(step_seed(seed, step, "data"))
 
 
 class _StepBatches:
@@ -337,8 +350,14 @@ class _StepBatches:
         return perm[start:start + self.batch_size]
 
     def __getitem__(self, step: int):
-        rng = batch_rng(self.seed, self.world_size, self.rank, step)
-        return self.dataset.get_batch(self.indices(step), rng)
+        rng = batch_rng(self.seed, step)
+        g, ds = self.batch_size * self.world_size, self.dataset
+        orient = rng.integers(0, ds.orientations if ds.hflip else 1, size=g)  # every sample of the global batch
+        rows = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        if getattr(ds, "mode", "sample") == "moments":
+            seeds = rng.integers(0, 2 ** 63 - 1, size=g)
+            return ds.get_batch(self.indices(step), None, orient=orient[rows], noise_seeds=seeds[rows])
+        return ds.get_batch(self.indices(step), None, orient=orient[rows])
 
 
 class TrainLoader:

@@ -9,11 +9,24 @@ passes 0 for a skipped (non-finite) step so the EMA is not moved, without a host
 
 `update_ema_reference` is the plain per-parameter loop (DiT's formulation) kept as the baseline
 for benchmarks and as the independent reference in tests.
+
+Post-hoc EMA (Karras et al., "Analyzing and Improving the Training Dynamics of Diffusion Models",
+CVPR 2024, Section 3): `PowerEMA` keeps power-function averages, each updated at step t (t = 1, 2,
+...) with beta_t = (1 - 1/t)^(gamma + 1). Unrolled, the average after step T weighs the weights
+theta_tau after step tau by (tau^(gamma+1) - (tau-1)^(gamma+1)) / T^(gamma+1): the integral over
+(tau-1, tau] of the profile p_T(s) = (gamma + 1) s^gamma / T^(gamma+1) on [0, T], whose relative
+width (standard deviation / T) is sigma_rel = (gamma+1)^(1/2) / ((gamma+2) (gamma+3)^(1/2)).
+Snapshots of the averages saved during training are combined afterwards into the average of any
+other (sigma_rel, T): `posthoc_coefficients` solves the least-squares fit of the target profile by
+the snapshots' profiles from their closed-form inner products (`profile_dot`).
 """
 from __future__ import annotations
 
 import copy
-from typing import Optional
+import math
+from typing import Optional, Sequence
+
+import numpy as np
 
 import torch
 import torch.nn as nn
@@ -72,3 +85,186 @@ def create_ema(model: nn.Module) -> nn.Module:
     ema = copy.deepcopy(model)
     ema.requires_grad_(False)
     return ema.eval()
+
+
+# ---------------------------------------------------------------------------------- post-hoc EMA
+def gamma_to_sigma_rel(gamma: float) -> float:
+    """Relative standard deviation of the power profile with exponent gamma (EDM2, Eq. 3)."""
+    return math.sqrt(gamma + 1) / ((gamma + 2) * math.sqrt(gamma + 3))
+
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    """The exponent gamma >= 0 whose profile has relative width sigma_rel (0 < sigma_rel <= 1/sqrt(12)).
+
+    sigma_rel^-2 = (gamma+2)^2 (gamma+3) / (gamma+1) is the cubic gamma^3 + 7 gamma^2 + (16 - r) gamma
+    + (12 - r) = 0 with r = sigma_rel^-2; its largest real root is the answer."""
+    if not 0 < sigma_rel <= gamma_to_sigma_rel(0.0):
+        raise ValueError(f"sigma_rel must lie in (0, {gamma_to_sigma_rel(0.0):.4f}] (gamma >= 0), got {sigma_rel}")
+    r = sigma_rel ** -2
+    roots = np.roots([1.0, 7.0, 16.0 - r, 12.0 - r])
+    gamma = float(max(z.real for z in roots if abs(z.imag) < 1e-9))
+    return max(gamma, 0.0)
+
+
+def profile_dot(t_a: float, gamma_a: float, t_b: float, gamma_b: float) -> float:
+    """Integral over s of p_a(s) p_b(s) for power profiles p(s) = (g+1) s^g / t^(g+1) on [0, t]:
+    (g_a+1)(g_b+1) m^(g_a+g_b+1) / ((g_a+g_b+1) t_a^(g_a+1) t_b^(g_b+1)), m = min(t_a, t_b) (in logs)."""
+    m = min(t_a, t_b)
+    g = gamma_a + gamma_b + 1
+    log = (math.log(gamma_a + 1) + math.log(gamma_b + 1) - math.log(g) + g * math.log(m)
+           - (gamma_a + 1) * math.log(t_a) - (gamma_b + 1) * math.log(t_b))
+    return math.exp(log)
+
+
+def posthoc_coefficients(snap_steps: Sequence[float], snap_gammas: Sequence[float], target_step: float,
+                         target_gamma: float) -> np.ndarray:
+    """Least-squares weights x of the snapshots: sum_i x_i p_i is the closest (in L2) to the target profile.
+    Normal equations A x = b with A_ij = <p_i, p_j>, b_i = <p_i, p_target>, solved by lstsq (float64)."""
+    n = len(snap_steps)
+    if n == 0 or len(snap_gammas) != n:
+        raise ValueError("need at least one snapshot, with one gamma per step")
+    scale = float(target_step)  # profiles are scale-free; work in units of the target step
+    ts = [float(t) / scale for t in snap_steps]
+    A = np.array([[profile_dot(ts[i], snap_gammas[i], ts[j], snap_gammas[j]) for j in range(n)] for i in range(n)])
+    b = np.array([profile_dot(ts[i], snap_gammas[i], 1.0, target_gamma) for i in range(n)])
+    return np.linalg.lstsq(A, b, rcond=None)[0]
+
+
+def power_weights(step: int, gamma: float) -> np.ndarray:
+    """Weights (step,) of theta_1..theta_step in the power EMA after `step` updates (closed form)."""
+    tau = np.arange(1, step + 1, dtype=np.float64)
+    return (tau / step) ** (gamma + 1) - ((tau - 1) / step) ** (gamma + 1)
+
+
+class PowerEMA:
+    """Power-function EMAs of every floating-point state_dict entry of a model, one per sigma_rel.
+
+    `update(model, t)` after optimizer step t (>= 1) applies beta_t = (1 - 1/t)^(gamma+1) with foreach
+    lerps (no host synchronisation); a skipped step leaves the weights unchanged, which the profile
+    already accounts for. `state_dict()` holds the exact float32 averages for bitwise resume."""
+
+    def __init__(self, model: nn.Module, sigma_rels: Sequence[float]):
+        self.sigma_rels = [float(s) for s in sigma_rels]  # relative widths tracked
+        self.gammas = [sigma_rel_to_gamma(s) for s in self.sigma_rels]  # their exponents
+        state = model.state_dict()
+        self.names = [k for k, v in state.items() if v.dtype.is_floating_point]  # averaged entries
+        self.averages = [{k: state[k].detach().clone() for k in self.names} for _ in self.sigma_rels]
+        self.t = 0  # updates so far
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, t: int) -> None:
+        state = model.state_dict()
+        current = [state[k] for k in self.names]
+        for gamma, avg in zip(self.gammas, self.averages):
+            beta = (1.0 - 1.0 / t) ** (gamma + 1.0)
+            torch._foreach_lerp_([avg[k] for k in self.names], current, 1.0 - beta)
+        self.t = int(t)
+
+    def full_state(self, i: int, model: nn.Module) -> dict:
+        """Average i as a complete state_dict of `model` (non-float entries from the model)."""
+        state = model.state_dict()
+        return {k: self.averages[i].get(k, v) for k, v in state.items()}
+
+    def state_dict(self) -> dict:
+        return {"sigma_rels": list(self.sigma_rels), "gammas": list(self.gammas), "t": self.t,
+                "averages": [dict(a) for a in self.averages]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if [float(s) for s in state["sigma_rels"]] != self.sigma_rels:
+            raise ValueError(f"the checkpoint tracks sigma_rel {state['sigma_rels']}, this run {self.sigma_rels}")
+        for avg, saved in zip(self.averages, state["averages"]):
+            for k in self.names:
+                avg[k].copy_(saved[k])
+        self.t = int(state["t"])
+
+
+# ---------------------------------------------------------------------------------- snapshots
+POSTHOC_DIR = "posthoc_ema"  # snapshot folder inside the run folder
+SNAPSHOT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def snapshot_path(run_dir, step: int, sigma_rel: float):
+    from pathlib import Path
+
+    return Path(run_dir) / POSTHOC_DIR / f"{step:07d}-sigma{sigma_rel:.4f}.safetensors"
+
+
+def save_posthoc_snapshots(power_ema: PowerEMA, model: nn.Module, run_dir, step: int, dtype: str = "fp16",
+                           metadata: Optional[dict] = None) -> list:
+    """Write every tracked average as <run>/posthoc_ema/<step>-sigma<s>.safetensors in `dtype`
+    (float entries; the rest as they are), atomically. Returns the paths."""
+    from .trainutil import save_safetensors
+
+    paths = []
+    for i, (sigma, gamma) in enumerate(zip(power_ema.sigma_rels, power_ema.gammas)):
+        state = {k: (v.to(SNAPSHOT_DTYPES[dtype]) if v.dtype.is_floating_point else v)
+                 for k, v in power_ema.full_state(i, model).items()}
+        path = snapshot_path(run_dir, step, sigma)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_safetensors(state, path, metadata={**(metadata or {}), "step": step, "sigma_rel": repr(sigma),
+                                                "gamma": repr(gamma), "dtype": dtype})
+        paths.append(path)
+    return paths
+
+
+def list_posthoc_snapshots(run_dir) -> list[dict]:
+    """Snapshots of a run, oldest first: dicts with path, step, sigma_rel, gamma (from the file metadata)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    found = []
+    folder = Path(run_dir) / POSTHOC_DIR
+    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if not {"step", "gamma", "sigma_rel"} <= set(meta):
+            continue
+        found.append({"path": path, "step": int(meta["step"]), "gamma": float(meta["gamma"]),
+                      "sigma_rel": float(meta["sigma_rel"])})
+    return sorted(found, key=lambda s: (s["step"], s["sigma_rel"]))
+
+
+def remove_snapshots_after(run_dir, step: int) -> list:
+    """Delete snapshots newer than `step` (work lost by a kill, redone after resume)."""
+    removed = [s["path"] for s in list_posthoc_snapshots(run_dir) if s["step"] > step]
+    for p in removed:
+        p.unlink()
+    return removed
+
+
+@torch.no_grad()
+def reconstruct_from_snapshots(snapshots: Sequence[dict], targets: Sequence[tuple], log=lambda m: None) -> list:
+    """float32 state_dicts of the power EMAs `targets` [(step, gamma), ...] combined from `snapshots`
+    (list_posthoc_snapshots entries with step <= the target's step), reading each file once.
+    Returns one (state_dict, coefficients) per target."""
+    from safetensors.torch import load_file
+
+    coefs = []
+    for t_step, t_gamma in targets:
+        use = [s["step"] <= t_step for s in snapshots]
+        x = np.zeros(len(snapshots))
+        idx = [i for i, u in enumerate(use) if u]
+        if not idx:
+            raise ValueError(f"no snapshot at or before step {t_step}")
+        x[idx] = posthoc_coefficients([snapshots[i]["step"] for i in idx], [snapshots[i]["gamma"] for i in idx],
+                                      t_step, t_gamma)
+        coefs.append(x)
+    outs: list = [None] * len(targets)
+    for i, snap in enumerate(snapshots):
+        if not any(c[i] != 0 for c in coefs):
+            continue
+        log(f"reading snapshot {snap['path'].name} ({i + 1}/{len(snapshots)})")
+        state = load_file(str(snap["path"]))
+        for j, c in enumerate(coefs):
+            if c[i] == 0:
+                continue
+            if outs[j] is None:
+                outs[j] = {k: (torch.zeros_like(v, dtype=torch.float32) if v.dtype.is_floating_point else v.clone())
+                           for k, v in state.items()}
+            for k, v in state.items():
+                if v.dtype.is_floating_point:
+                    outs[j][k].add_(v.float(), alpha=float(c[i]))
+                else:
+                    outs[j][k] = v.clone()
+    return list(zip(outs, coefs))

@@ -37,9 +37,8 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 __all__ = [
     "DIFFUSION_SAMPLERS", "FLOW_SAMPLERS", "DIT_SAMPLE_LABELS", "SamplingSetup", "FixedBatchModel",
     "add_sampler_args", "sampler_settings", "resolve_sampler", "parse_cfg_channels", "sample_seed",
-    "sample_generator", "sample_labels", "load_setup", "generate", "decode_to_uint8", "write_png", "read_png",
-    "write_npz", "validate_npz", "package_versions",
-]
+    "sample_generator", "sample_labels", "load_setup", "generate", "decode_to_uint8",
+]  # PNG/npz/JSON files: fcdm_common/archives.py
 
 
 # ----------------------------------------------------------------------------- seeds and labels

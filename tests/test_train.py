@@ -204,7 +204,7 @@ def test_two_processes_torchrun(store, tmp_path):
     assert ckpt["config"]["run"]["world_size"] == 2 and ckpt["config"]["train"]["batch_per_process"] == 8
     ranks = ckpt["rng_per_rank"]
     assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
-    assert not torch.equal(ranks[0]["generators"]["timesteps"], ranks[1]["generators"]["timesteps"])
+    assert ckpt["rng_scheme"] == "step-v1"  # training draws: functions of (seed, step, sample index)
     # global batch not divisible by the processes: one clear message before training
     proc = run(TINY[:-6] + ["--global-batch-size", "15", "--lr", "1e-3", "--num-workers", "0", "--zarr-path", store,
                             "--results-dir", tmp_path / "x", "--max-train-steps", 2], check=False,
@@ -247,6 +247,8 @@ def test_nonfinite_steps_are_skipped_then_training_stops(store, tmp_path):
     (["--model-kwargs", '{"in_channels": 4}'], "in_channels=4"),
     (["--global-batch-size", "128"], "fewer than one global batch"),
     (["--objective", "flow", "--grid-sampler", "ddpm"], "does not fit --objective flow"),
+    (["--batch-per-gpu", "32"], "larger than the per-process share"),
+    (["--batch-per-gpu", "5"], r"not divisible by 1 process\(es\) x --batch-per-gpu 5"),
 ])
 def test_bad_inputs(store, tmp_path, extra, message):
     with pytest.raises(UserError, match=message):
@@ -285,3 +287,18 @@ def test_cli_exit_status_and_help():
     proc = subprocess.run([sys.executable, TRAIN, "--model", "FCDM-nope", "--zarr-path", "/nonexistent"], env=ENV,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "unknown --model" in proc.stderr
+
+
+def test_checkpoint_from_before_per_step_draws_is_refused(store, tmp_path):
+    common = TINY + ["--zarr-path", store, "--results-dir", tmp_path, "--exp-name", "old", "--log-every", 2,
+                     "--ckpt-every", 2, "--sample-every", 0]
+    _main(common + ["--max-train-steps", 2])
+    path = tmp_path / "old" / "checkpoints" / "0000002.pt"
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["rng_scheme"]  # what a checkpoint of the per-process scheme looks like
+    torch.save(ckpt, path)
+    with pytest.raises(UserError, match="cannot continue the same trajectory; start a new run"):
+        _main(common + ["--max-train-steps", 4])
+    _main(common + ["--max-train-steps", 4, "--allow-rng-scheme-change", "true"])
+    log = (tmp_path / "old" / "log.txt").read_text()
+    assert "continuing with new random streams" in log and "done: 4 steps" in log

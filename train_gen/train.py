@@ -12,6 +12,11 @@ command resumes from the newest readable checkpoint in `<run>/checkpoints/`: mod
 step, data position and every random state of every process. Training N steps straight and N/2 +
 resume N/2 give bitwise-identical weights (on CPU; on GPUs as far as the kernels are deterministic).
 
+Every random draw of a step (data order, flips, posterior noise, timesteps, noise, label dropout) is
+a function of (seed, step, index of the sample in the global batch) (fcdm_common/step_rng.py), so
+a run is the same at any process count and `--batch-per-gpu` (gradient accumulation) up to float
+summation order, and a checkpoint resumes on another process count on the same trajectory.
+
 Per step there is no host synchronisation: losses and gradient norms accumulate in device tensors
 that are reduced over all processes only every `--log-every` steps; a non-finite step is skipped on
 the device (fused AdamW's `found_inf`, EMA weight 0). With `--optimizer-impl foreach` the skip needs
@@ -20,6 +25,7 @@ one host synchronisation per step (documented in docs/training.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -31,9 +37,11 @@ from fcdm_common.checkpoint import load_checkpoint, save_checkpoint
 from fcdm_common.cli import UserError, error_summary, non_negative_int, positive_int, run_main, str2bool
 from fcdm_common.cpu import tune_cpu_allocator
 from fcdm_common.data import TrainLoader, open_dataset
-from fcdm_common.ema import create_ema, update_ema
+from fcdm_common.ema import (SNAPSHOT_DTYPES, PowerEMA, create_ema, remove_snapshots_after, save_posthoc_snapshots,
+                              update_ema)
 from fcdm_common.io import atomic_write_text, remove_stale_temps
 from fcdm_common.runlock import acquire_run_lock
+from fcdm_common.step_rng import RNG_SCHEME, StepDraws, micro_batches, take
 from fcdm_common.trainutil import (RunLogger, capture_rng, checkpoint_path, ema_export_path, experiment_name,
                                    export_ema, find_resume_checkpoint, prune_checkpoints, rank_seed, restore_rng,
                                    seed_everything, truncate_metrics)
@@ -69,6 +77,21 @@ def _ckpt_mode(value: str) -> str:
         return "full" if str2bool(v) else "none"
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected none, selective or full (or a boolean), got {value!r}") from None
+
+
+def _sigma_list(value: str) -> list:
+    from fcdm_common.ema import sigma_rel_to_gamma
+
+    try:
+        out = [float(v) for v in value.split(",") if v.strip()]
+        for v in out:
+            sigma_rel_to_gamma(v)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated sigma_rel values in (0, 0.2887], got {value!r} "
+                                         f"({e})") from None
+    if not out:
+        raise argparse.ArgumentTypeError("expected at least one sigma_rel")
+    return out
 
 
 def _positive_float(value: str) -> float:
@@ -115,12 +138,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "that stops with a list of them); the unreadable files stay until overwritten")
     g = p.add_argument_group("optimisation (defaults: paper Table 6)")
     g.add_argument("--global-batch-size", type=positive_int, default=256, help="images per step over all processes")
+    g.add_argument("--batch-per-gpu", type=positive_int, default=None,
+                   help="micro-batch per process; gradients accumulate over global / (processes x this) micro-batches "
+                        "per optimizer step (default: the whole per-process share at once). The run's trajectory "
+                        "does not depend on it nor on the process count")
+    g.add_argument("--allow-rng-scheme-change", type=str2bool, default=False,
+                   help="resume a checkpoint written before per-step random draws anyway (new random streams, "
+                        "a different trajectory from the one it started)")
     g.add_argument("--lr", type=_positive_float, default=1e-4, help="AdamW learning rate (constant)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--max-train-steps", type=positive_int, default=None,
                    help=f"total optimizer steps (default: --epochs, else {PAPER_STEPS})")
     g.add_argument("--epochs", type=positive_int, default=None, help="train this many passes over the data")
     g.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay per step")
+    g.add_argument("--posthoc-ema-snapshot-every", type=non_negative_int, default=0,
+                   help="also track EDM2 power-function EMAs and save snapshots of them every N steps into "
+                        "<run>/posthoc_ema/ for train_gen/reconstruct_ema.py (0: off)")
+    g.add_argument("--posthoc-ema-sigma-rels", type=_sigma_list, default=[0.05, 0.10],
+                   help="relative widths of the tracked power-function EMAs, comma-separated")
+    g.add_argument("--posthoc-ema-dtype", choices=tuple(SNAPSHOT_DTYPES), default="fp16",
+                   help="precision of the snapshot files (the tracked averages stay float32)")
     g.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=None,
                    help="autocast precision (default: what accelerate was launched/configured with, else no)")
     g.add_argument("--grad-checkpointing", type=_ckpt_mode, default="none",
@@ -342,6 +379,76 @@ def _nondefault_training(args) -> dict:
     return {k: getattr(args, k) for k in TRAJECTORY_SETTINGS if getattr(args, k) != parser.get_default(k)}
 
 
+def accumulation_steps(global_batch: int, world: int, batch_per_gpu) -> tuple[int, int]:
+    """(micro-batch per process, micro-batches per optimizer step) for --batch-per-gpu (None: the whole share)."""
+    share = global_batch // world
+    if batch_per_gpu is None:
+        return share, 1
+    if batch_per_gpu > share:
+        raise UserError(f"--batch-per-gpu {batch_per_gpu} is larger than the per-process share of the global batch "
+                        f"({global_batch} / {world} processes = {share}); use --batch-per-gpu <= {share}")
+    if global_batch % (world * batch_per_gpu):
+        raise UserError(f"--global-batch-size {global_batch} is not divisible by {world} process(es) x --batch-per-gpu "
+                        f"{batch_per_gpu}; pick a --batch-per-gpu that divides {share}")
+    return batch_per_gpu, share // batch_per_gpu
+
+
+def check_rng_scheme(ckpt: dict, path, allow: bool, log) -> None:
+    """A checkpoint from before per-step draws (no "rng_scheme") cannot continue its trajectory."""
+    found = ckpt.get("rng_scheme")
+    if found == RNG_SCHEME:
+        return
+    what = (f"checkpoint {path} was written with random-draw scheme {found!r}" if found else
+            f"checkpoint {path} was written before training draws became per step (scheme {RNG_SCHEME!r})")
+    if not allow:
+        raise UserError(f"{what}, so this version cannot continue the same trajectory; start a new run (another "
+                        "--exp-name or --results-dir), or pass --allow-rng-scheme-change true to continue it "
+                        "with new random streams")
+    log(f"WARNING: {what}; continuing with new random streams (--allow-rng-scheme-change)")
+
+
+def resume_posthoc_ema(power_ema, ckpt: dict, path, start_step: int, log) -> None:
+    """Restore the power-function EMAs (bitwise); they cannot start in the middle of a run."""
+    saved = ckpt.get("posthoc_ema")
+    if power_ema is None:
+        if saved is not None:
+            log(f"WARNING: {path} tracked post-hoc EMAs; this run stops tracking them (--posthoc-ema-snapshot-every 0)")
+        return
+    if saved is None:
+        raise UserError(f"{path} (step {start_step}) was trained without --posthoc-ema-snapshot-every; the power-"
+                        "function averages must start at step 1, so they cannot be turned on mid-run: resume without "
+                        "it, or start a new run (another --exp-name)")
+    try:
+        power_ema.load_state_dict(saved)
+    except (ValueError, KeyError) as e:
+        raise UserError(f"{path}: {e}; resume with --posthoc-ema-sigma-rels "
+                        f"{','.join(str(s) for s in saved.get('sigma_rels', []))}") from None
+
+
+def accumulate_gradients(ddp_model, objective, accelerator, x, y, draws: dict, batch_per_gpu: int) -> dict:
+    """Forward and backward of this process's share (x, y and `draws` of StepDraws) in micro-batches of
+    `batch_per_gpu`. Each micro-batch's mean loss is divided by their number, so the summed gradient is
+    the share's mean (and, after DDP's average over processes, the global batch's mean); under DDP the
+    all-reduce runs on the last micro-batch only (no_sync before). Returns the share's mean "loss",
+    "mse" (and "vb") as detached float32 0-dim device tensors; no host synchronisation."""
+    rows_list = micro_batches(x.shape[0], batch_per_gpu)
+    n = len(rows_list)
+    sums: dict = {}
+    for k, rows in enumerate(rows_list):
+        d = take(draws, rows)
+        kwargs = {"y": y[rows], **({"drop_mask": d["drop_mask"]} if "drop_mask" in d else {})}
+        sync = k == n - 1 or not hasattr(ddp_model, "no_sync")
+        with contextlib.nullcontext() if sync else ddp_model.no_sync():
+            with accelerator.autocast():
+                losses = objective.training_losses(ddp_model, x[rows], d["t"], model_kwargs=kwargs, noise=d["noise"])
+            loss = losses["loss"].mean()
+            accelerator.backward(loss / n if n > 1 else loss)  # fp16: scaled by the GradScaler
+        for key, value in losses.items():
+            v = value.detach().float().mean()
+            sums[key] = v if key not in sums else sums[key] + v
+    return {key: v / n for key, v in sums.items()} if n > 1 else sums
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from accelerate import Accelerator
@@ -389,6 +496,7 @@ def main(argv=None):
     if args.global_batch_size % world:
         raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} processes")
     batch = args.global_batch_size // world
+    batch_per_gpu, accum_steps = accumulation_steps(args.global_batch_size, world, args.batch_per_gpu)
     if device.type == "cuda" and args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -419,7 +527,11 @@ def main(argv=None):
     config = {
         "model": args.model, "model_kwargs": model_kwargs, "objective": objective_name,
         "objective_kwargs": dict(args.objective_kwargs), "data": data, "vae": _vae_config(args, data),
-        "train": {"global_batch_size": args.global_batch_size, "batch_per_process": batch, "lr": args.lr,
+        "train": {"global_batch_size": args.global_batch_size, "batch_per_process": batch,
+                  "batch_per_gpu": batch_per_gpu, "grad_accum_steps": accum_steps, "rng_scheme": RNG_SCHEME,
+                  "posthoc_ema": {"snapshot_every": args.posthoc_ema_snapshot_every,
+                                  "sigma_rels": args.posthoc_ema_sigma_rels, "dtype": args.posthoc_ema_dtype},
+                  "lr": args.lr,
                   "betas": [0.9, 0.999], "weight_decay": args.weight_decay, "max_train_steps": max_steps,
                   "ema_decay": args.ema_decay, "grad_clip": args.grad_clip, "seed": args.seed,
                   "mixed_precision": accelerator.mixed_precision, "grad_checkpointing": args.grad_checkpointing,
@@ -464,6 +576,7 @@ def main(argv=None):
                             f"{json.dumps((old.get('data') or {}).get('latent_norm', {'mode': 'none'}))}, but the data "
                             f"now gives {json.dumps(config['data']['latent_norm'])}; train on the same store and "
                             "--latent-norm, or start a new run (--exp-name)")
+        check_rng_scheme(ckpt, ckpt_file, args.allow_rng_scheme_change, logger.log)
         old_train = old.get("train", {})
         for key in ("global_batch_size", "lr", "seed", "ema_decay", "weight_decay", "mixed_precision", "grad_clip"):
             if key in old_train and old_train[key] != config["train"][key]:
@@ -476,6 +589,7 @@ def main(argv=None):
         raise UserError(f"--model {args.model} has no set_grad_checkpointing(); use --grad-checkpointing none")
     model = model.to(device)  # the network keeps its own (channels-last) activation layout; inputs go in NHWC
     ema = create_ema(model)  # EMA starts as an exact copy (DiT: update_ema(ema, model, decay=0))
+    power_ema = PowerEMA(model, args.posthoc_ema_sigma_rels) if args.posthoc_ema_snapshot_every else None
     model.train()
     if args.compile:
         if hasattr(model, "compile_blocks"):
@@ -487,10 +601,13 @@ def main(argv=None):
                             fused=opt_impl == "fused", foreach=opt_impl == "foreach")
     scaler = accelerator.scaler  # a GradScaler for fp16 only
 
-    # --- per-rank random streams
+    # --- random draws: functions of (seed, step, sample index) (fcdm_common/step_rng.py); the global
+    # streams are seeded per rank for anything else, and restored on a same-world-size resume
     seed_everything(rank_seed(args.seed, rank, world))
-    t_gen = torch.Generator(device).manual_seed(rank_seed(args.seed, rank, world) + 0x7151)
-    generators = {"timesteps": t_gen}
+    generators = {}
+    step_draws = StepDraws(args.seed, args.global_batch_size, world, rank, data["latent_shape"], device,
+                           objective.sample_timesteps, getattr(model, "label_drop_shape", None),
+                           float(getattr(model, "class_dropout_prob", 0.0)))
     start_step, skipped_total = 0, 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -500,14 +617,12 @@ def main(argv=None):
             scaler.load_state_dict(ckpt["scaler"])
         start_step = int(ckpt["step"])
         skipped_total = int(ckpt.get("counters", {}).get("skipped_steps", 0))
+        resume_posthoc_ema(power_ema, ckpt, ckpt_file, start_step, logger.log)
         per_rank = ckpt.get("rng_per_rank")
         if per_rank and len(per_rank) == world:
             restore_rng(per_rank[rank], generators)
-        else:
-            logger.log(f"WARNING: {ckpt_file} was written by {len(per_rank or [])} processes, this run has {world}; "
-                       "random streams restart from the seed (resume is not bitwise exact)")
+        else:  # no training draw uses these streams, so the trajectory stays the same
             seed_everything(rank_seed(args.seed, rank, world) + start_step)
-            t_gen.manual_seed(rank_seed(args.seed, rank, world) + 0x7151 + start_step)
         logger.log(f"resumed from {ckpt_file} at step {start_step}")
         if is_main and ckpt_file.parent == run_dir / "checkpoints" and not ema_export_path(ckpt_file).exists():
             logger.log(f"completed the missing export {export_ema(ckpt['ema'], ckpt['config'], start_step, ckpt_file)}")
@@ -522,6 +637,7 @@ def main(argv=None):
             remove_stale_temps(folder)
         atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
         truncate_metrics(run_dir / "metrics.jsonl", start_step)
+        remove_snapshots_after(run_dir, start_step)  # post-hoc EMA snapshots of lost work
     if args.report_to != "none":
         accelerator.init_trackers(exp_name, config=_flat(config),
                                   init_kwargs={"wandb": {"name": exp_name, "dir": str(run_dir)}}
@@ -529,7 +645,9 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     logger.log(f"{args.model} ({n_params / 1e6:.2f}M parameters) {objective_name} on {data['name']} "
                f"({len(dataset)} items, latents {data['latent_shape']}, {data['num_classes']} classes); "
-               f"{world} process(es) x batch {batch}, precision {accelerator.mixed_precision}, {opt_impl} AdamW; "
+               f"{world} process(es) x batch {batch}"
+               + (f" ({accum_steps} micro-batches of {batch_per_gpu})" if accum_steps > 1 else "")
+               + f", precision {accelerator.mixed_precision}, {opt_impl} AdamW; "
                f"run folder {run_dir}; steps {start_step} -> {max_steps}")
 
     loader = TrainLoader(dataset, batch, rank=rank, world_size=world, seed=args.seed, start_step=start_step,
@@ -560,12 +678,15 @@ def main(argv=None):
         if is_main:
             state = {
                 "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
+                "rng_scheme": RNG_SCHEME,
                 "config": config, "rng": rng_all[0], "rng_per_rank": list(rng_all),
                 "data": {"step": loader.step, "epoch": loader.epoch, "seed": args.seed, "world_size": world},
                 "counters": {"skipped_steps": skipped, "nimg": step * args.global_batch_size},
             }
             if scaler is not None:
                 state["scaler"] = scaler.state_dict()
+            if power_ema is not None:
+                state["posthoc_ema"] = power_ema.state_dict()
             path = checkpoint_path(run_dir / "checkpoints", step)
             save_checkpoint(state, path)
             unreadable[:] = [p for p in unreadable if p.name != path.name]  # overwritten: readable now
@@ -599,11 +720,8 @@ def main(argv=None):
         x, y = next(data_iter)
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         y = y.to(device, non_blocking=True)
-        t = objective.sample_timesteps(x.shape[0], device, generator=t_gen)
-        with accelerator.autocast():
-            losses = objective.training_losses(ddp_model, x, t, model_kwargs=dict(y=y))
-        loss = losses["loss"].mean()
-        accelerator.backward(loss)  # fp16: scaled by the GradScaler
+        losses = accumulate_gradients(ddp_model, objective, accelerator, x, y, step_draws.draw(step), batch_per_gpu)
+        loss = losses["loss"]  # mean over this process's share
         if scaler is not None:
             scaler.unscale_(opt)
         grads = [p.grad for p in params if p.grad is not None]
@@ -623,6 +741,8 @@ def main(argv=None):
                 opt.step()
         opt.zero_grad(set_to_none=True)
         update_ema(ema, model, decay, weight=(~bad).float())
+        if power_ema is not None:  # a skipped step left the weights as they were: still an update
+            power_ema.update(model, step + 1)
         good = (~bad).float()
         sums["loss"] += torch.where(bad, 0.0, loss.detach().float())
         sums["mse"] += torch.where(bad, 0.0, losses["mse"].detach().float().mean())
@@ -666,6 +786,9 @@ def main(argv=None):
         if step % min(args.log_every, args.max_bad_steps) == 0 or step % args.ckpt_every == 0 or step == max_steps:
             check_bad_streak(step)
         pause_start = time.perf_counter()
+        if power_ema is not None and is_main and (step % args.posthoc_ema_snapshot_every == 0 or step == max_steps):
+            save_posthoc_snapshots(power_ema, model, run_dir, step, args.posthoc_ema_dtype,
+                                   metadata={"config": json.dumps(config)})
         if step % args.ckpt_every == 0 or step == max_steps:
             save(step)
         if args.sample_every > 0 and (step % args.sample_every == 0 or step == max_steps):
