@@ -141,6 +141,7 @@ class Suite:
             limit = min(limit, timeout_s)
         self.log("$ " + " ".join(shlex.quote(str(c)) for c in cmd) + f"   [limit {limit:.0f}s]")
         t = time.perf_counter()
+        cpu0 = _children_cpu_s()
         proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 cwd=REPO, env={**os.environ, **(env or {})}, start_new_session=True, bufsize=1)
         tail: List[str] = []
@@ -164,9 +165,11 @@ class Suite:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         reader.join(timeout=10)
-        sec = time.perf_counter() - t
-        self.log(f"  -> rc {proc.returncode}{' (stopped: time limit)' if timed_out else ''} after {sec:.1f}s")
-        return {"rc": proc.returncode, "timed_out": timed_out, "seconds": round(sec, 2), "tail": "\n".join(tail[-25:])}
+        sec, cpu = time.perf_counter() - t, _children_cpu_s() - cpu0
+        self.log(f"  -> rc {proc.returncode}{' (stopped: time limit)' if timed_out else ''} after {sec:.1f}s "
+                 f"({cpu:.1f} CPU-s)")
+        return {"rc": proc.returncode, "timed_out": timed_out, "seconds": round(sec, 2), "cpu_s": round(cpu, 2),
+                "tail": "\n".join(tail[-25:])}
 
     def step(self, name: str, fn: Callable[["Suite"], dict], min_s: float) -> None:
         rem = self.remaining()
@@ -201,6 +204,13 @@ class Suite:
         res = self.run(cmd, timeout_s)
         report = json.loads(path.read_text()) if res["rc"] == 0 and path.is_file() else None
         return {"run": res, "report": report, "command": " ".join(shlex.quote(str(c)) for c in cmd)}
+
+
+def _children_cpu_s() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def _oom(run: dict) -> bool:
@@ -353,9 +363,7 @@ def step_forward(suite: Suite) -> dict:
 
 def step_sampling(suite: Suite, extra: List[str]) -> dict:
     s = suite.sizes
-    helptext = subprocess.run([sys.executable, BENCH_MODEL, "--help"], capture_output=True, text=True, cwd=REPO).stdout
-    modes = re.search(r"--mode \{([^}]*)\}", helptext)
-    if not modes or "sample" not in modes.group(1).split(","):
+    if not _has_sample_mode():
         raise Skip("bench_model.py has no --mode sample yet (another change adds it); nothing measured")
     out = {}
     variants = [("eager", [])] + ([("compiled", ["--compile"])] if s.compile else [])
@@ -376,6 +384,16 @@ def step_sampling(suite: Suite, extra: List[str]) -> dict:
             entry["hours_for_50k"] = {k: 50_000 / v / 3600 for k, v in rates.items() if v > 0}
         out[label] = entry
     return out
+
+
+def _has_sample_mode() -> bool:
+    """Whether bench_model.py offers --mode sample: read from its source (no process start), else from --help."""
+    found = re.search(r'"--mode",\s*choices=\(([^)]*)\)', BENCH_MODEL.read_text())
+    if found:
+        return '"sample"' in found.group(1)
+    helptext = subprocess.run([sys.executable, BENCH_MODEL, "--help"], capture_output=True, text=True, cwd=REPO).stdout
+    modes = re.search(r"--mode \{([^}]*)\}", helptext)
+    return bool(modes) and "sample" in modes.group(1).split(",")
 
 
 def _find_rates(obj, prefix="") -> dict:
