@@ -12,11 +12,13 @@ the whole call still returns what was measured) and everything it prints to OUT/
                  sample_ddp.py batch 16 vs 32)
   3 train256     FCDM-XL training step at 32x32x4, batch 256, bf16: baseline (paper mode) vs optimized
                  with checkpointing none/selective/full in one process (bench_model.py --compare-baseline
-                 --extra-variants), then eager vs compiled in a second process; MFU against 989
-                 TFLOP/s (nominal dense bf16) and against the measured matmul rate
+                 --extra-variants); MFU against 989 TFLOP/s (nominal dense bf16) and against the
+                 measured matmul rate
      profile256  torch.profiler of one optimized training step: top kernels and ops (OUT/gpu_profile.txt)
      train512    FCDM-XL at 64x64x4, batch 256 (halved until it fits), selective and full checkpointing
   4 forward      forward throughput at batch 64, FCDM-XL vs DiT-XL/2 in one process, bf16 and TF32
+  3 compile256   eager vs compiled blocks, every checkpointing mode, in one process (after the cheap
+                 steps: compilation time is the least predictable part)
   5 sampling     bench_model.py --mode sample (eager and --compile) when that mode exists, else skipped
   6 latents      SD-VAE-sized random AutoencoderKL encoding 256x256 images at batch 64 (fp32, bf16);
                  the training loader copying batches to the GPU (bench_data.py --device cuda)
@@ -232,11 +234,11 @@ def _summary(report: dict, suite: Suite) -> dict:
     return {"rows": rows, "ratios": report["ratios"], "environment": report["environment"]}
 
 
-def _bench_step(suite: Suite, attempts: List[tuple]) -> dict:
+def _bench_step(suite: Suite, attempts: List[tuple], timeout_s: Optional[float] = None) -> dict:
     """Try each (tag, args) in turn until one succeeds; the next is tried only after an out-of-memory."""
     tried = []
     for tag, args in attempts:
-        b = suite.bench(tag, args)
+        b = suite.bench(tag, args, timeout_s)
         tried.append({"tag": tag, "command": b["command"], "rc": b["run"]["rc"], "timed_out": b["run"]["timed_out"],
                       "oom": _oom(b["run"])})
         if b["report"] is not None:
@@ -293,26 +295,33 @@ def _junit_cases(path: Path) -> dict:
 
 
 def step_train256(suite: Suite) -> dict:
-    s = suite.sizes
-    common = suite.model_args() + ["--latent-size", s.latent256, "--batch-size", s.train_batch, "--dtype", "bf16",
-                                   "--mode", "train", "--peak-tflops", NOMINAL_PEAK_TFLOPS]
+    common = _train256_args(suite)
     # every variant holds weights + AdamW + EMA on the device: one process for the checkpointing modes
-    # against the baseline, a second one for eager vs compiled
+    # against the baseline, another (step compile256) for eager vs compiled
     out = {"checkpointing": _bench_step(suite, [
         ("train256", common + ["--compare-baseline", "--extra-variants", "selective,full"]),
         ("train256_small", common + ["--compare-baseline"]),
-    ])}
-    if s.compile:
-        if suite.remaining() < 60:
-            out["compile"] = {"status": "skipped", "reason": "budget"}
-        else:
-            out["compile"] = _bench_step(suite, [
-                ("train256_compile", common + ["--extra-variants", "none+compile,selective+compile,full+compile"]),
-                ("train256_compile_small", common + ["--extra-variants", "none+compile"]),
-            ])
+    ], timeout_s=150)}
     if out["checkpointing"].get("status"):
         out["status"] = out["checkpointing"]["status"]
     return out
+
+
+def _train256_args(suite: Suite) -> List:
+    s = suite.sizes
+    return suite.model_args() + ["--latent-size", s.latent256, "--batch-size", s.train_batch, "--dtype", "bf16",
+                                 "--mode", "train", "--peak-tflops", NOMINAL_PEAK_TFLOPS]
+
+
+def step_compile256(suite: Suite) -> dict:
+    """Eager vs compiled blocks in one process (every checkpointing mode). Its own step, after the cheap
+    ones: compilation time is the least predictable part of the suite."""
+    if not suite.sizes.compile:
+        raise Skip("dry run: no compiled variants (C++ code generation on a CPU takes minutes)")
+    return _bench_step(suite, [
+        ("train256_compile", _train256_args(suite) + ["--extra-variants", "none+compile,selective+compile,full+compile"]),
+        ("train256_compile_small", _train256_args(suite) + ["--extra-variants", "none+compile"]),
+    ], timeout_s=150)
 
 
 def step_profile256(suite: Suite) -> dict:
@@ -341,7 +350,7 @@ def step_train512(suite: Suite) -> dict:
         if suite.remaining() < 30:
             out[mode] = {"status": "skipped", "reason": "budget"}
             continue
-        out[mode] = _bench_step(suite, attempts)
+        out[mode] = _bench_step(suite, attempts, timeout_s=90)
         out[mode]["fits_batch"] = int(re.search(r"_b(\d+)$", out[mode]["attempts"][-1]["tag"]).group(1)) \
             if not out[mode].get("status") else None
     return out
@@ -357,7 +366,7 @@ def step_forward(suite: Suite) -> dict:
             continue
         out[label] = _bench_step(suite, [(f"forward_{label}", suite.model_args() + [
             "--compare", s.dit, "--latent-size", s.latent256, "--batch-size", s.forward_batch, "--dtype", dtype,
-            "--mode", "forward"])])
+            "--mode", "forward"])], timeout_s=60)
     return out
 
 
@@ -373,7 +382,7 @@ def step_sampling(suite: Suite, extra: List[str]) -> dict:
             continue
         b = suite.bench(f"sample_{label}", suite.model_args() + [
             "--latent-size", s.latent256, "--batch-size", s.sample_batch, "--dtype", "bf16", "--mode", "sample",
-            *flags, *extra])
+            *flags, *extra], timeout_s=75)
         entry = {"command": b["command"], "rc": b["run"]["rc"]}
         if b["report"] is None:
             entry |= {"status": "timeout" if b["run"]["timed_out"] else "failed", "tail": b["run"]["tail"]}
@@ -512,8 +521,10 @@ def worker_profile(args) -> dict:
             v = getattr(e, key.replace("device", "cuda"), 0.0)
         return float(v)
 
-    total = sum(val(e, self_key) for e in events) or 1.0
-    top = sorted(events, key=lambda e: -val(e, self_key))[:20]
+    # on the GPU the kernels carry the device time (their launching ops repeat it): shares of kernel time
+    rows = [e for e in events if not on_gpu or "CUDA" in str(getattr(e, "device_type", ""))] or list(events)
+    total = sum(val(e, self_key) for e in rows) or 1.0
+    top = sorted(rows, key=lambda e: -val(e, self_key))[:20]
     kernels = [{"name": e.key[:160], "self_ms": val(e, self_key) / 1e3, "share": val(e, self_key) / total,
                 "calls": e.count} for e in top]
     by_shape = prof.key_averages(group_by_input_shape=True)
@@ -533,7 +544,7 @@ def worker_profile(args) -> dict:
     from fcdm_common.io import atomic_write_text
 
     atomic_write_text(args.table, "\n".join(lines) + "\n")
-    step_ms = sum(val(e, self_key) for e in events) / 1e3
+    step_ms = total / 1e3
     return {"step_device_ms" if on_gpu else "step_cpu_ms": step_ms, "top_kernels": kernels, "top_ops": op_rows[:10]}
 
 
@@ -595,7 +606,7 @@ def parse_args(argv=None):
                    help="CPU, tiny sizes, the same scripts (what CI runs); the pytest step only collects")
     p.add_argument("--steps", default=None,
                    help="comma-separated subset of steps to run, in the suite's order (default: all): "
-                        "env,cuda_tests,train256,profile256,train512,forward,sampling,latents")
+                        + ",".join(STEP_ORDER))
     p.add_argument("--sample-args", default="",
                    help="extra flags for bench_model.py --mode sample, as one string (e.g. the sampler and steps)")
     # worker mode (internal: the suite runs itself as a subprocess for steps that need their own process)
@@ -618,9 +629,10 @@ def parse_args(argv=None):
     return args
 
 
-STEP_ORDER = ("env", "cuda_tests", "train256", "profile256", "train512", "forward", "sampling", "latents")
+STEP_ORDER = ("env", "cuda_tests", "train256", "profile256", "train512", "forward", "compile256", "sampling",
+              "latents")
 MIN_SECONDS = {"env": 10, "cuda_tests": 30, "train256": 60, "profile256": 30, "train512": 45, "forward": 30,
-               "sampling": 40, "latents": 25}  # a step starts only with at least this much budget left
+               "compile256": 60, "sampling": 40, "latents": 25}  # a step starts only with this much budget left
 
 
 def main(argv=None):
@@ -650,7 +662,7 @@ def main(argv=None):
     suite.log(f"FCDM GPU suite{' (dry run: CPU, tiny sizes)' if args.dry_run else ''}: steps {','.join(steps)}, "
               f"budget {args.budget_s:.0f}s, results in {suite.results}")
     fns = {"env": step_env, "cuda_tests": step_cuda_tests, "train256": step_train256, "profile256": step_profile256,
-           "train512": step_train512, "forward": step_forward,
+           "train512": step_train512, "forward": step_forward, "compile256": step_compile256,
            "sampling": lambda s: step_sampling(s, shlex.split(args.sample_args)), "latents": step_latents}
     for name in steps:
         suite.step(name, fns[name], 0 if args.dry_run else MIN_SECONDS[name])

@@ -205,8 +205,9 @@ def test_label_range_check(device):
     a label outside fails: ValueError on CPU, a device-side assertion that ends the process on CUDA."""
     model = tiny().to(device).eval()
     x, t, _ = on(device, *batch(n=2, size=8))
+    y = torch.tensor([0, 10], device=device)  # (a host-to-device copy synchronises: made outside)
     with torch.no_grad(), sync_free(device):
-        model(x, t, torch.tensor([0, 10], device=device))
+        model(x, t, y)
     if device == "cpu":
         with pytest.raises(ValueError, match="labels must lie in"):
             model(x, t, torch.tensor([3, 11]))

@@ -21,7 +21,8 @@ def test_dry_run_writes_a_record_per_step(tmp_path):
     by_step = {r["step"]: r for r in recs}
     assert [r["step"] for r in recs] == list(gpu_suite.STEP_ORDER)
     for name, r in by_step.items():
-        assert r["status"] in (("ok", "skipped") if name == "sampling" else ("ok",)), (name, r)
+        assert r["status"] in (("ok", "skipped") if name == "sampling" else ("skipped",) if name == "compile256"
+                               else ("ok",)), (name, r)
         assert r["elapsed_s"] >= 0
     assert by_step["env"]["torch"] and by_step["env"]["bf16_matmul_tflops"] > 0
     assert by_step["cuda_tests"]["rc"] == 0 and "collected" in by_step["cuda_tests"]["summary"][0]
@@ -82,3 +83,15 @@ def test_sampling_step_calls_the_sample_mode_when_it_exists(tmp_path, monkeypatc
     assert out["eager"]["img_per_s"] == {"FCDM-S sample.sample_img_per_s": 12.5}
     assert out["compiled"]["hours_for_50k"]["FCDM-S sample.sample_img_per_s"] == 50_000 / 20.0 / 3600
     assert "--num-sampling-steps 2" in out["eager"]["command"]
+
+
+def test_extra_variants_flag():
+    import pytest
+
+    from benchmarks import bench_model
+
+    args = bench_model.parse_args(["--extra-variants", "selective, none+compile,full+compile"])
+    assert args.extra_variants == [("selective", False), ("none", True), ("full", True)]
+    for bad in ("some", "none+fast"):
+        with pytest.raises(SystemExit):
+            bench_model.parse_args(["--extra-variants", bad])
