@@ -95,3 +95,30 @@ def test_extra_variants_flag():
     for bad in ("some", "none+fast"):
         with pytest.raises(SystemExit):
             bench_model.parse_args(["--extra-variants", bad])
+
+
+FAKE_OOM_BENCH = '''
+import argparse, json, sys
+p = argparse.ArgumentParser()
+p.add_argument("--batch-size", type=int)
+p.add_argument("--json")
+args, _ = p.parse_known_args()
+if args.batch_size > 64:
+    print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB")
+    sys.exit(1)
+json.dump({"results": {"FCDM-S optimized": {"train_steps_per_s": 1.0, "train_tflops": 98.9}}, "ratios": {},
+           "environment": {}}, open(args.json, "w"))
+'''
+
+
+def test_an_out_of_memory_retries_with_half_the_batch(tmp_path, monkeypatch):
+    import dataclasses
+
+    fake = tmp_path / "bench_model.py"
+    fake.write_text(FAKE_OOM_BENCH)
+    monkeypatch.setattr(gpu_suite, "BENCH_MODEL", fake)
+    sizes = dataclasses.replace(gpu_suite.DRY, train_batch=256, ckpt512=("selective",))
+    out = gpu_suite.step_train512(gpu_suite.Suite(tmp_path / "out", budget_s=120, sizes=sizes, dry_run=True))
+    r = out["selective"]
+    assert [a["oom"] for a in r["attempts"]] == [True, True, False] and r["fits_batch"] == 64
+    assert r["rows"]["FCDM-S optimized"]["train_mfu_nominal_989"] == 98.9 / 989
