@@ -301,6 +301,7 @@ def step_train256(suite: Suite) -> dict:
     out = {"checkpointing": _bench_step(suite, [
         ("train256", common + ["--compare-baseline", "--extra-variants", "selective,full"]),
         ("train256_small", common + ["--compare-baseline"]),
+        ("train256_selective", common + ["--compare-baseline", "--checkpointing", "selective"]),
     ], timeout_s=150)}
     if out["checkpointing"].get("status"):
         out["status"] = out["checkpointing"]["status"]
