@@ -117,6 +117,14 @@ class Suite:
         self.work = Path(tempfile.mkdtemp(prefix="fcdm_gpu_suite_"))  # JSON reports of the sub-runs
         self.peak_tflops = MEASURED_PEAK_TFLOPS
         self._lock = threading.Lock()
+        self.active: Optional[subprocess.Popen] = None  # the command running now
+
+    def _terminate(self, signum, frame):
+        """Stopped from outside: stop the running command too, then exit (the results so far are on disk)."""
+        if self.active is not None and self.active.poll() is None:
+            os.killpg(self.active.pid, signal.SIGKILL)
+        self.log("suite stopped by SIGTERM")
+        raise SystemExit(128 + signum)
 
     def remaining(self) -> float:
         return self.budget_s - (time.perf_counter() - self.t0)
@@ -145,7 +153,10 @@ class Suite:
         t = time.perf_counter()
         cpu0 = _children_cpu_s()
         proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                cwd=REPO, env={**os.environ, **(env or {})}, start_new_session=True, bufsize=1)
+                                cwd=REPO, env={**os.environ, **(env or {})}, process_group=0, bufsize=1)
+        # its own process group (not a new session: a machine that ends the suite's session ends it too),
+        # so a time limit stops the command with everything it started
+        self.active = proc
         tail: List[str] = []
 
         def pump():
@@ -167,6 +178,7 @@ class Suite:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         reader.join(timeout=10)
+        self.active = None
         sec, cpu = time.perf_counter() - t, _children_cpu_s() - cpu0
         self.log(f"  -> rc {proc.returncode}{' (stopped: time limit)' if timed_out else ''} after {sec:.1f}s "
                  f"({cpu:.1f} CPU-s)")
@@ -660,6 +672,7 @@ def main(argv=None):
                             "or pass --dry-run for the tiny CPU rehearsal")
     out = Path(args.out or os.environ.get("OUT") or REPO / "gpu_out")
     suite = Suite(out, args.budget_s, sizes, args.dry_run)
+    signal.signal(signal.SIGTERM, suite._terminate)
     suite.log(f"FCDM GPU suite{' (dry run: CPU, tiny sizes)' if args.dry_run else ''}: steps {','.join(steps)}, "
               f"budget {args.budget_s:.0f}s, results in {suite.results}")
     fns = {"env": step_env, "cuda_tests": step_cuda_tests, "train256": step_train256, "profile256": step_profile256,
