@@ -122,3 +122,19 @@ def test_an_out_of_memory_retries_with_half_the_batch(tmp_path, monkeypatch):
     r = out["selective"]
     assert [a["oom"] for a in r["attempts"]] == [True, True, False] and r["fits_batch"] == 64
     assert r["rows"]["FCDM-S optimized"]["train_mfu_nominal_989"] == 98.9 / 989
+
+
+def test_compile_step_measures_no_checkpointing_in_its_own_process_first(tmp_path, monkeypatch):
+    """compile256 (left out of the dry run: no C++ code generation in CI) against a stand-in bench_model.py."""
+    import dataclasses
+
+    fake = tmp_path / "bench_model.py"
+    fake.write_text(FAKE_OOM_BENCH)  # batch 2: writes a report
+    monkeypatch.setattr(gpu_suite, "BENCH_MODEL", fake)
+    suite = gpu_suite.Suite(tmp_path / "out", budget_s=300, sizes=dataclasses.replace(gpu_suite.DRY, compile=True),
+                            dry_run=True)
+    out = gpu_suite.step_compile256(suite)
+    first, second = out["none"]["command"], out["checkpointed"]["command"]
+    assert "--extra-variants none+compile" in first and "--checkpointing" not in first
+    assert "--checkpointing selective --extra-variants selective+compile,full,full+compile" in second
+    assert "status" not in out
