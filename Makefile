@@ -40,3 +40,13 @@ summary: $(STAMP)
 
 clean-demo:
 	rm -rf results/demo
+
+# Wheels the GPU machine lacks (benchmarks/gpu_wheels.txt), for cp312 manylinux x86-64, into .whl/
+# (git-ignored, ~16 MiB); benchmarks/gpu_suite.sh installs them there. Needs PyPI; no venv needed.
+GPU_WHEEL_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64
+.PHONY: gpu-wheels
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(addprefix --platform ,$(GPU_WHEEL_PLATFORMS)) -d .whl -r benchmarks/gpu_wheels.txt
+	@du -sh .whl

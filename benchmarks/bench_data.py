@@ -10,6 +10,7 @@ complete model input: orientation choice, fresh posterior sample and scaling inc
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -38,24 +39,50 @@ def make_random_store(path: Path, count: int, latent_shape=(4, 32, 32), seed: in
     zstore.mark_complete(group)
 
 
-def measure(path: Path, batch_size: int, num_workers: int, steps: int, warmup: int, cache: str) -> float:
+def measure(path: Path, batch_size: int, num_workers: int, steps: int, warmup: int, cache: str,
+            device: str = "none") -> float:
     ds = open_dataset(zarr_path=path, cache=cache)
     t_open = time.perf_counter()
-    loader = TrainLoader(ds, batch_size=batch_size, rank=0, world_size=1, seed=0, num_workers=num_workers)
+    loader = TrainLoader(ds, batch_size=batch_size, rank=0, world_size=1, seed=0, num_workers=num_workers,
+                         pin_memory=device == "cuda")
+    to_device = _device_copy(device)
     print(f"  loader ready in {time.perf_counter() - t_open:.2f}s (in-memory cache: {ds.cached})")
     it = iter(loader)
     for _ in range(warmup):
-        next(it)
+        to_device(*next(it))
+    to_device(None, None)
     t0, c0 = time.perf_counter(), time.process_time()
     n = 0
     for _ in range(steps):
         x, y = next(it)
+        to_device(x, y)
         n += x.shape[0]
+    to_device(None, None)  # wait for the last copy
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     # CPU time of all threads of this process: latents per CPU-second does not depend on how busy
     # the machine is (other jobs steal wall-clock time, not our CPU time)
     print(f"  {n / cpu:,.0f} latents per CPU-second ({cpu / wall:.2f} cores used on average)")
     return n / wall
+
+
+def _device_copy(device: str):
+    """f(x, y): copy a batch to `device` the way train.py does (non-blocking from pinned memory, x in
+    channels-last); f(None, None) waits for the copies. "none": the batch stays on the host."""
+    import torch
+
+    if device == "none":
+        return lambda x, y: None
+    dev = torch.device(device)
+
+    def copy(x, y):
+        if x is None:
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            return
+        x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        y.to(dev, non_blocking=True)
+
+    return copy
 
 
 def main(argv=None):
@@ -68,7 +95,16 @@ def main(argv=None):
     p.add_argument("--warmup", type=non_negative_int, default=10, help="untimed batches first")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed runs; the best is reported")
     p.add_argument("--cache", choices=("auto", "memory", "mmap", "none"), default="auto", help="dataset cache mode")
+    p.add_argument("--device", choices=("none", "cpu", "cuda"), default="none",
+                   help="also copy every batch to this device as train.py does (cuda: pinned memory, "
+                        "non-blocking), so the rate is latents/s arriving on the GPU (default: none)")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the rates as JSON here")
     args = p.parse_args(argv)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda requested but torch.cuda.is_available() is False")
     with tempfile.TemporaryDirectory() as tmp:
         if args.store is None:
             path = Path(tmp) / "bench.zarr"
@@ -81,11 +117,17 @@ def main(argv=None):
                 raise UserError(f"--store {path} does not exist")
         rates = []
         for r in range(args.repeats):
-            rate = measure(path, args.batch_size, args.num_workers, args.steps, args.warmup, args.cache)
+            rate = measure(path, args.batch_size, args.num_workers, args.steps, args.warmup, args.cache, args.device)
             rates.append(rate)
             print(f"run {r + 1}: {rate:,.0f} latents/s")
         print(f"best: {max(rates):,.0f} latents/s (batch {args.batch_size}, {args.num_workers} workers, "
-              f"cache {args.cache})")
+              f"cache {args.cache}, device {args.device})")
+    if args.json:
+        from fcdm_common.io import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps({"latents_per_s": rates, "best_latents_per_s": max(rates),
+                                                 "config": vars(args)}, indent=2) + "\n")
+    return rates
 
 
 if __name__ == "__main__":

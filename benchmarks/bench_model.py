@@ -325,6 +325,9 @@ def run_benchmark(args) -> dict:
         ]
         if args.ablate_compile:
             variants.append(make_variant("ablate: optimized, compiled blocks", m, args, False, compile=True))
+    for ckpt, comp in args.extra_variants:  # --extra-variants: more optimized settings, interleaved
+        variants.append(make_variant(f"{args.model} optimized, {ckpt} ckpt{', compiled' if comp else ''}",
+                                     args.model, args, False, checkpointing=ckpt, compile=comp))
     if args.compare:
         # the compared model is built from its own preset; --model-kwargs apply to --model only
         variants.append(make_variant(f"{args.compare} optimized", args.compare, args, False))
@@ -379,6 +382,9 @@ def run_benchmark(args) -> dict:
         for key, label in (("forward_s", "forward"), ("train_step_s", "train")):
             if key in base:
                 ratios[f"{label}_speedup_vs_baseline"] = base[key] / opt[key]
+                for v in variants[2:]:
+                    if ", " in v.label and v.label.startswith(f"{args.model} optimized") and key in v.results:
+                        ratios[f"{label}_speedup_vs_baseline[{v.label}]"] = base[key] / v.results[key]
     if args.ablate:
         base = variants[0].results
         for v in variants:
@@ -511,6 +517,17 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _variant_list(value: str) -> list:
+    """'selective,none+compile' -> [("selective", False), ("none", True)]."""
+    out = []
+    for item in filter(None, (v.strip() for v in value.split(","))):
+        ckpt, _, extra = item.partition("+")
+        if ckpt not in ("none", "selective", "full") or extra not in ("", "compile"):
+            raise argparse.ArgumentTypeError(f"expected CKPT or CKPT+compile (CKPT: none, selective, full), got {item!r}")
+        out.append((ckpt, extra == "compile"))
+    return out
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="FCDM-XL", help="registered model name (default: FCDM-XL)")
@@ -541,6 +558,11 @@ def parse_args(argv=None):
                    help="with --ablate: also a variant with torch.compile'd blocks (slow warm-up on CPU)")
     p.add_argument("--compare", default=None, metavar="MODEL2",
                    help="also run this registered model (optimized, its own preset) and print the ratio")
+    p.add_argument("--extra-variants", type=_variant_list, default=[], metavar="LIST",
+                   help="more optimized variants of --model timed in the same process (interleaved), comma-"
+                        "separated, each CKPT or CKPT+compile with CKPT none|selective|full, e.g. "
+                        "'selective,full,none+compile'; with --compare-baseline each gets its speedup over the "
+                        "baseline. Every variant holds its own weights, AdamW state and EMA on the device")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak dense TFLOPs of the device at --dtype, for model-FLOPs utilisation")
     p.add_argument("--warmup", type=non_negative_int, default=2, help="untimed iterations per variant (default: 2)")

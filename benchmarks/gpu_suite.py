@@ -1,0 +1,695 @@
+"""The one-call GPU suite (issue 18): correctness and speed on one CUDA device in a few minutes.
+
+Run it through `bash benchmarks/gpu_suite.sh` (which first installs missing wheels from .whl/). Steps,
+in order, each appending one JSON record to OUT/gpu_results.jsonl as soon as it ends (so a timeout of
+the whole call still returns what was measured) and everything it prints to OUT/gpu_log.txt:
+
+  1 env          GPU name, memory, driver, torch/CUDA/cuDNN versions, bf16 and TF32 settings, and a
+                 bf16 matmul rate (8192^3) as this machine's practical peak
+  2 cuda_tests   pytest -m cuda tests/test_cuda.py (fast paths vs models/fcdm_reference.py in fp32,
+                 TF32 and bf16, every checkpointing mode, compiled blocks, fused AdamW's skip of a
+                 non-finite step, the device-side label check, train.py bf16 kill + resume,
+                 sample_ddp.py batch 16 vs 32)
+  3 train256     FCDM-XL training step at 32x32x4, batch 256, bf16: baseline (paper mode) vs optimized
+                 with checkpointing none/selective/full in one process (bench_model.py --compare-baseline
+                 --extra-variants); MFU against 989 TFLOP/s (nominal dense bf16) and against the
+                 measured matmul rate
+     profile256  torch.profiler of one optimized training step: top kernels and ops (OUT/gpu_profile.txt)
+     train512    FCDM-XL at 64x64x4, batch 256 (halved until it fits), selective and full checkpointing
+  4 forward      forward throughput at batch 64, FCDM-XL vs DiT-XL/2 in one process, bf16 and TF32
+  3 compile256   eager vs compiled blocks, every checkpointing mode, in one process (after the cheap
+                 steps: compilation time is the least predictable part)
+  5 sampling     bench_model.py --mode sample (eager and --compile) when that mode exists, else skipped
+  6 latents      SD-VAE-sized random AutoencoderKL encoding 256x256 images at batch 64 (fp32, bf16);
+                 the training loader copying batches to the GPU (bench_data.py --device cuda)
+
+Every measurement is warm-up + a few timed repeats. `--budget-s` bounds the whole run: a step is
+skipped (recorded as "skipped") when too little time is left for it, and a running step is stopped at
+the budget. `--dry-run` runs every step on the CPU with tiny sizes (the same scripts and code paths,
+compiled variants left out), which is what CI checks.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, List, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run by path from the shell script: the repo root is on PYTHONPATH already
+    sys.path.insert(0, str(REPO))
+
+from fcdm_common.cli import UserError, run_main  # noqa: E402
+
+BENCH_MODEL = REPO / "benchmarks" / "bench_model.py"
+BENCH_DATA = REPO / "benchmarks" / "bench_data.py"
+NOMINAL_PEAK_TFLOPS = 989.0  # H100/H200 SXM dense bf16, the vendor's figure
+MEASURED_PEAK_TFLOPS = 790.0  # what an 8192^3 bf16 matmul reached on this project's H200 (used if env fails)
+TINY_FCDM = '{"hidden_size": 16, "depths": [1, 1, 1], "num_classes": 10}'
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """Problem sizes of one run: the real suite (GPU) or the dry run (CPU, tiny)."""
+    device: str  # "cuda" or "cpu"
+    model: str  # the FCDM preset
+    model_kwargs: Optional[str]  # JSON overrides of the preset (dry run: a tiny network)
+    dit: str  # the DiT compared in the forward step
+    latent256: int  # latent side of ImageNet 256 (SD-VAE /8)
+    latent512: int  # latent side of ImageNet 512
+    train_batch: int  # global batch of the training steps (paper: 256)
+    forward_batch: int  # batch of the forward-throughput protocol (paper: 64)
+    sample_batch: int  # batch of the sampling loop
+    warmup: int  # untimed iterations per variant
+    repeats: int  # timed iterations per variant (median reported)
+    compile: bool  # include torch.compile'd variants
+    vae_widths: tuple  # AutoencoderKL block_out_channels
+    vae_layers: int  # layers_per_block
+    vae_image: int  # image side encoded
+    vae_batch: int  # images per encode call
+    loader_count: int  # items in the random latent store of the loader benchmark
+    loader_batch: int
+    loader_steps: int
+    matmul_n: int  # side of the square bf16 matmul of the env step
+    forward_dtypes: tuple  # bench_model --dtype of the forward step (fp32 = TF32 on CUDA)
+    ckpt512: tuple  # checkpointing modes of the 512 step
+    test_timeout_s: int  # the pytest step's own cap
+
+
+GPU = Sizes(device="cuda", model="FCDM-XL", model_kwargs=None, dit="DiT-XL/2", latent256=32, latent512=64,
+            train_batch=256, forward_batch=64, sample_batch=256, warmup=2, repeats=3, compile=True,
+            vae_widths=(128, 256, 512, 512), vae_layers=2, vae_image=256, vae_batch=64, loader_count=4096,
+            loader_batch=256, loader_steps=40, matmul_n=8192, forward_dtypes=("bf16", "fp32"),
+            ckpt512=("selective", "full"), test_timeout_s=150)
+DRY = Sizes(device="cpu", model="FCDM-S", model_kwargs=TINY_FCDM, dit="DiT-S/2", latent256=8, latent512=16,
+            train_batch=2, forward_batch=2, sample_batch=2, warmup=0, repeats=1, compile=False,
+            vae_widths=(32, 32, 32, 32), vae_layers=1, vae_image=32, vae_batch=2, loader_count=64,
+            loader_batch=8, loader_steps=2, matmul_n=64, forward_dtypes=("bf16",), ckpt512=("selective",),
+            test_timeout_s=60)  # one dtype / mode where the GPU run loops over two: the same code, fewer processes
+
+
+class Skip(Exception):
+    """A step that cannot run here (recorded as skipped with this reason)."""
+
+
+# ---------------------------------------------------------------------------------------------- the runner
+class Suite:
+    def __init__(self, out: Path, budget_s: float, sizes: Sizes, dry_run: bool):
+        self.out = out
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.results = out / "gpu_results.jsonl"
+        self.log_path = out / "gpu_log.txt"
+        self.budget_s = budget_s
+        self.sizes = sizes
+        self.dry_run = dry_run
+        self.t0 = time.perf_counter()
+        self.work = Path(tempfile.mkdtemp(prefix="fcdm_gpu_suite_"))  # JSON reports of the sub-runs
+        self.peak_tflops = MEASURED_PEAK_TFLOPS
+        self._lock = threading.Lock()
+        self.active: Optional[subprocess.Popen] = None  # the command running now
+
+    def _terminate(self, signum, frame):
+        """Stopped from outside: stop the running command too, then exit (the results so far are on disk)."""
+        if self.active is not None and self.active.poll() is None:
+            os.killpg(self.active.pid, signal.SIGKILL)
+        self.log("suite stopped by SIGTERM")
+        raise SystemExit(128 + signum)
+
+    def remaining(self) -> float:
+        return self.budget_s - (time.perf_counter() - self.t0)
+
+    def log(self, msg: str) -> None:
+        with self._lock:
+            print(msg, flush=True)
+            with open(self.log_path, "a") as fh:
+                fh.write(msg + "\n")
+
+    def record(self, rec: dict) -> None:
+        """Append one line and flush it to disk: the file is complete up to the last finished step."""
+        line = json.dumps(rec, default=str) + "\n"
+        with open(self.results, "a") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def run(self, cmd: List[str], timeout_s: Optional[float] = None, env: Optional[dict] = None) -> dict:
+        """Run a command (own process group), its output streamed into the log; stopped at `timeout_s`
+        or at the budget, whichever comes first. Returns rc, timed_out, seconds and the output's tail."""
+        limit = max(1.0, self.remaining() - 2.0)
+        if timeout_s is not None:
+            limit = min(limit, timeout_s)
+        self.log("$ " + " ".join(shlex.quote(str(c)) for c in cmd) + f"   [limit {limit:.0f}s]")
+        t = time.perf_counter()
+        cpu0 = _children_cpu_s()
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                cwd=REPO, env={**os.environ, **(env or {})}, process_group=0, bufsize=1)
+        # its own process group (not a new session: a machine that ends the suite's session ends it too),
+        # so a time limit stops the command with everything it started
+        self.active = proc
+        tail: List[str] = []
+
+        def pump():
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                if "\r" in line:  # progress bars: keep their last state only
+                    line = line.split("\r")[-1]
+                self.log("  " + line)
+                tail.append(line)
+                del tail[:-60]
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        timed_out = False
+        try:
+            proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        reader.join(timeout=10)
+        self.active = None
+        sec, cpu = time.perf_counter() - t, _children_cpu_s() - cpu0
+        self.log(f"  -> rc {proc.returncode}{' (stopped: time limit)' if timed_out else ''} after {sec:.1f}s "
+                 f"({cpu:.1f} CPU-s)")
+        return {"rc": proc.returncode, "timed_out": timed_out, "seconds": round(sec, 2), "cpu_s": round(cpu, 2),
+                "tail": "\n".join(tail[-25:])}
+
+    def step(self, name: str, fn: Callable[["Suite"], dict], min_s: float) -> None:
+        rem = self.remaining()
+        if rem < min_s:
+            self.log(f"== {name}: skipped ({rem:.0f}s of the budget left, the step needs about {min_s:.0f}s)")
+            self.record({"step": name, "status": "skipped", "reason": f"budget: {rem:.0f}s left < {min_s:.0f}s",
+                         "elapsed_s": 0.0})
+            return
+        self.log(f"== {name} (budget left {rem:.0f}s)")
+        t = time.perf_counter()
+        try:
+            data = fn(self)
+            status = data.pop("status", "ok")
+        except Skip as e:
+            data, status = {"reason": str(e)}, "skipped"
+        except Exception as e:  # a broken step must not stop the others
+            data, status = {"error": f"{type(e).__name__}: {e}"}, "failed"
+        elapsed = time.perf_counter() - t
+        self.record({"step": name, "status": status, "elapsed_s": round(elapsed, 2), **data})
+        self.log(f"== {name}: {status} in {elapsed:.1f}s (total {time.perf_counter() - self.t0:.1f}s)")
+
+    # -- helpers shared by the steps
+    def model_args(self) -> List[str]:
+        s = self.sizes
+        return ["--model", s.model] + (["--model-kwargs", s.model_kwargs] if s.model_kwargs else [])
+
+    def bench(self, tag: str, args: List[str], timeout_s: Optional[float] = None) -> dict:
+        """benchmarks/bench_model.py with `args`; returns its JSON report (plus the run's rc/tail)."""
+        path = self.work / f"{tag}.json"
+        cmd = [sys.executable, BENCH_MODEL, *args, "--device", self.sizes.device, "--warmup", self.sizes.warmup,
+               "--repeats", self.sizes.repeats, "--json", path]
+        res = self.run(cmd, timeout_s)
+        report = json.loads(path.read_text()) if res["rc"] == 0 and path.is_file() else None
+        return {"run": res, "report": report, "command": " ".join(shlex.quote(str(c)) for c in cmd)}
+
+
+def _children_cpu_s() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _oom(run: dict) -> bool:
+    return bool(re.search(r"OutOfMemoryError|out of memory", run["tail"]))
+
+
+def _summary(report: dict, suite: Suite) -> dict:
+    """The rows of a bench_model report that matter here, with MFU against both peaks."""
+    rows = {}
+    for label, r in report["results"].items():
+        row = {k: r[k] for k in ("train_steps_per_s", "train_img_per_s", "train_tflops", "train_peak_mem_gib",
+                                 "forward_img_per_s", "forward_tflops", "forward_peak_mem_gib", "checkpointing",
+                                 "compile", "bf16") if k in r}
+        for mode in ("train", "forward"):
+            if f"{mode}_tflops" in r:
+                row[f"{mode}_mfu_nominal_{NOMINAL_PEAK_TFLOPS:.0f}"] = r[f"{mode}_tflops"] / NOMINAL_PEAK_TFLOPS
+                row[f"{mode}_mfu_measured_{suite.peak_tflops:.0f}"] = r[f"{mode}_tflops"] / suite.peak_tflops
+        rows[label] = row
+    return {"rows": rows, "ratios": report["ratios"], "environment": report["environment"]}
+
+
+def _bench_step(suite: Suite, attempts: List[tuple], timeout_s: Optional[float] = None) -> dict:
+    """Try each (tag, args) in turn until one succeeds; the next is tried only after an out-of-memory."""
+    tried = []
+    for tag, args in attempts:
+        b = suite.bench(tag, args, timeout_s)
+        tried.append({"tag": tag, "command": b["command"], "rc": b["run"]["rc"], "timed_out": b["run"]["timed_out"],
+                      "oom": _oom(b["run"])})
+        if b["report"] is not None:
+            return {"attempts": tried, "command": b["command"], **_summary(b["report"], suite)}
+        if not tried[-1]["oom"] or suite.remaining() < 30:
+            break
+        suite.log(f"  out of memory: trying the next, smaller setting")
+    status = "timeout" if tried[-1]["timed_out"] else "failed"
+    return {"status": status, "attempts": tried, "tail": b["run"]["tail"]}
+
+
+# ---------------------------------------------------------------------------------------------- steps
+def step_env(suite: Suite) -> dict:
+    s = suite.sizes
+    res = suite.run([sys.executable, __file__, "--worker", "env", "--device", s.device, "--matmul-n", s.matmul_n,
+                     "--json", suite.work / "env.json"], timeout_s=120)
+    if res["rc"] != 0:
+        return {"status": "failed", "tail": res["tail"]}
+    env = json.loads((suite.work / "env.json").read_text())
+    env["wheels"] = os.environ.get("FCDM_GPU_WHEELS", "(suite not started through gpu_suite.sh)")
+    if env.get("bf16_matmul_tflops") and s.device == "cuda":
+        suite.peak_tflops = float(env["bf16_matmul_tflops"])
+    return env
+
+
+def step_cuda_tests(suite: Suite) -> dict:
+    junit = suite.work / "cuda_tests.xml"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-m", "cuda",
+           str(REPO / "tests" / "test_cuda.py"), f"--junitxml={junit}"]
+    if suite.dry_run:  # collection only: the CPU cases run in the ordinary test suite
+        cmd.insert(4, "--collect-only")
+    res = suite.run(cmd, timeout_s=suite.sizes.test_timeout_s)
+    out = {"command": " ".join(cmd), "rc": res["rc"], "summary": res["tail"].splitlines()[-1:] or [""]}
+    if junit.is_file():
+        out["tests"] = _junit_cases(junit)
+    if res["timed_out"]:
+        out["status"] = "timeout"
+    elif res["rc"] not in (0, 5):  # 5: no test collected
+        out["status"] = "failed"
+    return out
+
+
+def _junit_cases(path: Path) -> dict:
+    import xml.etree.ElementTree as ET
+
+    cases = {}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        outcome, message = "passed", ""
+        for child in case:
+            if child.tag in ("failure", "error", "skipped"):
+                outcome, message = child.tag, (child.get("message") or "")[:400]
+        cases[case.get("name")] = {"outcome": outcome, "seconds": float(case.get("time") or 0), "message": message}
+    return cases
+
+
+def step_train256(suite: Suite) -> dict:
+    common = _train256_args(suite)
+    # every variant holds weights + AdamW + EMA on the device: one process for the checkpointing modes
+    # against the baseline, another (step compile256) for eager vs compiled
+    out = {"checkpointing": _bench_step(suite, [
+        ("train256", common + ["--compare-baseline", "--extra-variants", "selective,full"]),
+        ("train256_small", common + ["--compare-baseline"]),
+        ("train256_selective", common + ["--compare-baseline", "--checkpointing", "selective"]),
+    ], timeout_s=150)}
+    if out["checkpointing"].get("status"):
+        out["status"] = out["checkpointing"]["status"]
+    return out
+
+
+def _train256_args(suite: Suite) -> List:
+    s = suite.sizes
+    return suite.model_args() + ["--latent-size", s.latent256, "--batch-size", s.train_batch, "--dtype", "bf16",
+                                 "--mode", "train", "--peak-tflops", NOMINAL_PEAK_TFLOPS]
+
+
+def step_compile256(suite: Suite) -> dict:
+    """Eager vs compiled blocks in one process (every checkpointing mode). Its own step, after the cheap
+    ones: compilation time is the least predictable part of the suite."""
+    if not suite.sizes.compile:
+        raise Skip("dry run: no compiled variants (C++ code generation on a CPU takes minutes)")
+    # the default (no checkpointing) first, in a process of its own, so that its answer survives a slow
+    # compilation of the checkpointed variants
+    out = {"none": _bench_step(suite, [("compile256_none", _train256_args(suite) + ["--extra-variants", "none+compile"])],
+                               timeout_s=150)}
+    if suite.remaining() < 90:
+        out["checkpointed"] = {"status": "skipped", "reason": "budget"}
+    else:
+        out["checkpointed"] = _bench_step(suite, [("compile256_ckpt", _train256_args(suite) + [
+            "--checkpointing", "selective", "--extra-variants", "selective+compile,full,full+compile"])], timeout_s=150)
+    if out["none"].get("status"):
+        out["status"] = out["none"]["status"]
+    return out
+
+
+def step_profile256(suite: Suite) -> dict:
+    s = suite.sizes
+    table = suite.out / "gpu_profile.txt"
+    res = suite.run([sys.executable, __file__, "--worker", "profile", "--device", s.device, "--model", s.model,
+                     *(["--model-kwargs", s.model_kwargs] if s.model_kwargs else []), "--latent-size", s.latent256,
+                     "--batch-size", s.train_batch, "--table", table, "--json", suite.work / "profile.json"],
+                    timeout_s=150)
+    if res["rc"] != 0:
+        return {"status": "timeout" if res["timed_out"] else "failed", "tail": res["tail"]}
+    return json.loads((suite.work / "profile.json").read_text()) | {"table_file": table.name}
+
+
+def step_train512(suite: Suite) -> dict:
+    s = suite.sizes
+    out = {}
+    for mode in s.ckpt512:
+        attempts = []
+        batch = s.train_batch
+        while batch >= max(1, s.train_batch // 8):
+            attempts.append((f"train512_{mode}_b{batch}", suite.model_args() + [
+                "--latent-size", s.latent512, "--batch-size", batch, "--dtype", "bf16", "--mode", "train",
+                "--checkpointing", mode, "--peak-tflops", NOMINAL_PEAK_TFLOPS]))
+            batch //= 2
+        if suite.remaining() < 30:
+            out[mode] = {"status": "skipped", "reason": "budget"}
+            continue
+        out[mode] = _bench_step(suite, attempts, timeout_s=90)
+        out[mode]["fits_batch"] = int(re.search(r"_b(\d+)$", out[mode]["attempts"][-1]["tag"]).group(1)) \
+            if not out[mode].get("status") else None
+    return out
+
+
+def step_forward(suite: Suite) -> dict:
+    s = suite.sizes
+    out = {}
+    for dtype in s.forward_dtypes:
+        label = "tf32" if dtype == "fp32" else dtype  # bench_model turns TF32 on for fp32 on CUDA
+        if suite.remaining() < 20:
+            out[label] = {"status": "skipped", "reason": "budget"}
+            continue
+        out[label] = _bench_step(suite, [(f"forward_{label}", suite.model_args() + [
+            "--compare", s.dit, "--latent-size", s.latent256, "--batch-size", s.forward_batch, "--dtype", dtype,
+            "--mode", "forward"])], timeout_s=60)
+    return out
+
+
+def step_sampling(suite: Suite, extra: List[str]) -> dict:
+    s = suite.sizes
+    if not _has_sample_mode():
+        raise Skip("bench_model.py has no --mode sample yet (another change adds it); nothing measured")
+    out = {}
+    variants = [("eager", [])] + ([("compiled", ["--compile"])] if s.compile else [])
+    for label, flags in variants:
+        if suite.remaining() < 30:
+            out[label] = {"status": "skipped", "reason": "budget"}
+            continue
+        b = suite.bench(f"sample_{label}", suite.model_args() + [
+            "--latent-size", s.latent256, "--batch-size", s.sample_batch, "--dtype", "bf16", "--mode", "sample",
+            *flags, *extra], timeout_s=75)
+        entry = {"command": b["command"], "rc": b["run"]["rc"]}
+        if b["report"] is None:
+            entry |= {"status": "timeout" if b["run"]["timed_out"] else "failed", "tail": b["run"]["tail"]}
+        else:
+            entry["report"] = {k: v for k, v in b["report"].items() if k != "raw_times_s"}
+            rates = _find_rates(b["report"].get("results", b["report"]))
+            entry["img_per_s"] = rates
+            entry["hours_for_50k"] = {k: 50_000 / v / 3600 for k, v in rates.items() if v > 0}
+        out[label] = entry
+    return out
+
+
+def _has_sample_mode() -> bool:
+    """Whether bench_model.py offers --mode sample: read from its source (no process start), else from --help."""
+    found = re.search(r'"--mode",\s*choices=\(([^)]*)\)', BENCH_MODEL.read_text())
+    if found:
+        return '"sample"' in found.group(1)
+    helptext = subprocess.run([sys.executable, BENCH_MODEL, "--help"], capture_output=True, text=True, cwd=REPO).stdout
+    modes = re.search(r"--mode \{([^}]*)\}", helptext)
+    return bool(modes) and "sample" in modes.group(1).split(",")
+
+
+def _find_rates(obj, prefix="") -> dict:
+    """Every images-per-second number in a nested report, keyed by its path."""
+    found = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, (int, float)) and re.search(r"(img|image)s?_per_s", str(k)):
+                found[key] = float(v)
+            elif isinstance(v, dict):
+                found |= _find_rates(v, key + ".")
+    return found
+
+
+def step_latents(suite: Suite) -> dict:
+    s = suite.sizes
+    out = {}
+    res = suite.run([sys.executable, __file__, "--worker", "vae", "--device", s.device,
+                     "--vae-widths", ",".join(map(str, s.vae_widths)), "--vae-layers", s.vae_layers,
+                     "--vae-image", s.vae_image, "--batch-size", s.vae_batch, "--repeats", max(s.repeats, 1),
+                     "--json", suite.work / "vae.json"], timeout_s=120)
+    out["vae_encode"] = json.loads((suite.work / "vae.json").read_text()) if res["rc"] == 0 else \
+        {"status": "timeout" if res["timed_out"] else "failed", "tail": res["tail"]}
+    if suite.remaining() < 20:
+        out["loader"] = {"status": "skipped", "reason": "budget"}
+        return out
+    path = suite.work / "loader.json"
+    cmd = [sys.executable, BENCH_DATA, "--count", s.loader_count, "--batch-size", s.loader_batch, "--steps",
+           s.loader_steps, "--warmup", 2, "--repeats", 2, "--device", s.device, "--json", path]
+    res = suite.run(cmd, timeout_s=120)
+    out["loader"] = json.loads(path.read_text()) if res["rc"] == 0 else \
+        {"status": "timeout" if res["timed_out"] else "failed", "tail": res["tail"]}
+    out["loader"]["command"] = " ".join(map(str, cmd))
+    if any(isinstance(v, dict) and v.get("status") for v in out.values()):
+        out["status"] = "failed"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- workers
+# (run as subprocesses of the suite: each gets its own CUDA context and can be stopped at the budget)
+def worker_env(args) -> dict:
+    import torch
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+           "platform": platform.platform(), "cpu_count": os.cpu_count(),
+           "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    from importlib import metadata
+
+    for dist in ("diffusers", "zarr", "numcodecs", "accelerate", "triton", "numpy", "pytest"):
+        try:
+            env[f"{dist}_version"] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            env[f"{dist}_version"] = "not installed"
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env |= {"gpu": props.name, "gpu_memory_gib": props.total_memory / 2**30, "sm_count": props.multi_processor_count,
+                "capability": f"{props.major}.{props.minor}", "bf16_supported": torch.cuda.is_bf16_supported()}
+        try:
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm",
+                                  "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+            env["nvidia_smi"] = smi.stdout.strip()
+        except (OSError, subprocess.SubprocessError) as e:
+            env["nvidia_smi"] = f"unavailable ({e})"
+    env["tf32_default"] = {"matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+                           "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+                           "float32_matmul_precision": torch.get_float32_matmul_precision()}
+    env["tf32_in_benchmarks"] = "on (bench_model.py and train.py --tf32 true enable it on CUDA)"
+    # a practical bf16 peak: mean of 10 square matmuls after 3 warm-ups
+    n = args.matmul_n
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    sync()
+    env["bf16_matmul_tflops"] = 10 * 2 * n**3 / (time.perf_counter() - t) / 1e12
+    env["bf16_matmul_n"] = n
+    return env
+
+
+def worker_profile(args) -> dict:
+    """One optimized training step (bf16, no checkpointing) under torch.profiler: the kernels (and the
+    aten ops by input shape, which name the layer) that take the most device time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks import bench_model
+
+    bargs = bench_model.parse_args(["--model", args.model, *(["--model-kwargs", args.model_kwargs] if args.model_kwargs
+                                    else []), "--latent-size", str(args.latent_size), "--batch-size",
+                                    str(args.batch_size), "--dtype", "bf16", "--device", args.device, "--mode", "train"])
+    device = bench_model.setup_device(bargs)
+    v = bench_model.make_variant("profiled", args.model, bargs, False)
+    bench_model.prepare_variant(v, bargs, device, args.latent_size, json.loads(args.model_kwargs or "{}"))
+    for _ in range(2):
+        bench_model.timed(v.train_fn, device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        v.train_fn()
+        bench_model.synchronize(device)
+    on_gpu = device.type == "cuda"
+    self_key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    total_key = "device_time_total" if on_gpu else "cpu_time_total"
+    events = prof.key_averages()
+
+    def val(e, key):
+        v = getattr(e, key, None)
+        if v is None:  # older torch: cuda_* names
+            v = getattr(e, key.replace("device", "cuda"), 0.0)
+        return float(v)
+
+    # on the GPU the kernels carry the device time (their launching ops repeat it): shares of kernel time
+    rows = [e for e in events if not on_gpu or "CUDA" in str(getattr(e, "device_type", ""))] or list(events)
+    total = sum(val(e, self_key) for e in rows) or 1.0
+    top = sorted(rows, key=lambda e: -val(e, self_key))[:20]
+    kernels = [{"name": e.key[:160], "self_ms": val(e, self_key) / 1e3, "share": val(e, self_key) / total,
+                "calls": e.count} for e in top]
+    by_shape = prof.key_averages(group_by_input_shape=True)
+    ops = sorted((e for e in by_shape if e.key.startswith("aten::")), key=lambda e: -val(e, total_key))[:20]
+    op_rows = [{"op": e.key, "shapes": str(e.input_shapes)[:200], "total_ms": val(e, total_key) / 1e3,
+                "calls": e.count} for e in ops]
+    sort = self_key.replace("device", "cuda") if on_gpu else self_key
+    try:
+        text = events.table(sort_by=self_key, row_limit=30)
+    except (KeyError, AttributeError, ValueError):
+        text = events.table(sort_by=sort, row_limit=30)
+    lines = [f"one training step: {args.model} latent {args.latent_size} batch {args.batch_size} bf16 "
+             f"checkpointing none, {device} ({torch.cuda.get_device_name(device) if on_gpu else 'cpu'}), "
+             f"torch {torch.__version__}", "", "top kernels by self time:", text, "",
+             "aten ops by input shape (inclusive time):"]
+    lines += [f"{r['total_ms']:10.2f} ms  x{r['calls']:<5d} {r['op']} {r['shapes']}" for r in op_rows]
+    from fcdm_common.io import atomic_write_text
+
+    atomic_write_text(args.table, "\n".join(lines) + "\n")
+    step_ms = total / 1e3
+    return {"step_device_ms" if on_gpu else "step_cpu_ms": step_ms, "top_kernels": kernels, "top_ops": op_rows[:10]}
+
+
+def worker_vae(args) -> dict:
+    """Encode random images with a random AutoencoderKL of the given shape (saved and loaded back the way
+    extract_features.py loads a snapshot), fp32 and bf16: images/s of encode_moments."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from fcdm_common.vae import load_vae
+
+    widths = tuple(int(w) for w in args.vae_widths.split(","))
+    torch.manual_seed(0)
+    model = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(widths),
+                          up_block_types=("UpDecoderBlock2D",) * len(widths), block_out_channels=widths,
+                          layers_per_block=args.vae_layers, latent_channels=4, sample_size=args.vae_image)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    out = {"vae_config": {"block_out_channels": list(widths), "layers_per_block": args.vae_layers,
+                          "latent_channels": 4, "image_size": args.vae_image, "batch_size": args.batch_size},
+           "encoder_params_m": sum(p.numel() for p in model.encoder.parameters()) / 1e6}
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            vae = load_vae("sd", hf_model_dir=tmp, device=device, dtype=dtype)
+            x = torch.rand(args.batch_size, 3, args.vae_image, args.vae_image, device=device) * 2 - 1
+            sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+            vae.encode_moments(x)
+            sync()
+            times = []
+            for _ in range(args.repeats):
+                t = time.perf_counter()
+                mean, std = vae.encode_moments(x)
+                sync()
+                times.append(time.perf_counter() - t)
+            assert mean.shape == (args.batch_size, 4, args.vae_image // 8, args.vae_image // 8), mean.shape
+            best = min(times)
+            out[name] = {"img_per_s": args.batch_size / best, "batch_s": best, "times_s": times,
+                         "hours_for_1_28m_images": 1_281_167 * 2 / (args.batch_size / best) / 3600}  # + hflip
+            if device.type == "cuda":
+                out[name]["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            del vae
+    return out
+
+
+WORKERS = {"env": worker_env, "profile": worker_profile, "vae": worker_vae}
+
+
+# ---------------------------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None,
+                   help="folder of gpu_results.jsonl, gpu_log.txt, gpu_profile.txt (default: $OUT, else ./gpu_out)")
+    p.add_argument("--budget-s", type=float, default=450.0,
+                   help="wall-clock budget of the whole suite in seconds; steps that no longer fit are skipped "
+                        "and a running one is stopped at the budget (default: 450, for an 8-minute slot)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="CPU, tiny sizes, the same scripts (what CI runs); the pytest step only collects")
+    p.add_argument("--steps", default=None,
+                   help="comma-separated subset of steps to run, in the suite's order (default: all): "
+                        + ",".join(STEP_ORDER))
+    p.add_argument("--sample-args", default="",
+                   help="extra flags for bench_model.py --mode sample, as one string (e.g. the sampler and steps)")
+    # worker mode (internal: the suite runs itself as a subprocess for steps that need their own process)
+    p.add_argument("--worker", choices=tuple(WORKERS), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--json", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    p.add_argument("--matmul-n", type=int, default=8192, help=argparse.SUPPRESS)
+    p.add_argument("--model", default="FCDM-XL", help=argparse.SUPPRESS)
+    p.add_argument("--model-kwargs", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--latent-size", type=int, default=32, help=argparse.SUPPRESS)
+    p.add_argument("--batch-size", type=int, default=256, help=argparse.SUPPRESS)
+    p.add_argument("--table", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--vae-widths", default="128,256,512,512", help=argparse.SUPPRESS)
+    p.add_argument("--vae-layers", type=int, default=2, help=argparse.SUPPRESS)
+    p.add_argument("--vae-image", type=int, default=256, help=argparse.SUPPRESS)
+    p.add_argument("--repeats", type=int, default=3, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.budget_s <= 0:
+        raise UserError("--budget-s must be positive")
+    return args
+
+
+STEP_ORDER = ("env", "cuda_tests", "train256", "profile256", "train512", "forward", "compile256", "sampling",
+              "latents")
+MIN_SECONDS = {"env": 10, "cuda_tests": 30, "train256": 60, "profile256": 30, "train512": 45, "forward": 30,
+               "compile256": 60, "sampling": 40, "latents": 25}  # a step starts only with this much budget left
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        from fcdm_common.io import atomic_write_text
+
+        result = WORKERS[args.worker](args)
+        atomic_write_text(args.json, json.dumps(result, indent=2, default=str) + "\n")
+        return result
+    steps = STEP_ORDER
+    if args.steps:
+        steps = tuple(s.strip() for s in args.steps.split(",") if s.strip())
+        unknown = [s for s in steps if s not in STEP_ORDER]
+        if unknown:
+            raise UserError(f"unknown --steps {unknown}; choose from {','.join(STEP_ORDER)}")
+        steps = tuple(s for s in STEP_ORDER if s in steps)
+    sizes = DRY if args.dry_run else GPU
+    if not args.dry_run:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("no CUDA device is visible (torch.cuda.is_available() is False); run on a GPU machine, "
+                            "or pass --dry-run for the tiny CPU rehearsal")
+    out = Path(args.out or os.environ.get("OUT") or REPO / "gpu_out")
+    suite = Suite(out, args.budget_s, sizes, args.dry_run)
+    signal.signal(signal.SIGTERM, suite._terminate)
+    suite.log(f"FCDM GPU suite{' (dry run: CPU, tiny sizes)' if args.dry_run else ''}: steps {','.join(steps)}, "
+              f"budget {args.budget_s:.0f}s, results in {suite.results}")
+    fns = {"env": step_env, "cuda_tests": step_cuda_tests, "train256": step_train256, "profile256": step_profile256,
+           "train512": step_train512, "forward": step_forward, "compile256": step_compile256,
+           "sampling": lambda s: step_sampling(s, shlex.split(args.sample_args)), "latents": step_latents}
+    for name in steps:
+        suite.step(name, fns[name], 0 if args.dry_run else MIN_SECONDS[name])
+    suite.log(f"done in {time.perf_counter() - suite.t0:.1f}s; results: {suite.results}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,140 @@
+"""benchmarks/gpu_suite.sh: the dry run (CPU, tiny sizes, the same scripts) writes one record per step,
+and the budget stops a running command and skips the steps that no longer fit."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks import gpu_suite
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_dry_run_writes_a_record_per_step(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--dry-run"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    recs = [json.loads(line) for line in (tmp_path / "gpu_results.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: r for r in recs}
+    assert [r["step"] for r in recs] == list(gpu_suite.STEP_ORDER)
+    for name, r in by_step.items():
+        assert r["status"] in (("ok", "skipped") if name == "sampling" else ("skipped",) if name == "compile256"
+                               else ("ok",)), (name, r)
+        assert r["elapsed_s"] >= 0
+    assert by_step["env"]["torch"] and by_step["env"]["bf16_matmul_tflops"] > 0
+    assert by_step["cuda_tests"]["rc"] == 0 and "collected" in by_step["cuda_tests"]["summary"][0]
+    # the training step: baseline and the three checkpointing modes timed in one process
+    train = by_step["train256"]["checkpointing"]
+    assert set(train["rows"]) == {"FCDM-S baseline", "FCDM-S optimized", "FCDM-S optimized, selective ckpt",
+                                  "FCDM-S optimized, full ckpt"}
+    assert {"train_speedup_vs_baseline", "train_speedup_vs_baseline[FCDM-S optimized, full ckpt]"} <= set(train["ratios"])
+    row = train["rows"]["FCDM-S optimized, full ckpt"]
+    assert row["checkpointing"] == "full" and row["train_steps_per_s"] > 0
+    assert row["train_mfu_nominal_989"] == row["train_tflops"] / 989
+    assert by_step["train512"]["selective"]["fits_batch"] == 2
+    assert by_step["forward"]["bf16"]["ratios"]["forward_speedup_FCDM-S_vs_DiT-S/2"] > 0
+    assert by_step["latents"]["vae_encode"]["fp32"]["img_per_s"] > 0
+    assert by_step["latents"]["loader"]["best_latents_per_s"] > 0
+    assert by_step["profile256"]["top_kernels"] and (tmp_path / "gpu_profile.txt").read_text().startswith("one training step")
+    log = (tmp_path / "gpu_log.txt").read_text()
+    assert "== train256: ok in" in log and "done in" in log
+
+
+def test_budget_stops_a_command_and_skips_what_does_not_fit(tmp_path):
+    suite = gpu_suite.Suite(tmp_path, budget_s=6.0, sizes=gpu_suite.DRY, dry_run=True)
+    t = time.perf_counter()
+    res = suite.run([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"])
+    assert res["timed_out"] and time.perf_counter() - t < 10 and "started" in res["tail"]
+    suite.step("late", lambda s: {"never": True}, min_s=30)
+    suite.step("broken", lambda s: 1 / 0, min_s=0)
+    recs = [json.loads(line) for line in (tmp_path / "gpu_results.jsonl").read_text().splitlines()]
+    assert recs[0]["step"] == "late" and recs[0]["status"] == "skipped" and "budget" in recs[0]["reason"]
+    assert recs[1]["status"] == "failed" and "ZeroDivisionError" in recs[1]["error"]
+
+
+FAKE_SAMPLE_BENCH = '''
+import argparse, json
+p = argparse.ArgumentParser()
+p.add_argument("--mode", choices=("forward", "train", "both", "layers", "sample"))
+p.add_argument("--compile", action="store_true")
+p.add_argument("--json")
+args, _ = p.parse_known_args()
+rate = 20.0 if args.compile else 12.5
+json.dump({"results": {"FCDM-S sample": {"sample_img_per_s": rate}}, "ratios": {}, "raw_times_s": {}},
+          open(args.json, "w"))
+'''
+
+
+def test_sampling_step_calls_the_sample_mode_when_it_exists(tmp_path, monkeypatch):
+    """A stand-in bench_model.py with --mode sample (the real one gains it in another change): eager and
+    compiled runs, images/s found in its report, hours for 50K samples from them."""
+    import dataclasses
+
+    fake = tmp_path / "bench_model.py"
+    fake.write_text(FAKE_SAMPLE_BENCH)
+    monkeypatch.setattr(gpu_suite, "BENCH_MODEL", fake)
+    assert gpu_suite._has_sample_mode()
+    suite = gpu_suite.Suite(tmp_path / "out", budget_s=120, sizes=dataclasses.replace(gpu_suite.DRY, compile=True),
+                            dry_run=True)
+    out = gpu_suite.step_sampling(suite, ["--num-sampling-steps", "2"])
+    assert out["eager"]["img_per_s"] == {"FCDM-S sample.sample_img_per_s": 12.5}
+    assert out["compiled"]["hours_for_50k"]["FCDM-S sample.sample_img_per_s"] == 50_000 / 20.0 / 3600
+    assert "--num-sampling-steps 2" in out["eager"]["command"]
+
+
+def test_extra_variants_flag():
+    import pytest
+
+    from benchmarks import bench_model
+
+    args = bench_model.parse_args(["--extra-variants", "selective, none+compile,full+compile"])
+    assert args.extra_variants == [("selective", False), ("none", True), ("full", True)]
+    for bad in ("some", "none+fast"):
+        with pytest.raises(SystemExit):
+            bench_model.parse_args(["--extra-variants", bad])
+
+
+FAKE_OOM_BENCH = '''
+import argparse, json, sys
+p = argparse.ArgumentParser()
+p.add_argument("--batch-size", type=int)
+p.add_argument("--json")
+args, _ = p.parse_known_args()
+if args.batch_size > 64:
+    print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB")
+    sys.exit(1)
+json.dump({"results": {"FCDM-S optimized": {"train_steps_per_s": 1.0, "train_tflops": 98.9}}, "ratios": {},
+           "environment": {}}, open(args.json, "w"))
+'''
+
+
+def test_an_out_of_memory_retries_with_half_the_batch(tmp_path, monkeypatch):
+    import dataclasses
+
+    fake = tmp_path / "bench_model.py"
+    fake.write_text(FAKE_OOM_BENCH)
+    monkeypatch.setattr(gpu_suite, "BENCH_MODEL", fake)
+    sizes = dataclasses.replace(gpu_suite.DRY, train_batch=256, ckpt512=("selective",))
+    out = gpu_suite.step_train512(gpu_suite.Suite(tmp_path / "out", budget_s=120, sizes=sizes, dry_run=True))
+    r = out["selective"]
+    assert [a["oom"] for a in r["attempts"]] == [True, True, False] and r["fits_batch"] == 64
+    assert r["rows"]["FCDM-S optimized"]["train_mfu_nominal_989"] == 98.9 / 989
+
+
+def test_compile_step_measures_no_checkpointing_in_its_own_process_first(tmp_path, monkeypatch):
+    """compile256 (left out of the dry run: no C++ code generation in CI) against a stand-in bench_model.py."""
+    import dataclasses
+
+    fake = tmp_path / "bench_model.py"
+    fake.write_text(FAKE_OOM_BENCH)  # batch 2: writes a report
+    monkeypatch.setattr(gpu_suite, "BENCH_MODEL", fake)
+    suite = gpu_suite.Suite(tmp_path / "out", budget_s=300, sizes=dataclasses.replace(gpu_suite.DRY, compile=True),
+                            dry_run=True)
+    out = gpu_suite.step_compile256(suite)
+    first, second = out["none"]["command"], out["checkpointed"]["command"]
+    assert "--extra-variants none+compile" in first and "--checkpointing" not in first
+    assert "--checkpointing selective --extra-variants selective+compile,full,full+compile" in second
+    assert "status" not in out
