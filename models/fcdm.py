@@ -86,7 +86,8 @@ class TimestepEmbedder(nn.Module):
         )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_embedding(t, self.frequency_embedding_size))  # (N, W)
+        emb = timestep_embedding(t, self.frequency_embedding_size)  # float32 (N, 256)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))  # (N, W); a no-op cast unless the net is float64/bf16
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
