@@ -195,6 +195,9 @@ class DiT(nn.Module):
     def _accept_dit_layout(self, state_dict, prefix, *args, **kwargs) -> None:
         """load_state_dict pre-hook: DiT's checkpoints carry the fixed `pos_embed` (a frozen parameter
         there, a non-persistent buffer here). It is checked against our sin-cos table, not loaded."""
+        for old, new in _LEGACY_KEYS.items():  # this repository's DiT before it used DiT's names
+            if prefix + old in state_dict and prefix + new not in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
         key = prefix + "pos_embed"
         if key in state_dict:
             theirs = state_dict.pop(key)
@@ -271,6 +274,8 @@ class DiT(nn.Module):
 # DiT's released checkpoints (facebookresearch/DiT: plain state dicts of the EMA weights)
 # ----------------------------------------------------------------------------------------------
 
+_LEGACY_KEYS = {"x_embedder.weight": "x_embedder.proj.weight", "x_embedder.bias": "x_embedder.proj.bias",
+                "y_embedder.weight": "y_embedder.embedding_table.weight"}
 _DIT_MARKER_KEYS = ("x_embedder.proj.weight", "y_embedder.embedding_table.weight", "t_embedder.mlp.0.weight",
                     "blocks.0.attn.qkv.weight", "final_layer.linear.weight", "pos_embed")
 

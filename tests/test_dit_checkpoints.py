@@ -81,3 +81,16 @@ def test_sample_script_runs_on_a_plain_dit_file(tmp_path):
     main(["--ckpt", str(path), "--model", "DiT-S/2", "--vae", "none", "--num-sampling-steps", "2",
           "--class-labels", "1", "2", "--out", str(out), "--device", "cpu"])
     assert out.is_file()
+
+
+def test_our_older_dit_key_names_still_load():
+    torch.manual_seed(0)
+    model = randomize(create_model("DiT-S/2", **KW), std=0.05).eval()
+    renames = {"x_embedder.proj.weight": "x_embedder.weight", "x_embedder.proj.bias": "x_embedder.bias",
+               "y_embedder.embedding_table.weight": "y_embedder.weight"}
+    old = {renames.get(k, k): v for k, v in model.state_dict().items()}
+    fresh = create_model("DiT-S/2", **KW).eval()
+    fresh.load_state_dict(old)
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 900]), torch.tensor([2, 10])
+    with torch.no_grad():
+        assert torch.equal(fresh(x, t, y), model(x, t, y))
