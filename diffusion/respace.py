@@ -21,7 +21,8 @@ def space_timesteps(num_timesteps: int, section_counts: Union[str, Iterable[int]
     section_counts:
     - "ddimN": steps 0, k, 2k, ... with the stride k that gives exactly N steps (DDIM's even stride);
     - "N" or "N1,N2,...": split [0, T) into equal sections and take N_i evenly spaced steps (both
-      ends included, positions rounded) from section i; e.g. "10,15,20" over 300 steps;
+      ends included) from section i, walking a fractional stride (size-1)/(N_i-1) and rounding the
+      running position, exactly as improved-diffusion/ADM/DiT do; e.g. "10,15,20" over 300 steps;
     - a list of ints, same as the comma-separated form.
     """
     if isinstance(section_counts, str):
@@ -51,7 +52,10 @@ def space_timesteps(num_timesteps: int, section_counts: Union[str, Iterable[int]
         if size < count:
             raise ValueError(f"cannot take {count} steps from a section of {size} steps")
         stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
-        kept += [start + round(j * stride) for j in range(count)]
+        pos = 0.0  # iDDPM's running position: the rounding of the accumulated sum, not of j * stride,
+        for _ in range(count):  # decides the steps near .5 (e.g. N=21 of 1000 keeps 499, not 500)
+            kept.append(start + round(pos))
+            pos += stride
         start += size
     return set(kept)
 

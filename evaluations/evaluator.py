@@ -121,6 +121,7 @@ def evaluate(
     sample_info = inspect_batch(sample_batch)
     pool_dim, spatial_dim = FEATURE_DIMS[backend]
     ref_stats = read_ref_stats(ref_batch, pool_dim, spatial_dim)  # validated before the slow part
+    sample_stats = read_ref_stats(sample_batch, pool_dim, spatial_dim)  # ADM uses a sample batch's stored ones too
     labels = read_labels(sample_batch, sample_info.num_images) if backend == "digits" else None
 
     print(f"computing {backend} features of {ref_batch} ({ref_info.num_images} images) "
@@ -136,8 +137,11 @@ def evaluate(
         mu_rs, sigma_rs = metrics.compute_statistics(ref_feats["spatial"])
     else:
         mu_r, sigma_r, mu_rs, sigma_rs = (ref_stats[key] for key in ("mu", "sigma", "mu_s", "sigma_s"))
-    mu_s, sigma_s = metrics.compute_statistics(sample_feats["pool"])
-    mu_ss, sigma_ss = metrics.compute_statistics(sample_feats["spatial"])
+    if sample_stats is None:
+        mu_s, sigma_s = metrics.compute_statistics(sample_feats["pool"])
+        mu_ss, sigma_ss = metrics.compute_statistics(sample_feats["spatial"])
+    else:
+        mu_s, sigma_s, mu_ss, sigma_ss = (sample_stats[key] for key in ("mu", "sigma", "mu_s", "sigma_s"))
 
     results: Dict[str, float] = {
         "inception_score": metrics.inception_score(sample_feats["softmax"], split_size=split_size),
@@ -180,6 +184,7 @@ def evaluate(
         "num_samples": sample_info.num_images,
         "num_ref": ref_info.num_images,
         "ref_statistics": "precomputed" if ref_stats is not None else "computed",
+        "sample_statistics": "precomputed" if sample_stats is not None else "computed",
         "settings": {"batch_size": batch_size, "k": k, "split_size": split_size, "pr_row_batch": 10000,
                      "pr_distance_dtype": "float16"},
         "files": files,

@@ -17,9 +17,10 @@ FCDM paper and its baselines report), so that the same features give the same nu
   rank 0). Precision = fraction of samples inside the reference manifold, recall = fraction of
   references inside the sample manifold. ADM computes pairwise distances in blocks of 10000 rows
   and columns, first in float16 and, for a block whose float16 result is not finite, again in
-  float32; `distance_dtype="float16"` reproduces that (inputs rounded to float16, products and
-  sums accumulated in float32, each elementwise step rounded to float16 as a half-precision GEMM
-  with float32 accumulation does), `"float32"` skips the half-precision pass.
+  float32; `distance_dtype="float16"` reproduces that bit for bit with TensorFlow's CPU float16
+  arithmetic (squares rounded to float16 and Eigen's half-precision sum order for the norms; float32
+  accumulation in TF's order for the matmul; each elementwise step rounded to float16), `"float32"`
+  skips the half-precision pass.
 
 Everything returns Python floats computed in float64 (statistics) or float32 distances (as ADM).
 """
@@ -116,28 +117,182 @@ def _half(x: np.ndarray) -> np.ndarray:
         return x.astype(np.float16)
 
 
+# TensorFlow's CPU float16 arithmetic, as ADM's evaluator runs it (verified bit for bit against
+# tensorflow-cpu 2.21 in tests/test_eval_adm_fp16.py):
+# - reduce_sum over the last axis is Eigen's InnerMostDimReducer on 8-lane half packets: above
+#   8 * 200 values (Eigen's LeafSize<half>) the range is halved at a packet-aligned split and the halves
+#   summed; a leaf runs 4 packet accumulators over 32-value strides (each lane add rounded to float16),
+#   folds them into the first (1 + 2, + 3, + 4), runs the remaining whole packets, sums that packet's
+#   8 lanes in float32 ((a0+a4 + a2+a6) + (a1+a5 + a3+a7)) and rounds once, and adds the scalar tail;
+# - the float16 matmul accumulates the exact float32 products in float32, sequentially within blocks
+#   along the shared dimension D, adds the block sums in float32 and rounds once to float16. Measured
+#   block: D itself up to 512, else the largest power of two below D, at most 1024 (bit-exact for
+#   D = 300, 520, 600, 1000, 1500, 2048, 3000, 4096; ADM's Inception features have D = 2048).
+_EIGEN_HALF_PACKET = 8
+_EIGEN_HALF_LEAF = 200
+
+
+def _tf_half_gemm_kblock(d: int) -> int:
+    """Length of TF's sequential float32 accumulation blocks along D (see the note above)."""
+    return d if d <= 512 else min(1024, 1 << ((d - 1).bit_length() - 1))
+
+
+def _eigen_leaf_sum(x: np.ndarray) -> np.ndarray:
+    """One Eigen leaf reduction of float16 rows (r, n) -> (r,) float16 (see the note above)."""
+    p, n = _EIGEN_HALF_PACKET, x.shape[1]
+    acc = np.zeros((x.shape[0], 4, p), np.float16)
+    start = 0
+    if n >= 4 * p:
+        v4 = n // (4 * p) * (4 * p)
+        for j in range(0, v4, 4 * p):
+            acc += x[:, j : j + 4 * p].reshape(-1, 4, p)  # four packet accumulators, float16 lane adds
+        for u in (1, 2, 3):
+            acc[:, 0] += acc[:, u]
+        start = v4
+    if start <= n - p:
+        for j in range(start, n // p * p, p):
+            acc[:, 0] += x[:, j : j + p]
+        start = n // p * p
+    lanes = acc[:, 0].astype(np.float32)  # predux: float32 tree over the 8 lanes, rounded once
+    halves = lanes[:, :4] + lanes[:, 4:]
+    quarters = halves[:, :2] + halves[:, 2:]
+    packet = (quarters[:, 0] + quarters[:, 1]).astype(np.float16)
+    tail = np.zeros(x.shape[0], np.float16)
+    for j in range(start, n):
+        tail += x[:, j]
+    return (packet + tail).astype(np.float16)
+
+
+def _eigen_half_sum(x: np.ndarray, first: int = 0) -> np.ndarray:
+    """TF/Eigen CPU reduce_sum of float16 rows (r, n) -> (r,) float16; `first` is the flat index of
+    column 0 (Eigen aligns its split points to packets of the flattened tensor)."""
+    p, n = _EIGEN_HALF_PACKET, x.shape[1]
+    if n <= p * _EIGEN_HALF_LEAF:
+        return _eigen_leaf_sum(x)
+    split = p * -(-(first + -(-n // 2)) // p)  # packet-aligned midpoint
+    left = min(split - first, n)
+    out = _eigen_half_sum(x[:, :left], first)
+    if left < n:
+        out = (out + _eigen_half_sum(x[:, left:], split)).astype(np.float16)
+    return out
+
+
+def _tf_half_row_norms(x16: np.ndarray) -> np.ndarray:
+    """ADM's reduce_sum(square(U), 1) on float16 U (n, D) -> (n,) float16, TF CPU's arithmetic."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        sq = x16 * x16  # each square rounded to float16
+        n, d = sq.shape
+        if d <= _EIGEN_HALF_PACKET * _EIGEN_HALF_LEAF or d % _EIGEN_HALF_PACKET == 0:
+            return _eigen_half_sum(sq)  # every row's flat offset is packet-aligned: one vectorised pass
+        out = np.empty(n, np.float16)
+        for r in range(_EIGEN_HALF_PACKET):  # rows whose flat offsets share an alignment
+            rows = np.arange(r, n, _EIGEN_HALF_PACKET)
+            if rows.size:
+                out[rows] = _eigen_half_sum(sq[rows], (r * d) % _EIGEN_HALF_PACKET)
+        return out
+
+
+def _tf_half_dots_exact(u16: np.ndarray, v16: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """TF's float16 matmul entries (rows[i], cols[i]) in its float32 order (see the note above) -> float16."""
+    d = u16.shape[1]
+    kb = _tf_half_gemm_kblock(d)
+    u32, v32 = u16.astype(np.float32), v16.astype(np.float32)
+    out = np.empty(rows.size, np.float16)
+    for s in range(0, rows.size, 4096):
+        r, c = rows[s : s + 4096], cols[s : s + 4096]
+        prods = u32[r] * v32[c]  # (e, D) exact products
+        total = np.zeros(r.size, np.float32)
+        for k0 in range(0, d, kb):  # cumsum is numpy's one strictly sequential float32 sum
+            total += np.cumsum(prods[:, k0 : k0 + kb], axis=1, dtype=np.float32)[:, -1]
+        with np.errstate(over="ignore", invalid="ignore"):
+            out[s : s + r.size] = total.astype(np.float16)
+    return out
+
+
+def _tf_half_dot_bounds(u16: np.ndarray, v16: np.ndarray):
+    """Bounds (lo, hi) float16 (n, m) on TF's float16 matmul(U, V^T), equal except near rounding midpoints.
+
+    The products of float16 values are exact in float32, so the float64 dot product is exact up to
+    ~D * 2^-53; TF's float32 sum lies within `tol` (a bound on its rounding errors) of it, and its
+    float16 rounding between the roundings of exact -/+ tol. Where those agree (all but a small fraction),
+    that is TF's value; elsewhere `_tf_half_dots_exact` gives it."""
+    u64, v64 = u16.astype(np.float64), v16.astype(np.float64)
+    exact = u64 @ v64.T  # (n, m)
+    d = u16.shape[1]
+    absdot = exact if (u16 >= 0).all() and (v16 >= 0).all() else np.abs(u64) @ np.abs(v64).T
+    kb = _tf_half_gemm_kblock(d)
+    adds = min(d, kb) + -(-d // kb)  # roundings on any path
+    tol = absdot * (adds * 2.0**-24 + d * 2.0**-52) + 2.0**-149
+    with np.errstate(over="ignore", invalid="ignore"):
+        return (exact - tol).astype(np.float16), (exact + tol).astype(np.float16)
+
+
+def _tf_half_matmul(u16: np.ndarray, v16: np.ndarray) -> np.ndarray:
+    """ADM's matmul(U, V^T) of float16 inputs -> float16 (n, m), TF CPU's arithmetic."""
+    lo, hi = _tf_half_dot_bounds(u16, v16)
+    rows, cols = np.nonzero(lo != hi)
+    lo[rows, cols] = _tf_half_dots_exact(u16, v16, rows, cols)
+    return lo
+
+
+def _half_dist(norm_u, dots, norm_v):
+    """ADM's max(norm_u - 2 dots + norm_v, 0), each step rounded to float16 (broadcasting)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.maximum((norm_u - dots * np.float16(2)) + norm_v, np.float16(0))
+
+
+class _DistanceBlock:
+    """ADM's distance block between rows of u (n, D) and v (m, D), float32 (n, m), resolved lazily.
+
+    float16 (ADM's first pass): `lo` <= TF's distances <= `hi` elementwise (equal almost everywhere);
+    `resolve(mask)` replaces the masked entries by TF's exact values, so the callers compute exact
+    order statistics and comparisons while running TF's float32 summation order only where it can
+    matter. If the block is not finite in float16 it is computed in float32 (lo == hi), as ADM does."""
+
+    def __init__(self, u: np.ndarray, v: np.ndarray, distance_dtype: str = "float16"):
+        if distance_dtype not in ("float16", "float32"):
+            raise ValueError(f"distance_dtype must be 'float16' or 'float32', got {distance_dtype!r}")
+        if distance_dtype == "float16":
+            self.u16 = _half(np.asarray(u, dtype=np.float32))  # rounded inputs, (n, D)
+            self.v16 = _half(np.asarray(v, dtype=np.float32))  # (m, D)
+            self.norm_u = _tf_half_row_norms(self.u16)[:, None]  # (n, 1) float16
+            self.norm_v = _tf_half_row_norms(self.v16)[None, :]  # (1, m) float16
+            dot_lo, dot_hi = _tf_half_dot_bounds(self.u16, self.v16)
+            # the distance decreases with the dot product: its bounds swap
+            self.lo, self.hi = _half_dist(self.norm_u, dot_hi, self.norm_v), _half_dist(self.norm_u, dot_lo, self.norm_v)
+            finite = bool(np.isfinite(self.lo).all() and np.isfinite(self.hi).all())
+            if not finite:  # rare: decide ADM's finiteness check on the exact values
+                self.resolve(~(np.isfinite(self.lo) & np.isfinite(self.hi)))
+                finite = bool(np.isfinite(self.lo).all() and np.isfinite(self.hi).all())
+            if finite:
+                self.lo, self.hi = self.lo.astype(np.float32), self.hi.astype(np.float32)
+                return
+        u32 = np.asarray(u, dtype=np.float32)
+        v32 = np.asarray(v, dtype=np.float32)
+        norm_u = np.sum(u32 * u32, axis=1)[:, None]  # (n, 1)
+        norm_v = np.sum(v32 * v32, axis=1)[None, :]  # (1, m)
+        self.lo = self.hi = np.maximum(norm_u - 2.0 * (u32 @ v32.T) + norm_v, 0.0).astype(np.float32)
+
+    def resolve(self, mask: np.ndarray) -> None:
+        """Make the entries of `mask` (bool (n, m)) exact: lo == hi == TF's distance there."""
+        rows, cols = np.nonzero(mask & (self.lo != self.hi))
+        if rows.size:
+            dots = _tf_half_dots_exact(self.u16, self.v16, rows, cols)
+            exact = _half_dist(self.norm_u[rows, 0], dots, self.norm_v[0, cols]).astype(self.lo.dtype)
+            self.lo[rows, cols] = exact
+            self.hi[rows, cols] = exact
+
+
 def pairwise_sq_distances(u: np.ndarray, v: np.ndarray, distance_dtype: str = "float16") -> np.ndarray:
     """Squared Euclidean distances max(|u|^2 - 2 u.v + |v|^2, 0) between rows: (n, D), (m, D) -> (n, m) float32.
 
-    float16: ADM's first pass; falls back to float32 for the whole block when any entry is not finite.
+    float16: ADM's first pass with TF's float16 arithmetic (norms, matmul and each elementwise step in
+    float16, see `_tf_half_row_norms`, `_tf_half_matmul`); falls back to float32 for the whole block
+    when any entry is not finite, as ADM does.
     """
-    if distance_dtype not in ("float16", "float32"):
-        raise ValueError(f"distance_dtype must be 'float16' or 'float32', got {distance_dtype!r}")
-    if distance_dtype == "float16":
-        u16 = _half(np.asarray(u, dtype=np.float32)).astype(np.float32)  # rounded inputs, (n, D)
-        v16 = _half(np.asarray(v, dtype=np.float32)).astype(np.float32)  # (m, D)
-        with np.errstate(over="ignore", invalid="ignore"):
-            norm_u = _half(np.sum(u16 * u16, axis=1))[:, None]  # (n, 1) float16
-            norm_v = _half(np.sum(v16 * v16, axis=1))[None, :]  # (1, m) float16
-            dots = _half(u16 @ v16.T)  # (n, m) float16
-            dist = np.maximum((norm_u - dots * np.float16(2)) + norm_v, np.float16(0))  # float16 steps
-        if np.isfinite(dist).all():
-            return dist.astype(np.float32)
-    u32 = np.asarray(u, dtype=np.float32)
-    v32 = np.asarray(v, dtype=np.float32)
-    norm_u = np.sum(u32 * u32, axis=1)[:, None]  # (n, 1)
-    norm_v = np.sum(v32 * v32, axis=1)[None, :]  # (1, m)
-    return np.maximum(norm_u - 2.0 * (u32 @ v32.T) + norm_v, 0.0).astype(np.float32)
+    block = _DistanceBlock(u, v, distance_dtype)
+    block.resolve(np.ones(block.lo.shape, bool))
+    return block.lo
 
 
 def manifold_radii(
@@ -157,9 +312,15 @@ def manifold_radii(
         rows = feats[r0 : r0 + row_batch]
         candidates = []
         for c0 in range(0, n, row_batch):
-            block = pairwise_sq_distances(rows, feats[c0 : c0 + row_batch], distance_dtype)  # (r, c)
-            if block.shape[1] > k + 1:
-                block = np.partition(block, k, axis=1)[:, : k + 1]  # the k+1 smallest, (r, k+1)
+            dist = _DistanceBlock(rows, feats[c0 : c0 + row_batch], distance_dtype)  # (r, c)
+            if dist.lo.shape[1] > k + 1:
+                # only entries that may be among a row's k+1 smallest need their exact value
+                bound = np.partition(dist.hi, k, axis=1)[:, k : k + 1]  # >= the true (k+1)-th smallest
+                dist.resolve(dist.lo <= bound)
+                block = np.partition(np.where(dist.lo == dist.hi, dist.lo, np.inf), k, axis=1)[:, : k + 1]
+            else:
+                dist.resolve(np.ones(dist.lo.shape, bool))
+                block = dist.lo
             candidates.append(block)
         merged = np.concatenate(candidates, axis=1)  # (r, <= blocks*(k+1))
         radii[r0 : r0 + rows.shape[0]] = np.partition(merged, k, axis=1)[:, k]
@@ -189,9 +350,12 @@ def precision_recall(
         r1 = r0 + row_batch
         for s0 in range(0, sample_feats.shape[0], row_batch):
             s1 = s0 + row_batch
-            dist = pairwise_sq_distances(ref_feats[r0:r1], sample_feats[s0:s1], distance_dtype)  # (r, s)
-            ref_in[r0:r1] |= np.any(dist <= radii_sample[None, s0:s1], axis=1)
-            sample_in[s0:s1] |= np.any(dist <= radii_ref[r0:r1, None], axis=0)
+            block = _DistanceBlock(ref_feats[r0:r1], sample_feats[s0:s1], distance_dtype)  # (r, s)
+            rs, rr = radii_sample[None, s0:s1], radii_ref[r0:r1, None]
+            # exact values only where the bounds leave a comparison open
+            block.resolve(((block.lo <= rs) & (block.hi > rs)) | ((block.lo <= rr) & (block.hi > rr)))
+            ref_in[r0:r1] |= np.any(block.hi <= rs, axis=1)
+            sample_in[s0:s1] |= np.any(block.hi <= rr, axis=0)
     precision = float(np.mean(sample_in.astype(np.float64)))
     recall = float(np.mean(ref_in.astype(np.float64)))
     return precision, recall

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -37,10 +37,12 @@ def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", require_config: bool = True,
-                    for_training: bool = False) -> dict:
+                    for_training: bool = False, adapt: Optional[Callable[[Any], Optional[dict]]] = None) -> dict:
     """Load a checkpoint safely (weights_only=True). Missing, empty, truncated, random, text or foreign
     files (and a valid zip with other contents) raise `UserError` naming the file; so does a checkpoint
-    without a usable "config" and, with `for_training`, one without the state a resume needs."""
+    without a usable "config" and, with `for_training`, one without the state a resume needs.
+    `adapt(obj)` may turn another layout into ours (e.g. models.dit.dit_checkpoint_from_state_dict) or
+    return None to leave it; its ValueError becomes a UserError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; pass the path of a .pt file written by train_gen/train.py")
@@ -51,6 +53,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", require_
             f"checkpoint {path} is corrupt or not a torch checkpoint ({error_summary(e)}); "
             "use an earlier checkpoint of the run"
         ) from None
+    if adapt is not None:
+        try:
+            ckpt = adapt(ckpt) or ckpt
+        except ValueError as e:
+            raise UserError(f"checkpoint {path}: {e}") from None
     if not isinstance(ckpt, dict) or not ({"model", "ema"} & set(ckpt)):
         raise UserError(f"checkpoint {path} holds no 'model' or 'ema' weights; it was not written by train_gen/train.py")
     if require_config:
@@ -85,6 +92,6 @@ def model_from_checkpoint(ckpt: dict, use_ema: bool = True, path: str | os.PathL
     model = build_model(ckpt["config"])
     try:
         model.load_state_dict(ckpt[key])
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:  # ValueError: a model's own load check (e.g. DiT's pos_embed)
         raise UserError(f"{path}: the {key!r} weights do not fit model {ckpt['config']['model']!r}: {str(e)[:300]}") from None
     return model.eval()

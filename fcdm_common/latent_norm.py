@@ -177,8 +177,8 @@ class NormalizedDataset:
     def __getattr__(self, name):
         return getattr(self.dataset, name)
 
-    def get_batch(self, indices, rng):
-        x, y = self.dataset.get_batch(indices, rng)
+    def get_batch(self, indices, rng, **draws):
+        x, y = self.dataset.get_batch(indices, rng, **draws)  # draws: orient, noise_seeds (TrainLoader)
         return self.norm.normalize(x), y
 
 

@@ -205,7 +205,9 @@ def load_setup(ckpt_path, *, model_name: Optional[str] = None, use_ema: bool = T
     device = torch.device(device)
     if device.type == "cpu":
         tune_cpu_allocator()  # reuse freed activations instead of page-faulting them in every forward pass
-    ckpt = load_checkpoint(path)
+    from models.dit import dit_checkpoint_from_state_dict  # DiT's released files: plain EMA state dicts
+
+    ckpt = load_checkpoint(path, adapt=lambda obj: dit_checkpoint_from_state_dict(obj, model_name))
     config = ckpt["config"]
     if model_name is not None and model_name != config["model"]:
         raise UserError(f"--model {model_name} does not match checkpoint {path}, which holds a {config['model']}; "

@@ -17,8 +17,11 @@ SiLU -> Linear(D, 6D), and
 (LayerNorm without affine, eps 1e-6; MLP ratio 4 with tanh-GELU). Table 1 of the DiT paper gives the
 sizes: S (12 layers, width 384, 6 heads), B (12, 768, 12), L (24, 1024, 16), XL (28, 1152, 16);
 DiT-XL/2 has 675M parameters and 118.6 GFLOPs at 256x256 (32x32x4 latents, 256 tokens).
-Attention uses `torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient kernels
-on GPU).
+The layers are timm's `PatchEmbed`, `Attention` and `Mlp` under DiT's module names, exactly as
+facebookresearch/DiT builds them, so DiT's released state dicts (plain dicts of the EMA weights,
+e.g. DiT-XL-2-256x256.pt) load as they are: see `normalize_dit_state_dict` and `is_dit_state_dict`.
+timm's Attention runs `torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient
+kernels on GPU).
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from timm.layers import Attention, Mlp, PatchEmbed
 
 from . import register
 from .fcdm import TimestepEmbedder, guide, resolve_checkpoint_mode, run_block
@@ -68,36 +71,19 @@ def modulate_tokens(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -
     return torch.addcmul(shift[:, None, :], x, 1 + scale[:, None, :])
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention with one qkv projection and an output projection."""
+def _tanh_gelu() -> nn.Module:
+    return nn.GELU(approximate="tanh")
 
-    def __init__(self, dim: int, num_heads: int):
+
+class LabelEmbedder(nn.Module):
+    """The class table under DiT's name (`embedding_table`), num_classes + 1 rows (the null label last)."""
+
+    def __init__(self, num_classes: int, dim: int):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, t, d = x.shape
-        qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (N, heads, T, D/heads)
-        out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, D/heads)
-        return self.proj(out.transpose(1, 2).reshape(n, t, d))
-
-
-class MLP(nn.Module):
-    """Linear D -> rD, tanh-GELU, Linear rD -> D."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(y)  # (N, D)
 
 
 class DiTBlock(nn.Module):
@@ -106,9 +92,11 @@ class DiTBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=True)  # timm: qkv, proj; SDPA
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=_tanh_gelu, drop=0)  # fc1, fc2
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -171,11 +159,12 @@ class DiT(nn.Module):
         self.checkpoint_mode = "none"
         self.grid_size = input_size // patch_size
 
-        self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)  # patchify
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)  # patchify conv
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = nn.Embedding(num_classes + 1, hidden_size)  # + the null label
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size)  # + the null label
         pos = torch.tensor(sincos_2d(hidden_size, self.grid_size), dtype=torch.float32)[None]  # (1, T, D)
         self.register_buffer("pos_embed", pos, persistent=False)  # fixed, rebuilt from the config
+        self._register_load_state_dict_pre_hook(self._accept_dit_layout)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
@@ -192,7 +181,7 @@ class DiT(nn.Module):
                 nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        nn.init.normal_(self.y_embedder.weight, std=0.02)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for blk in self.blocks:
@@ -202,6 +191,21 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+
+    def _accept_dit_layout(self, state_dict, prefix, *args, **kwargs) -> None:
+        """load_state_dict pre-hook: DiT's checkpoints carry the fixed `pos_embed` (a frozen parameter
+        there, a non-persistent buffer here). It is checked against our sin-cos table, not loaded."""
+        for old, new in _LEGACY_KEYS.items():  # this repository's DiT before it used DiT's names
+            if prefix + old in state_dict and prefix + new not in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
+        key = prefix + "pos_embed"
+        if key in state_dict:
+            theirs = state_dict.pop(key)
+            ours = torch.from_numpy(sincos_2d(self.hidden_size, self.grid_size)).float()[None]
+            if tuple(theirs.shape) != tuple(ours.shape) or not torch.allclose(theirs.float().cpu(), ours, atol=1e-5):
+                raise ValueError(f"the state dict's pos_embed {tuple(theirs.shape)} is not DiT's fixed 2D sin-cos "
+                                 f"table for {self.grid_size}x{self.grid_size} tokens of width {self.hidden_size} "
+                                 f"{tuple(ours.shape)}; it belongs to a different model or input size")
 
     def set_grad_checkpointing(self, enable: bool | str = True) -> None:
         """Recompute blocks in backward: True/'full', 'selective' (keep matmul outputs), False/'none'."""
@@ -247,7 +251,7 @@ class DiT(nn.Module):
         if y.dtype.is_floating_point or y.dtype == torch.bool:
             raise ValueError(f"labels must be integers, got dtype {y.dtype}")
         y = self.drop_labels(y, drop_mask)
-        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)  # (N, T, D)
+        h = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
         for blk in self.blocks:
             h = run_block(blk, self.checkpoint_mode, h, c)  # (N, T, D)
@@ -264,6 +268,58 @@ class DiT(nn.Module):
         cond, uncond = out.chunk(2)
         guided = guide(cond, uncond, cfg_scale, self.in_channels, cfg_channels)
         return torch.cat([guided, guided])
+
+
+# ----------------------------------------------------------------------------------------------
+# DiT's released checkpoints (facebookresearch/DiT: plain state dicts of the EMA weights)
+# ----------------------------------------------------------------------------------------------
+
+_LEGACY_KEYS = {"x_embedder.weight": "x_embedder.proj.weight", "x_embedder.bias": "x_embedder.proj.bias",
+                "y_embedder.weight": "y_embedder.embedding_table.weight"}
+_DIT_MARKER_KEYS = ("x_embedder.proj.weight", "y_embedder.embedding_table.weight", "t_embedder.mlp.0.weight",
+                    "blocks.0.attn.qkv.weight", "final_layer.linear.weight", "pos_embed")
+
+
+def is_dit_state_dict(obj) -> bool:
+    """True for a plain state dict in DiT's key layout (no wrapper dict), as DiT's public .pt files are."""
+    return (isinstance(obj, dict) and all(k in obj for k in _DIT_MARKER_KEYS)
+            and all(isinstance(v, torch.Tensor) for v in obj.values()))
+
+
+def dit_checkpoint_from_state_dict(state_dict: dict, model_name: Optional[str]) -> Optional[dict]:
+    """Wrap a plain DiT state dict as our checkpoint layout ({"ema", "config"}; see fcdm_common/checkpoint.py),
+    its config read off the tensor shapes: input size from pos_embed, in/out channels from the patchify
+    conv and the final linear, classes from the label table. None when `state_dict` is not one.
+    `model_name` (the --model flag) must be a registered DiT whose width and depth match; ValueError else."""
+    if not is_dit_state_dict(state_dict):
+        return None
+    if not model_name or not model_name.startswith("DiT-"):
+        raise ValueError("this is a plain DiT state dict (e.g. DiT's released DiT-XL-2-256x256.pt), which records "
+                         "no config: pass --model with its DiT variant, e.g. --model DiT-XL/2")
+    w = state_dict["x_embedder.proj.weight"]  # (D, C_in, p, p)
+    width, in_ch, p = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
+    tokens = int(state_dict["pos_embed"].shape[1])
+    grid = int(round(tokens ** 0.5))
+    out_ch = int(state_dict["final_layer.linear.weight"].shape[0]) // (p * p)
+    depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
+    rows = int(state_dict["y_embedder.embedding_table.weight"].shape[0])
+    kwargs = dict(input_size=grid * p, in_channels=in_ch, learn_sigma=out_ch == 2 * in_ch, num_classes=rows - 1)
+    from . import MODELS
+
+    dits = sorted(n for n in MODELS if n.startswith("DiT-"))
+    if model_name not in dits:
+        raise ValueError(f"--model {model_name} is not a registered DiT variant; use one of {', '.join(dits)}")
+    with torch.device("meta"):
+        probe = MODELS[model_name](**kwargs)
+    if (probe.hidden_size, probe.depth, probe.patch_size) != (width, depth, p):
+        raise ValueError(f"the state dict is a DiT of width {width}, depth {depth}, patch {p}, not {model_name} "
+                         f"(width {probe.hidden_size}, depth {probe.depth}, patch {probe.patch_size})")
+    if out_ch not in (in_ch, 2 * in_ch):
+        raise ValueError(f"final_layer.linear gives {out_ch} channels per pixel for {in_ch} input channels")
+    config = {"model": model_name, "model_kwargs": kwargs, "objective": "diffusion", "objective_kwargs": {},
+              "data": {"latent_shape": [in_ch, grid * p, grid * p], "num_classes": rows - 1},
+              "vae": {}, "source": "plain DiT state dict (EMA weights)"}
+    return {"ema": state_dict, "config": config}
 
 
 # Table 1 of the DiT paper (patch size 2): DiT-S/2 33.0M, B/2 130.5M, L/2 458.1M, XL/2 675M params.

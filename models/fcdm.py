@@ -86,7 +86,8 @@ class TimestepEmbedder(nn.Module):
         )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_embedding(t, self.frequency_embedding_size))  # (N, W)
+        emb = timestep_embedding(t, self.frequency_embedding_size)  # float32 (N, 256)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))  # (N, W); a no-op cast unless the net is float64/bf16
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -416,14 +417,21 @@ class FCDM(nn.Module):
         self.head = Head(hidden_size, self.out_channels)
         self.initialize_weights()
 
-    # -- initialisation (DiT-style) ------------------------------------------------------------
+    # -- initialisation (DiT's recipe as the authors' release applies it, module by module) -----
     def initialize_weights(self) -> None:
+        """xavier_uniform_ on every Linear/conv weight as it is: a 4-D conv weight (out, in/groups, kh, kw)
+        has torch's fans fan_in = in/groups*kh*kw, fan_out = out*kh*kw (the depthwise weight is
+        (dim, 1, k, k) like the release's Conv2d(groups=dim)); 1x1 convs are Linear layers here, whose
+        (out, in) fans equal the release's (out, in, 1, 1) conv. The stem only: xavier on the flattened
+        (out, in*kh*kw) matrix (DiT's patch-embedding idiom). Zero biases; normal(0, 0.02) label tables
+        and timestep-MLP weights; zero GRN, adaLN output layers and the head's last conv."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d, DepthwiseConv)):
-                w = m.weight
-                nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # fans of the (out, in*k*k) matrix
+                nn.init.xavier_uniform_(m.weight)  # torch's fans of the tensor as it is
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        w = self.stem.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # fans of the (out, in*k*k) matrix
         for emb in self.y_embedders:
             nn.init.normal_(emb.weight, std=0.02)
         for te in self.t_embedders:

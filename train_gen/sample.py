@@ -22,7 +22,7 @@ from fcdm_common.sampling import DIT_SAMPLE_LABELS, add_sampler_args, generate, 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint written by train_gen/train.py")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train_gen/train.py or models.convert_official, or a plain DiT state dict (e.g. DiT-XL-2-256x256.pt, with --model DiT-XL/2)")
     p.add_argument("--model", default=None, help="optional: the model name the checkpoint must hold")
     p.add_argument("--class-labels", type=int, nargs="+", default=None,
                    help="labels to sample, one image each (default: DiT's 8 classes for 1000-class models, "

@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='JSON object of constructor overrides, e.g. \'{"hidden_size": 16, "kernel_size": 5}\'')
     g.add_argument("--hidden-size", type=positive_int, default=None, help="shortcut for model_kwargs hidden_size")
     g.add_argument("--depths", type=_int_list, default=None, help="shortcut for model_kwargs depths, e.g. 1,1,1,1,1")
+    g.add_argument("--label-dropout", choices=("shared", "per-level"), default="shared",
+                   help="FCDM label dropout: one draw per sample at every level (paper) or one per level (the release)")
     g.add_argument("--objective", choices=("diffusion", "flow"), default="diffusion",
                    help="iDDPM diffusion with learned sigma (paper) or linear flow matching (Appendix E)")
     g.add_argument("--objective-kwargs", type=_json_dict, default={},
@@ -237,6 +239,8 @@ def resolve_model_kwargs(args, data: dict) -> tuple[dict, dict]:
         user["hidden_size"] = args.hidden_size
     if args.depths is not None:
         user["depths"] = list(args.depths)
+    if args.label_dropout != "shared":  # a model_kwargs override: in the checkpoint config and the run name
+        user["label_dropout"] = args.label_dropout
     C, H, W = data["latent_shape"]
     learn_sigma = args.objective == "diffusion"
     kwargs = dict(user)
