@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from fcdm_common.cli import UserError
+from fcdm_common.data_checks import check_finite, check_label_gaps, nonfinite_rows
 
 STORE_FORMAT = "fcdm-latents"  # attrs["format"] of a store
 STORE_FORMAT_VERSION = 1  # bump on an incompatible layout change
@@ -214,6 +215,36 @@ class ZarrLatentDataset:
         return x, torch.from_numpy(self.labels[indices])
 
 
+def load_latent_file(path: Path) -> np.ndarray:
+    """One legacy latent file as (O, C, H, W), O = 1 or 2 orientations; UserError naming a bad file."""
+    try:
+        arr = np.load(path)
+    except Exception as e:  # numpy raises many kinds for a damaged file
+        raise UserError(f"{path} is not a readable .npy file ({e}); remove or regenerate it") from None
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[0] not in (1, 2):
+        raise UserError(f"{path} has shape {arr.shape}; expected (C,H,W), (1,C,H,W) or (2,C,H,W)")
+    check_finite(arr, path)
+    return arr
+
+
+def load_label_file(path: Path) -> int:
+    """The one integer >= 0 of a legacy label file; UserError naming a bad file."""
+    if not path.is_file():
+        raise UserError(f"label file {path} is missing; every latent needs a label .npy with the same name")
+    try:
+        arr = np.asarray(np.load(path)).reshape(-1)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable .npy file ({e})") from None
+    if arr.size != 1 or not np.issubdtype(arr.dtype, np.integer) and not float(arr[0]).is_integer():
+        raise UserError(f"{path} should hold one integer label, got {arr!r}")
+    label = int(arr[0])
+    if label < 0:
+        raise UserError(f"{path} holds a negative label {label}")
+    return label
+
+
 class LegacyNpyDataset:
     """The original release's layout: per-image latent and label `.npy` files with matching names.
 
@@ -241,7 +272,8 @@ class LegacyNpyDataset:
             label_file = self.label_path / name
             if not label_file.is_file():
                 raise UserError(f"label file {label_file} is missing for latent {self.feature_path / name}")
-            labels[i] = int(np.asarray(np.load(label_file)).reshape(-1)[0])
+            labels[i] = load_label_file(label_file)
+        check_label_gaps(labels, self.files, f"--label-path {self.label_path}")
         self.labels = labels
         first = self._load(0)
         self.orientations = first.shape[0]
@@ -257,13 +289,7 @@ class LegacyNpyDataset:
         return len(self.files)
 
     def _load(self, i: int) -> np.ndarray:
-        path = self.feature_path / self.files[i]
-        arr = np.load(path)
-        if arr.ndim == 3:
-            arr = arr[None]
-        if arr.ndim != 4 or arr.shape[0] not in (1, 2):
-            raise UserError(f"{path} has shape {arr.shape}; expected (C,H,W), (1,C,H,W) or (2,C,H,W)")
-        return arr
+        return load_latent_file(self.feature_path / self.files[i])
 
     def prepare(self, local_world_size: int | None = None) -> None:
         pass
@@ -356,6 +382,7 @@ class TrainLoader:
             raise UserError(f"the data has {len(dataset)} items, fewer than one global batch of "
                             f"{batch_size} x {world_size} processes; lower --global-batch-size")
         self.step = start_step
+        self.nonfinite: dict[int, np.ndarray] = {}  # step -> dataset indices of items with NaN/inf inputs
         self._batches = _StepBatches(dataset, batch_size, rank, world_size, seed, self.steps_per_epoch)
         dataset.prepare()  # fill the cache (RAM or memory-mapped file) before the first batch
 
@@ -375,7 +402,7 @@ class TrainLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.num_workers == 0:
             while True:
-                out = self._batches[self.step]
+                out = self._produce(self.step)
                 self.step += 1
                 yield out
         # Worker THREADS, not processes: the heavy parts (gather, half->float, randn, zarr/blosc
@@ -397,8 +424,16 @@ class TrainLoader:
                 fut.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
 
+    def nonfinite_items(self, before_step: int | None = None) -> dict[int, list[int]]:
+        """{step: dataset indices} of the batches (before `before_step`) that held NaN/inf inputs."""
+        return {s: [int(i) for i in v] for s, v in sorted(self.nonfinite.items())
+                if before_step is None or s < before_step}
+
     def _produce(self, step: int):
         x, y = self._batches[step]
+        rows = nonfinite_rows(x)  # on the host, in the worker thread: no device sync in the step
+        if rows.size and len(self.nonfinite) < 1000:
+            self.nonfinite[step] = self._batches.indices(step)[rows]
         if self.pin_memory:
             x, y = x.pin_memory(), y.pin_memory()
         return x, y

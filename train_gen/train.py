@@ -493,10 +493,16 @@ def main(argv=None):
         max_consec = consec.clone()
         if worst >= args.max_bad_steps:
             last = sorted((run_dir / "checkpoints").glob("*.pt"))
+            from fcdm_common.data_checks import describe_nonfinite
+            from fcdm_common.distributed import all_gather_object
+
+            records = {s: v for r in all_gather_object(loader.nonfinite_items(step)) for s, v in r.items()}
+            cause = describe_nonfinite(records, data["zarr_path"] or data["feature_path"])
             raise UserError(
                 f"training stopped at step {step}: {worst} consecutive steps had non-finite loss or gradients "
                 f"(--max-bad-steps {args.max_bad_steps}); the last good checkpoint is "
-                f"{last[-1] if last else 'none'}; lower --lr, set --grad-clip or use --mixed-precision bf16/no")
+                f"{last[-1] if last else 'none'}; "
+                + (cause or "lower --lr, set --grad-clip or use --mixed-precision bf16/no"))
 
     def save(step: int) -> None:
         skipped = skipped_total + int(sums["bad"].item())  # bad steps are identical on every rank
