@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fcdm_common.cli import UserError, non_negative_int, positive_int, run_main
+from fcdm_common.cli import UserError, non_negative_int, positive_int, run_main, str2bool
 from fcdm_common.distributed import barrier, cleanup, init_distributed
 from fcdm_common.images import center_crop_arr, pil_to_tensor
 from fcdm_common.vae import DEFAULT_HF_MODEL, DEFAULT_SCALING_FACTOR, load_vae, vae_id
@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=positive_int, default=zstore.DEFAULT_CHUNK_SIZE,
                    help="images per compressed chunk inside a shard (divides --shard-size; default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the posterior samples in --store sample")
+    p.add_argument("--overwrite", type=str2bool, nargs="?", const=True, default=False,
+                   help="replace a store at --features-path that was made with other settings (e.g. after images "
+                        "were added or removed); a store with the same settings is resumed as usual")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--debug-stop-after-shards", type=non_negative_int, default=None, help=argparse.SUPPRESS)
     return p
@@ -182,12 +185,15 @@ def _run(args, rank, world, device, say):
         latent_shape=latent_shape, orientations=2, class_names=classes, shard_size=args.shard_size,
         chunk_size=args.chunk_size, seed=args.seed if args.store == "sample" else None)
 
-    state = zstore.check_existing(args.features_path, settings)
+    state = zstore.check_existing(args.features_path, settings, overwrite=args.overwrite)
     if state == "complete":
         say(f"{args.features_path} is already complete ({count} images); nothing to do")
         return
     barrier()
-    if rank == 0 and state == "absent":
+    if rank == 0 and state == "replace":
+        zstore.remove_store(args.features_path)
+        say(f"--overwrite: deleted {args.features_path}, which was made with other settings")
+    if rank == 0 and state in ("absent", "replace"):
         zstore.create_store(args.features_path, settings, extra_attrs={"source": str(Path(args.data_path))})
         say(f"created {args.features_path}")
     barrier()
