@@ -94,6 +94,21 @@ def _check_dims(feats: Dict[str, np.ndarray], backend: str, path: str) -> None:
                         f"expected (N, {pool_dim})/(N, {spatial_dim}); is the graph the ADM Inception graph?")
 
 
+# Numerical failures of one metric (scipy's sqrtm, a broken covariance, ...): that metric becomes NaN
+# with its reason, the others are still computed and written.
+NUMERICAL_ERRORS = (ValueError, ArithmeticError, np.linalg.LinAlgError, scipy.linalg.LinAlgError)
+
+
+def _guarded(name: str, failed: Dict[str, str], fn, *args, count: int = 1):
+    """fn(*args), or NaN (a tuple of `count` NaNs) with failed[name] = the reason on a numerical error."""
+    try:
+        return fn(*args)
+    except NUMERICAL_ERRORS as e:
+        failed[name] = f"{type(e).__name__}: {e}".splitlines()[0][:300] if str(e) else type(e).__name__
+        warnings.warn(f"{name} failed ({failed[name]}); reported as NaN, the other metrics are still computed")
+        return float("nan") if count == 1 else (float("nan"),) * count
+
+
 def _safe_pr(ref_pool: np.ndarray, sample_pool: np.ndarray, k: int):
     if min(ref_pool.shape[0], sample_pool.shape[0]) <= k:
         warnings.warn(f"precision/recall need more than k={k} images in each batch; reporting NaN")
@@ -139,12 +154,15 @@ def evaluate(
     mu_s, sigma_s = metrics.compute_statistics(sample_feats["pool"])
     mu_ss, sigma_ss = metrics.compute_statistics(sample_feats["spatial"])
 
+    failed: Dict[str, str] = {}  # metric key -> reason it is NaN
     results: Dict[str, float] = {
-        "inception_score": metrics.inception_score(sample_feats["softmax"], split_size=split_size),
-        "fid": metrics.frechet_distance(mu_s, sigma_s, mu_r, sigma_r),
-        "sfid": metrics.frechet_distance(mu_ss, sigma_ss, mu_rs, sigma_rs),
+        "inception_score": _guarded("inception_score", failed, metrics.inception_score, sample_feats["softmax"],
+                                    split_size),
+        "fid": _guarded("fid", failed, metrics.frechet_distance, mu_s, sigma_s, mu_r, sigma_r),
+        "sfid": _guarded("sfid", failed, metrics.frechet_distance, mu_ss, sigma_ss, mu_rs, sigma_rs),
     }
-    results["precision"], results["recall"] = _safe_pr(ref_feats["pool"], sample_feats["pool"], k)
+    results["precision"], results["recall"] = _guarded("precision_recall", failed, _safe_pr, ref_feats["pool"],
+                                                       sample_feats["pool"], k, count=2)
     if labels is not None:
         if labels.min() < 0 or labels.max() >= 10:
             raise UserError(f"{sample_batch}: arr_1 labels must be digits 0..9 for the digits backend, "
@@ -175,6 +193,7 @@ def evaluate(
         results["classifier_held_out_accuracy"] = held_out_accuracy()
     return {
         "metrics": results,
+        "failed": failed,
         "backend": backend,
         "exact_adm": backend == "tf",
         "num_samples": sample_info.num_images,
@@ -188,9 +207,13 @@ def evaluate(
 
 
 def format_metrics(result: Dict[str, object]) -> str:
-    """ADM-style lines `Name: value`, one per metric."""
+    """ADM-style lines `Name: value`, one per metric (nan for a failed one), then one
+    `Name failed: reason` line per failed metric."""
     lines = []
     for key, label in METRIC_LABELS:
         if key in result["metrics"]:
             lines.append(f"{label}: {result['metrics'][key]}")
+    labels = dict(METRIC_LABELS, precision_recall="Precision/Recall")
+    for key, reason in result.get("failed", {}).items():
+        lines.append(f"{labels.get(key, key)} failed: {reason}")
     return "\n".join(lines) + "\n"
