@@ -46,7 +46,7 @@ def _version(dist: str) -> Optional[str]:
 
 
 def _stream_features(path: str, fn, batch_size: int, desc: str) -> Dict[str, np.ndarray]:
-    from tqdm.auto import tqdm
+    from fcdm_common.progress import progress as tqdm
 
     info = inspect_batch(path, warn_fid=False)
     parts: Dict[str, List[np.ndarray]] = {}

@@ -82,7 +82,7 @@ def make_reference(
     num_images: keep a random subset of this size (seeded, in ImageFolder order); None = all.
     """
     from PIL import Image
-    from tqdm.auto import tqdm
+    from fcdm_common.progress import progress as tqdm
 
     from evaluations import metrics
     from evaluations.evaluator import BACKENDS, compute_features

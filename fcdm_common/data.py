@@ -146,7 +146,7 @@ class ZarrLatentDataset:
     def _mmap_cache(self) -> np.ndarray:
         import fcntl
 
-        from tqdm import tqdm
+        from fcdm_common.progress import progress as tqdm
 
         target = self.cache_file()
         array = self._zarr_array()
@@ -253,7 +253,7 @@ class LegacyNpyDataset:
     """
 
     def __init__(self, feature_path: str | os.PathLike, label_path: str | os.PathLike, hflip: bool = True):
-        from tqdm import tqdm
+        from fcdm_common.progress import progress as tqdm
 
         self.feature_path = Path(feature_path)  # folder of per-image latent .npy files
         self.label_path = Path(label_path)  # folder of per-image label .npy files

@@ -140,6 +140,28 @@ def _plan_batches(shards: list[int], count: int, shard_size: int, batch_size: in
     return batches, owner
 
 
+def _shard_len(k: int, count: int, shard_size: int) -> int:
+    start, end = zstore.shard_range(k, count, shard_size)
+    return end - start
+
+
+def _worker_count(requested: int, say) -> int:
+    """--num-workers, at most the CPUs this process may use (more only makes torch warn and contend)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if requested > cpus:
+        say(f"--num-workers {requested} is more than the {cpus} CPU(s) this process may use; using {cpus}")
+        return cpus
+    return requested
+
+
+def _add_finished(bar, group, shards: list, shown: int, count: int, shard_size: int) -> int:
+    """Advance `bar` by the images of `shards` marked done since `shown` were counted; the new count."""
+    done = zstore.done_shards(group)
+    n = sum(_shard_len(k, count, shard_size) for k in shards if done[k])
+    bar.update(int(n) - shown)
+    return int(n)
+
+
 def _shard_values(mean: np.ndarray, std: np.ndarray, mode: str, scaling_factor: float, seed: int, k: int):
     """Values stored for shard k from float32 mean/std (n, 2, C, H, W)."""
     if mode == "moments":
@@ -207,12 +229,15 @@ def _run(args, rank, world, device, say):
 
     batches, owner = _plan_batches(mine, count, args.shard_size, args.batch_size)
     loader = torch.utils.data.DataLoader(
-        CroppedImages(samples, args.image_size), batch_sampler=batches, num_workers=args.num_workers,
+        CroppedImages(samples, args.image_size), batch_sampler=batches, num_workers=_worker_count(args.num_workers, say),
         collate_fn=_collate, pin_memory=device.type == "cuda")
-    from tqdm import tqdm
+    from fcdm_common.progress import progress
 
     total = sum(len(b) for b in batches)
-    bar = tqdm(total=total, unit="img", desc=f"encoding ({world} procs)", disable=rank != 0, dynamic_ncols=True)
+    others = [k for k in range(n_shards) if not done[k] and k % world != rank]  # shown in rank 0's bar too
+    bar = progress(total=total + sum(_shard_len(k, count, args.shard_size) for k in others),
+                   unit="img", desc=f"encoding (all {world} procs)", disable=rank != 0, dynamic_ncols=True)
+    others_shown, polled = 0, time.time()
     buf: dict = {}
     written = 0
     t0 = time.time()
@@ -236,6 +261,8 @@ def _run(args, rank, world, device, say):
         buf["labels"][rows] = labels.numpy()
         buf["filled"] += b
         bar.update(b)
+        if others and rank == 0 and time.time() - polled > 2:  # other ranks' finished shards, from the store
+            polled, others_shown = time.time(), _add_finished(bar, group, others, others_shown, count, args.shard_size)
         if buf["filled"] == end - start:
             values = _shard_values(buf["mean"], buf["std"], args.store, scaling, args.seed, k)
             zstore.write_shard(group, k, values, buf["labels"])

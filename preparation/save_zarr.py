@@ -27,7 +27,7 @@ def convert(feature_path, label_path, zarr_path, image_size: int | None = None, 
             chunk_size: int = zstore.DEFAULT_CHUNK_SIZE, progress: bool = True) -> Path:
     """Write the store; returns its path. Raises UserError on bad input."""
     import zarr
-    from tqdm import tqdm
+    from fcdm_common.progress import progress as tqdm
 
     feature_path, label_path, zarr_path = Path(feature_path), Path(label_path), Path(zarr_path)
     for folder, flag in ((feature_path, "--feature-path"), (label_path, "--label-path")):

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+from fcdm_common.progress import progress as tqdm
 
 from fcdm_common import distributed as dist_utils
 from fcdm_common.cli import UserError, run_main, str2bool

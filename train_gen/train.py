@@ -537,9 +537,9 @@ def main(argv=None):
             draw_grid(ema, config, vae, device, path, accelerator.autocast)
         logger.log(f"saved sample grid {path}")
 
-    from tqdm import tqdm
+    from fcdm_common.progress import progress
 
-    bar = tqdm(total=max_steps, initial=start_step, disable=not is_main, dynamic_ncols=True, desc="train")
+    bar = progress(total=max_steps, initial=start_step, disable=not is_main, dynamic_ncols=True, desc="train")
     step = start_step
     window_start, window_steps, paused = time.perf_counter(), 0, 0.0
     if device.type == "cuda":
