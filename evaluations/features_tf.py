@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from fcdm_common.cli import UserError, positive_int, run_main
+from fcdm_common.cli import HelpFormatter, UserError, positive_int, run_main
 from fcdm_common.io import atomic_path
 
 INPUT_NAME = "ExpandDims:0"  # where the graph's decoded JPEG enters (before its resize)
@@ -134,7 +134,7 @@ def extract(pb_path: str, image_paths: Sequence[str], out_paths: Sequence[str], 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description="Inception features of ADM batches with the TF graph "
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Inception features of ADM batches with the TF graph "
                                                  "(run by evaluations/evaluator.py in a subprocess).")
     parser.add_argument("--inception-pb", required=True, help="path to classify_image_graph_def.pb")
     parser.add_argument("--images", nargs="+", required=True, help="ADM .npz batches (arr_0 uint8 NHWC)")

@@ -82,3 +82,19 @@ def install_warning_format() -> None:
     import warnings
 
     warnings.formatwarning = _one_line_warning
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help of every script: the description and epilog keep their line breaks (commands stay
+    copyable), and each option states its default once: "(default: X)" is added unless the help
+    text already talks about its default, and never for a default of None or False."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or "default" in text.lower():
+            return text
+        if action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        if action.nargs == 0:  # store_true/store_const flags: the default is "off"
+            return text
+        return text + " (default: %(default)s)"

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fcdm_common.cli import UserError, non_negative_int, positive_int, run_main, str2bool
+from fcdm_common.cli import HelpFormatter, UserError, non_negative_int, positive_int, run_main, str2bool
 from fcdm_common.distributed import barrier, cleanup, init_distributed
 from fcdm_common.images import center_crop_arr, pil_to_tensor
 from fcdm_common.vae import DEFAULT_HF_MODEL, DEFAULT_SCALING_FACTOR, load_vae, vae_id
@@ -94,7 +94,7 @@ def _collate(items):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Encode an ImageFolder into a zarr store of VAE latents "
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Encode an ImageFolder into a zarr store of VAE latents "
                                 "(both orientations), resumable, one or many processes (torchrun).")
     p.add_argument("--data-path", required=True, help="ImageFolder root: one sub-folder of images per class")
     p.add_argument("--features-path", required=True, help="output zarr store (a folder); rerun to resume")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fcdm_common.cli import UserError, positive_int, run_main
+from fcdm_common.cli import HelpFormatter, UserError, positive_int, run_main
 from fcdm_common.data import load_label_file, load_latent_file
 from fcdm_common.data_checks import check_label_gaps
 from fcdm_common.vae import DEFAULT_SCALING_FACTOR
@@ -79,7 +79,7 @@ def convert(feature_path, label_path, zarr_path, image_size: int | None = None, 
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Convert per-image latent/label .npy folders (the original "
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Convert per-image latent/label .npy folders (the original "
                                 "release's layout) into one zarr latent store.")
     p.add_argument("--feature-path", required=True, help="folder of per-image latent .npy files (scaled samples)")
     p.add_argument("--label-path", required=True, help="folder of per-image label .npy files, same file names")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fcdm_common.cli import UserError, non_negative_int, positive_int, run_main
+from fcdm_common.cli import HelpFormatter, UserError, non_negative_int, positive_int, run_main
 from fcdm_common.io import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ def class_grid(npz_path: Path, out: Path, num_classes: int, cols: int, zoom: int
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default="results/demo", help="output folder (default results/demo)")
     p.add_argument("--quick", action="store_true", help="reduced run for tests/CI: few steps and samples")
     p.add_argument("--train-steps", type=positive_int, default=None, help="training steps (default: 1500; quick: 6)")

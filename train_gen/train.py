@@ -1,4 +1,4 @@
-"""Train FCDM (or any registered model) on precomputed latents, with accelerate.
+r"""Train FCDM (or any registered model) on precomputed latents, with accelerate.
 
     accelerate launch --mixed_precision bf16 --num_processes 4 train_gen/train.py --model FCDM-XL \
         --feature-path F --label-path L --results-dir results
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from fcdm_common.checkpoint import load_checkpoint, save_checkpoint
-from fcdm_common.cli import UserError, non_negative_int, positive_int, run_main, str2bool
+from fcdm_common.cli import HelpFormatter, UserError, non_negative_int, positive_int, run_main, str2bool
 from fcdm_common.cpu import tune_cpu_allocator
 from fcdm_common.data import TrainLoader, open_dataset
 from fcdm_common.ema import create_ema, update_ema
@@ -78,7 +78,7 @@ def _positive_float(value: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="FCDM-XL", help="registered model name (models.MODELS), e.g. FCDM-S/B/L/XL, DiT-XL/2")
     g.add_argument("--model-kwargs", type=_json_dict, default={},
