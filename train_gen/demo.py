@@ -1,6 +1,6 @@
 """The embedded demo: the whole FCDM pipeline on a laptop CPU, with the same programs used on a cluster.
 
-    python train_gen/demo.py            # `make demo`: about 12 minutes on 2 CPU cores
+    python train_gen/demo.py            # `make demo`: about 4 minutes on 2 CPU cores (README)
     python train_gen/demo.py --quick    # a reduced run (seconds) that checks every stage works
 
 Stages (each one a real program, run as a subprocess):
@@ -32,7 +32,7 @@ from fcdm_common.io import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The full demo: tuned to reach >= 0.90 class accuracy in about 12 minutes on 2 CPU cores.
+# The full demo: tuned to reach >= 0.90 class accuracy in about 4 minutes on 2 CPU cores (measured: README).
 FULL = dict(steps=1500, batch=128, samples=1000, sampling_steps=100, ckpt_every=500)
 # The reduced form run by the tests and CI: every stage and artifact, no quality target.
 QUICK = dict(steps=6, batch=16, samples=20, sampling_steps=4, ckpt_every=3)

@@ -1,6 +1,6 @@
 r"""Quick look at a checkpoint: sample a few class labels in one process (CPU or GPU) and save a grid PNG.
 
-    python train_gen/sample.py --ckpt results/000-FCDM-XL/checkpoints/0400000.pt \
+    python train_gen/sample.py --ckpt results/FCDM-XL-diffusion-imagenet256-bs256-lr1e-4-seed0/checkpoints/0400000.pt \
         --class-labels 207 360 387 974 88 979 417 279 --cfg-scale 4.0 --out grid.png
 
 The model, objective and VAE come from the checkpoint's config; the sampler flags are those of
