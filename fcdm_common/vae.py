@@ -114,5 +114,9 @@ def load_vae(vae: str = "sd", hf_model_name: str = DEFAULT_HF_MODEL, hf_model_di
         except (OSError, ValueError, EnvironmentError) as e:
             raise UserError(f"cannot load the AutoencoderKL in {folder}: {str(e).splitlines()[0]}") from None
     else:
-        model = AutoencoderKL.from_pretrained(hf_model_name)
+        import warnings
+
+        with warnings.catch_warnings():  # diffusers still passes huggingface_hub >= 1 its removed argument
+            warnings.filterwarnings("ignore", message=".*`local_dir_use_symlinks` argument is deprecated")
+            model = AutoencoderKL.from_pretrained(hf_model_name)
     return SDVAE(model, scaling_factor, vae_id("sd", hf_model_name, hf_model_dir), device=device, dtype=dtype)

@@ -86,3 +86,30 @@ def test_extraction_bar_counts_every_rank(tmp_path):
                         "--num-workers", "0", "--device", "cpu"], timeout=120)
     totals = set(re.findall(r"encoding \(all 2 procs\):.*?\d+/(\d+)", err))
     assert totals == {"6"}, err[-2000:]
+
+
+def test_hub_vae_load_hides_only_the_symlink_deprecation(tmp_path, monkeypatch):
+    """diffusers' from_pretrained(hub name) passes local_dir_use_symlinks, which huggingface_hub >= 1
+    deprecates with a warning (traced in diffusers/configuration_utils.py); nothing is downloaded here."""
+    import warnings
+
+    import diffusers
+    from huggingface_hub.utils._validators import smoothly_deprecate_legacy_arguments
+
+    from fcdm_common.vae import load_vae
+
+    def fake_from_pretrained(name, **kwargs):
+        smoothly_deprecate_legacy_arguments("hf_hub_download", {"local_dir_use_symlinks": "auto"})  # the hub's warning
+        warnings.warn("another warning")
+        return diffusers.AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                                       up_block_types=("UpDecoderBlock2D",), norm_num_groups=4, latent_channels=4)
+
+    monkeypatch.setattr(diffusers.AutoencoderKL, "from_pretrained", staticmethod(fake_from_pretrained))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        load_vae("sd", hf_model_name="some/repo", hf_model_dir=None, device="cpu")
+    assert [str(w.message) for w in seen] == ["another warning"]
+    with warnings.catch_warnings(record=True) as seen:  # without load_vae's filter both are shown
+        warnings.simplefilter("always")
+        fake_from_pretrained("some/repo")
+    assert len(seen) == 2 and "local_dir_use_symlinks" in str(seen[0].message)
