@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from fcdm_common.cli import UserError
-from fcdm_common.data_checks import check_finite, check_label_gaps, nonfinite_rows
+from fcdm_common.data_checks import check_label_gaps, load_label_file, load_latent_file, nonfinite_rows
 
 STORE_FORMAT = "fcdm-latents"  # attrs["format"] of a store
 STORE_FORMAT_VERSION = 1  # bump on an incompatible layout change
@@ -213,36 +213,6 @@ class ZarrLatentDataset:
             torch.addcmul(v[:, 0], v[:, 1], eps, out=out)  # mean + std * eps
             out.mul_(self.scaling_factor)  # z = (mean + std * eps) * s
         return x, torch.from_numpy(self.labels[indices])
-
-
-def load_latent_file(path: Path) -> np.ndarray:
-    """One legacy latent file as (O, C, H, W), O = 1 or 2 orientations; UserError naming a bad file."""
-    try:
-        arr = np.load(path)
-    except Exception as e:  # numpy raises many kinds for a damaged file
-        raise UserError(f"{path} is not a readable .npy file ({e}); remove or regenerate it") from None
-    if arr.ndim == 3:
-        arr = arr[None]
-    if arr.ndim != 4 or arr.shape[0] not in (1, 2):
-        raise UserError(f"{path} has shape {arr.shape}; expected (C,H,W), (1,C,H,W) or (2,C,H,W)")
-    check_finite(arr, path)
-    return arr
-
-
-def load_label_file(path: Path) -> int:
-    """The one integer >= 0 of a legacy label file; UserError naming a bad file."""
-    if not path.is_file():
-        raise UserError(f"label file {path} is missing; every latent needs a label .npy with the same name")
-    try:
-        arr = np.asarray(np.load(path)).reshape(-1)
-    except Exception as e:
-        raise UserError(f"{path} is not a readable .npy file ({e})") from None
-    if arr.size != 1 or not np.issubdtype(arr.dtype, np.integer) and not float(arr[0]).is_integer():
-        raise UserError(f"{path} should hold one integer label, got {arr!r}")
-    label = int(arr[0])
-    if label < 0:
-        raise UserError(f"{path} holds a negative label {label}")
-    return label
 
 
 class LegacyNpyDataset:

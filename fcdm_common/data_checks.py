@@ -3,6 +3,7 @@
 Used by the legacy `.npy` reader (fcdm_common/data.py), `preparation/save_zarr.py` and the
 training loader, so every path refuses the same files with the same message naming them.
 
+* `load_latent_file(path)`, `load_label_file(path)`: the legacy per-image files, checked.
 * `check_finite(array, path)`: a latent file holding NaN or inf is refused, naming the file.
 * `check_label_gaps(labels, names, source)`: without a class list the number of classes is max
   label + 1, so one stray label (999 among 0..9) would silently build a model with 990 empty
@@ -47,6 +48,36 @@ def check_label_gaps(labels: np.ndarray, names: Sequence[str], source: str, limi
     raise UserError(f"{source}: labels range over [0, {int(labels.max())}] but {empty.size} of these classes have "
                     f"no item (the first is {first}), so the model would get empty classes; labels must number the "
                     f"classes 0..K-1. Files with labels past {first}: {shown}{more}; fix or remove them")
+
+
+def load_latent_file(path) -> np.ndarray:
+    """One legacy latent file as (O, C, H, W), O = 1 or 2 orientations; UserError naming a bad file."""
+    try:
+        arr = np.load(path)
+    except Exception as e:  # numpy raises many kinds for a damaged file
+        raise UserError(f"{path} is not a readable .npy file ({e}); remove or regenerate it") from None
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[0] not in (1, 2):
+        raise UserError(f"{path} has shape {arr.shape}; expected (C,H,W), (1,C,H,W) or (2,C,H,W)")
+    check_finite(arr, path)
+    return arr
+
+
+def load_label_file(path) -> int:
+    """The one integer >= 0 of a legacy label file; UserError naming a bad file."""
+    if not path.is_file():
+        raise UserError(f"label file {path} is missing; every latent needs a label .npy with the same name")
+    try:
+        arr = np.asarray(np.load(path)).reshape(-1)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable .npy file ({e})") from None
+    if arr.size != 1 or not np.issubdtype(arr.dtype, np.integer) and not float(arr[0]).is_integer():
+        raise UserError(f"{path} should hold one integer label, got {arr!r}")
+    label = int(arr[0])
+    if label < 0:
+        raise UserError(f"{path} holds a negative label {label}")
+    return label
 
 
 def nonfinite_rows(x: torch.Tensor) -> np.ndarray:
