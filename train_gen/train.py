@@ -469,8 +469,8 @@ def main(argv=None):
                f"{world} process(es) x batch {batch}, precision {accelerator.mixed_precision}, {opt_impl} AdamW; "
                f"run folder {run_dir}; steps {start_step} -> {max_steps}")
     from fcdm_common.launchers import process_count_warning
-    if is_main and process_count_warning(world):
-        logger.log(process_count_warning(world))
+    if is_main and (launch_warning := process_count_warning(world)):
+        logger.log(launch_warning)
 
     vae = None
     if args.sample_every > 0 and is_main:
