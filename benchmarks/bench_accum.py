@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from fcdm_common.cli import UserError, positive_int, run_main
+from fcdm_common.cli import HelpFormatter, UserError, positive_int, run_main
 
 
 def _int_list(value: str) -> list:
@@ -31,7 +31,7 @@ def _int_list(value: str) -> list:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--accum", type=_int_list, default=[1, 2, 4], help="accumulation steps to compare, comma-separated")
     p.add_argument("--global-batch-size", type=positive_int, default=16, help="samples per optimizer step")
     p.add_argument("--hidden-size", type=positive_int, default=64, help="FCDM width C")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fcdm_common.cli import UserError, non_negative_int, positive_int, run_main
+from fcdm_common.cli import HelpFormatter, UserError, non_negative_int, positive_int, run_main
 from fcdm_common.data import TrainLoader, open_dataset
 from preparation import store as zstore
 
@@ -86,7 +86,7 @@ def _device_copy(device: str):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Measure latents/s of the training data loader on CPU.")
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Measure latents/s of the training data loader on CPU.")
     p.add_argument("--store", default=None, help="existing store to read (default: build a random one in a temp dir)")
     p.add_argument("--count", type=positive_int, default=20_000, help="items in the generated store")
     p.add_argument("--batch-size", type=positive_int, default=256, help="batch size (training default 256)")

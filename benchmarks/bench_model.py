@@ -55,7 +55,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fcdm_common.cli import UserError, non_negative_int, positive_int, run_main
+from fcdm_common.cli import HelpFormatter, UserError, non_negative_int, positive_int, run_main
 from fcdm_common.cpu import cpu_allocator_state, tune_cpu_allocator
 from fcdm_common.ema import create_ema, update_ema, update_ema_reference
 from models import MODELS, create_model
@@ -529,7 +529,7 @@ def _variant_list(value: str) -> list:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", default="FCDM-XL", help="registered model name (default: FCDM-XL)")
     p.add_argument("--model-kwargs", default=None,
                    help='JSON object of constructor overrides for --model, e.g. \'{"hidden_size": 64}\'')

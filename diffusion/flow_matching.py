@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Callable, Dict, Optional
 
 import torch
-from tqdm.auto import tqdm
+from fcdm_common.progress import progress as tqdm
 
 from .gaussian_diffusion import mean_flat
 from .noise import Generators, check_generators, randn_like

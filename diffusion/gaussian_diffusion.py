@@ -23,7 +23,7 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from fcdm_common.progress import progress as tqdm
 
 from .noise import Generators, check_generators, randn_like
 

@@ -46,7 +46,7 @@ def _version(dist: str) -> Optional[str]:
 
 
 def _stream_features(path: str, fn, batch_size: int, desc: str) -> Dict[str, np.ndarray]:
-    from tqdm.auto import tqdm
+    from fcdm_common.progress import progress as tqdm
 
     info = inspect_batch(path, warn_fid=False)
     parts: Dict[str, List[np.ndarray]] = {}
@@ -92,6 +92,21 @@ def _check_dims(feats: Dict[str, np.ndarray], backend: str, path: str) -> None:
     if feats["pool"].shape[1] != pool_dim or feats["spatial"].shape[1] != spatial_dim:
         raise UserError(f"{path}: {backend} features have shapes {feats['pool'].shape}/{feats['spatial'].shape}, "
                         f"expected (N, {pool_dim})/(N, {spatial_dim}); is the graph the ADM Inception graph?")
+
+
+# Numerical failures of one metric (scipy's sqrtm, a broken covariance, ...): that metric becomes NaN
+# with its reason, the others are still computed and written.
+NUMERICAL_ERRORS = (ValueError, ArithmeticError, np.linalg.LinAlgError, scipy.linalg.LinAlgError)
+
+
+def _guarded(name: str, failed: Dict[str, str], fn, *args, count: int = 1):
+    """fn(*args), or NaN (a tuple of `count` NaNs) with failed[name] = the reason on a numerical error."""
+    try:
+        return fn(*args)
+    except NUMERICAL_ERRORS as e:
+        failed[name] = f"{type(e).__name__}: {e}".splitlines()[0][:300] if str(e) else type(e).__name__
+        warnings.warn(f"{name} failed ({failed[name]}); reported as NaN, the other metrics are still computed")
+        return float("nan") if count == 1 else (float("nan"),) * count
 
 
 def _safe_pr(ref_pool: np.ndarray, sample_pool: np.ndarray, k: int):
@@ -143,12 +158,15 @@ def evaluate(
     else:
         mu_s, sigma_s, mu_ss, sigma_ss = (sample_stats[key] for key in ("mu", "sigma", "mu_s", "sigma_s"))
 
+    failed: Dict[str, str] = {}  # metric key -> reason it is NaN
     results: Dict[str, float] = {
-        "inception_score": metrics.inception_score(sample_feats["softmax"], split_size=split_size),
-        "fid": metrics.frechet_distance(mu_s, sigma_s, mu_r, sigma_r),
-        "sfid": metrics.frechet_distance(mu_ss, sigma_ss, mu_rs, sigma_rs),
+        "inception_score": _guarded("inception_score", failed, metrics.inception_score, sample_feats["softmax"],
+                                    split_size),
+        "fid": _guarded("fid", failed, metrics.frechet_distance, mu_s, sigma_s, mu_r, sigma_r),
+        "sfid": _guarded("sfid", failed, metrics.frechet_distance, mu_ss, sigma_ss, mu_rs, sigma_rs),
     }
-    results["precision"], results["recall"] = _safe_pr(ref_feats["pool"], sample_feats["pool"], k)
+    results["precision"], results["recall"] = _guarded("precision_recall", failed, _safe_pr, ref_feats["pool"],
+                                                       sample_feats["pool"], k, count=2)
     if labels is not None:
         if labels.min() < 0 or labels.max() >= 10:
             raise UserError(f"{sample_batch}: arr_1 labels must be digits 0..9 for the digits backend, "
@@ -179,6 +197,7 @@ def evaluate(
         results["classifier_held_out_accuracy"] = held_out_accuracy()
     return {
         "metrics": results,
+        "failed": failed,
         "backend": backend,
         "exact_adm": backend == "tf",
         "num_samples": sample_info.num_images,
@@ -193,9 +212,13 @@ def evaluate(
 
 
 def format_metrics(result: Dict[str, object]) -> str:
-    """ADM-style lines `Name: value`, one per metric."""
+    """ADM-style lines `Name: value`, one per metric (nan for a failed one), then one
+    `Name failed: reason` line per failed metric."""
     lines = []
     for key, label in METRIC_LABELS:
         if key in result["metrics"]:
             lines.append(f"{label}: {result['metrics'][key]}")
+    labels = dict(METRIC_LABELS, precision_recall="Precision/Recall")
+    for key, reason in result.get("failed", {}).items():
+        lines.append(f"{labels.get(key, key)} failed: {reason}")
     return "\n".join(lines) + "\n"

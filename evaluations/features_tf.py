@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from fcdm_common.cli import UserError, positive_int, run_main
+from fcdm_common.cli import HelpFormatter, UserError, positive_int, run_main
 from fcdm_common.io import atomic_path
 
 INPUT_NAME = "ExpandDims:0"  # where the graph's decoded JPEG enters (before its resize)
@@ -113,7 +113,7 @@ class TFInception:
 
 def extract(pb_path: str, image_paths: Sequence[str], out_paths: Sequence[str], batch_size: int = BATCH_SIZE) -> None:
     """For each ADM batch, write an npz with pool (N,2048), spatial (N,2023), softmax (N,1008) float32."""
-    from tqdm.auto import tqdm
+    from fcdm_common.progress import progress as tqdm
 
     from evaluations.batches import inspect_batch, iter_images
 
@@ -134,7 +134,7 @@ def extract(pb_path: str, image_paths: Sequence[str], out_paths: Sequence[str], 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description="Inception features of ADM batches with the TF graph "
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Inception features of ADM batches with the TF graph "
                                                  "(run by evaluations/evaluator.py in a subprocess).")
     parser.add_argument("--inception-pb", required=True, help="path to classify_image_graph_def.pb")
     parser.add_argument("--images", nargs="+", required=True, help="ADM .npz batches (arr_0 uint8 NHWC)")
@@ -147,6 +147,40 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 # ---------------------------------------------------------------- in the caller's process
+
+
+# TensorFlow's start-up lines that TF_CPP_MIN_LOG_LEVEL does not silence (TF 2.21, logged before absl
+# is initialised). TF_ENABLE_ONEDNN_OPTS=0 would silence the first but changes the numbers (oneDNN
+# and Eigen convolutions sum in different orders: up to 1e-6 relative on a conv stack), so the
+# lines are dropped from the child's stderr instead and the computation stays as it was.
+TF_NOISE = ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+            "oneDNN custom operations are on.")
+
+
+def _is_tf_noise(line: str) -> bool:
+    return any(marker in line for marker in TF_NOISE)
+
+
+def _run_filtering_tf_noise(cmd: List[str], env: dict) -> subprocess.CompletedProcess:
+    """Run `cmd`, passing its stderr through (progress bars included, as they come) minus TF_NOISE lines."""
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+    pending = b""
+    while True:
+        chunk = os.read(proc.stderr.fileno(), 65536)
+        if not chunk:
+            break
+        pending += chunk
+        cut = max(pending.rfind(b"\n"), pending.rfind(b"\r"))  # write complete lines and bar redraws
+        if cut < 0:
+            continue
+        done, pending = pending[:cut + 1], pending[cut + 1:]
+        kept = [ln for ln in done.splitlines(keepends=True) if not _is_tf_noise(ln.decode(errors="replace"))]
+        sys.stderr.write(b"".join(kept).decode(errors="replace"))
+        sys.stderr.flush()
+    if pending and not _is_tf_noise(pending.decode(errors="replace")):
+        sys.stderr.write(pending.decode(errors="replace"))
+    proc.stderr.close()
+    return subprocess.CompletedProcess(cmd, proc.wait())
 
 
 def compute_tf_features(
@@ -166,8 +200,10 @@ def compute_tf_features(
         outs = [str(Path(tmp) / f"feats_{i}.npz") for i in range(len(npz_paths))]
         cmd = [python_exe, "-m", "evaluations.features_tf", "--inception-pb", pb_path, "--images", *map(str, npz_paths),
                "--out", *outs, "--batch-size", str(batch_size)]
+        if "FCDM_PROGRESS" not in env and sys.stderr.isatty():
+            env["FCDM_PROGRESS"] = "1"  # the child's stderr is our pipe, but its bar ends on this terminal
         try:
-            proc = subprocess.run(cmd, env=env)
+            proc = _run_filtering_tf_noise(cmd, env)
         except FileNotFoundError:
             raise UserError(f"{python_exe}: Python interpreter for TensorFlow not found (--tf-python / {PYTHON_ENV})") from None
         if proc.returncode != 0:

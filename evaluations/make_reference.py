@@ -1,4 +1,4 @@
-"""Build an ADM-style reference batch from an ImageFolder, for data sets other than ImageNet.
+r"""Build an ADM-style reference batch from an ImageFolder, for data sets other than ImageNet.
 
     python evaluations/make_reference.py --data-path DATA/train --out REF.npz --image-size 256 \
         --backend tf --inception-pb classify_image_graph_def.pb [--num-images 10000]
@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from fcdm_common.cli import UserError, non_negative_int, positive_int, run_main
+from fcdm_common.cli import HelpFormatter, UserError, non_negative_int, positive_int, run_main
 from fcdm_common.io import atomic_path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
@@ -82,7 +82,7 @@ def make_reference(
     num_images: keep a random subset of this size (seeded, in ImageFolder order); None = all.
     """
     from PIL import Image
-    from tqdm.auto import tqdm
+    from fcdm_common.progress import progress as tqdm
 
     from evaluations import metrics
     from evaluations.evaluator import BACKENDS, compute_features
@@ -128,7 +128,7 @@ def make_reference(
 def main(argv: Optional[Sequence[str]] = None) -> None:
     from evaluations.evaluator import BACKENDS
 
-    p = argparse.ArgumentParser(description="Build an ADM-style reference batch (images + FID statistics) "
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Build an ADM-style reference batch (images + FID statistics) "
                                             "from an ImageFolder.")
     p.add_argument("--data-path", required=True, help="ImageFolder root: one sub-folder of images per class")
     p.add_argument("--out", required=True, help="output .npz (arr_0, arr_1, mu, sigma, mu_s, sigma_s)")

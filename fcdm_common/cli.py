@@ -63,8 +63,46 @@ def fail(message: str) -> NoReturn:
 
 
 def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
-    """Run a script's `main(argv)`, mapping `UserError` to one line on stderr and exit status 2."""
+    """Run a script's `main(argv)`, mapping `UserError` to one line on stderr and exit status 2.
+
+    Under torchrun every rank hands it to the launcher, whose failure summary (the last lines of
+    the output) then names it next to the worker's exit code 2, and normally only rank 0 prints it
+    (fcdm_common.distributed.hand_error_to_launcher). torchrun itself exits with status 1."""
+    install_warning_format()
     try:
         main(argv)
     except UserError as e:
+        import os
+
+        if "TORCHELASTIC_ERROR_FILE" in os.environ:
+            from fcdm_common.distributed import hand_error_to_launcher
+
+            hand_error_to_launcher(str(e))
         fail(str(e))
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"{category.__name__}: {message}\n"
+
+
+def install_warning_format() -> None:
+    """Print warnings as one `Category: message` line, without the echoed source line below it."""
+    import warnings
+
+    warnings.formatwarning = _one_line_warning
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help of every script: the description and epilog keep their line breaks (commands stay
+    copyable), and each option states its default once: "(default: X)" is added unless the help
+    text already talks about its default, and never for a default of None or False."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or "default" in text.lower():
+            return text
+        if action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        if action.nargs == 0:  # store_true/store_const flags: the default is "off"
+            return text
+        return text + " (default: %(default)s)"

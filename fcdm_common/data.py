@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from fcdm_common.cli import UserError
+from fcdm_common.data_checks import check_label_gaps, load_label_file, load_latent_file, nonfinite_rows
 from fcdm_common.store_check import check_chunk_files, damaged_store
 
 STORE_FORMAT = "fcdm-latents"  # attrs["format"] of a store
@@ -154,7 +155,7 @@ class ZarrLatentDataset:
     def _mmap_cache(self) -> np.ndarray:
         import fcntl
 
-        from tqdm import tqdm
+        from fcdm_common.progress import progress as tqdm
 
         target = self.cache_file()
         array = self._zarr_array()
@@ -241,7 +242,7 @@ class LegacyNpyDataset:
     """
 
     def __init__(self, feature_path: str | os.PathLike, label_path: str | os.PathLike, hflip: bool = True):
-        from tqdm import tqdm
+        from fcdm_common.progress import progress as tqdm
 
         self.feature_path = Path(feature_path)  # folder of per-image latent .npy files
         self.label_path = Path(label_path)  # folder of per-image label .npy files
@@ -260,7 +261,8 @@ class LegacyNpyDataset:
             label_file = self.label_path / name
             if not label_file.is_file():
                 raise UserError(f"label file {label_file} is missing for latent {self.feature_path / name}")
-            labels[i] = int(np.asarray(np.load(label_file)).reshape(-1)[0])
+            labels[i] = load_label_file(label_file)
+        check_label_gaps(labels, self.files, f"--label-path {self.label_path}")
         self.labels = labels
         first = self._load(0)
         self.orientations = first.shape[0]
@@ -276,13 +278,7 @@ class LegacyNpyDataset:
         return len(self.files)
 
     def _load(self, i: int) -> np.ndarray:
-        path = self.feature_path / self.files[i]
-        arr = np.load(path)
-        if arr.ndim == 3:
-            arr = arr[None]
-        if arr.ndim != 4 or arr.shape[0] not in (1, 2):
-            raise UserError(f"{path} has shape {arr.shape}; expected (C,H,W), (1,C,H,W) or (2,C,H,W)")
-        return arr
+        return load_latent_file(self.feature_path / self.files[i])
 
     def prepare(self, local_world_size: int | None = None) -> None:
         pass
@@ -384,6 +380,7 @@ class TrainLoader:
             raise UserError(f"the data has {len(dataset)} items, fewer than one global batch of "
                             f"{batch_size} x {world_size} processes; lower --global-batch-size")
         self.step = start_step
+        self.nonfinite: dict[int, np.ndarray] = {}  # step -> dataset indices of items with NaN/inf inputs
         self._batches = _StepBatches(dataset, batch_size, rank, world_size, seed, self.steps_per_epoch)
         dataset.prepare()  # fill the cache (RAM or memory-mapped file) before the first batch
 
@@ -403,7 +400,7 @@ class TrainLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.num_workers == 0:
             while True:
-                out = self._batches[self.step]
+                out = self._produce(self.step)
                 self.step += 1
                 yield out
         # Worker THREADS, not processes: the heavy parts (gather, half->float, randn, zarr/blosc
@@ -425,8 +422,16 @@ class TrainLoader:
                 fut.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
 
+    def nonfinite_items(self, before_step: int | None = None) -> dict[int, list[int]]:
+        """{step: dataset indices} of the batches (before `before_step`) that held NaN/inf inputs."""
+        return {s: [int(i) for i in v] for s, v in sorted(self.nonfinite.items())
+                if before_step is None or s < before_step}
+
     def _produce(self, step: int):
         x, y = self._batches[step]
+        rows = nonfinite_rows(x)  # on the host, in the worker thread: no device sync in the step
+        if rows.size and len(self.nonfinite) < 1000:
+            self.nonfinite[step] = self._batches.indices(step)[rows]
         if self.pin_memory:
             x, y = x.pin_memory(), y.pin_memory()
         return x, y

@@ -40,7 +40,7 @@ from typing import Dict, Mapping, Optional, Tuple
 import torch
 
 from fcdm_common.checkpoint import save_checkpoint
-from fcdm_common.cli import UserError, positive_int, run_main
+from fcdm_common.cli import HelpFormatter, UserError, positive_int, run_main
 
 # release stage prefix -> (our ModuleList path); level 1 is the full-resolution level
 _STAGES = {"encoder_level_1": "encoder.0", "encoder_level_2": "encoder.1", "latent": "middle",
@@ -207,7 +207,7 @@ def convert(ckpt: dict, model_name: str, num_classes: Optional[int] = None,
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m models.convert_official", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint written by the authors' FCDM release")
     p.add_argument("--model", required=True, help="the FCDM variant it holds, e.g. FCDM-XL (checked against the tensors)")
     p.add_argument("--out", required=True, help="where to write our checkpoint (atomically; refuses to overwrite --ckpt)")

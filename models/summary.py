@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fcdm_common.cli import UserError, positive_int, run_main
+from fcdm_common.cli import HelpFormatter, UserError, positive_int, run_main
 
 from . import MODELS, create_model
 
@@ -110,7 +110,7 @@ def format_table(rows: Sequence[dict], resolutions: Sequence[int]) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--models", nargs="+", default=None,
                         help="registered model names (default: every registered model except demo presets)")
     parser.add_argument("--resolutions", nargs="+", type=positive_int, default=[256, 512],

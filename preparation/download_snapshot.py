@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fcdm_common.cli import UserError, error_summary, run_main
+from fcdm_common.cli import HelpFormatter, UserError, error_summary, run_main
 
 
 def download(repo_id: str, local_dir, revision: str | None = None,
@@ -37,7 +37,7 @@ def download(repo_id: str, local_dir, revision: str | None = None,
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Download a diffusers VAE snapshot for offline use (--hf-model-dir).")
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Download a diffusers VAE snapshot for offline use (--hf-model-dir).")
     p.add_argument("--repo-id", default="stabilityai/sd-vae-ft-ema", help="Hub repository (default stabilityai/sd-vae-ft-ema)")
     p.add_argument("--local-dir", required=True, help="destination folder (created)")
     p.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")

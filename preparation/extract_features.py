@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fcdm_common.cli import UserError, non_negative_int, positive_int, run_main
+from fcdm_common.cli import HelpFormatter, UserError, non_negative_int, positive_int, run_main, str2bool
 from fcdm_common.distributed import barrier, cleanup, init_distributed
 from fcdm_common.images import center_crop_arr, pil_to_tensor
 from fcdm_common.autoencoders import DEFAULT_HF_MODEL, SUPPORTED_CLASSES, describe, load_autoencoder, vae_id
@@ -97,7 +97,7 @@ def _collate(items):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Encode an ImageFolder into a zarr store of VAE latents "
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Encode an ImageFolder into a zarr store of VAE latents "
                                 "(both orientations), resumable, one or many processes (torchrun).")
     p.add_argument("--data-path", required=True, help="ImageFolder root: one sub-folder of images per class")
     p.add_argument("--features-path", required=True, help="output zarr store (a folder); rerun to resume")
@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=positive_int, default=zstore.DEFAULT_CHUNK_SIZE,
                    help="images per compressed chunk inside a shard (divides --shard-size; default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the posterior samples in --store sample")
+    p.add_argument("--overwrite", type=str2bool, nargs="?", const=True, default=False,
+                   help="replace a store at --features-path that was made with other settings (e.g. after images "
+                        "were added or removed); a store with the same settings is resumed as usual")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--debug-stop-after-shards", type=non_negative_int, default=None, help=argparse.SUPPRESS)
     return p
@@ -149,6 +152,28 @@ def _plan_batches(shards: list[int], count: int, shard_size: int, batch_size: in
             batches.append(list(range(b, min(end, b + batch_size))))
             owner.append(k)
     return batches, owner
+
+
+def _shard_len(k: int, count: int, shard_size: int) -> int:
+    start, end = zstore.shard_range(k, count, shard_size)
+    return end - start
+
+
+def _worker_count(requested: int, say) -> int:
+    """--num-workers, at most the CPUs this process may use (more only makes torch warn and contend)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if requested > cpus:
+        say(f"--num-workers {requested} is more than the {cpus} CPU(s) this process may use; using {cpus}")
+        return cpus
+    return requested
+
+
+def _add_finished(bar, group, shards: list, shown: int, count: int, shard_size: int) -> int:
+    """Advance `bar` by the images of `shards` marked done since `shown` were counted; the new count."""
+    done = zstore.done_shards(group)
+    n = sum(_shard_len(k, count, shard_size) for k in shards if done[k])
+    bar.update(int(n) - shown)
+    return int(n)
 
 
 def _shard_values(mean: np.ndarray, std: np.ndarray, mode: str, scaling_factor: float, seed: int, k: int,
@@ -218,7 +243,7 @@ def _run(args, rank, world, device, say):
         chunk_size=args.chunk_size, seed=args.seed if args.store == "sample" else None,
         vae_class=props["vae_class"], shift_factor=shift)
 
-    state = zstore.check_existing(args.features_path, settings)
+    state = zstore.check_existing(args.features_path, settings, overwrite=args.overwrite)
     if state == "complete":
         say(f"{args.features_path} is already complete ({count} images); nothing to do")
         if rank == 0 and not zstore_has_stats(args.features_path):
@@ -226,7 +251,10 @@ def _run(args, rank, world, device, say):
                 f"'python preparation/latent_stats.py {args.features_path}'")
         return
     barrier()
-    if rank == 0 and state == "absent":
+    if rank == 0 and state == "replace":
+        zstore.remove_store(args.features_path)
+        say(f"--overwrite: deleted {args.features_path}, which was made with other settings")
+    if rank == 0 and state in ("absent", "replace"):
         zstore.create_store(args.features_path, settings, extra_attrs={
             "source": str(Path(args.data_path)), "downsample": down, "latent_channels": channels,
             "hf_model_name": None if args.vae == "none" or args.hf_model_dir else args.hf_model_name,
@@ -243,12 +271,15 @@ def _run(args, rank, world, device, say):
 
     batches, owner = _plan_batches(mine, count, args.shard_size, args.batch_size)
     loader = torch.utils.data.DataLoader(
-        CroppedImages(samples, args.image_size), batch_sampler=batches, num_workers=args.num_workers,
+        CroppedImages(samples, args.image_size), batch_sampler=batches, num_workers=_worker_count(args.num_workers, say),
         collate_fn=_collate, pin_memory=device.type == "cuda")
-    from tqdm import tqdm
+    from fcdm_common.progress import progress
 
     total = sum(len(b) for b in batches)
-    bar = tqdm(total=total, unit="img", desc=f"encoding ({world} procs)", disable=rank != 0, dynamic_ncols=True)
+    others = [k for k in range(n_shards) if not done[k] and k % world != rank]  # shown in rank 0's bar too
+    bar = progress(total=total + sum(_shard_len(k, count, args.shard_size) for k in others),
+                   unit="img", desc=f"encoding (all {world} procs)", disable=rank != 0, dynamic_ncols=True)
+    others_shown, polled = 0, time.time()
     buf: dict = {}
     written = 0
     t0 = time.time()
@@ -272,6 +303,8 @@ def _run(args, rank, world, device, say):
         buf["labels"][rows] = labels.numpy()
         buf["filled"] += b
         bar.update(b)
+        if others and rank == 0 and time.time() - polled > 2:  # other ranks' finished shards, from the store
+            polled, others_shown = time.time(), _add_finished(bar, group, others, others_shown, count, args.shard_size)
         if buf["filled"] == end - start:
             values = _shard_values(buf["mean"], buf["std"], args.store, scaling, args.seed, k, shift)
             zstore.write_shard(group, k, values, buf["labels"])

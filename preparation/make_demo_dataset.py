@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fcdm_common.cli import UserError, positive_int, run_main
+from fcdm_common.cli import HelpFormatter, UserError, positive_int, run_main
 from fcdm_common.io import atomic_write_text
 
 
@@ -54,7 +54,7 @@ def make_demo_dataset(out: str | os.PathLike, upscale: int = 2) -> Path:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Write scikit-learn's digits as an ImageFolder (class folders 0..9).")
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Write scikit-learn's digits as an ImageFolder (class folders 0..9).")
     p.add_argument("--out", required=True, help="output folder (created; existing digit PNGs are overwritten)")
     p.add_argument("--upscale", type=positive_int, default=2,
                    help="integer nearest-neighbour upscale factor: 8x8 -> 8K x 8K (default 2)")

@@ -15,36 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fcdm_common.cli import UserError, positive_int, run_main
+from fcdm_common.cli import HelpFormatter, UserError, positive_int, run_main
+from fcdm_common.data_checks import check_label_gaps, load_label_file, load_latent_file
 from fcdm_common.vae import DEFAULT_SCALING_FACTOR
 from preparation import store as zstore
-
-
-def _load_latent(path: Path) -> np.ndarray:
-    try:
-        arr = np.load(path)
-    except Exception as e:
-        raise UserError(f"{path} is not a readable .npy file ({e}); remove or regenerate it") from None
-    if arr.ndim == 3:
-        arr = arr[None]
-    if arr.ndim != 4 or arr.shape[0] not in (1, 2):
-        raise UserError(f"{path} has shape {arr.shape}; expected (C,H,W), (1,C,H,W) or (2,C,H,W)")
-    return arr
-
-
-def _load_label(path: Path) -> int:
-    if not path.is_file():
-        raise UserError(f"label file {path} is missing; every latent needs a label .npy with the same name")
-    try:
-        arr = np.asarray(np.load(path)).reshape(-1)
-    except Exception as e:
-        raise UserError(f"{path} is not a readable .npy file ({e})") from None
-    if arr.size != 1 or not np.issubdtype(arr.dtype, np.integer) and not float(arr[0]).is_integer():
-        raise UserError(f"{path} should hold one integer label, got {arr!r}")
-    label = int(arr[0])
-    if label < 0:
-        raise UserError(f"{path} holds a negative label {label}")
-    return label
 
 
 def convert(feature_path, label_path, zarr_path, image_size: int | None = None, vae: str = "sd:sd-vae-ft-ema",
@@ -52,7 +26,7 @@ def convert(feature_path, label_path, zarr_path, image_size: int | None = None, 
             chunk_size: int = zstore.DEFAULT_CHUNK_SIZE, progress: bool = True) -> Path:
     """Write the store; returns its path. Raises UserError on bad input."""
     import zarr
-    from tqdm import tqdm
+    from fcdm_common.progress import progress as tqdm
 
     feature_path, label_path, zarr_path = Path(feature_path), Path(label_path), Path(zarr_path)
     for folder, flag in ((feature_path, "--feature-path"), (label_path, "--label-path")):
@@ -69,7 +43,10 @@ def convert(feature_path, label_path, zarr_path, image_size: int | None = None, 
                         "the two folders must hold the same file names")
     if shard_size % chunk_size:
         raise UserError(f"--chunk-size {chunk_size} must divide --shard-size {shard_size}")
-    first = _load_latent(feature_path / names[0])
+    labels = np.array([load_label_file(label_path / name) for name in
+                       tqdm(names, desc="reading labels", disable=not progress or len(names) < 10000)], np.int64)
+    check_label_gaps(labels, names, f"--label-path {label_path}")
+    first = load_latent_file(feature_path / names[0])
     orientations, latent_shape = first.shape[0], tuple(first.shape[1:])
     settings = zstore.make_settings(
         image_size=image_size if image_size is not None else latent_shape[-1] * 8, vae=vae,
@@ -89,21 +66,19 @@ def convert(feature_path, label_path, zarr_path, image_size: int | None = None, 
         lat = np.empty((end - start, orientations, *latent_shape), np.float32)
         lab = np.empty(end - start, np.int64)
         for j, name in enumerate(names[start:end]):
-            arr = _load_latent(feature_path / name)
+            arr = load_latent_file(feature_path / name)
             if arr.shape != (orientations, *latent_shape):
                 raise UserError(f"{feature_path / name} has shape {arr.shape} but {names[0]} has "
                                 f"{(orientations, *latent_shape)}; all latents must share one shape")
-            if not np.isfinite(arr).all():
-                raise UserError(f"{feature_path / name} contains NaN or inf; regenerate it")
             lat[j] = arr
-            lab[j] = _load_label(label_path / name)
+            lab[j] = labels[start + j]
         zstore.write_shard(group, k, lat, lab)
     zstore.mark_complete(group)
     return zarr_path
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Convert per-image latent/label .npy folders (the original "
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Convert per-image latent/label .npy folders (the original "
                                 "release's layout) into one zarr latent store.")
     p.add_argument("--feature-path", required=True, help="folder of per-image latent .npy files (scaled samples)")
     p.add_argument("--label-path", required=True, help="folder of per-image label .npy files, same file names")

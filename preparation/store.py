@@ -64,8 +64,13 @@ def describe_mismatch(existing: dict, wanted: dict) -> str | None:
     return None
 
 
-def check_existing(path: str | os.PathLike, settings: dict, what: str = "--features-path") -> str:
-    """'absent', 'incomplete' or 'complete' for a store at `path` made with `settings`; UserError otherwise."""
+def check_existing(path: str | os.PathLike, settings: dict, what: str = "--features-path",
+                   overwrite: bool | None = None) -> str:
+    """'absent', 'incomplete' or 'complete' for a store at `path` made with `settings`; UserError otherwise.
+
+    overwrite: None when the program has no --overwrite flag; False: the mismatch message offers it;
+    True: a store made with other settings is reported as 'replace' (the caller deletes it with
+    `remove_store` and starts over) instead of refused."""
     import zarr
 
     path = Path(path)
@@ -86,14 +91,36 @@ def check_existing(path: str | os.PathLike, settings: dict, what: str = "--featu
     if attrs.get("format") != STORE_FORMAT:
         raise UserError(f"{what} {path} is a zarr group but not an FCDM latent store; choose a new output path")
     diff = describe_mismatch(attrs, settings)
+    if diff is not None and overwrite:
+        return "replace"
     if diff is not None:
-        raise UserError(f"the store {path} was made with other settings: {diff}; use a new output path, "
-                        "or delete it to start over")
+        if attrs.get("count") != settings.get("count") and all(
+                attrs.get(k) == settings.get(k) for k in SETTING_KEYS if k not in ("count", "class_names")):
+            diff = (f"it holds {attrs.get('count')} images but the data now has {settings.get('count')} "
+                    "(images were added or removed since)")
+        fix = (f"rerun the same command with --overwrite to delete it and encode everything again, or choose a new "
+               f"{what}" if overwrite is not None else f"delete it to start over, or choose a new {what}")
+        raise UserError(f"the store {path} was made with other settings: {diff}; {fix}")
     if attrs.get("complete"):
         return "complete"
     if not {"latents", "labels", "done"} <= arrays:
         return "absent"  # creation was interrupted: nothing was encoded yet, start over
     return "incomplete"
+
+
+def remove_store(path: str | os.PathLike) -> None:
+    """Delete an FCDM latent store (refuses anything else, so a wrong path is never wiped)."""
+    import json
+    import shutil
+
+    path = Path(path)
+    try:
+        attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        attrs = {}
+    if attrs.get("format") != STORE_FORMAT:
+        raise UserError(f"{path} is not an FCDM latent store; refusing to delete it")
+    shutil.rmtree(path)
 
 
 def create_store(path: str | os.PathLike, settings: dict, extra_attrs: dict | None = None):

@@ -117,3 +117,23 @@ def run_torchrun(script, args, timeout, nproc=2):
         proc.wait()
     assert proc.returncode == 0, stderr[-3000:]
     return stderr
+
+
+def torchrun_result(script, args, timeout, nproc=2):
+    """Like run_torchrun, for runs expected to fail: (returncode, stdout, stderr), nothing asserted."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
+           *map(str, args)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    return proc.returncode, stdout, stderr

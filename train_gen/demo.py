@@ -1,6 +1,6 @@
 """The embedded demo: the whole FCDM pipeline on a laptop CPU, with the same programs used on a cluster.
 
-    python train_gen/demo.py            # `make demo`: about 12 minutes on 2 CPU cores
+    python train_gen/demo.py            # `make demo`: about 4 minutes on 2 CPU cores (README)
     python train_gen/demo.py --quick    # a reduced run (seconds) that checks every stage works
 
 Stages (each one a real program, run as a subprocess):
@@ -27,12 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from fcdm_common.cli import UserError, non_negative_int, positive_int, run_main
+from fcdm_common.cli import HelpFormatter, UserError, non_negative_int, positive_int, run_main
 from fcdm_common.io import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The full demo: tuned to reach >= 0.90 class accuracy in about 12 minutes on 2 CPU cores.
+# The full demo: tuned to reach >= 0.90 class accuracy in about 4 minutes on 2 CPU cores (measured: README).
 FULL = dict(steps=1500, batch=128, samples=1000, sampling_steps=100, ckpt_every=500)
 # The reduced form run by the tests and CI: every stage and artifact, no quality target.
 QUICK = dict(steps=6, batch=16, samples=20, sampling_steps=4, ckpt_every=3)
@@ -76,7 +76,7 @@ def class_grid(npz_path: Path, out: Path, num_classes: int, cols: int, zoom: int
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default="results/demo", help="output folder (default results/demo)")
     p.add_argument("--quick", action="store_true", help="reduced run for tests/CI: few steps and samples")
     p.add_argument("--train-steps", type=positive_int, default=None, help="training steps (default: 1500; quick: 6)")

@@ -1,4 +1,4 @@
-"""Evaluate a sample batch against a reference batch: Inception Score, FID, sFID, Precision, Recall.
+r"""Evaluate a sample batch against a reference batch: Inception Score, FID, sFID, Precision, Recall.
 
 The numbers are those of OpenAI's ADM evaluation suite (guided-diffusion `evaluations/evaluator.py`),
 computed by our own code in `evaluations/` (see docs/evaluation.md):
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from evaluations.evaluator import BACKENDS, evaluate, format_metrics
-from fcdm_common.cli import positive_int, run_main
+from fcdm_common.cli import HelpFormatter, positive_int, run_main
 from fcdm_common.io import atomic_write_text
 
 
@@ -36,7 +36,7 @@ def _json_ready(obj):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                formatter_class=HelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--sample-batch", required=True, help="samples .npz: arr_0 uint8 (N,H,W,3), optional arr_1 labels")
     p.add_argument("--ref-batch", required=True, help="reference .npz: arr_0 uint8 images, optional mu/sigma/mu_s/sigma_s")
     p.add_argument("--output_fid", "--output-fid", dest="output_fid", default=None,

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from fcdm_common.checkpoint import save_checkpoint
-from fcdm_common.cli import UserError, positive_int, run_main
+from fcdm_common.cli import HelpFormatter, UserError, positive_int, run_main
 from fcdm_common.ema import (gamma_to_sigma_rel, list_posthoc_snapshots, reconstruct_from_snapshots,
                              sigma_rel_to_gamma)
 
@@ -33,7 +33,7 @@ def _float_list(value: str) -> list:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--run", required=True, help="run folder of train.py (holds config.json and posthoc_ema/)")
     p.add_argument("--sigma-rel", type=float, default=None,
                    help="relative width of the wanted average (EDM2: 0.05-0.15 typical; must be <= 0.2887)")

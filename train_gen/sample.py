@@ -1,6 +1,6 @@
-"""Quick look at a checkpoint: sample a few class labels in one process (CPU or GPU) and save a grid PNG.
+r"""Quick look at a checkpoint: sample a few class labels in one process (CPU or GPU) and save a grid PNG.
 
-    python train_gen/sample.py --ckpt results/000-FCDM-XL/checkpoints/0400000.pt \
+    python train_gen/sample.py --ckpt results/FCDM-XL-diffusion-imagenet256-bs256-lr1e-4-seed0/checkpoints/0400000.pt \
         --class-labels 207 360 387 974 88 979 417 279 --cfg-scale 4.0 --out grid.png
 
 The model, objective and VAE come from the checkpoint's config; the sampler flags are those of
@@ -13,7 +13,7 @@ import argparse
 import math
 from pathlib import Path
 
-from fcdm_common.cli import UserError, run_main
+from fcdm_common.cli import HelpFormatter, UserError, run_main
 from fcdm_common.images import save_grid
 from fcdm_common.archives import write_png
 from fcdm_common.sampling import DIT_SAMPLE_LABELS, add_sampler_args, generate, load_setup, sampler_settings
@@ -21,7 +21,7 @@ from fcdm_common.sampling import DIT_SAMPLE_LABELS, add_sampler_args, generate, 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint written by train_gen/train.py or models.convert_official, or a plain DiT state dict (e.g. DiT-XL-2-256x256.pt, with --model DiT-XL/2)")
     p.add_argument("--model", default=None, help="optional: the model name the checkpoint must hold")
     p.add_argument("--class-labels", type=int, nargs="+", default=None,

@@ -1,4 +1,4 @@
-"""Sample many images with one or more processes and pack them into one ADM-format .npz for FID.
+r"""Sample many images with one or more processes and pack them into one ADM-format .npz for FID.
 
     torchrun --nnodes=1 --nproc_per_node=4 train_gen/sample_ddp.py --model FCDM-XL \
         --num-fid-samples 50000 --ckpt CKPT --sample-dir samples --ddpm True --cfg-scale 1.0
@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+from fcdm_common.progress import progress as tqdm
 
 from fcdm_common import distributed as dist_utils
-from fcdm_common.cli import UserError, run_main, str2bool
+from fcdm_common.cli import HelpFormatter, UserError, run_main, str2bool
 from fcdm_common.io import remove_stale_temps, sha256_file
 from fcdm_common.archives import package_versions, read_png, validate_npz, write_json, write_npz, write_png
 from fcdm_common.sampling import add_sampler_args, generate, load_setup, sample_labels, sampler_settings
@@ -33,7 +33,7 @@ SETTINGS_FILE = "settings.json"  # inside the PNG folder: what its images were s
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint written by train_gen/train.py or models.convert_official, or a plain DiT state dict (e.g. DiT-XL-2-256x256.pt, with --model DiT-XL/2)")
     p.add_argument("--model", default=None,
                    help="optional: the model name the checkpoint must hold (e.g. FCDM-XL); read from the checkpoint")

@@ -1,4 +1,4 @@
-"""Train FCDM (or any registered model) on precomputed latents, with accelerate.
+r"""Train FCDM (or any registered model) on precomputed latents, with accelerate.
 
     accelerate launch --mixed_precision bf16 --num_processes 4 train_gen/train.py --model FCDM-XL \
         --feature-path F --label-path L --results-dir results
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from fcdm_common.checkpoint import load_checkpoint, save_checkpoint
-from fcdm_common.cli import UserError, error_summary, non_negative_int, positive_int, run_main, str2bool
+from fcdm_common.cli import HelpFormatter, UserError, error_summary, non_negative_int, positive_int, run_main, str2bool
 from fcdm_common.cpu import tune_cpu_allocator
 from fcdm_common.data import TrainLoader, open_dataset
 from fcdm_common.ema import (SNAPSHOT_DTYPES, PowerEMA, create_ema, remove_snapshots_after, save_posthoc_snapshots,
@@ -102,7 +102,7 @@ def _positive_float(value: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="FCDM-XL", help="registered model name (models.MODELS), e.g. FCDM-S/B/L/XL, DiT-XL/2")
     g.add_argument("--model-kwargs", type=_json_dict, default={},
@@ -653,6 +653,9 @@ def main(argv=None):
                + (f" ({accum_steps} micro-batches of {batch_per_gpu})" if accum_steps > 1 else "")
                + f", precision {accelerator.mixed_precision}, {opt_impl} AdamW; "
                f"run folder {run_dir}; steps {start_step} -> {max_steps}")
+    from fcdm_common.launchers import process_count_warning
+    if is_main and (launch_warning := process_count_warning(world)):
+        logger.log(launch_warning)
 
     loader = TrainLoader(dataset, batch, rank=rank, world_size=world, seed=args.seed, start_step=start_step,
                          num_workers=args.num_workers, pin_memory=device.type == "cuda")
@@ -670,10 +673,16 @@ def main(argv=None):
         max_consec = consec.clone()
         if worst >= args.max_bad_steps:
             last = sorted((run_dir / "checkpoints").glob("*.pt"))
+            from fcdm_common.data_checks import describe_nonfinite
+            from fcdm_common.distributed import all_gather_object
+
+            records = {s: v for r in all_gather_object(loader.nonfinite_items(step)) for s, v in r.items()}
+            cause = describe_nonfinite(records, data["zarr_path"] or data["feature_path"])
             raise UserError(
                 f"training stopped at step {step}: {worst} consecutive steps had non-finite loss or gradients "
                 f"(--max-bad-steps {args.max_bad_steps}); the last good checkpoint is "
-                f"{last[-1] if last else 'none'}; lower --lr, set --grad-clip or use --mixed-precision bf16/no")
+                f"{last[-1] if last else 'none'}; "
+                + (cause or "lower --lr, set --grad-clip or use --mixed-precision bf16/no"))
 
     def save(step: int) -> None:
         skipped = skipped_total + int(sums["bad"].item())  # bad steps are identical on every rank
@@ -712,9 +721,9 @@ def main(argv=None):
             and not (run_dir / "samples" / f"{start_step:07d}.png").exists():
         grid(start_step)  # killed between the checkpoint and its grid: draw the missing grid now
 
-    from tqdm import tqdm
+    from fcdm_common.progress import progress
 
-    bar = tqdm(total=max_steps, initial=start_step, disable=not is_main, dynamic_ncols=True, desc="train")
+    bar = progress(total=max_steps, initial=start_step, disable=not is_main, dynamic_ncols=True, desc="train")
     step = start_step
     window_start, window_steps, paused = time.perf_counter(), 0, 0.0
     if device.type == "cuda":
