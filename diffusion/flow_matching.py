@@ -119,14 +119,18 @@ class FlowMatching:
         n = x.shape[0]
         nfe = 0
 
+        t0, t1 = self.sample_eps, 1.0 - self.sample_eps
+
         def velocity(t, x_t):
             nonlocal nfe
             nfe += 1
-            return self._velocity(model, x_t, t.float().reshape(1).expand(n).to(x_t.device), model_kwargs)
+            # the solver's initial-step probe may look past t1: the network only ever sees t in [t0, t1]
+            tt = t.float().clamp(t0, t1).reshape(1).expand(n).to(x_t.device)
+            return self._velocity(model, x_t, tt, model_kwargs)
 
-        ts = torch.tensor([self.sample_eps, 1.0 - self.sample_eps], dtype=torch.float32, device=x.device)
-        with torch.no_grad():
-            out = odeint(velocity, x, ts, method="dopri5", atol=atol, rtol=rtol)[-1]
+        ts = torch.tensor([t0, t1], dtype=torch.float32, device=x.device)
+        with torch.no_grad():  # step_t: the last step lands on t1 instead of overshooting and interpolating
+            out = odeint(velocity, x, ts, method="dopri5", atol=atol, rtol=rtol, options={"step_t": ts[1:]})[-1]
         if stats is not None:
             stats["nfe"] = stats.get("nfe", 0) + nfe
         return out
