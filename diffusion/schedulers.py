@@ -119,9 +119,19 @@ def build_scheduler(sampler: str, objective, overrides: Optional[dict] = None):
     return cls.from_config(scheduler_config(objective, cls, preset))
 
 
+_VARIANCE_CONSUMERS = ("DDPMScheduler", "DDPMParallelScheduler")  # step() splits off and uses the v channels
+
+
 def uses_learned_variance(scheduler) -> bool:
-    """Whether the scheduler consumes the iDDPM variance channels (variance_type learned / learned_range)."""
-    return getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range")
+    """Whether the scheduler consumes the iDDPM variance channels: a DDPM scheduler with variance_type
+    learned / learned_range. Any other class configured with such a variance_type is refused (ValueError):
+    DPMSolverMultistepScheduler, e.g., would slice the first 3 channels off whatever it is given."""
+    learned = getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range")
+    if learned and type(scheduler).__name__ not in _VARIANCE_CONSUMERS:
+        raise ValueError(f"{type(scheduler).__name__} is configured with variance_type "
+                         f"{scheduler.config.variance_type!r}; the variance channels are dropped for it, so build "
+                         "it with variance_type=None (e.g. from_config(config, variance_type=None))")
+    return learned
 
 
 def _jsonable(value):
@@ -172,7 +182,7 @@ def scheduler_sample_loop(model: Callable, scheduler, noise: torch.Tensor, num_s
         step_kwargs["generator"] = generators if isinstance(generators, torch.Generator) else list(generators)
     if eta and _accepts(scheduler.step, "eta"):
         step_kwargs["eta"] = float(eta)
-    keep_variance = learned_sigma and uses_learned_variance(scheduler)
+    keep_variance = uses_learned_variance(scheduler) and learned_sigma
     x = x * scheduler.init_noise_sigma
     nfe = 0
     for t in tqdm(scheduler.timesteps, desc=type(scheduler).__name__, disable=not progress):
