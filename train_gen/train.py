@@ -325,7 +325,7 @@ def main(argv=None):
         from diffusion import check_sampler
         check_sampler(objective_name, grid_sampler)  # every sampler of sample.py, diffusers:<Class> too
     except ValueError as e:
-        raise UserError(f"--grid-sampler {grid_sampler}: {e}") from None
+        raise UserError(f"--grid-sampler {grid_sampler} does not fit --objective {objective_name}: {e}") from None
     if args.report_to != "none":
         try:
             __import__("torch.utils.tensorboard" if args.report_to == "tensorboard" else "wandb")
