@@ -45,15 +45,14 @@ def test_dopri5_matches_the_closed_form_and_counts_evaluations():
 
 
 def test_dopri5_with_guidance_equals_guided_velocity_field():
-    # guidance is applied inside the ODE right-hand side: cfg s on v = a x + b (y + 1) is a x + b' with
-    # b' = b (1 + s (y + 1 - (null + 1)))... checked against the closed form of that guided field.
+    # guidance acts inside the ODE right-hand side: with v = a x + b (y + 1), the guided field
+    # v_null + s (v_y - v_null) is again linear, a x + b (y_eff + 1), whose solution is closed form.
     f = diffusion.create_flow()
     noise, y = torch.randn(2, 2, 2, 2, generator=torch.Generator().manual_seed(1)), torch.tensor([1, 3])
     s, null = 2.0, 10
     model = LinearVelocity()
     out = diffusion.sample(model, noise, y, objective=f, sampler="dopri5", num_steps=1, null_label=null,
                            cfg_scale=s, atol=1e-9, rtol=1e-8)
-    # guided: a x + b [(null + 1) + s ((y + 1) - (null + 1))]
     y_eff = (null + 1) + s * ((y.float() + 1) - (null + 1)) - 1
     torch.testing.assert_close(out, LinearVelocity().exact(noise, y_eff), rtol=1e-5, atol=1e-5)
 
