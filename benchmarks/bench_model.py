@@ -23,6 +23,14 @@ implementation, bf16; `--ablate-compile`: compiled blocks), and `--mode layers` 
 fast paths (GRN, depthwise conv, pointwise conv) against their plain NCHW forms at every level.
 On a shared CPU, `--threads 1` gives far steadier numbers than torch's default thread count.
 
+`--mode sample` times a whole guided sampling loop (`diffusion.sample`: `--sampler`, `--sampling-steps`,
+classifier-free guidance `--cfg-scale`, the network run through sampling's fixed-batch wrapper, bf16
+autocast with `--dtype bf16`, the whole network torch.compile'd with `--compile` exactly as the sampling
+programs' `--compile` does) at each of `--sample-batches` (default 64 and 256) and reports images/s
+(batch / median loop time); randomly initialised weights, so only the speed is meaningful. On CPU keep it
+tiny: e.g. `--model-kwargs '{"hidden_size": 16, "depths": [1,1,1]}' --latent-size 8 --sample-batches 4 8
+--sampling-steps 2 --repeats 1 --warmup 0`.
+
 On CPU the report also counts the process's minor page faults per timed call (memory the allocator
 handed back to the kernel and faults in again; `--cpu-allocator`).
 
@@ -33,6 +41,8 @@ Examples:
   python benchmarks/bench_model.py --model FCDM-XL --device cuda --dtype bf16 --batch-size 256 \\
       --mode train --peak-tflops 989
   python benchmarks/bench_model.py --model FCDM-XL --compare DiT-XL/2 --device cuda --dtype bf16 --mode forward
+  python benchmarks/bench_model.py --model FCDM-XL --device cuda --dtype bf16 --mode sample --compile \\
+      --sampler dpm++2m --sampling-steps 20 --cfg-scale 4.0 --sample-batches 64 256
   python benchmarks/bench_model.py --model FCDM-S --model-kwargs '{"hidden_size": 64, "depths": [1,2,2,2,1]}' \\
       --latent-size 32 --batch-size 16 --device cpu --mode train --compare-baseline
 """
@@ -542,12 +552,22 @@ def parse_args(argv=None):
                    help="fp32, or bf16 autocast with float32 statistics (the baseline always runs fp32)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where to run (default: cuda when available)")
-    p.add_argument("--mode", choices=("forward", "train", "both", "layers"), default="both",
-                   help="forward throughput (no grad), training step, both (default), or 'layers': FCDM "
-                        "layer fast paths (GRN, depthwise crop, pointwise matmul) against their plain forms")
+    p.add_argument("--mode", choices=("forward", "train", "both", "layers", "sample"), default="both",
+                   help="forward throughput (no grad), training step, both (default), 'layers': FCDM "
+                        "layer fast paths (GRN, depthwise crop, pointwise matmul) against their plain forms, or "
+                        "'sample': images/s of a whole guided sampling loop at each --sample-batches")
+    p.add_argument("--sampler", default="dpm++2m",
+                   help="--mode sample: sampler of sample.py (default dpm++2m; ddpm, ddim, unipc, diffusers:<Class>)")
+    p.add_argument("--sampling-steps", type=positive_int, default=20, help="--mode sample: sampler steps (default 20)")
+    p.add_argument("--cfg-scale", type=float, default=4.0,
+                   help="--mode sample: guidance scale (default 4.0: two network rows per image; 1: no guidance)")
+    p.add_argument("--sample-batches", type=positive_int, nargs="+", default=[64, 256],
+                   help="--mode sample: images per sampling loop, one measurement each (default 64 256)")
     p.add_argument("--checkpointing", choices=("none", "selective", "full"), default="none",
                    help="activation checkpointing of the optimized network (default: none)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the blocks of the optimized network")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the blocks of the optimized network (--mode sample: the whole network, "
+                        "as sample.py --compile)")
     p.add_argument("--baseline", action="store_true", help="run the paper-mode baseline instead (FCDM only)")
     p.add_argument("--compare-baseline", action="store_true",
                    help="run baseline and optimized in one process (interleaved) and print the speedup")
@@ -587,6 +607,11 @@ def main(argv=None):
     if args.mode == "layers":
         report = layer_benchmarks(args)
         print(format_layers(report))
+    elif args.mode == "sample":
+        from benchmarks.bench_sampling import format_sampling, sampling_benchmark
+
+        report = sampling_benchmark(args)
+        print(format_sampling(report))
     else:
         report = run_benchmark(args)
         print(format_report(report))

@@ -21,12 +21,37 @@ from .flow_matching import FlowMatching, create_flow
 from .guidance import GuidedModel
 from .noise import Generators, check_generators, randn, randn_like
 from .respace import SpacedDiffusion, space_timesteps
+from .schedulers import DIFFUSERS_PREFIX, SCHEDULER_PRESETS, build_scheduler, is_scheduler_sampler, scheduler_sample_loop
 
 __all__ = ["create_diffusion", "create_flow", "create_objective", "sample", "GuidedModel", "SpacedDiffusion",
-           "FlowMatching", "space_timesteps", "randn", "randn_like", "DIFFUSION_SAMPLERS", "FLOW_SAMPLERS"]
+           "FlowMatching", "space_timesteps", "randn", "randn_like", "DIFFUSION_SAMPLERS", "FLOW_SAMPLERS",
+           "check_sampler", "DIFFUSERS_PREFIX"]
 
-DIFFUSION_SAMPLERS = ("ddpm", "ddim")
-FLOW_SAMPLERS = ("euler", "heun", "sde")
+# our own loops first, then the diffusers-driven presets (diffusion/schedulers.py); plus diffusers:<Class>
+DIFFUSION_SAMPLERS = ("ddpm", "ddim") + tuple(SCHEDULER_PRESETS)
+FLOW_SAMPLERS = ("euler", "heun", "sde", "dopri5")
+
+
+def check_sampler(objective_name: str, sampler: str) -> None:
+    """ValueError unless `sampler` applies to the objective ("diffusion" | "flow"); diffusers:<Class> is
+    checked to name a diffusers scheduler class."""
+    if objective_name == "diffusion":
+        if sampler in DIFFUSION_SAMPLERS[:2]:
+            return
+        if is_scheduler_sampler(sampler):
+            from .schedulers import scheduler_class
+            scheduler_class(sampler)  # raises for unknown class names
+            return
+        valid = DIFFUSION_SAMPLERS
+    elif objective_name == "flow":
+        if sampler in FLOW_SAMPLERS:
+            return
+        valid = FLOW_SAMPLERS
+    else:
+        raise ValueError(f"unknown objective {objective_name!r}; expected 'diffusion' or 'flow'")
+    extra = f" or {DIFFUSERS_PREFIX}<SchedulerClassName>" if objective_name == "diffusion" else ""
+    raise ValueError(f"sampler {sampler!r} does not apply to a {objective_name} checkpoint; "
+                     f"use one of {', '.join(valid)}{extra}")
 
 
 def create_diffusion(timestep_respacing="", noise_schedule="linear", use_kl=False, sigma_small=False,
@@ -76,12 +101,15 @@ def _respaced_for_sampler(objective: SpacedDiffusion, sampler: str, num_steps: i
 def sample(model: Callable, noise: torch.Tensor, y: torch.Tensor, *, objective, sampler: str, num_steps: int,
            cfg_scale: float = 1.0, cfg_channels: Union[str, int] = "all",
            guidance_interval: Optional[Tuple[float, float]] = None, null_label: int, ddim_eta: float = 0.0,
-           progress: bool = False, generators: Generators = None) -> torch.Tensor:
+           progress: bool = False, generators: Generators = None, atol: float = 1e-6, rtol: float = 1e-3,
+           stats: Optional[dict] = None) -> torch.Tensor:
     """Draw samples from noise (N, C, H, W) for labels y (N,) and return float32 (N, C, H, W).
 
     model(x, t, y) is the raw network; objective comes from create_diffusion (samplers "ddpm", "ddim",
-    respaced to num_steps) or create_flow ("euler", "heun": num_steps ODE steps; "sde": num_steps model
-    calls, SiT's Euler-Maruyama). Guidance: see `GuidedModel`; guidance_interval=(lo, hi) is in noise-level
+    respaced to num_steps; "dpm++2m", "unipc", ... and "diffusers:<Class>": a diffusers scheduler with
+    num_steps inference steps, see diffusion/schedulers.py) or create_flow ("euler", "heun": num_steps ODE
+    steps; "sde": num_steps model calls, SiT's Euler-Maruyama; "dopri5": adaptive, atol/rtol, num_steps
+    unused). stats (a dict) receives "nfe", the number of (guided) model calls. Guidance: see `GuidedModel`; guidance_interval=(lo, hi) is in noise-level
     fraction (diffusion: t / T, flow: 1 - t). generators: None, one torch.Generator, or one per sample.
     """
     if num_steps < 1:
@@ -91,11 +119,17 @@ def sample(model: Callable, noise: torch.Tensor, y: torch.Tensor, *, objective, 
     check_generators(generators, noise.shape[0])
     kwargs = {"y": y}
     if isinstance(objective, SpacedDiffusion):
-        if sampler not in DIFFUSION_SAMPLERS:
-            raise ValueError(f"unknown diffusion sampler {sampler!r}; expected one of {DIFFUSION_SAMPLERS}")
+        check_sampler("diffusion", sampler)
         total = objective.original_num_steps
         guided = GuidedModel(model, cfg_scale, null_label, cfg_channels, guidance_interval,
                              noise_level_fn=lambda t: t.float() / total)  # t is the ORIGINAL timestep
+        if is_scheduler_sampler(sampler):
+            learned = objective.model_var_type == gd.ModelVarType.LEARNED_RANGE
+            return scheduler_sample_loop(guided, build_scheduler(sampler, objective), noise, num_steps, kwargs,
+                                         learned_sigma=learned, generators=generators, eta=ddim_eta,
+                                         progress=progress, stats=stats)
+        if stats is not None:
+            stats["nfe"] = stats.get("nfe", 0) + num_steps
         spaced = _respaced_for_sampler(objective, sampler, num_steps)
         if sampler == "ddpm":
             return spaced.p_sample_loop(guided, tuple(noise.shape), noise=noise, model_kwargs=kwargs,
@@ -103,10 +137,13 @@ def sample(model: Callable, noise: torch.Tensor, y: torch.Tensor, *, objective, 
         return spaced.ddim_sample_loop(guided, tuple(noise.shape), noise=noise, model_kwargs=kwargs,
                                        device=noise.device, progress=progress, eta=ddim_eta, generator=generators)
     if isinstance(objective, FlowMatching):
-        if sampler not in FLOW_SAMPLERS:
-            raise ValueError(f"unknown flow sampler {sampler!r}; expected one of {FLOW_SAMPLERS}")
+        check_sampler("flow", sampler)
         guided = GuidedModel(model, cfg_scale, null_label, cfg_channels, guidance_interval,
                              noise_level_fn=lambda t: 1.0 - t.float())  # t = 1 is data
+        if sampler == "dopri5":
+            return objective.sample_dopri5(guided, noise, model_kwargs=kwargs, atol=atol, rtol=rtol, stats=stats)
+        if stats is not None:
+            stats["nfe"] = stats.get("nfe", 0) + num_steps * (2 if sampler == "heun" else 1)
         if sampler == "sde":
             return objective.sample_sde(guided, noise, num_steps, model_kwargs=kwargs, progress=progress,
                                         generator=generators)

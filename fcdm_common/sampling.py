@@ -29,8 +29,7 @@ from .cli import UserError, positive_int, str2bool
 from .cpu import tune_cpu_allocator
 from .images import to_uint8
 
-DIFFUSION_SAMPLERS = ("ddpm", "ddim")
-FLOW_SAMPLERS = ("euler", "heun", "sde")
+from diffusion import DIFFUSION_SAMPLERS, FLOW_SAMPLERS, check_sampler  # one list of samplers, in diffusion/
 DIT_SAMPLE_LABELS = (207, 360, 387, 974, 88, 979, 417, 279)  # the classes of DiT's sample.py grid
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -75,13 +74,22 @@ def sample_labels(global_seed: int, indices: Iterable[int], num_classes: int, mo
 def add_sampler_args(parser, cfg_scale_default: float = 1.0, forward_batch_default: int = 64) -> None:
     """The sampler, guidance, precision and VAE flags both sampling scripts share."""
     g = parser.add_argument_group("sampler")
-    g.add_argument("--sampler", choices=DIFFUSION_SAMPLERS + FLOW_SAMPLERS, default=None,
-                   help="sampler; default: ddpm (or ddim with --ddpm false) for diffusion checkpoints, "
-                        "sde (the paper's Euler-Maruyama) for flow checkpoints")
+    g.add_argument("--sampler", default=None, metavar="NAME",
+                   help="diffusion checkpoints: ddpm, ddim (our loops), dpm++2m, dpm++2m-karras, unipc, euler, heun "
+                        "or diffusers:<SchedulerClassName> (diffusers schedulers configured from the checkpoint's "
+                        "beta schedule; they drop the learned-variance channels, except DDPMScheduler); flow "
+                        "checkpoints: euler, heun, sde, dopri5 (adaptive, --atol/--rtol). Default: ddpm (or ddim "
+                        "with --ddpm false) for diffusion, sde (the paper's Euler-Maruyama) for flow")
     g.add_argument("--ddpm", type=str2bool, default=None, metavar="BOOL",
                    help="diffusion checkpoints: true = DDPM (ancestral), false = DDIM; kept from the original README")
     g.add_argument("--num-sampling-steps", type=positive_int, default=250,
-                   help="sampling steps (DDPM/DDIM respacing, ODE steps or SDE model calls)")
+                   help="sampling steps (DDPM/DDIM respacing, diffusers inference steps, ODE steps or SDE model "
+                        "calls; unused by dopri5)")
+    g.add_argument("--atol", type=float, default=1e-6, help="dopri5: absolute tolerance (SiT: 1e-6)")
+    g.add_argument("--rtol", type=float, default=1e-3, help="dopri5: relative tolerance (SiT: 1e-3)")
+    g.add_argument("--compile", type=str2bool, default=False, metavar="BOOL",
+                   help="torch.compile the network at the fixed --forward-batch shape (CUDA: mode "
+                        "max-autotune-no-cudagraphs); the first batch pays the compile time")
     g.add_argument("--ddim-eta", type=float, default=0.0, help="DDIM eta (0 = deterministic DDIM)")
     g.add_argument("--cfg-scale", type=float, default=cfg_scale_default,
                    help="classifier-free guidance scale s (1 = no guidance, a single conditional pass)")
@@ -107,12 +115,13 @@ def add_sampler_args(parser, cfg_scale_default: float = 1.0, forward_batch_defau
 
 def resolve_sampler(objective: str, sampler: Optional[str] = None, ddpm: Optional[bool] = None) -> str:
     """The sampler to use for a checkpoint's objective, from --sampler and the legacy --ddpm flag."""
-    valid = DIFFUSION_SAMPLERS if objective == "diffusion" else FLOW_SAMPLERS if objective == "flow" else None
-    if valid is None:
+    if objective not in ("diffusion", "flow"):
         raise UserError(f"checkpoint objective {objective!r} is unknown; expected 'diffusion' or 'flow'")
     if sampler is not None:
-        if sampler not in valid:
-            raise UserError(f"--sampler {sampler} does not apply to a {objective} checkpoint; use one of {', '.join(valid)}")
+        try:
+            check_sampler(objective, sampler)
+        except ValueError as e:
+            raise UserError(f"--sampler {sampler}: {e}") from None
         if ddpm is not None and objective == "diffusion" and (sampler == "ddpm") != ddpm:
             raise UserError(f"--sampler {sampler} contradicts --ddpm {str(ddpm).lower()}; pass only one of them")
         return sampler
@@ -153,7 +162,14 @@ def sampler_settings(args, setup: "SamplingSetup") -> dict:
         raise UserError(f"--forward-batch must be >= 0, got {args.forward_batch}")
     if not np.isfinite(args.cfg_scale):
         raise UserError(f"--cfg-scale must be a finite number, got {args.cfg_scale}")
-    return dict(sampler=sampler, num_steps=int(args.num_sampling_steps), cfg_scale=float(args.cfg_scale),
+    if sampler == "dopri5" and not (args.atol > 0 and args.rtol > 0):
+        raise UserError(f"--atol and --rtol must be > 0, got {args.atol} and {args.rtol}")
+    if sampler not in ("dopri5", "ddpm", "ddim") and setup.objective_name == "diffusion":
+        if args.num_sampling_steps > setup.objective.original_num_steps:
+            raise UserError(f"--num-sampling-steps {args.num_sampling_steps} exceeds the checkpoint's "
+                            f"{setup.objective.original_num_steps} diffusion steps")
+    return dict(atol=float(args.atol), rtol=float(args.rtol), compile=bool(args.compile),
+                sampler=sampler, num_steps=int(args.num_sampling_steps), cfg_scale=float(args.cfg_scale),
                 cfg_channels=parse_cfg_channels(args.cfg_channels, setup.latent_shape[0]), guidance_interval=interval,
                 ddim_eta=float(args.ddim_eta), precision=args.precision, forward_batch=int(args.forward_batch))
 
@@ -308,11 +324,13 @@ def generate(setup: SamplingSetup, indices: Sequence[int], *, global_seed: int, 
              guidance_interval: Optional[Tuple[float, float]] = None, ddim_eta: float = 0.0,
              precision: str = "fp32", forward_batch: int = 0, label_mode: str = "random",
              labels: Optional[Sequence[int]] = None, progress: bool = False,
-             counter: Optional[FixedBatchModel] = None) -> Tuple[np.ndarray, np.ndarray]:
+             counter: Optional[FixedBatchModel] = None, atol: float = 1e-6, rtol: float = 1e-3,
+             compile: bool = False, stats: Optional[dict] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Sample the images of `indices` -> (uint8 (N, H, W, 3), int64 labels (N,)).
 
     Labels: explicit `labels` (one per index) or `label_mode` ("random" | "balanced"). `counter`: a
-    FixedBatchModel to run the network through (to count calls); built from the settings by default."""
+    FixedBatchModel to run the network through (to count calls); built from the settings by default.
+    compile: run a torch.compile'd network (fcdm_common/compiled.py). stats: dict that receives "nfe"."""
     import diffusion
 
     indices = [int(i) for i in indices]
@@ -337,13 +355,17 @@ def generate(setup: SamplingSetup, indices: Sequence[int], *, global_seed: int, 
     device = setup.device
     noise = torch.stack([n for _, n in drawn]).to(device)  # (N, C, H, W)
     y_t = torch.tensor(y, dtype=torch.long, device=device)
+    network = setup.model
+    if compile:
+        from .compiled import compiled_network
+        network = compiled_network(setup.model, device.type)
     net = counter if counter is not None else FixedBatchModel(
-        setup.model, forward_batch, PRECISIONS[precision], device.type)
+        network, forward_batch, PRECISIONS[precision], device.type)
     with torch.no_grad():
         latents = diffusion.sample(net, noise, y_t, objective=setup.objective, sampler=sampler, num_steps=num_steps,
                                    cfg_scale=cfg_scale, cfg_channels=cfg_channels, guidance_interval=guidance_interval,
                                    null_label=setup.null_label, ddim_eta=ddim_eta, progress=progress,
-                                   generators=gens)
+                                   generators=gens, atol=atol, rtol=rtol, stats=stats)
     if latents.shape[1] != setup.latent_shape[0]:  # learned sigma: the sampler returns only x
         latents = latents[:, :setup.latent_shape[0]]
     return decode_to_uint8(setup.vae, latents, forward_batch), np.asarray(y, dtype=np.int64)

@@ -165,7 +165,7 @@ def test_sample_rejects_bad_arguments():
     d, f = diffusion.create_diffusion(), diffusion.create_flow()
     noise, y = torch.randn(2, 4, 4, 4), torch.tensor([0, 1])
     with pytest.raises(ValueError, match="sampler"):
-        diffusion.sample(ToyNet(), noise, y, objective=d, sampler="euler", num_steps=5, null_label=NULL)
+        diffusion.sample(ToyNet(), noise, y, objective=d, sampler="sde", num_steps=5, null_label=NULL)
     with pytest.raises(ValueError, match="sampler"):
         diffusion.sample(ToyNet(False), noise, y, objective=f, sampler="ddpm", num_steps=5, null_label=NULL)
     with pytest.raises(TypeError):

@@ -72,7 +72,7 @@ BAD = {
     "no config": (["--ckpt", "{root}/noconfig.pt"], "no run config"),
     "model mismatch": (["--ckpt", "{root}/diff.pt", "--model", "FCDM-XL"], "does not match"),
     "vae channels": (["--ckpt", "{root}/diff.pt", "--vae", "sd", "--hf-model-dir", "{root}/vae4"], "latent channels"),
-    "sampler for objective": (["--ckpt", "{root}/diff.pt", "--sampler", "heun"], "does not apply"),
+    "sampler for objective": (["--ckpt", "{root}/diff.pt", "--sampler", "sde"], "does not apply"),
     "ddpm on flow": (["--ckpt", "{root}/flow.pt", "--ddpm", "true"], "--ddpm"),
     "cfg channels": (["--ckpt", "{root}/diff.pt", "--cfg-channels", "4"], "--cfg-channels"),
     "interval": (["--ckpt", "{root}/diff.pt", "--guidance-interval", "0.8", "0.2"], "--guidance-interval"),

@@ -139,7 +139,7 @@ def test_readme_command_parses_and_ddpm_flag(ckpts, tmp_path):
     assert resolve_sampler("diffusion", None, False) == "ddim"
     assert resolve_sampler("flow", None, None) == "sde"
     assert resolve_sampler("flow", "heun", None) == "heun"
-    for bad in [("diffusion", "euler", None), ("flow", "ddpm", None), ("flow", None, True), ("diffusion", "ddim", True)]:
+    for bad in [("diffusion", "sde", None), ("flow", "ddpm", None), ("flow", None, True), ("diffusion", "ddim", True)]:
         with pytest.raises(UserError):
             resolve_sampler(*bad)
 

@@ -102,7 +102,9 @@ def test_data_statistics_are_as_stated():
 
 @pytest.mark.parametrize("objective,sampler,num_steps", [
     ("diffusion", "ddpm", 50), ("diffusion", "ddim", 25),
-    ("flow", "euler", 25), ("flow", "heun", 10), ("flow", "sde", 100)])
+    # the fast samplers at few steps (the reduced form of docs/sampling.md's quality table)
+    ("diffusion", "dpm++2m", 10), ("diffusion", "unipc", 10), ("diffusion", "diffusers:DDPMScheduler", 50),
+    ("flow", "euler", 25), ("flow", "heun", 10), ("flow", "sde", 100), ("flow", "dopri5", 1)])
 def test_samples_match_data(request, objective, sampler, num_steps):
     obj, net = request.getfixturevalue(f"trained_{objective}")
     noise = torch.randn(2000, 1, 4, 4, generator=torch.Generator().manual_seed(5))

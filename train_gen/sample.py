@@ -51,13 +51,16 @@ def main(argv=None) -> None:
     if bad:
         raise UserError(f"--class-labels {' '.join(map(str, bad))} out of range: {setup.model_name} in {args.ckpt} "
                         f"has classes 0..{setup.num_classes - 1}")
+    stats = {}
     images, labels = generate(setup, range(len(labels)), global_seed=args.seed, labels=labels, sampler=s["sampler"],
                               num_steps=s["num_steps"], cfg_scale=s["cfg_scale"], cfg_channels=s["cfg_channels"],
                               guidance_interval=s["guidance_interval"], ddim_eta=s["ddim_eta"],
-                              precision=s["precision"], forward_batch=s["forward_batch"], progress=True)
+                              precision=s["precision"], forward_batch=s["forward_batch"], progress=True,
+                              atol=s["atol"], rtol=s["rtol"], compile=s["compile"], stats=stats)
     nrow = args.nrow or min(8, math.ceil(math.sqrt(len(images))))
     save_grid(images, args.out, nrow=nrow)
-    print(f"wrote {args.out} ({len(images)} images, {s['sampler']} {s['num_steps']} steps, cfg {s['cfg_scale']})")
+    print(f"wrote {args.out} ({len(images)} images, {s['sampler']} {s['num_steps']} steps, cfg {s['cfg_scale']}, "
+          f"{stats['nfe']} network evaluations)")
     if args.save_individual:
         folder = Path(args.save_individual)
         for k, (img, lab) in enumerate(zip(images, labels)):

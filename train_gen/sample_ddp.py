@@ -63,8 +63,10 @@ def run_name(setup, s: dict, args) -> str:
         parts.append("int{}-{}".format(*(_fmt(v) for v in s["guidance_interval"])))
     if s["sampler"] == "ddim" and s["ddim_eta"] != 0:
         parts.append(f"eta{_fmt(s['ddim_eta'])}")
+    if s["sampler"] == "dopri5":
+        parts.append(f"atol{_fmt(s['atol'])}-rtol{_fmt(s['rtol'])}")
     parts += [f"vae-{setup.vae_settings['vae']}", s["precision"], args.label_sampling, f"seed{args.global_seed}"]
-    return "-".join(str(p).replace("/", "_") for p in parts)
+    return "-".join(str(p).replace("/", "_").replace(":", "_") for p in parts)
 
 
 def content_settings(setup, s: dict, args, ckpt_sha256: str) -> dict:
@@ -79,7 +81,28 @@ def content_settings(setup, s: dict, args, ckpt_sha256: str) -> dict:
         "precision": s["precision"], "forward_batch": s["forward_batch"], "label_sampling": args.label_sampling,
         "global_seed": args.global_seed, "vae": setup.vae_settings, "latent_shape": list(setup.latent_shape),
         "num_classes": setup.num_classes, "device_type": setup.device.type,
+        **sampler_record(setup, s, args),
     }
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def sampler_record(setup, s: dict, args) -> dict:
+    """Sampler details that change the pixels: the diffusers scheduler class and config, dopri5's tolerances
+    and (its adaptive steps are shared by a batch) the batching; whether the network was compiled."""
+    from diffusion.schedulers import build_scheduler, is_scheduler_sampler, scheduler_record
+
+    out = {"compile": s["compile"]}
+    if setup.objective_name == "diffusion" and is_scheduler_sampler(s["sampler"]):
+        out["scheduler"] = scheduler_record(build_scheduler(s["sampler"], setup.objective))
+    if s["sampler"] == "dopri5":
+        out.update(atol=s["atol"], rtol=s["rtol"], per_proc_batch_size=args.per_proc_batch_size,
+                   world_size=_world_size())
+    return out
 
 
 def check_folder(folder: Path, settings: dict) -> str | None:
@@ -179,17 +202,22 @@ def _sample(args, info) -> None:
               flush=True)
     bar = tqdm(total=total_todo, unit="img", disable=not info.is_main or total_todo == 0, dynamic_ncols=True)
     b = args.per_proc_batch_size
+    stats = {}  # "nfe": guided network evaluations (sampler steps) summed over this process's batches
     for start in range(0, len(todo), b):
         batch = todo[start:start + b]
         images, _ = generate(setup, batch, global_seed=args.global_seed, sampler=s["sampler"],
                              num_steps=s["num_steps"], cfg_scale=s["cfg_scale"], cfg_channels=s["cfg_channels"],
                              guidance_interval=s["guidance_interval"], ddim_eta=s["ddim_eta"],
                              precision=s["precision"], forward_batch=s["forward_batch"],
-                             label_mode=args.label_sampling)
+                             label_mode=args.label_sampling, atol=s["atol"], rtol=s["rtol"], compile=s["compile"],
+                             stats=stats)
         for i, img in zip(batch, images):
             write_png(folder / f"{i:06d}.png", img)
         bar.update(min(len(batch) * info.world_size, bar.total - bar.n))
+        bar.set_postfix(nfe_per_batch=round(stats["nfe"] / (start // b + 1), 1))
     bar.close()
+    if todo and info.is_main:
+        print(f"network evaluations (NFE) per batch on rank 0: {stats['nfe'] / -(-len(todo) // b):.1f}", flush=True)
     dist_utils.barrier()
     if not info.is_main:
         return

@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale of the grids (1: off)")
     g.add_argument("--cfg-channels", default="all", help="guided channels of the grids: all, or k (DiT: 3)")
     g.add_argument("--grid-sampler", default="auto",
-                   help="grid sampler: ddpm/ddim (diffusion), euler/heun/sde (flow); auto: ddim / euler")
+                   help="grid sampler: any --sampler of sample.py (diffusion: ddpm, ddim, dpm++2m, unipc, ..., "
+                        "diffusers:<Class>; flow: euler, heun, sde, dopri5); auto: ddim / euler")
     g.add_argument("--grid-steps", type=positive_int, default=50, help="sampling steps of the grids")
     g.add_argument("--grid-cols", type=positive_int, default=8, help="samples per class row of the grid")
     g.add_argument("--grid-seed", type=int, default=0, help="seed of the fixed grid noise")
@@ -475,9 +476,11 @@ def main(argv=None):
     objective_name = args.objective
     default_sampler = "ddim" if objective_name == "diffusion" else "euler"
     grid_sampler = default_sampler if args.grid_sampler == "auto" else args.grid_sampler
-    allowed = ("ddpm", "ddim") if objective_name == "diffusion" else ("euler", "heun", "sde")
-    if grid_sampler not in allowed:
-        raise UserError(f"--grid-sampler {grid_sampler} does not fit --objective {objective_name}; use one of {allowed}")
+    try:
+        from diffusion import check_sampler
+        check_sampler(objective_name, grid_sampler)  # every sampler of sample.py, diffusers:<Class> too
+    except ValueError as e:
+        raise UserError(f"--grid-sampler {grid_sampler} does not fit --objective {objective_name}: {e}") from None
     if args.report_to != "none":
         try:
             __import__("torch.utils.tensorboard" if args.report_to == "tensorboard" else "wandb")

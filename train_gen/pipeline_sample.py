@@ -1,0 +1,71 @@
+"""Sample a grid from an exported FCDMPipeline folder (train_gen/export_pipeline.py), offline.
+
+    python train_gen/pipeline_sample.py --pipeline fcdm-xl-256 --class-labels 207 360 --seed 0 --out grid.png
+
+`--seed S` uses the per-sample random streams of sample.py, so the images equal
+`train_gen/sample.py --seed S` with the same labels, sampler and steps. `--scheduler` swaps the folder's
+scheduler for a diffusers-driven sampler of sample.py (dpm++2m, unipc, ..., diffusers:<Class>) built from
+the network's beta schedule.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from fcdm_common.cli import UserError, positive_int, run_main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--pipeline", required=True, help="folder written by train_gen/export_pipeline.py")
+    p.add_argument("--class-labels", type=int, nargs="+", required=True, help="one image per label")
+    p.add_argument("--num-inference-steps", type=positive_int, default=25, help="scheduler steps (default 25)")
+    p.add_argument("--guidance-scale", type=float, default=4.0, help="classifier-free guidance scale (default 4.0)")
+    p.add_argument("--cfg-channels", default="all", help="guide 'all' channels (default) or the first K (DiT: 3)")
+    p.add_argument("--scheduler", default=None, help="replace the folder's scheduler (a sample.py --sampler name)")
+    p.add_argument("--seed", type=int, default=0, help="image k uses the stream of (seed, k), as sample.py (default 0)")
+    p.add_argument("--out", default="pipeline_grid.png", help="grid PNG to write")
+    p.add_argument("--save-individual", default=None, metavar="DIR", help="also write DIR/NNNNNN_label.png")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    import numpy as np
+
+    from diffusion import create_objective
+    from diffusion.pipeline import FCDMPipeline
+    from diffusion.schedulers import build_scheduler
+    from fcdm_common.archives import write_png
+    from fcdm_common.images import save_grid
+    from fcdm_common.sampling import parse_cfg_channels
+
+    pipe = FCDMPipeline.from_pretrained(args.pipeline, local_files_only=True).to(args.device)
+    cfg = pipe.transformer.config
+    bad = [v for v in args.class_labels if not 0 <= v < cfg.num_classes]
+    if bad:
+        raise UserError(f"--class-labels {' '.join(map(str, bad))} out of range 0..{cfg.num_classes - 1}")
+    if args.scheduler is not None:
+        try:
+            pipe.scheduler = build_scheduler(args.scheduler, create_objective(cfg.objective, **cfg.objective_kwargs))
+        except ValueError as e:
+            raise UserError(f"--scheduler {args.scheduler}: {e}") from None
+    channels = parse_cfg_channels(args.cfg_channels, int(cfg.latent_shape[0]))
+    images = pipe(class_labels=args.class_labels, num_inference_steps=args.num_inference_steps,
+                  guidance_scale=args.guidance_scale, seed=args.seed, cfg_channels=channels, output_type="np").images
+    uint8 = np.rint(images * 255.0).astype(np.uint8)
+    save_grid(uint8, args.out, nrow=min(8, math.ceil(math.sqrt(len(uint8)))))
+    print(f"wrote {args.out} ({len(uint8)} images, {type(pipe.scheduler).__name__} {args.num_inference_steps} steps, "
+          f"guidance {args.guidance_scale})")
+    if args.save_individual:
+        folder = Path(args.save_individual)
+        for k, (img, lab) in enumerate(zip(uint8, args.class_labels)):
+            write_png(folder / f"{k:06d}_{lab}.png", img)
+        print(f"wrote {len(uint8)} images to {folder}")
+
+
+if __name__ == "__main__":
+    run_main(main)
