@@ -21,7 +21,7 @@ import json
 import time
 from pathlib import Path
 
-from fcdm_common.cli import UserError, positive_int, run_main
+from fcdm_common.cli import HelpFormatter, UserError, positive_int, run_main
 from fcdm_common.io import atomic_write_text
 
 
@@ -34,7 +34,7 @@ def parse_entry(text: str) -> tuple:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                formatter_class=HelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--ckpt", required=True, help="checkpoint of train_gen/train.py")
     p.add_argument("--ref-batch", required=True, help="reference .npz for train_gen/evaluate.py")
     p.add_argument("--backend", default="digits", help="evaluate.py backend: digits (default), torch or tf")

@@ -257,7 +257,7 @@ def _bench_step(suite: Suite, attempts: List[tuple], timeout_s: Optional[float] 
             return {"attempts": tried, "command": b["command"], **_summary(b["report"], suite)}
         if not tried[-1]["oom"] or suite.remaining() < 30:
             break
-        suite.log(f"  out of memory: trying the next, smaller setting")
+        suite.log("  out of memory: trying the next, smaller setting")
     status = "timeout" if tried[-1]["timed_out"] else "failed"
     return {"status": status, "attempts": tried, "tail": b["run"]["tail"]}
 

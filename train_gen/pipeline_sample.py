@@ -13,12 +13,12 @@ import argparse
 import math
 from pathlib import Path
 
-from fcdm_common.cli import UserError, positive_int, run_main
+from fcdm_common.cli import HelpFormatter, UserError, positive_int, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                formatter_class=HelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--pipeline", required=True, help="folder written by train_gen/export_pipeline.py")
     p.add_argument("--class-labels", type=int, nargs="+", required=True, help="one image per label")
     p.add_argument("--num-inference-steps", type=positive_int, default=25, help="scheduler steps (default 25)")
