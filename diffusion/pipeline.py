@@ -47,9 +47,12 @@ class FCDMNetwork(ModelMixin, ConfigMixin):
     def __init__(self, model_name: str = "FCDM-XL", model_kwargs: Optional[dict] = None,
                  latent_shape: Sequence[int] = (4, 32, 32), latent_scaling_factor: float = 0.18215,
                  num_classes: int = 1000, learn_sigma: bool = True, objective: str = "diffusion",
-                 objective_kwargs: Optional[dict] = None):
+                 objective_kwargs: Optional[dict] = None, latent_shift_factor: float = 0.0,
+                 latent_norm: Optional[dict] = None):
         # model_name/model_kwargs: models.create_model arguments; latent_shape: (C, H, W) sampled;
-        # latent_scaling_factor: latents = VAE latents * factor (1 in pixel space); objective(_kwargs):
+        # latent_scaling_factor / latent_shift_factor: z = (VAE latent - shift) * scale (1, 0 in pixel
+        # space); latent_norm: the run's --latent-norm channel statistics {"mode", "mean", "std"} (the
+        # network then sees (z - mean_c) / std_c), None without; objective(_kwargs):
         # diffusion.create_objective arguments of the training run (the beta schedule lives there).
         super().__init__()
         from models import create_model
@@ -131,9 +134,16 @@ class FCDMPipeline(DiffusionPipeline):
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images (N, 3, H, W) in [-1, 1], float32 (identity without a VAE)."""
+        from fcdm_common.latent_norm import LatentNorm
+
+        cfg = self.transformer.config
+        x = latents.float()
+        norm = LatentNorm.from_config(getattr(cfg, "latent_norm", None))
+        if norm is not None:  # undo --latent-norm channel: z = x * std_c + mean_c
+            x = norm.denormalize(x)
         if self.vae is None:
-            return latents.float()
-        z = latents.float() / float(self.transformer.config.latent_scaling_factor)
+            return x
+        z = x / float(cfg.latent_scaling_factor) + float(getattr(cfg, "latent_shift_factor", 0.0) or 0.0)
         return self.vae.decode(z.to(self.vae.dtype)).sample.float()
 
     @torch.no_grad()

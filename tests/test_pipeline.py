@@ -19,8 +19,10 @@ from train_gen import export_pipeline, pipeline_sample, sample
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def latent_checkpoint(root):
-    """A tiny FCDM on 4x8x8 latents of a tiny AutoencoderKL (downsample 2 -> 16x16 images)."""
+def latent_checkpoint(root, shift_and_norm: bool = False):
+    """A tiny FCDM on 4x8x8 latents of a tiny AutoencoderKL (downsample 2 -> 16x16 images). With
+    `shift_and_norm` the run has a shift factor and --latent-norm channel statistics, which the
+    pipeline must undo before decoding exactly as sample.py does."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
@@ -37,6 +39,11 @@ def latent_checkpoint(root):
                   data=dict(latent_shape=[4, 8, 8], num_classes=10, image_size=16, vae="sd:vae", scaling_factor=0.5),
                   vae=dict(vae="sd", hf_model_name=None, hf_model_dir=str(root / "vae")))
     path = root / "latent.pt"
+    if shift_and_norm:
+        config["data"].update(shift_factor=0.3, latent_norm={"mode": "channel", "mean": [0.5, -1.0, 0.25, 2.0],
+                                                             "std": [2.0, 0.5, 3.0, 1.5]})
+        config["vae"]["shift_factor"] = 0.3
+        path = root / "latent-norm.pt"
     save_checkpoint(dict(model=model.state_dict(), ema=model.state_dict(), step=42, config=config), path)
     return path
 
@@ -48,7 +55,10 @@ def exported(tmp_path_factory):
     export_pipeline.main(["--ckpt", str(ckpt), "--out", str(root / "pipe")])
     pixel = make_checkpoint(root / "pixel.pt", "diffusion")
     export_pipeline.main(["--ckpt", str(pixel), "--out", str(root / "pixel_pipe"), "--scheduler", "unipc"])
-    return {"root": root, "ckpt": ckpt, "pipe": root / "pipe", "pixel": pixel, "pixel_pipe": root / "pixel_pipe"}
+    normed = latent_checkpoint(root, shift_and_norm=True)
+    export_pipeline.main(["--ckpt", str(normed), "--out", str(root / "norm_pipe")])
+    return {"root": root, "ckpt": ckpt, "pipe": root / "pipe", "pixel": pixel, "pixel_pipe": root / "pixel_pipe",
+            "norm": normed, "norm_pipe": root / "norm_pipe"}
 
 
 def read_images(folder):
@@ -61,9 +71,10 @@ def run_fresh(args, tmp_path):
                           timeout=300, env=env, cwd=tmp_path)
 
 
-@pytest.mark.parametrize("kind,sampler", [("latent", "dpm++2m"), ("pixel", "unipc")])
+@pytest.mark.parametrize("kind,sampler", [("latent", "dpm++2m"), ("pixel", "unipc"), ("norm", "dpm++2m")])
 def test_exported_pipeline_in_a_fresh_process_equals_sample_py(exported, tmp_path, kind, sampler):
-    ckpt, folder = (exported["ckpt"], exported["pipe"]) if kind == "latent" else (exported["pixel"], exported["pixel_pipe"])
+    ckpt, folder = {"latent": (exported["ckpt"], exported["pipe"]), "pixel": (exported["pixel"], exported["pixel_pipe"]),
+                    "norm": (exported["norm"], exported["norm_pipe"])}[kind]
     labels = ["3", "1", "4"]
     res = run_fresh(["--pipeline", folder, "--class-labels", *labels, "--num-inference-steps", 5,
                      "--guidance-scale", 2.0, "--seed", 7, "--out", tmp_path / "p.png",

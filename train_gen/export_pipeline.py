@@ -131,7 +131,9 @@ def main(argv=None) -> None:
                           latent_shape=list(setup.latent_shape),
                           latent_scaling_factor=float(setup.vae_settings.get("scaling_factor") or 1.0),
                           num_classes=setup.num_classes, learn_sigma=bool(getattr(setup.model, "learn_sigma", True)),
-                          objective=setup.objective_name, objective_kwargs=dict(cfg.get("objective_kwargs") or {}))
+                          objective=setup.objective_name, objective_kwargs=dict(cfg.get("objective_kwargs") or {}),
+                          latent_shift_factor=float(setup.vae_settings.get("shift_factor") or 0.0),
+                          latent_norm=(cfg.get("data") or {}).get("latent_norm"))
     network.net.load_state_dict(setup.model.state_dict())
     vae = None if setup.vae_settings.get("vae") == "none" else setup.vae.model
     pipe = FCDMPipeline(transformer=network.eval(), scheduler=scheduler, vae=vae)
@@ -149,7 +151,7 @@ def main(argv=None) -> None:
         raise
     n_params = sum(p.numel() for p in network.parameters())
     print(f"wrote {out}: {setup.model_name} ({n_params / 1e6:.2f}M parameters, {'EMA' if args.use_ema else 'raw'} "
-          f"weights, step {step}), scheduler {type(scheduler).__name__}, vae {'none' if vae is None else 'AutoencoderKL'}")
+          f"weights, step {step}), scheduler {type(scheduler).__name__}, vae {'none' if vae is None else type(vae).__name__}")
 
 
 if __name__ == "__main__":
