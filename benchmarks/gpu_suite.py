@@ -210,11 +210,15 @@ class Suite:
         s = self.sizes
         return ["--model", s.model] + (["--model-kwargs", s.model_kwargs] if s.model_kwargs else [])
 
-    def bench(self, tag: str, args: List[str], timeout_s: Optional[float] = None) -> dict:
-        """benchmarks/bench_model.py with `args`; returns its JSON report (plus the run's rc/tail)."""
+    def bench(self, tag: str, args: List[str], timeout_s: Optional[float] = None, warmup: Optional[int] = None,
+              repeats: Optional[int] = None) -> dict:
+        """benchmarks/bench_model.py with `args`; returns its JSON report (plus the run's rc/tail).
+        `warmup`/`repeats` override the sizes' counts (long measurements: one timed loop)."""
         path = self.work / f"{tag}.json"
-        cmd = [sys.executable, BENCH_MODEL, *args, "--device", self.sizes.device, "--warmup", self.sizes.warmup,
-               "--repeats", self.sizes.repeats, "--json", path]
+        warmup = self.sizes.warmup if warmup is None else warmup
+        repeats = self.sizes.repeats if repeats is None else repeats
+        cmd = [sys.executable, BENCH_MODEL, *args, "--device", self.sizes.device, "--warmup", warmup,
+               "--repeats", repeats, "--json", path]
         res = self.run(cmd, timeout_s)
         report = json.loads(path.read_text()) if res["rc"] == 0 and path.is_file() else None
         return {"run": res, "report": report, "command": " ".join(shlex.quote(str(c)) for c in cmd)}
@@ -396,14 +400,19 @@ def step_sampling(suite: Suite, extra: List[str]) -> dict:
     if not _has_sample_mode():
         raise Skip("bench_model.py has no --mode sample yet (another change adds it); nothing measured")
     out = {}
-    variants = [("eager", [])] + ([("compiled", ["--compile"])] if s.compile else [])
-    for label, flags in variants:
+    # bench_model's --mode sample default: DPM++ 2M, 20 steps, guidance 4.0, batches 64 and 256. The paper's
+    # guided DDPM-250 loop is one timed loop at the sampling batch (about 12x the DPM++ loop's work).
+    ddpm_steps = 3 if suite.dry_run else 250
+    variants = [("eager", [], {}), *([("compiled", ["--compile"], {})] if s.compile else []),
+                (f"ddpm{ddpm_steps}_eager", ["--sampler", "ddpm", "--sampling-steps", str(ddpm_steps),
+                                             "--sample-batches", str(s.sample_batch)], {"warmup": 0, "repeats": 1})]
+    for label, flags, counts in variants:
         if suite.remaining() < 30:
             out[label] = {"status": "skipped", "reason": "budget"}
             continue
         b = suite.bench(f"sample_{label}", suite.model_args() + [
             "--latent-size", s.latent256, "--batch-size", s.sample_batch, "--dtype", "bf16", "--mode", "sample",
-            *flags, *extra], timeout_s=75)
+            *flags, *extra], timeout_s=90, **counts)
         entry = {"command": b["command"], "rc": b["run"]["rc"]}
         if b["report"] is None:
             entry |= {"status": "timeout" if b["run"]["timed_out"] else "failed", "tail": b["run"]["tail"]}
