@@ -443,8 +443,12 @@ def _find_rates(obj, prefix="") -> dict:
             key = f"{prefix}{k}"
             if isinstance(v, (int, float)) and re.search(r"(img|image)s?_per_s", str(k)):
                 found[key] = float(v)
-            elif isinstance(v, dict):
+            elif isinstance(v, (dict, list)):
                 found |= _find_rates(v, key + ".")
+    elif isinstance(obj, list):  # e.g. --mode sample's rows, one per batch size
+        for i, v in enumerate(obj):
+            tag = f"batch{v['batch']}" if isinstance(v, dict) and "batch" in v else str(i)
+            found |= _find_rates(v, f"{prefix}{tag}.")
     return found
 
 
