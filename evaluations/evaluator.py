@@ -101,6 +101,35 @@ def _safe_pr(ref_pool: np.ndarray, sample_pool: np.ndarray, k: int):
     return metrics.precision_recall(ref_pool, sample_pool, k=k)
 
 
+def reference_statistics(ref_feats: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """mu/sigma (pool features) and mu_s/sigma_s (spatial features) of a reference batch's features."""
+    mu, sigma = metrics.compute_statistics(ref_feats["pool"])
+    mu_s, sigma_s = metrics.compute_statistics(ref_feats["spatial"])
+    return {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
+
+
+def metrics_from_features(ref_pool: np.ndarray, ref_stats: Dict[str, np.ndarray], sample_feats: Dict[str, np.ndarray],
+                          labels: Optional[np.ndarray] = None, sample_batch: str = "samples", k: int = 3,
+                          split_size: int = 5000) -> Dict[str, float]:
+    """IS, FID, sFID, precision, recall (+ class accuracy when `labels` are given, digits backend) of sample
+    features against the reference's pool features and statistics (`reference_statistics` or the npz's)."""
+    mu_s, sigma_s = metrics.compute_statistics(sample_feats["pool"])
+    mu_ss, sigma_ss = metrics.compute_statistics(sample_feats["spatial"])
+    results: Dict[str, float] = {
+        "inception_score": metrics.inception_score(sample_feats["softmax"], split_size=split_size),
+        "fid": metrics.frechet_distance(mu_s, sigma_s, ref_stats["mu"], ref_stats["sigma"]),
+        "sfid": metrics.frechet_distance(mu_ss, sigma_ss, ref_stats["mu_s"], ref_stats["sigma_s"]),
+    }
+    results["precision"], results["recall"] = _safe_pr(ref_pool, sample_feats["pool"], k)
+    if labels is not None:
+        if labels.min() < 0 or labels.max() >= 10:
+            raise UserError(f"{sample_batch}: arr_1 labels must be digits 0..9 for the digits backend, "
+                            f"got {labels.min()}..{labels.max()}")
+        predicted = np.argmax(sample_feats["logits"], axis=1)
+        results["class_accuracy"] = float(np.mean(predicted == labels))
+    return results
+
+
 def evaluate(
     sample_batch: str,
     ref_batch: str,
@@ -132,25 +161,8 @@ def evaluate(
 
     print("computing statistics and metrics", flush=True)
     if ref_stats is None:
-        mu_r, sigma_r = metrics.compute_statistics(ref_feats["pool"])
-        mu_rs, sigma_rs = metrics.compute_statistics(ref_feats["spatial"])
-    else:
-        mu_r, sigma_r, mu_rs, sigma_rs = (ref_stats[key] for key in ("mu", "sigma", "mu_s", "sigma_s"))
-    mu_s, sigma_s = metrics.compute_statistics(sample_feats["pool"])
-    mu_ss, sigma_ss = metrics.compute_statistics(sample_feats["spatial"])
-
-    results: Dict[str, float] = {
-        "inception_score": metrics.inception_score(sample_feats["softmax"], split_size=split_size),
-        "fid": metrics.frechet_distance(mu_s, sigma_s, mu_r, sigma_r),
-        "sfid": metrics.frechet_distance(mu_ss, sigma_ss, mu_rs, sigma_rs),
-    }
-    results["precision"], results["recall"] = _safe_pr(ref_feats["pool"], sample_feats["pool"], k)
-    if labels is not None:
-        if labels.min() < 0 or labels.max() >= 10:
-            raise UserError(f"{sample_batch}: arr_1 labels must be digits 0..9 for the digits backend, "
-                            f"got {labels.min()}..{labels.max()}")
-        predicted = np.argmax(sample_feats["logits"], axis=1)
-        results["class_accuracy"] = float(np.mean(predicted == labels))
+        ref_stats = reference_statistics(ref_feats)
+    results = metrics_from_features(ref_feats["pool"], ref_stats, sample_feats, labels, sample_batch, k, split_size)
 
     files = {
         "sample_batch": {"path": sample_batch, "sha256": sha256_file(sample_batch), "shape": list(sample_info.shape)},
