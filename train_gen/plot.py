@@ -146,7 +146,7 @@ def make_figure(runs: Sequence[Run], x: str = "steps", smoothing: float = 0.9):
             else:
                 ax.plot(xs, ys, color=color, linewidth=1.4, marker="o" if kind == "eval" else None,
                         markersize=3, label=run.name)
-        if key in ("loss", "mse", "grad_norm") and all(v > 0 for line in ax.get_lines() for v in line.get_ydata()):
+        if key in ("loss", "mse") and all(v > 0 for line in ax.get_lines() for v in line.get_ydata()):
             ax.set_yscale("log")
         if x == "steps" and common_batch is not None:
             b = common_batch
@@ -155,6 +155,12 @@ def make_figure(runs: Sequence[Run], x: str = "steps", smoothing: float = 0.9):
             top.tick_params(labelsize=7)
         if i == 0:
             ax.legend(fontsize=8, handles=[h for h in ax.get_lines() if not h.get_label().endswith("(raw)")])
+    xs_all = [v for ax in fig.axes for line in ax.get_lines() for v in line.get_xdata()]
+    if xs_all and max(xs_all) > min(xs_all):  # one x range for every panel: evaluations line up with losses
+        pad = 0.02 * (max(xs_all) - min(xs_all))
+        for ax in fig.axes:
+            if ax.get_title():
+                ax.set_xlim(min(xs_all) - pad, max(xs_all) + pad)
     return fig
 
 
