@@ -331,6 +331,7 @@ class InTrainingEvaluator:
     def _sample_share(self, step: int) -> np.ndarray:
         """uint8 (n_mine, H, W, 3): the samples r, r + W, ... of this process, all random states restored."""
         import torch
+        from tqdm import tqdm
 
         from fcdm_common.sampling import generate
         from fcdm_common.trainutil import capture_rng, restore_rng
@@ -341,6 +342,8 @@ class InTrainingEvaluator:
         state = capture_rng()
         was_training = self.ema.training
         self.ema.eval()
+        bar = tqdm(total=plan.num_samples, desc=f"eval {step}", unit="img", leave=False, dynamic_ncols=True,
+                   disable=not self.is_main)
         try:
             parts = []
             for lo in range(0, len(mine), plan.batch_size):
@@ -348,7 +351,9 @@ class InTrainingEvaluator:
                                      num_steps=plan.num_steps, cfg_scale=plan.cfg_scale, precision=plan.precision,
                                      forward_batch=plan.batch_size, label_mode="random")
                 parts.append(images)
+                bar.update(min(len(images) * self.world, bar.total - bar.n))  # process 0's pace for all
         finally:
+            bar.close()
             self.ema.train(was_training)
             restore_rng(state)
         if self.device is not None and torch.device(self.device).type == "cuda":

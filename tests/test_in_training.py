@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from PIL import Image
 from fcdm_common.cli import UserError
 from test_train import TINY, assert_same_state, make_store
 
+REPO = Path(__file__).resolve().parents[1]
 STEPS_KEYS = ("steps_per_sec", "images_per_sec", "peak_mem_gb")  # timings: differ between runs
 METRICS = ("fid", "sfid", "inception_score", "precision", "recall", "class_accuracy")
 
@@ -168,3 +170,23 @@ def test_bad_evaluation_settings_fail_before_anything_is_written(store, ref, tmp
     with pytest.raises(UserError, match=message):
         _main(TINY + ["--zarr-path", store, "--results-dir", results, "--max-train-steps", 2] + extra)
     assert not results.exists()
+
+
+def test_two_processes_sample_their_shares_like_sample_ddp(store, ref, tmp_path):
+    from helpers import run_torchrun
+    from train_gen import sample_ddp
+
+    run_torchrun(REPO / "train_gen" / "train.py", TINY + [
+        "--zarr-path", store, "--results-dir", tmp_path, "--exp-name", "run", "--max-train-steps", 2,
+        "--log-every", 2, "--ckpt-every", 2, "--sample-every", 0, "--eval-keep-samples", "true"]
+        + _eval_flags(ref, 2, 21, steps=2, batch=8), timeout=300)
+    rd = tmp_path / "run"
+    (rec,) = records(rd, "eval")
+    assert rec["step"] == 2 and math.isfinite(rec["fid"])
+    sample_ddp.main(["--ckpt", str(rd / "checkpoints" / "0000002.pt"), "--sample-dir", str(tmp_path / "ddp"),
+                     "--num-fid-samples", "21", "--sampler", "ddim", "--num-sampling-steps", "2",
+                     "--per-proc-batch-size", "8", "--forward-batch", "8", "--device", "cpu"])
+    (archive,) = (tmp_path / "ddp").glob("*-21.npz")
+    with np.load(archive) as a, np.load(rd / "eval" / "0000002-samples.npz") as b:  # ranks interleaved back
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+    assert not list((rd / "eval").glob(".parts-*"))

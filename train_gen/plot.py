@@ -123,7 +123,8 @@ def make_figure(runs: Sequence[Run], x: str = "steps", smoothing: float = 0.9):
         raise UserError("no numeric series in " + ", ".join(str(r.path) for r in runs))
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig = Figure(figsize=(5.0 * cols, 3.4 * rows), dpi=100, layout="constrained")
+    fig = Figure(figsize=(5.0 * cols, 3.4 * rows), dpi=100)
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.06, top=0.94, wspace=0.22, hspace=0.75)
     FigureCanvasAgg(fig)
     colors = [f"C{i % 10}" for i in range(len(runs))]
     batches = {r.global_batch_size for r in runs}
