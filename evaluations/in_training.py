@@ -69,8 +69,9 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
                    help="classifier-free guidance scale of the evaluation samples (1: off)")
     g.add_argument("--eval-seed", type=int, default=0, help="global seed of the samples (sample_ddp.py --global-seed)")
     g.add_argument("--eval-batch-size", type=positive_int, default=64,
-                   help="samples per network call on each process (sample_ddp.py --per-proc-batch-size and "
-                        "--forward-batch); the samples do not depend on it only if it stays the same")
+                   help="samples per sampler batch and rows per network call on each process (= sample_ddp.py "
+                        "--per-proc-batch-size B --forward-batch B); as with --forward-batch, another value can "
+                        "change the last bits of the samples")
     g.add_argument("--eval-precision", choices=EVAL_PRECISIONS, default="fp32",
                    help="network precision of the evaluation samples (sample_ddp.py --precision)")
     g.add_argument("--ref-batch", default=None,
@@ -79,11 +80,11 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
                    help="feature network: tf = ADM's Inception graph (exact), torch = Inception-v3 port "
                         "(approximate), digits = the demo's digit classifier")
     g.add_argument("--inception-pb", default=None,
-                   help="tf backend: classify_image_graph_def.pb (default: $FCDM_INCEPTION_PB)")
+                   help="tf backend: classify_image_graph_def.pb (unset: $FCDM_INCEPTION_PB)")
     g.add_argument("--inception-weights", default=None, help="torch backend: inception_v3 state_dict file")
     g.add_argument("--tf-python", default=None,
                    help="tf backend: Python with TensorFlow that runs the graph in a subprocess "
-                        "(default: $FCDM_TF_PYTHON or this interpreter)")
+                        "(unset: $FCDM_TF_PYTHON or this interpreter)")
     g.add_argument("--eval-keep-samples", type=str2bool, default=False,
                    help="keep each evaluation's sample archive as <run>/eval/<step>-samples.npz")
 
