@@ -444,15 +444,18 @@ class InTrainingEvaluator:
 
 
 def write_curves(run_dir, log: Callable[[str], None] = print) -> Optional[Path]:
-    """Redraw <run>/curves.png from its metrics.jsonl (matplotlib imported here, never on the training path).
+    """Redraw <run>/curves.png from its metrics.jsonl (matplotlib imported here, never on the training path)
+    unless the PNG is already newer than the metrics (the end of a run that just evaluated its last step).
     A failure to draw is logged, never raised: a plot must not stop a run."""
     run_dir = Path(run_dir)
-    if not (run_dir / "metrics.jsonl").is_file():
+    metrics, out = run_dir / "metrics.jsonl", run_dir / "curves.png"
+    if not metrics.is_file():
         return None
+    if out.is_file() and out.stat().st_mtime_ns > metrics.stat().st_mtime_ns:
+        return out
     try:
         from train_gen.plot import plot_runs
 
-        out = run_dir / "curves.png"
         plot_runs([run_dir], out)
         return out
     except Exception as e:  # noqa: BLE001 - matplotlib missing, odd records, full disk: log and go on
