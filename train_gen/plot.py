@@ -1,6 +1,6 @@
 """Draw the training curves of one or more run folders into one PNG.
 
-    python train_gen/plot.py results/RUN_A results/RUN_B --out curves.png [--x images] [--smooth 0.9]
+    python train_gen/plot.py results/RUN_A results/RUN_B --out curves.png [--x images] [--smooth 0.6]
 
 One panel per series: loss (smoothed, with the raw values faint behind it), mse, vb, grad norm,
 steps/s, and every metric of the evaluations during training (fid, sfid, inception_score, precision,
@@ -104,7 +104,7 @@ def _series(records: List[dict], key: str):
     return [float(r[key]) if _numeric(r.get(key)) else float("nan") for r in records]
 
 
-def make_figure(runs: Sequence[Run], x: str = "steps", smoothing: float = 0.9):
+def make_figure(runs: Sequence[Run], x: str = "steps", smoothing: float = 0.6):
     """A matplotlib Figure (Agg canvas, no pyplot) with one panel per series; each line's label is its run's
     name (the faint raw loss lines are labelled `<name> (raw)`). Panels are the figure's axes, titled by
     series; panels without data are left out."""
@@ -166,7 +166,7 @@ def make_figure(runs: Sequence[Run], x: str = "steps", smoothing: float = 0.9):
 
 
 def plot_runs(run_dirs: Sequence, out, names: Optional[Sequence[str]] = None, x: str = "steps",
-              smoothing: float = 0.9, dpi: int = 100):
+              smoothing: float = 0.6, dpi: int = 100):
     """Load the runs, draw them, write `out` (PNG, atomically); returns the Figure."""
     from fcdm_common.io import atomic_path
 
@@ -188,7 +188,7 @@ def main(argv=None):
     p.add_argument("--out", default="curves.png", help="output PNG (default curves.png)")
     p.add_argument("--names", default=None, help="comma-separated legend names, one per RUN_DIR (default: folder names)")
     p.add_argument("--x", choices=("steps", "images"), default="steps", help="x axis: optimizer steps or images seen")
-    p.add_argument("--smooth", type=float, default=0.9,
+    p.add_argument("--smooth", type=float, default=0.6,
                    help="loss smoothing weight in [0, 1) (TensorBoard's debiased EMA; 0: none)")
     p.add_argument("--dpi", type=int, default=100, help="resolution of the PNG")
     args = p.parse_args(argv)
