@@ -23,7 +23,7 @@ import scipy
 
 from evaluations import metrics
 from evaluations.batches import inspect_batch, iter_images, read_labels, read_ref_stats
-from fcdm_common.cli import UserError
+from fcdm_common.cli import UserError, error_summary
 from fcdm_common.io import sha256_file
 
 BACKENDS = ("tf", "torch", "digits")
@@ -104,7 +104,7 @@ def _guarded(name: str, failed: Dict[str, str], fn, *args, count: int = 1):
     try:
         return fn(*args)
     except NUMERICAL_ERRORS as e:
-        failed[name] = f"{type(e).__name__}: {e}".splitlines()[0][:300] if str(e) else type(e).__name__
+        failed[name] = error_summary(e, limit=300)
         warnings.warn(f"{name} failed ({failed[name]}); reported as NaN, the other metrics are still computed")
         return float("nan") if count == 1 else (float("nan"),) * count
 
@@ -114,6 +114,43 @@ def _safe_pr(ref_pool: np.ndarray, sample_pool: np.ndarray, k: int):
         warnings.warn(f"precision/recall need more than k={k} images in each batch; reporting NaN")
         return float("nan"), float("nan")
     return metrics.precision_recall(ref_pool, sample_pool, k=k)
+
+
+def reference_statistics(ref_feats: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """mu/sigma (pool features) and mu_s/sigma_s (spatial features) of a reference batch's features."""
+    mu, sigma = metrics.compute_statistics(ref_feats["pool"])
+    mu_s, sigma_s = metrics.compute_statistics(ref_feats["spatial"])
+    return {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
+
+
+def metrics_from_features(ref_pool: np.ndarray, ref_stats: Dict[str, np.ndarray], sample_feats: Dict[str, np.ndarray],
+                          labels: Optional[np.ndarray] = None, sample_batch: str = "samples", k: int = 3,
+                          split_size: int = 5000, sample_stats: Optional[Dict[str, np.ndarray]] = None,
+                          failed: Optional[Dict[str, str]] = None) -> Dict[str, float]:
+    """IS, FID, sFID, precision, recall (+ class accuracy when `labels` are given, digits backend) of sample
+    features against the reference's pool features and statistics (`reference_statistics` or the npz's).
+    `sample_stats`: statistics stored in the sample batch, used instead of its features' as ADM does.
+    A metric that fails numerically is NaN, with its reason in `failed` (metric key -> reason)."""
+    failed = {} if failed is None else failed
+    if sample_stats is None:
+        sample_stats = reference_statistics(sample_feats)
+    mu_s, sigma_s, mu_ss, sigma_ss = (sample_stats[key] for key in ("mu", "sigma", "mu_s", "sigma_s"))
+    mu_r, sigma_r, mu_rs, sigma_rs = (ref_stats[key] for key in ("mu", "sigma", "mu_s", "sigma_s"))
+    results: Dict[str, float] = {
+        "inception_score": _guarded("inception_score", failed, metrics.inception_score, sample_feats["softmax"],
+                                    split_size),
+        "fid": _guarded("fid", failed, metrics.frechet_distance, mu_s, sigma_s, mu_r, sigma_r),
+        "sfid": _guarded("sfid", failed, metrics.frechet_distance, mu_ss, sigma_ss, mu_rs, sigma_rs),
+    }
+    results["precision"], results["recall"] = _guarded("precision_recall", failed, _safe_pr, ref_pool,
+                                                       sample_feats["pool"], k, count=2)
+    if labels is not None:
+        if labels.min() < 0 or labels.max() >= 10:
+            raise UserError(f"{sample_batch}: arr_1 labels must be digits 0..9 for the digits backend, "
+                            f"got {labels.min()}..{labels.max()}")
+        predicted = np.argmax(sample_feats["logits"], axis=1)
+        results["class_accuracy"] = float(np.mean(predicted == labels))
+    return results
 
 
 def evaluate(
@@ -147,32 +184,12 @@ def evaluate(
     _check_dims(sample_feats, backend, sample_batch)
 
     print("computing statistics and metrics", flush=True)
+    ref_statistics_source = "precomputed" if ref_stats is not None else "computed"
     if ref_stats is None:
-        mu_r, sigma_r = metrics.compute_statistics(ref_feats["pool"])
-        mu_rs, sigma_rs = metrics.compute_statistics(ref_feats["spatial"])
-    else:
-        mu_r, sigma_r, mu_rs, sigma_rs = (ref_stats[key] for key in ("mu", "sigma", "mu_s", "sigma_s"))
-    if sample_stats is None:
-        mu_s, sigma_s = metrics.compute_statistics(sample_feats["pool"])
-        mu_ss, sigma_ss = metrics.compute_statistics(sample_feats["spatial"])
-    else:
-        mu_s, sigma_s, mu_ss, sigma_ss = (sample_stats[key] for key in ("mu", "sigma", "mu_s", "sigma_s"))
-
+        ref_stats = reference_statistics(ref_feats)
     failed: Dict[str, str] = {}  # metric key -> reason it is NaN
-    results: Dict[str, float] = {
-        "inception_score": _guarded("inception_score", failed, metrics.inception_score, sample_feats["softmax"],
-                                    split_size),
-        "fid": _guarded("fid", failed, metrics.frechet_distance, mu_s, sigma_s, mu_r, sigma_r),
-        "sfid": _guarded("sfid", failed, metrics.frechet_distance, mu_ss, sigma_ss, mu_rs, sigma_rs),
-    }
-    results["precision"], results["recall"] = _guarded("precision_recall", failed, _safe_pr, ref_feats["pool"],
-                                                       sample_feats["pool"], k, count=2)
-    if labels is not None:
-        if labels.min() < 0 or labels.max() >= 10:
-            raise UserError(f"{sample_batch}: arr_1 labels must be digits 0..9 for the digits backend, "
-                            f"got {labels.min()}..{labels.max()}")
-        predicted = np.argmax(sample_feats["logits"], axis=1)
-        results["class_accuracy"] = float(np.mean(predicted == labels))
+    results = metrics_from_features(ref_feats["pool"], ref_stats, sample_feats, labels, sample_batch, k, split_size,
+                                    sample_stats=sample_stats, failed=failed)
 
     files = {
         "sample_batch": {"path": sample_batch, "sha256": sha256_file(sample_batch), "shape": list(sample_info.shape)},
@@ -202,7 +219,7 @@ def evaluate(
         "exact_adm": backend == "tf",
         "num_samples": sample_info.num_images,
         "num_ref": ref_info.num_images,
-        "ref_statistics": "precomputed" if ref_stats is not None else "computed",
+        "ref_statistics": ref_statistics_source,
         "sample_statistics": "precomputed" if sample_stats is not None else "computed",
         "settings": {"batch_size": batch_size, "k": k, "split_size": split_size, "pr_row_batch": 10000,
                      "pr_distance_dtype": "float16"},

@@ -68,8 +68,16 @@ def make_grid(images_uint8_nhwc: np.ndarray, nrow: int, padding: int = 2) -> np.
     return grid
 
 
-def save_grid(images_uint8_nhwc: np.ndarray, path: str | os.PathLike, nrow: int, padding: int = 2) -> None:
-    """Write a grid of uint8 NHWC images as one PNG, atomically (temp file + rename)."""
+def save_grid(images_uint8_nhwc: np.ndarray, path: str | os.PathLike, nrow: int, padding: int = 2,
+              metadata: dict | None = None) -> None:
+    """Write a grid of uint8 NHWC images as one PNG, atomically (temp file + rename). `metadata` (e.g. the
+    training step and sampler) goes into the PNG's text chunks (`Image.open(path).text`), None values left out."""
+    from PIL.PngImagePlugin import PngInfo
+
     grid = make_grid(images_uint8_nhwc, nrow, padding)
+    info = PngInfo()
+    for key, value in (metadata or {}).items():
+        if value is not None:
+            info.add_text(str(key), str(value))
     with atomic_path(path) as tmp:
-        Image.fromarray(grid).save(tmp, format="PNG")
+        Image.fromarray(grid).save(tmp, format="PNG", pnginfo=info)

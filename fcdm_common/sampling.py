@@ -213,10 +213,6 @@ def _latent_shape(config: dict, in_channels: int, downsample: int, path) -> Tupl
 def load_setup(ckpt_path, *, model_name: Optional[str] = None, use_ema: bool = True, vae: Optional[str] = None,
                hf_model_name: Optional[str] = None, hf_model_dir: Optional[str] = None, device="cpu") -> SamplingSetup:
     """Load a checkpoint and rebuild the network, the objective and the VAE decoder, checking they fit."""
-    import diffusion
-    from .autoencoders import DEFAULT_HF_MODEL, DEFAULT_SCALING_FACTOR, load_autoencoder
-    from .latent_norm import check_decoder_matches, wrap_decoder
-
     path = Path(ckpt_path)
     device = torch.device(device)
     if device.type == "cpu":
@@ -230,6 +226,21 @@ def load_setup(ckpt_path, *, model_name: Optional[str] = None, use_ema: bool = T
                         f"pass --model {config['model']} or leave --model out")
     model = model_from_checkpoint(ckpt, use_ema=use_ema, path=path).to(device)
     del ckpt
+    return setup_from_model(model, config, path=path, use_ema=use_ema, vae=vae, hf_model_name=hf_model_name,
+                            hf_model_dir=hf_model_dir, device=device)
+
+
+def setup_from_model(model: torch.nn.Module, config: dict, *, path, use_ema: bool = True, vae: Optional[str] = None,
+                     hf_model_name: Optional[str] = None, hf_model_dir: Optional[str] = None,
+                     device="cpu") -> SamplingSetup:
+    """The SamplingSetup of a network already in memory (eval mode, on `device`) and its run config: what
+    `load_setup` builds after loading a checkpoint, and what train.py's in-training evaluation samples with."""
+    import diffusion
+    from .autoencoders import DEFAULT_HF_MODEL, DEFAULT_SCALING_FACTOR, load_autoencoder
+    from .latent_norm import check_decoder_matches, wrap_decoder
+
+    path = Path(path)
+    device = torch.device(device)
     objective_name = config["objective"]
     try:
         objective = diffusion.create_objective(objective_name, **(config.get("objective_kwargs") or {}))

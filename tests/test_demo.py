@@ -34,3 +34,7 @@ def test_demo_quick_writes_every_artifact(tmp_path):
         assert key in metrics["metrics"]
     assert 0.0 <= metrics["metrics"]["class_accuracy"] <= 1.0
     assert "step" in (out / "train_log.txt").read_text()
+    # evaluation during training (digits backend, every 3 steps) and its curves
+    assert [e["step"] for e in metrics["evaluations_during_training"]] == [3, 6]
+    assert "eval step 0000003 fid" in (out / "train_log.txt").read_text()
+    assert Image.open(out / "curves.png").size[0] > 500

@@ -6,12 +6,15 @@
 Stages (each one a real program, run as a subprocess):
   1. preparation/make_demo_dataset.py  scikit-learn's 8x8 digits as an ImageFolder (RGB PNGs)
   2. preparation/extract_features.py   --vae none: a pixel-space zarr store
-  3. train_gen/train.py                FCDM-digits, EMA, label dropout, checkpoints, sample grids
-  4. train_gen/sample_ddp.py           class-balanced samples with classifier-free guidance -> ADM .npz
-  5. evaluations/make_reference.py     the real digits as a reference batch (digits backend)
+  3. evaluations/make_reference.py     the real digits as a reference batch (digits backend)
+  4. train_gen/train.py                FCDM-digits, EMA, label dropout, checkpoints, sample grids, and
+                                       FID/IS/precision/recall/class accuracy every 500 steps on 1,000
+                                       samples (--eval-every, digits backend) drawn into curves.png
+  5. train_gen/sample_ddp.py           class-balanced samples with classifier-free guidance -> ADM .npz
   6. train_gen/evaluate.py             --backend digits: class accuracy, FID, IS, precision, recall
 
-Results go to `--out` (default results/demo): grid.png (one row per digit), metrics.json, train_log.txt.
+Results go to `--out` (default results/demo): grid.png (one row per digit), curves.png (the training
+curves and the evaluations during training), metrics.json, train_log.txt.
 Rerunning resumes: finished stages are reused (training resumes from its last checkpoint).
 """
 from __future__ import annotations
@@ -32,10 +35,13 @@ from fcdm_common.io import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The full demo: tuned to reach >= 0.90 class accuracy in about 4 minutes on 2 CPU cores (measured: README).
-FULL = dict(steps=1500, batch=128, samples=1000, sampling_steps=100, ckpt_every=500)
+# The full demo: tuned to reach >= 0.90 class accuracy within minutes on 2 CPU cores (measured: README),
+# evaluating during training every 500 steps on 1,000 samples.
+FULL = dict(steps=1500, batch=128, samples=1000, sampling_steps=100, ckpt_every=500, eval_every=500,
+            eval_samples=1000, eval_steps=50)
 # The reduced form run by the tests and CI: every stage and artifact, no quality target.
-QUICK = dict(steps=6, batch=16, samples=20, sampling_steps=4, ckpt_every=3)
+QUICK = dict(steps=6, batch=16, samples=20, sampling_steps=4, ckpt_every=3, eval_every=3, eval_samples=20,
+             eval_steps=4)
 ZOOM = 8  # grid.png shows each 8x8 digit at 64x64
 
 
@@ -88,6 +94,10 @@ def main(argv=None):
     p.add_argument("--sampling-steps", type=positive_int, default=None, help="sampler steps (default 100; quick: 4)")
     p.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim"), help="diffusion sampler (default ddpm)")
     p.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale (default 2.0)")
+    p.add_argument("--eval-every", type=non_negative_int, default=None,
+                   help="evaluate during training every N steps (default 500; quick: 3; 0: off)")
+    p.add_argument("--eval-samples", type=positive_int, default=None,
+                   help="samples per evaluation during training (default 1000; quick: 20)")
     p.add_argument("--upscale", type=positive_int, default=1,
                    help="digit upscale factor: 8x8 -> 8K x 8K (default 1; FCDM-digits is sized for 8x8)")
     p.add_argument("--threads", type=non_negative_int, default=1,
@@ -104,6 +114,8 @@ def main(argv=None):
     num_samples = args.num_samples or preset["samples"]
     sampling_steps = args.sampling_steps or preset["sampling_steps"]
     ckpt_every = min(preset["ckpt_every"], steps)
+    eval_every = preset["eval_every"] if args.eval_every is None else args.eval_every
+    eval_samples = args.eval_samples or preset["eval_samples"]
     min_acc = args.min_accuracy if args.min_accuracy is not None else (None if args.quick else 0.90)
     size = 8 * args.upscale
     out = Path(args.out)
@@ -125,19 +137,29 @@ def main(argv=None):
          "--image-size", size, "--batch-size", 256, "--num-workers", 0, "--device", "cpu"], env)
     timings["extract"] = time.time() - t
 
-    t = stage(f"3/6 train FCDM-digits for {steps} steps")
+    t = stage("3/6 reference batch of real digits")
+    ref = out / "digits_ref.npz"
+    run(["evaluations/make_reference.py", "--data-path", images, "--out", ref, "--image-size", size,
+         "--backend", "digits"], env)
+    timings["reference"] = time.time() - t
+
+    t = stage(f"4/6 train FCDM-digits for {steps} steps"
+              + (f", evaluating every {eval_every} steps on {eval_samples} samples" if eval_every else ""))
     runs = out / "runs"
     run(["train_gen/train.py", "--model", "FCDM-digits", "--zarr-path", store, "--results-dir", runs,
          "--exp-name", "fcdm-digits", "--hflip", "false", "--global-batch-size", batch, "--lr", args.lr,
          "--ema-decay", args.ema_decay, "--max-train-steps", steps, "--ckpt-every", ckpt_every, "--keep-last", 1,
          "--log-every", max(1, min(100, steps // 10)), "--sample-every", steps, "--grid-sampler", args.sampler,
          "--grid-steps", sampling_steps, "--cfg-scale", args.cfg_scale, "--num-workers", 0, "--vae", "none",
-         "--mixed-precision", "no"], env)
+         "--mixed-precision", "no"]
+        + (["--eval-every", eval_every, "--eval-samples", eval_samples, "--eval-backend", "digits", "--ref-batch", ref,
+            "--eval-steps", preset["eval_steps"], "--eval-cfg-scale", args.cfg_scale,
+            "--eval-batch-size", min(250, eval_samples)] if eval_every else []), env)
     run_dir = runs / "fcdm-digits"
     ckpt = newest_checkpoint(run_dir)
     timings["train"] = time.time() - t
 
-    t = stage(f"4/6 sample {num_samples} class-balanced images ({args.sampler}, {sampling_steps} steps, cfg {args.cfg_scale})")
+    t = stage(f"5/6 sample {num_samples} class-balanced images ({args.sampler}, {sampling_steps} steps, cfg {args.cfg_scale})")
     samples = out / "samples"
     run(["train_gen/sample_ddp.py", "--ckpt", ckpt, "--sample-dir", samples, "--num-fid-samples", num_samples,
          "--label-sampling", "balanced", "--sampler", args.sampler, "--num-sampling-steps", sampling_steps,
@@ -150,12 +172,6 @@ def main(argv=None):
     archive = archives[-1]
     timings["sample"] = time.time() - t
 
-    t = stage("5/6 reference batch of real digits")
-    ref = out / "digits_ref.npz"
-    run(["evaluations/make_reference.py", "--data-path", images, "--out", ref, "--image-size", size,
-         "--backend", "digits"], env)
-    timings["reference"] = time.time() - t
-
     t = stage("6/6 evaluate with the digits classifier")
     fid_txt = out / "metrics.txt"
     eval_json = out / "evaluation.json"
@@ -165,21 +181,28 @@ def main(argv=None):
 
     class_grid(archive, out / "grid.png", num_classes=10, cols=10, zoom=max(1, ZOOM // args.upscale))
     shutil.copyfile(run_dir / "log.txt", out / "train_log.txt")
+    if (run_dir / "curves.png").is_file():
+        shutil.copyfile(run_dir / "curves.png", out / "curves.png")
     evaluation = json.loads(eval_json.read_text())
     metrics = evaluation["metrics"]
+    during = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r.get("kind") == "eval"]
+    timings["train_evaluations"] = sum(r["eval_seconds"] for r in during)  # part of "train"
     summary = {
         "metrics": metrics,
         "settings": {"train_steps": steps, "batch_size": batch, "lr": args.lr, "ema_decay": args.ema_decay, "num_samples": num_samples, "sampler": args.sampler,
+                     "eval_every": eval_every, "eval_samples": eval_samples,
                      "sampling_steps": sampling_steps, "cfg_scale": args.cfg_scale, "image_size": size,
                      "quick": args.quick, "checkpoint": str(ckpt), "archive": str(archive)},
         "seconds": {k: round(v, 1) for k, v in timings.items()} | {"total": round(time.time() - t_start, 1)},
+        "evaluations_during_training": [{k: r[k] for k in ("step", "fid", "inception_score", "precision", "recall",
+                                                           "class_accuracy", "eval_seconds") if k in r} for r in during],
     }
     atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
     print(f"\n=== done in {summary['seconds']['total']:.0f} s ===")
     for k, v in metrics.items():
         if isinstance(v, (int, float)):
             print(f"{k:>16}: {v:.4f}")
-    print(f"grid: {out / 'grid.png'}   metrics: {out / 'metrics.json'}   log: {out / 'train_log.txt'}")
+    print(f"grid: {out / 'grid.png'}   curves: {out / 'curves.png'}   metrics: {out / 'metrics.json'}   log: {out / 'train_log.txt'}")
     acc = metrics.get("class_accuracy")
     if min_acc is not None and (acc is None or acc < min_acc):
         print(f"class accuracy {acc} is below the target {min_acc}", file=sys.stderr)

@@ -37,8 +37,9 @@ from fcdm_common.checkpoint import load_checkpoint, save_checkpoint
 from fcdm_common.cli import HelpFormatter, UserError, error_summary, non_negative_int, positive_int, run_main, str2bool
 from fcdm_common.cpu import tune_cpu_allocator
 from fcdm_common.data import TrainLoader, open_dataset
+from evaluations.in_training import InTrainingEvaluator, add_eval_args, plan_from_args, write_curves
 from fcdm_common.ema import (SNAPSHOT_DTYPES, PowerEMA, create_ema, remove_snapshots_after, save_posthoc_snapshots,
-                              update_ema)
+                             update_ema)
 from fcdm_common.io import atomic_write_text, remove_stale_temps
 from fcdm_common.runlock import acquire_run_lock
 from fcdm_common.step_rng import RNG_SCHEME, StepDraws, micro_batches, take
@@ -196,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hub name of the grids' VAE (default: the data's; sd-vae-ft-ema for .npy data)")
     g.add_argument("--report-to", choices=("none", "tensorboard", "wandb"), default="none",
                    help="also send metrics to TensorBoard or Weights & Biases")
+    add_eval_args(p)  # --eval-every, --eval-samples, --ref-batch, ... (evaluations/in_training.py)
     return p
 
 
@@ -338,7 +340,7 @@ def grid_labels(num_classes: int, cols: int) -> list:
 
 
 @torch.no_grad()
-def draw_grid(ema, config: dict, vae, device, path: Path, autocast) -> None:
+def draw_grid(ema, config: dict, vae, device, path: Path, autocast, step: int | None = None) -> None:
     """Sample the fixed grid with the EMA model and save it as PNG (RNG streams of training untouched)."""
     from diffusion import create_objective, sample
     from fcdm_common.images import save_grid, to_uint8
@@ -359,7 +361,9 @@ def draw_grid(ema, config: dict, vae, device, path: Path, autocast) -> None:
                    null_label=config["model_kwargs"]["num_classes"],
                    generators=sampler_gen)
     images = torch.cat([vae.decode(z[i:i + 32].float()) for i in range(0, len(z), 32)])
-    save_grid(to_uint8(images), path, nrow=log["grid_cols"])
+    save_grid(to_uint8(images), path, nrow=log["grid_cols"],
+              metadata={"step": step, "sampler": log["grid_sampler"], "sampling_steps": log["grid_steps"],
+                        "cfg_scale": log["cfg_scale"], "model": config["model"]})
 
 
 # ---------------------------------------------------------------------------------- main
@@ -487,6 +491,7 @@ def main(argv=None):
         except ImportError:
             raise UserError(f"--report-to {args.report_to} needs the {args.report_to} package; "
                             f"pip install {args.report_to}") from None
+    eval_plan = plan_from_args(args, data, objective_name)  # reference, graph, sampler: checked before writing
 
     exp_name = args.exp_name or experiment_name(
         args.model, objective_name, data["name"], args.global_batch_size, args.lr, args.seed,
@@ -717,7 +722,7 @@ def main(argv=None):
         path = run_dir / "samples" / f"{step:07d}.png"
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            draw_grid(ema, config, vae, device, path, accelerator.autocast)
+            draw_grid(ema, config, vae, device, path, accelerator.autocast, step=step)
         logger.log(f"saved sample grid {path}")
 
     if start_step and args.sample_every and (start_step % args.sample_every == 0 or start_step == max_steps) \
@@ -726,6 +731,11 @@ def main(argv=None):
 
     from fcdm_common.progress import progress
 
+    evaluator = InTrainingEvaluator(eval_plan, accelerator=accelerator, logger=logger, run_dir=run_dir, config=config,
+                                    ema=ema, device=device, max_steps=max_steps, ckpt_every=args.ckpt_every) \
+        if eval_plan else None
+    if evaluator:
+        evaluator.start(start_step)  # reference features; an evaluation a kill left pending
     bar = progress(total=max_steps, initial=start_step, disable=not is_main, dynamic_ncols=True, desc="train")
     step = start_step
     window_start, window_steps, paused = time.perf_counter(), 0, 0.0
@@ -809,8 +819,12 @@ def main(argv=None):
             save(step)
         if args.sample_every > 0 and (step % args.sample_every == 0 or step == max_steps):
             grid(step)
+        if evaluator:
+            evaluator.maybe_run(step, save)  # after the checkpoint of this step; excluded from steps/s
         paused += time.perf_counter() - pause_start
     bar.close()
+    if is_main:
+        write_curves(run_dir, logger.log)
     if step == start_step:
         logger.log(f"nothing to do: the run is already at step {step} >= --max-train-steps {max_steps}")
     else:
