@@ -94,7 +94,15 @@ def kill_processes_with_env(key, value):
 
 
 def run_torchrun(script, args, timeout, nproc=2):
-    """Run `script` under torchrun (standalone, one thread per process) and return its stderr. Every
+    """Run `script` under torchrun (standalone, one thread per process) and return its stderr; the run
+    must succeed (see `torchrun_result`)."""
+    returncode, _, stderr = torchrun_result(script, args, timeout, nproc)
+    assert returncode == 0, stderr[-3000:]
+    return stderr
+
+
+def torchrun_result(script, args, timeout, nproc=2):
+    """Run `script` under torchrun and return (returncode, stdout, stderr), nothing asserted. Every
     process of the run carries a unique environment tag; a run that times out (or fails) has all of
     them killed, torchrun's workers included (they live in their own sessions), so none is left behind."""
     import os
@@ -109,31 +117,10 @@ def run_torchrun(script, args, timeout, nproc=2):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     try:
-        _, stderr = proc.communicate(timeout=timeout)
+        stdout, stderr = proc.communicate(timeout=timeout)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
         kill_processes_with_env("FCDM_TEST_TORCHRUN", tag)
         proc.wait()
-    assert proc.returncode == 0, stderr[-3000:]
-    return stderr
-
-
-def torchrun_result(script, args, timeout, nproc=2):
-    """Like run_torchrun, for runs expected to fail: (returncode, stdout, stderr), nothing asserted."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
-           *map(str, args)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)
-            proc.wait()
     return proc.returncode, stdout, stderr

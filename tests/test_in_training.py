@@ -20,22 +20,13 @@ import torch
 from PIL import Image
 
 from fcdm_common.cli import UserError
-from test_train import TINY, assert_same_state, make_store
+from test_train import TINY, _main, assert_same_state, make_store
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS_KEYS = ("steps_per_sec", "images_per_sec", "peak_mem_gb")  # timings: differ between runs
 METRICS = ("fid", "sfid", "inception_score", "precision", "recall", "class_accuracy")
 
 
-def _main(argv):
-    from train_gen.train import main
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return main([str(a) for a in argv])
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

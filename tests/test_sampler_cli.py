@@ -5,22 +5,16 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from fcdm_common.cli import UserError
 from fcdm_common.sampling import generate, load_setup
 from helpers import one_thread  # noqa: F401  (fixture, used through pytestmark)
-from test_sample_ddp import make_checkpoint
+from test_sample import ckpts  # noqa: F401  (fixture: tiny diffusion and flow checkpoints)
 from train_gen import sample, sample_ddp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpts")
-    return {"diffusion": make_checkpoint(root / "diff.pt", "diffusion"),
-            "flow": make_checkpoint(root / "flow.pt", "flow", seed=1), "root": root}
 
 
 def test_stochastic_scheduler_archive_is_batch_independent_and_records_the_scheduler(ckpts, tmp_path):
