@@ -8,7 +8,7 @@ STAMP := $(VENV)/.fcdm-installed
 .PHONY: install test demo demo-quick eval-env summary clean-demo help
 
 help:
-	@echo "make demo      - the whole pipeline (data, train, sample, evaluate) on the digits demo, CPU, ~4 min"
+	@echo "make demo      - the whole pipeline (data, train, sample, evaluate) on the digits demo, CPU, < 10 min"
 	@echo "make test      - install (if needed) and run the test suite"
 	@echo "make install   - create $(VENV) and install the package with its test extras (incl. TensorFlow CPU)"
 	@echo "make eval-env  - add TensorFlow (CPU) for the exact ADM evaluator backend"

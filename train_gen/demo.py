@@ -1,6 +1,6 @@
 """The embedded demo: the whole FCDM pipeline on a laptop CPU, with the same programs used on a cluster.
 
-    python train_gen/demo.py            # `make demo`: about 4 minutes on 2 CPU cores (README)
+    python train_gen/demo.py            # `make demo`: under 10 minutes on 2 CPU cores (README)
     python train_gen/demo.py --quick    # a reduced run (seconds) that checks every stage works
 
 Stages (each one a real program, run as a subprocess):
