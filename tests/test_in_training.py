@@ -150,7 +150,7 @@ def test_resume_across_an_evaluation(store, ref, tmp_path):
     (["--eval-every", "2", "--ref-batch", "REF", "--eval-backend", "tf"], "Inception graph"),
     (["--eval-every", "2", "--ref-batch", "REF", "--eval-backend", "torch"], "--inception-weights"),
     (["--eval-every", "2", "--ref-batch", "REF16", "--eval-backend", "digits"], "16x16 images but the model samples 8x8"),
-    (["--eval-every", "2", "--ref-batch", "REF", "--eval-backend", "digits", "--eval-sampler", "euler"], "--eval-sampler euler"),
+    (["--eval-every", "2", "--ref-batch", "REF", "--eval-backend", "digits", "--eval-sampler", "sde"], "--eval-sampler sde"),
 ])
 def test_bad_evaluation_settings_fail_before_anything_is_written(store, ref, tmp_path, monkeypatch, extra, message):
     monkeypatch.delenv("FCDM_INCEPTION_PB", raising=False)
