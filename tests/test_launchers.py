@@ -32,7 +32,8 @@ PROBE = """
 import os
 from fcdm_common.launchers import process_count_warning
 world = int(os.environ.get("WORLD_SIZE", "1"))
-print(f"rank {os.environ.get('RANK', '0')} of {world}:", process_count_warning(world), flush=True)
+line = f"rank {os.environ.get('RANK', '0')} of {world}: {process_count_warning(world)}\\n"
+os.write(1, line.encode())  # one write below PIPE_BUF: the two ranks' lines cannot interleave (print's pieces can)
 """
 
 
