@@ -19,12 +19,20 @@ width (standard deviation / T) is sigma_rel = (gamma+1)^(1/2) / ((gamma+2) (gamm
 Snapshots of the averages saved during training are combined afterwards into the average of any
 other (sigma_rel, T): `posthoc_coefficients` solves the least-squares fit of the target profile by
 the snapshots' profiles from their closed-form inner products (`profile_dot`).
+
+The classic EMA (`update_ema`, started as a copy of theta_0) after T steps weighs theta_tau by
+(1 - beta) beta^(T - tau) for tau >= 1 and theta_0 by beta^T. In the same continuous convention its
+profile is q(s) = lam beta^(T - s) on [0, T], lam = -ln beta: the integral of q over (tau-1, tau] is
+exactly the weight of theta_tau, as for the power profiles. theta_0 (weight beta^T) is in no
+power average (beta_1 = 0), so only the part q is fitted: `classic_ema_coefficients` uses the inner
+products of q with the power profiles (`exp_profile_dot`, one 1-D quadrature each, no closed form),
+and the reconstruction is faithful only once beta^T is negligible (`classic_ema_initial_weight`).
 """
 from __future__ import annotations
 
 import copy
 import math
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -116,18 +124,86 @@ def profile_dot(t_a: float, gamma_a: float, t_b: float, gamma_b: float) -> float
     return math.exp(log)
 
 
+def _decay_power_integral(gamma: float, a: float) -> float:
+    """J(gamma, a) = integral over u in [0, 1] of (1 - u)^gamma e^(-a u), gamma >= 0, a >= 0 (float64
+    adaptive quadrature, relative error ~1e-12). The integrand is <= e^(-(a + gamma) u): for a fast
+    decay the range is cut where the rest is below e^-60 of the integral."""
+    from scipy.integrate import quad
+
+    c = a + gamma
+    if c <= 60.0:  # the whole range; QAWS handles the endpoint factor (1 - u)^gamma exactly
+        val = quad(lambda u: math.exp(-a * u), 0.0, 1.0, weight="alg", wvar=(0.0, gamma),
+                   epsabs=0.0, epsrel=1e-12, limit=200)[0]
+    else:
+        val = quad(lambda u: math.exp(gamma * math.log1p(-u) - a * u), 0.0, 60.0 / c,
+                   epsabs=0.0, epsrel=1e-12, limit=200)[0]
+    return float(val)
+
+
+def exp_profile_dot(t_a: float, gamma_a: float, t_b: float, decay: float) -> float:
+    """Integral over s of p_a(s) q_b(s): the power profile p_a = (g+1) s^g / t_a^(g+1) on [0, t_a] and the
+    classic EMA profile q_b = lam decay^(t_b - s) on [0, t_b], lam = -ln decay. With m = min(t_a, t_b),
+    s = m v: (g+1) (m/t_a)^(g+1) lam e^(-lam (t_b - m)) J(g, lam m) (`_decay_power_integral`)."""
+    if not 0 < decay < 1:
+        raise ValueError(f"the EMA decay must lie in (0, 1), got {decay}")
+    lam = -math.log(decay)
+    m = min(t_a, t_b)
+    log = (math.log(gamma_a + 1) + (gamma_a + 1) * (math.log(m) - math.log(t_a)) + math.log(lam)
+           - lam * (t_b - m))
+    return math.exp(log) * _decay_power_integral(gamma_a, lam * m)
+
+
+def classic_ema_initial_weight(step: int, decay: float) -> float:
+    """Weight decay^step of theta_0 in the classic EMA after `step` steps: no snapshot holds it."""
+    return float(decay) ** int(step)
+
+
+def _gram(ts: Sequence[float], gammas: Sequence[float]) -> np.ndarray:
+    n = len(ts)
+    if n == 0 or len(gammas) != n:
+        raise ValueError("need at least one snapshot, with one gamma per step")
+    return np.array([[profile_dot(ts[i], gammas[i], ts[j], gammas[j]) for j in range(n)] for i in range(n)])
+
+
 def posthoc_coefficients(snap_steps: Sequence[float], snap_gammas: Sequence[float], target_step: float,
                          target_gamma: float) -> np.ndarray:
     """Least-squares weights x of the snapshots: sum_i x_i p_i is the closest (in L2) to the target profile.
     Normal equations A x = b with A_ij = <p_i, p_j>, b_i = <p_i, p_target>, solved by lstsq (float64)."""
-    n = len(snap_steps)
-    if n == 0 or len(snap_gammas) != n:
-        raise ValueError("need at least one snapshot, with one gamma per step")
     scale = float(target_step)  # profiles are scale-free; work in units of the target step
     ts = [float(t) / scale for t in snap_steps]
-    A = np.array([[profile_dot(ts[i], snap_gammas[i], ts[j], snap_gammas[j]) for j in range(n)] for i in range(n)])
-    b = np.array([profile_dot(ts[i], snap_gammas[i], 1.0, target_gamma) for i in range(n)])
+    A = _gram(ts, snap_gammas)
+    b = np.array([profile_dot(ts[i], snap_gammas[i], 1.0, target_gamma) for i in range(len(ts))])
     return np.linalg.lstsq(A, b, rcond=None)[0]
+
+
+def classic_ema_coefficients(snap_steps: Sequence[float], snap_gammas: Sequence[float], target_step: int,
+                             decay: float) -> np.ndarray:
+    """As `posthoc_coefficients` for the classic EMA with `decay` after `target_step` steps (its profile
+    q; the weight decay^T of theta_0 is left out, see `classic_ema_initial_weight`)."""
+    scale = float(target_step)
+    ts = [float(t) / scale for t in snap_steps]
+    A = _gram(ts, snap_gammas)
+    # in units of the target step q's rate is lam * T; b scales as 1/T like A
+    b = np.array([exp_profile_dot(float(t), g, scale, decay) * scale for t, g in zip(snap_steps, snap_gammas)])
+    return np.linalg.lstsq(A, b, rcond=None)[0]
+
+
+class EMATarget(NamedTuple):
+    """An average to reconstruct after `step` steps: the power EMA with exponent `gamma`, or the classic
+    EMA with `decay` (exactly one of the two). A plain (step, gamma) pair is a power target."""
+    step: int
+    gamma: Optional[float] = None
+    decay: Optional[float] = None
+
+
+def target_coefficients(snap_steps: Sequence[float], snap_gammas: Sequence[float], target) -> np.ndarray:
+    """Least-squares snapshot weights for an `EMATarget` (or a (step, gamma) pair)."""
+    target = EMATarget(*target)
+    if (target.gamma is None) == (target.decay is None):
+        raise ValueError(f"an EMA target needs exactly one of gamma and decay, got {target}")
+    if target.decay is not None:
+        return classic_ema_coefficients(snap_steps, snap_gammas, target.step, target.decay)
+    return posthoc_coefficients(snap_steps, snap_gammas, target.step, target.gamma)
 
 
 def power_weights(step: int, gamma: float) -> np.ndarray:
@@ -235,20 +311,21 @@ def remove_snapshots_after(run_dir, step: int) -> list:
 
 @torch.no_grad()
 def reconstruct_from_snapshots(snapshots: Sequence[dict], targets: Sequence[tuple], log=lambda m: None) -> list:
-    """float32 state_dicts of the power EMAs `targets` [(step, gamma), ...] combined from `snapshots`
-    (list_posthoc_snapshots entries with step <= the target's step), reading each file once.
-    Returns one (state_dict, coefficients) per target."""
+    """float32 state_dicts of the EMAs `targets` (power: (step, gamma) or EMATarget(step, gamma=g); classic:
+    EMATarget(step, decay=beta)) combined from `snapshots` (list_posthoc_snapshots entries with step <=
+    the target's step), reading each file once. Returns one (state_dict, coefficients) per target."""
     from safetensors.torch import load_file
 
     coefs = []
-    for t_step, t_gamma in targets:
+    for target in targets:
+        t_step = EMATarget(*target).step
         use = [s["step"] <= t_step for s in snapshots]
         x = np.zeros(len(snapshots))
         idx = [i for i, u in enumerate(use) if u]
         if not idx:
             raise ValueError(f"no snapshot at or before step {t_step}")
-        x[idx] = posthoc_coefficients([snapshots[i]["step"] for i in idx], [snapshots[i]["gamma"] for i in idx],
-                                      t_step, t_gamma)
+        x[idx] = target_coefficients([snapshots[i]["step"] for i in idx], [snapshots[i]["gamma"] for i in idx],
+                                     target)
         coefs.append(x)
     outs: list = [None] * len(targets)
     for i, snap in enumerate(snapshots):

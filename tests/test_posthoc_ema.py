@@ -208,3 +208,113 @@ def test_train_snapshots_resume_bitwise_and_reconstruct_cli(tmp_path):
                            tmp_path / "x.pt", "--sigma-rel", "0.5"], env=ENV, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "sigma_rel must lie in" in proc.stderr and proc.stderr.strip().count("\n") == 0
     assert not (tmp_path / "x.pt").exists()
+
+
+# ---------------------------------------------------------------------------------- classic EMA targets
+def test_exp_profile_dot_matches_brute_force_sums():
+    from scipy.special import hyp1f1
+
+    from fcdm_common.ema import _decay_power_integral, exp_profile_dot
+
+    # midpoint sums of p_a(s) q_b(s), q_b(s) = lam beta^(t_b - s), on a fine grid
+    for ta, ga, tb, beta in ((700, 6.94, 1000, 0.99), (1000, 16.97, 1000, 0.995), (1500, 0.5, 1000, 0.98),
+                             (300, 0.0, 1000, 0.999)):
+        m, n = min(ta, tb), 2_000_000
+        s = (np.arange(n) + 0.5) * (m / n)
+        lam = -np.log(beta)
+        pa = (ga + 1) * s ** ga / ta ** (ga + 1)
+        assert exp_profile_dot(ta, ga, tb, beta) == pytest.approx(np.sum(pa * lam * beta ** (tb - s)) * m / n,
+                                                                  rel=1e-6)
+    # a run of 1e6 steps: the sum over steps of the two discrete weight vectors (each the cell integral of
+    # its profile, varying slowly per step) equals the integral to ~1e-8
+    T, beta = 1_000_000, 0.9999
+    q = (1 - beta) * beta ** (T - np.arange(1, T + 1, dtype=np.float64))
+    for ta, ga in ((T, 16.97), (600_000, 6.94), (999_000, 0.3)):
+        brute = float(power_weights(ta, ga) @ q[:ta])
+        assert exp_profile_dot(ta, ga, T, beta) == pytest.approx(brute, rel=1e-6)
+    # the 1-D integral against the confluent hypergeometric closed form 1F1(1; g+2; -a) / (g+1)
+    for g in (0.0, 0.3, 6.94, 16.97, 80.0):
+        for a in (0.0, 1.0, 59.0, 61.0, 1e4, 1e6):
+            assert _decay_power_integral(g, a) == pytest.approx(hyp1f1(1.0, g + 2.0, -a) / (g + 1.0), rel=1e-12)
+
+
+def classic_ema(theta, theta0, beta):
+    """update_ema's recursion from a copy of theta_0, on a float64 vector model."""
+    from fcdm_common.ema import create_ema, update_ema
+
+    model = Vec(theta.shape[1])
+    with torch.no_grad():
+        model.w.copy_(torch.from_numpy(theta0))
+    ema = create_ema(model)
+    for th in theta:
+        with torch.no_grad():
+            model.w.copy_(torch.from_numpy(th))
+        update_ema(ema, model, beta)
+    return ema.w.detach().numpy().copy()
+
+
+def classic_reconstruction(run_dir, theta, snap_every, beta):
+    from fcdm_common.ema import EMATarget
+
+    T = len(theta)
+    track(theta, [0.05, 0.10], snap_every, run_dir, param_dtype=torch.float32)
+    snaps = list_posthoc_snapshots(run_dir)
+    (state, coefs), = reconstruct_from_snapshots(snaps, [EMATarget(T, decay=beta)])
+    # the weights the combination gives each theta_tau, next to the classic EMA's (1 - beta) beta^(T - tau)
+    w = np.zeros(T)
+    for c, s in zip(coefs, snaps):
+        w[:s["step"]] += c * power_weights(s["step"], s["gamma"])
+    q = (1 - beta) * beta ** (T - np.arange(1, T + 1, dtype=np.float64))
+    return state["w"].double().numpy(), float(np.abs(w - q).sum())
+
+
+def test_classic_ema_reconstruction_is_close_and_improves_with_more_snapshots(tmp_path):
+    T, beta = 512, 0.97  # relative width ~1 / (T (1 - beta)) = 0.064, between the tracked 0.05 and 0.10
+    theta = trajectory(T, seed=3)
+    theta0 = np.full(theta.shape[1], 5.0)  # its weight beta^T = 1.7e-7 is the part no snapshot holds
+    exact = classic_ema(theta, theta0, beta)
+    # the recursion is the closed form (1 - beta) beta^(T - tau) on theta_tau plus beta^T on theta_0
+    q = (1 - beta) * beta ** (T - np.arange(1, T + 1, dtype=np.float64))
+    np.testing.assert_allclose(exact, q @ theta + beta ** T * theta0, rtol=0, atol=1e-12)
+    errors, weight_errors = [], []
+    for n in (128, 32, 8):
+        got, werr = classic_reconstruction(tmp_path / str(n), theta, n, beta)
+        errors.append(float(np.abs(got - exact).max()))
+        weight_errors.append(werr)
+    scale = float(np.abs(exact).max())
+    assert errors[0] > errors[1] > errors[2] and errors[-1] < 1e-3 * scale, errors
+    # the L1 distance of the per-step weights: measured 8.5e-3, 5.6e-4, 4.1e-5
+    assert weight_errors[0] > 4 * weight_errors[1] > 16 * weight_errors[2] and weight_errors[-1] < 1e-4, weight_errors
+
+
+def test_reconstruct_cli_classic_ema(tmp_path):
+    from fcdm_common.cli import UserError
+
+    load_checkpoint = lambda p: torch.load(p, weights_only=True)  # noqa: E731 - the run config is a stub
+
+    T, beta = 512, 0.97
+    theta = trajectory(T, seed=3)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    track(theta, [0.05, 0.10], 16, run, param_dtype=torch.float32)
+    exact = classic_ema(theta, np.zeros(theta.shape[1]), beta)
+    reconstruct(["--run", run, "--ema-decay", beta, "--out", tmp_path / "e.pt"])
+    ckpt = load_checkpoint(tmp_path / "e.pt")
+    np.testing.assert_allclose(ckpt["ema"]["w"].double().numpy(), exact, rtol=0, atol=1e-3 * np.abs(exact).max())
+    assert ckpt["posthoc_ema"]["ema_decay"] == beta and ckpt["step"] == T
+    assert ckpt["posthoc_ema"]["initial_weight_left_out"] == pytest.approx(beta ** T)
+    # with a width and a second decay: a folder, one checkpoint per target
+    reconstruct(["--run", run, "--sigma-rel", "0.07", "--ema-decay", "0.97,0.98", "--out", tmp_path / "all"])
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == [
+        "ema-decay0.97-0000512.pt", "ema-decay0.98-0000512.pt", "ema-sigma0.0700-0000512.pt"]
+    torch.testing.assert_close(load_checkpoint(tmp_path / "all" / "ema-decay0.97-0000512.pt")["ema"]["w"],
+                               ckpt["ema"]["w"], rtol=0, atol=0)
+    # beta^T = 0.999^256 = 0.77 of the initial weights: refused
+    with pytest.raises(UserError, match="beta\\^T = 0.774"):
+        reconstruct(["--run", run, "--ema-decay", "0.999", "--at-step", "256", "--out", tmp_path / "x.pt"])
+    with pytest.raises(SystemExit):
+        reconstruct(["--run", run, "--ema-decay", "1.0", "--out", tmp_path / "x.pt"])
+    with pytest.raises(UserError, match="give --sigma-rel"):
+        reconstruct(["--run", run, "--out", tmp_path / "x.pt"])
+    assert not (tmp_path / "x.pt").exists()
