@@ -57,6 +57,21 @@ def _stream_features(path: str, fn, batch_size: int, desc: str) -> Dict[str, np.
     return {k: np.concatenate(v, axis=0) for k, v in parts.items()}
 
 
+def add_backend_args(parser, backend_flag: str = "--backend") -> None:
+    """The feature-network flags shared by evaluate.py and train.py's evaluation (`backend_flag` names
+    the backend choice: --backend there, --eval-backend in train.py); --inception-pb, --inception-weights
+    and --tf-python keep their names in both."""
+    parser.add_argument(backend_flag, choices=BACKENDS, default="tf",
+                        help="feature network: tf = ADM's Inception graph (exact), torch = Inception-v3 port "
+                             "(approximate), digits = the demo's digit classifier")
+    parser.add_argument("--inception-pb", default=None,
+                        help="tf backend: path to classify_image_graph_def.pb (default: $FCDM_INCEPTION_PB)")
+    parser.add_argument("--inception-weights", default=None, help="torch backend: inception_v3 state_dict file")
+    parser.add_argument("--tf-python", default=None,
+                        help="tf backend: Python interpreter with TensorFlow that runs the graph in a subprocess "
+                             "(default: $FCDM_TF_PYTHON or this interpreter)")
+
+
 def compute_features(
     backend: str,
     npz_paths: Sequence[str],

@@ -54,7 +54,7 @@ CACHE_VERSION = 1
 # ---------------------------------------------------------------------------------- flags
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
     """The --eval-* flags of train.py."""
-    from evaluations.evaluator import BACKENDS
+    from evaluations.evaluator import add_backend_args
 
     g = parser.add_argument_group("evaluation during training (off unless --eval-every > 0)")
     g.add_argument("--eval-every", type=non_negative_int, default=0,
@@ -76,15 +76,7 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
                    help="network precision of the evaluation samples (sample_ddp.py --precision)")
     g.add_argument("--ref-batch", default=None,
                    help="ADM reference batch .npz (arr_0 uint8 images; optional mu/sigma/mu_s/sigma_s)")
-    g.add_argument("--eval-backend", choices=BACKENDS, default="tf",
-                   help="feature network: tf = ADM's Inception graph (exact), torch = Inception-v3 port "
-                        "(approximate), digits = the demo's digit classifier")
-    g.add_argument("--inception-pb", default=None,
-                   help="tf backend: classify_image_graph_def.pb (unset: $FCDM_INCEPTION_PB)")
-    g.add_argument("--inception-weights", default=None, help="torch backend: inception_v3 state_dict file")
-    g.add_argument("--tf-python", default=None,
-                   help="tf backend: Python with TensorFlow that runs the graph in a subprocess "
-                        "(unset: $FCDM_TF_PYTHON or this interpreter)")
+    add_backend_args(g, "--eval-backend")
     g.add_argument("--eval-keep-samples", type=str2bool, default=False,
                    help="keep each evaluation's sample archive as <run>/eval/<step>-samples.npz")
 

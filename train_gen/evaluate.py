@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
-from evaluations.evaluator import BACKENDS, evaluate, format_metrics
+from evaluations.evaluator import add_backend_args, evaluate, format_metrics
 from fcdm_common.cli import HelpFormatter, positive_int, run_main
 from fcdm_common.io import atomic_write_text
 
@@ -44,15 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-json", default=None,
                    help="JSON with metrics, file hashes and versions; default: beside --output_fid with "
                         "suffix .json, or printed when --output_fid is not given")
-    p.add_argument("--backend", choices=BACKENDS, default="tf",
-                   help="feature network: tf = ADM's Inception graph (exact), torch = Inception-v3 port "
-                        "(approximate), digits = the demo's digit classifier")
-    p.add_argument("--inception-pb", default=None,
-                   help="tf backend: path to classify_image_graph_def.pb (default: $FCDM_INCEPTION_PB)")
-    p.add_argument("--inception-weights", default=None, help="torch backend: inception_v3 state_dict file")
-    p.add_argument("--tf-python", default=None,
-                   help="tf backend: Python interpreter with TensorFlow that runs the graph in a subprocess "
-                        "(default: $FCDM_TF_PYTHON or this interpreter)")
+    add_backend_args(p)
     p.add_argument("--device", default=None, help="torch backend: device (default cuda if available, else cpu)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per network call (ADM: 64)")
     return p
