@@ -110,12 +110,6 @@ def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def load_latest_valid(ckpt_dir: str | os.PathLike, log=print) -> tuple[Optional[dict], Optional[Path]]:
-    """The newest checkpoint that loads; corrupt newer ones are skipped with a warning."""
-    ckpt, path, _ = find_resume_checkpoint(ckpt_dir, log=log, start_over=True)
-    return ckpt, path
-
-
 def find_resume_checkpoint(ckpt_dir: str | os.PathLike, log=print, start_over: bool = False,
                            flag: str = "--start-over true") -> tuple[Optional[dict], Optional[Path], list[Path]]:
     """(checkpoint, its path, the unreadable newer files skipped) for resuming a run. Every unreadable
