@@ -17,6 +17,10 @@ the whole call still returns what was measured) and everything it prints to OUT/
      profile256  torch.profiler of one optimized training step: top kernels and ops (OUT/gpu_profile.txt)
      train512    FCDM-XL at 64x64x4, batch 256 (halved until it fits), selective and full checkpointing
   4 forward      forward throughput at batch 64, FCDM-XL vs DiT-XL/2 in one process, bf16 and TF32
+     e2e         the real programs as a user runs them, each with its wall time: extract_features.py with a
+                 random SD-VAE-shaped AutoencoderKL on 256x256 digits, make_reference.py, `accelerate
+                 launch train.py` in bf16 (FCDM-S, 300 steps, a grid), `torchrun sample_ddp.py`, evaluate.py
+                 (torch backend, a random Inception)
   3 compile256   eager vs compiled blocks, every checkpointing mode, in one process (after the cheap
                  steps: compilation time is the least predictable part)
   5 sampling     bench_model.py --mode sample (eager and --compile) when that mode exists, else skipped
@@ -26,7 +30,9 @@ the whole call still returns what was measured) and everything it prints to OUT/
 Every measurement is warm-up + a few timed repeats. `--budget-s` bounds the whole run: a step is
 skipped (recorded as "skipped") when too little time is left for it, and a running step is stopped at
 the budget. `--dry-run` runs every step on the CPU with tiny sizes (the same scripts and code paths,
-compiled variants left out), which is what CI checks.
+compiled variants left out), which is what CI checks. The suite ends with one line counting the steps
+that were ok, failed and skipped, and exits 1 when any step failed or timed out (a step skipped for the
+budget, or one that cannot run here, is not a failure).
 """
 from __future__ import annotations
 
@@ -85,18 +91,29 @@ class Sizes:
     forward_dtypes: tuple  # bench_model --dtype of the forward step (fp32 = TF32 on CUDA)
     ckpt512: tuple  # checkpointing modes of the 512 step
     test_timeout_s: int  # the pytest step's own cap
+    e2e_upscale: int  # the end-to-end pass: digits upscaled to this factor (8x8 -> 8K x 8K images)
+    e2e_model: str  # its FCDM preset
+    e2e_model_kwargs: Optional[str]
+    e2e_steps: int  # training steps (bf16, under accelerate launch)
+    e2e_batch: int  # global batch
+    e2e_samples: int  # samples drawn by sample_ddp.py under torchrun
+    e2e_sampling_steps: int  # DDIM steps
+    e2e_ref_images: int  # images of the reference batch
 
 
 GPU = Sizes(device="cuda", model="FCDM-XL", model_kwargs=None, dit="DiT-XL/2", latent256=32, latent512=64,
             train_batch=256, forward_batch=64, sample_batch=256, warmup=2, repeats=3, compile=True,
             vae_widths=(128, 256, 512, 512), vae_layers=2, vae_image=256, vae_batch=64, loader_count=4096,
             loader_batch=256, loader_steps=40, matmul_n=8192, forward_dtypes=("bf16", "fp32"),
-            ckpt512=("selective", "full"), test_timeout_s=150)
+            ckpt512=("selective", "full"), test_timeout_s=150, e2e_upscale=32, e2e_model="FCDM-S",
+            e2e_model_kwargs=None, e2e_steps=300, e2e_batch=64, e2e_samples=512, e2e_sampling_steps=50,
+            e2e_ref_images=1797)
 DRY = Sizes(device="cpu", model="FCDM-S", model_kwargs=TINY_FCDM, dit="DiT-S/2", latent256=8, latent512=16,
             train_batch=2, forward_batch=2, sample_batch=2, warmup=0, repeats=1, compile=False,
             vae_widths=(32, 32, 32, 32), vae_layers=1, vae_image=32, vae_batch=2, loader_count=64,
             loader_batch=8, loader_steps=2, matmul_n=64, forward_dtypes=("bf16",), ckpt512=("selective",),
-            test_timeout_s=60)  # one dtype / mode where the GPU run loops over two: the same code, fewer processes
+            test_timeout_s=60, e2e_upscale=4, e2e_model="FCDM-S", e2e_model_kwargs=TINY_FCDM, e2e_steps=4,
+            e2e_batch=8, e2e_samples=16, e2e_sampling_steps=3, e2e_ref_images=16)  # one dtype / mode where the GPU run loops over two: the same code, fewer processes
 
 
 class Skip(Exception):
@@ -118,6 +135,7 @@ class Suite:
         self.peak_tflops = MEASURED_PEAK_TFLOPS
         self._lock = threading.Lock()
         self.active: Optional[subprocess.Popen] = None  # the command running now
+        self.statuses: dict = {}  # step -> ok / failed / timeout / skipped
 
     def _terminate(self, signum, frame):
         """Stopped from outside: stop the running command too, then exit (the results so far are on disk)."""
@@ -191,19 +209,34 @@ class Suite:
             self.log(f"== {name}: skipped ({rem:.0f}s of the budget left, the step needs about {min_s:.0f}s)")
             self.record({"step": name, "status": "skipped", "reason": f"budget: {rem:.0f}s left < {min_s:.0f}s",
                          "elapsed_s": 0.0})
+            self.statuses[name] = "skipped"
             return
         self.log(f"== {name} (budget left {rem:.0f}s)")
         t = time.perf_counter()
         try:
             data = fn(self)
             status = data.pop("status", "ok")
+            if status == "ok" and _has_failed_part(data):  # e.g. one dtype of the forward step
+                status = "failed"
         except Skip as e:
             data, status = {"reason": str(e)}, "skipped"
         except Exception as e:  # a broken step must not stop the others
             data, status = {"error": f"{type(e).__name__}: {e}"}, "failed"
         elapsed = time.perf_counter() - t
+        self.statuses[name] = status
         self.record({"step": name, "status": status, "elapsed_s": round(elapsed, 2), **data})
         self.log(f"== {name}: {status} in {elapsed:.1f}s (total {time.perf_counter() - self.t0:.1f}s)")
+
+    def summary(self) -> str:
+        """One line: how many steps were ok, failed (timeouts included) and skipped, naming the bad ones."""
+        bad = [n for n, st in self.statuses.items() if st not in ("ok", "skipped")]
+        skipped = [n for n, st in self.statuses.items() if st == "skipped"]
+        ok = len(self.statuses) - len(bad) - len(skipped)
+        return (f"{ok} ok, {len(bad)} failed{' (' + ', '.join(bad) + ')' if bad else ''}, {len(skipped)} skipped"
+                f"{' (' + ', '.join(skipped) + ')' if skipped else ''}")
+
+    def failed(self) -> bool:
+        return any(st not in ("ok", "skipped") for st in self.statuses.values())
 
     # -- helpers shared by the steps
     def model_args(self) -> List[str]:
@@ -222,6 +255,15 @@ class Suite:
         res = self.run(cmd, timeout_s)
         report = json.loads(path.read_text()) if res["rc"] == 0 and path.is_file() else None
         return {"run": res, "report": report, "command": " ".join(shlex.quote(str(c)) for c in cmd)}
+
+
+def _has_failed_part(obj) -> bool:
+    """Whether a step's nested result holds a part that failed or timed out (skipped parts are fine)."""
+    if isinstance(obj, dict):
+        return obj.get("status") in ("failed", "timeout") or any(_has_failed_part(v) for v in obj.values())
+    if isinstance(obj, list):
+        return any(_has_failed_part(v) for v in obj)
+    return False
 
 
 def _children_cpu_s() -> float:
@@ -425,6 +467,79 @@ def step_sampling(suite: Suite, extra: List[str]) -> dict:
     return out
 
 
+def step_e2e(suite: Suite) -> dict:
+    """The real programs one after another, as a user runs them on one GPU, each with its wall time:
+    digits upscaled to ImageNet's size as an ImageFolder, a random AutoencoderKL of SD-VAE's shape and a
+    random Inception (no downloads), extract_features.py, make_reference.py (torch backend),
+    `accelerate launch train.py` in bf16 with a sample grid, `torchrun sample_ddp.py` (DDIM, guidance) and
+    evaluate.py (torch backend). The numbers of the metrics mean nothing (random networks); the wall
+    times and that every stage runs do."""
+    s = suite.sizes
+    root = suite.work / "e2e"
+    images, assets, store, runs = root / "images", root / "assets", root / "store.zarr", root / "runs"
+    size = 8 * s.e2e_upscale
+    py = sys.executable
+    device = s.device
+    model = ["--model", s.e2e_model] + (["--model-kwargs", s.e2e_model_kwargs] if s.e2e_model_kwargs else [])
+    stages = [
+        ("dataset", [py, REPO / "preparation" / "make_demo_dataset.py", "--out", images, "--upscale", s.e2e_upscale]),
+        ("assets", [py, __file__, "--worker", "e2e_assets", "--vae-widths", ",".join(map(str, s.vae_widths)),
+                    "--vae-layers", s.vae_layers, "--vae-image", size, "--table", assets,
+                    "--json", suite.work / "e2e_assets.json"]),
+        ("extract", [py, REPO / "preparation" / "extract_features.py", "--data-path", images, "--features-path",
+                     store, "--image-size", size, "--vae", "sd", "--hf-model-dir", assets / "vae", "--batch-size",
+                     64, "--num-workers", 4 if device == "cuda" else 0, "--device", device]),
+        ("reference", [py, REPO / "evaluations" / "make_reference.py", "--data-path", images, "--out",
+                       root / "ref.npz", "--image-size", size, "--backend", "torch", "--inception-weights",
+                       assets / "inception.safetensors", "--num-images", s.e2e_ref_images, "--device", device]),
+        ("train", [py, "-m", "accelerate.commands.launch", "--num_processes", 1, "--num_machines", 1,
+                   "--mixed_precision", "bf16", "--dynamo_backend", "no", REPO / "train_gen" / "train.py", *model,
+                   "--zarr-path", store, "--results-dir", runs, "--exp-name", "e2e", "--global-batch-size",
+                   s.e2e_batch, "--max-train-steps", s.e2e_steps, "--ckpt-every", s.e2e_steps, "--log-every",
+                   max(1, s.e2e_steps // 5), "--sample-every", s.e2e_steps, "--grid-sampler", "ddim",
+                   "--grid-steps", s.e2e_sampling_steps, "--mixed-precision", "bf16", "--num-workers",
+                   4 if device == "cuda" else 0, "--hf-model-dir", assets / "vae"]),
+    ]
+    out = {"stages": {}, "sizes": {"image": size, "model": s.e2e_model, "train_steps": s.e2e_steps,
+                                   "global_batch": s.e2e_batch, "samples": s.e2e_samples,
+                                   "ddim_steps": s.e2e_sampling_steps, "ref_images": s.e2e_ref_images}}
+
+    def go(name, cmd, timeout_s=120, env=None):
+        res = suite.run(cmd, timeout_s, env)
+        out["stages"][name] = {"seconds": res["seconds"], "rc": res["rc"], "command": " ".join(map(str, cmd))}
+        if res["rc"] != 0:
+            out["stages"][name]["tail"] = res["tail"]
+            why = "timed out" if res["timed_out"] else f"exited {res['rc']}"
+            raise RuntimeError(f"stage {name} {why}")
+
+    # the launchers: CPU runs of accelerate and torchrun need no GPU settings
+    env = {} if device == "cuda" else {"CUDA_VISIBLE_DEVICES": ""}
+    try:
+        for name, cmd in stages:
+            go(name, cmd, timeout_s=180 if name == "train" else 120, env=env)
+        ckpts = sorted((runs / "e2e" / "checkpoints").glob("*.pt"))
+        if not ckpts:
+            raise RuntimeError(f"training wrote no checkpoint under {runs / 'e2e'}")
+        out["grid_written"] = any((runs / "e2e").rglob("*.png"))
+        go("sample", [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 1,
+                      REPO / "train_gen" / "sample_ddp.py", "--ckpt", ckpts[-1], "--sample-dir", root / "samples",
+                      "--num-fid-samples", s.e2e_samples, "--sampler", "ddim", "--num-sampling-steps",
+                      s.e2e_sampling_steps, "--cfg-scale", 1.5, "--per-proc-batch-size", min(256, s.e2e_samples),
+                      "--precision", "bf16", "--label-sampling", "balanced", "--keep-pngs", "false",
+                      "--device", device, "--hf-model-dir", assets / "vae"], env=env)
+        archives = sorted((root / "samples").glob("*.npz"))
+        if not archives:
+            raise RuntimeError("sample_ddp.py wrote no archive")
+        go("evaluate", [py, REPO / "train_gen" / "evaluate.py", "--sample-batch", archives[-1], "--ref-batch",
+                        root / "ref.npz", "--backend", "torch", "--inception-weights",
+                        assets / "inception.safetensors", "--device", device, "--output-json", root / "eval.json"])
+        out["metrics"] = json.loads((root / "eval.json").read_text()).get("metrics")
+    except RuntimeError as e:
+        out |= {"status": "failed", "error": str(e)}
+    out["total_seconds"] = round(sum(v["seconds"] for v in out["stages"].values()), 2)
+    return out
+
+
 def _has_sample_mode() -> bool:
     """Whether bench_model.py offers --mode sample: read from its source (no process start), else from --help."""
     found = re.search(r'"--mode",\s*choices=\(([^)]*)\)', BENCH_MODEL.read_text())
@@ -625,7 +740,32 @@ def worker_vae(args) -> dict:
     return out
 
 
-WORKERS = {"env": worker_env, "profile": worker_profile, "vae": worker_vae}
+def worker_e2e_assets(args) -> dict:
+    """Random stand-ins for the downloaded networks of the end-to-end pass, saved the way users keep the
+    real ones: an AutoencoderKL of the given shape as a diffusers folder (OUT/vae) and an Inception-v3
+    state_dict for the torch evaluation backend (OUT/inception.safetensors)."""
+    import torch
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    from evaluations.features_torch import build_inception
+
+    out = Path(args.table)
+    widths = tuple(int(w) for w in args.vae_widths.split(","))
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(widths),
+                  up_block_types=("UpDecoderBlock2D",) * len(widths), block_out_channels=widths,
+                  layers_per_block=args.vae_layers, latent_channels=4,
+                  sample_size=args.vae_image).save_pretrained(out / "vae")
+    inception = build_inception()
+    for m in inception.modules():  # torchvision's own initialisation is skipped by build_inception
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            torch.nn.init.normal_(m.weight, std=0.05)
+    save_file({k: v.contiguous() for k, v in inception.state_dict().items()}, str(out / "inception.safetensors"))
+    return {"vae": str(out / "vae"), "inception": str(out / "inception.safetensors")}
+
+
+WORKERS = {"env": worker_env, "profile": worker_profile, "vae": worker_vae, "e2e_assets": worker_e2e_assets}
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -663,10 +803,10 @@ def parse_args(argv=None):
     return args
 
 
-STEP_ORDER = ("env", "cuda_tests", "train256", "profile256", "train512", "forward", "compile256", "sampling",
+STEP_ORDER = ("env", "cuda_tests", "train256", "profile256", "train512", "forward", "e2e", "compile256", "sampling",
               "latents")
 MIN_SECONDS = {"env": 10, "cuda_tests": 30, "train256": 60, "profile256": 30, "train512": 45, "forward": 30,
-               "compile256": 60, "sampling": 40, "latents": 25}  # a step starts only with this much budget left
+               "e2e": 60, "compile256": 60, "sampling": 40, "latents": 25}  # a step starts only with this much budget left
 
 
 def main(argv=None):
@@ -697,11 +837,13 @@ def main(argv=None):
     suite.log(f"FCDM GPU suite{' (dry run: CPU, tiny sizes)' if args.dry_run else ''}: steps {','.join(steps)}, "
               f"budget {args.budget_s:.0f}s, results in {suite.results}")
     fns = {"env": step_env, "cuda_tests": step_cuda_tests, "train256": step_train256, "profile256": step_profile256,
-           "train512": step_train512, "forward": step_forward, "compile256": step_compile256,
+           "train512": step_train512, "forward": step_forward, "e2e": step_e2e, "compile256": step_compile256,
            "sampling": lambda s: step_sampling(s, shlex.split(args.sample_args)), "latents": step_latents}
     for name in steps:
         suite.step(name, fns[name], 0 if args.dry_run else MIN_SECONDS[name])
-    suite.log(f"done in {time.perf_counter() - suite.t0:.1f}s; results: {suite.results}")
+    suite.log(f"done in {time.perf_counter() - suite.t0:.1f}s: {suite.summary()}; results: {suite.results}")
+    if suite.failed():
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

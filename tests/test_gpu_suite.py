@@ -23,6 +23,14 @@ def test_dry_run_writes_a_record_per_step(tmp_path):
     for name, r in by_step.items():
         assert r["status"] in (("skipped",) if name == "compile256" else ("ok",)), (name, r)
         assert r["elapsed_s"] >= 0
+    # the end-to-end pass ran every real program, bf16 training under accelerate and sampling under torchrun
+    e2e = by_step["e2e"]
+    assert list(e2e["stages"]) == ["dataset", "assets", "extract", "reference", "train", "sample", "evaluate"]
+    assert all(st["rc"] == 0 and st["seconds"] > 0 for st in e2e["stages"].values())
+    assert "accelerate.commands.launch" in e2e["stages"]["train"]["command"]
+    assert "--mixed-precision bf16" in e2e["stages"]["train"]["command"]
+    assert "torch.distributed.run" in e2e["stages"]["sample"]["command"]
+    assert e2e["grid_written"] and set(e2e["metrics"]) >= {"fid", "inception_score", "precision", "recall"}
     assert by_step["env"]["torch"] and by_step["env"]["bf16_matmul_tflops"] > 0
     assert by_step["cuda_tests"]["rc"] == 0 and "collected" in by_step["cuda_tests"]["summary"][0]
     # the training step: baseline and the three checkpointing modes timed in one process
@@ -44,7 +52,34 @@ def test_dry_run_writes_a_record_per_step(tmp_path):
     assert by_step["latents"]["loader"]["best_latents_per_s"] > 0
     assert by_step["profile256"]["top_kernels"] and (tmp_path / "gpu_profile.txt").read_text().startswith("one training step")
     log = (tmp_path / "gpu_log.txt").read_text()
-    assert "== train256: ok in" in log and "done in" in log
+    assert "== train256: ok in" in log
+    assert f"done in" in log and f": {len(gpu_suite.STEP_ORDER) - 1} ok, 0 failed, 1 skipped (compile256);" in log
+
+
+def test_a_failed_step_fails_the_suite(tmp_path):
+    """A step that fails makes the whole suite exit 1 with a summary naming it; a step skipped (for the
+    budget, or because it cannot run here) is not a failure. The stand-in Python has no torch at all,
+    as on the machine where the suite once printed a traceback for every step and still exited 0."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", tmp_path / "bare"], check=True, timeout=60)
+    fake = tmp_path / "bare" / "bin" / "python"  # a Python with the standard library only
+    assert subprocess.run([fake, "-c", "import torch"], capture_output=True).returncode != 0
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--dry-run", "--steps", "env,compile256"],
+                          env=dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=str(fake)), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "0 ok, 1 failed (env), 1 skipped (compile256)" in proc.stdout
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--dry-run", "--steps", "compile256"],
+                          env=dict(os.environ, OUT=str(tmp_path / "out2"), PYTHON=sys.executable), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "0 ok, 0 failed, 1 skipped (compile256)" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_a_failed_part_fails_its_step(tmp_path):
+    suite = gpu_suite.Suite(tmp_path, budget_s=60, sizes=gpu_suite.DRY, dry_run=True)
+    suite.step("forward", lambda s: {"bf16": {"rows": {}}, "tf32": {"status": "timeout"}}, min_s=0)
+    suite.step("sampling", lambda s: {"eager": {"img_per_s": {}}, "compiled": {"status": "skipped"}}, min_s=0)
+    assert suite.statuses == {"forward": "failed", "sampling": "ok"} and suite.failed()
+    assert suite.summary() == "1 ok, 1 failed (forward), 0 skipped"
 
 
 def test_budget_stops_a_command_and_skips_what_does_not_fit(tmp_path):
