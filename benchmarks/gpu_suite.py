@@ -49,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -57,11 +58,13 @@ if str(REPO) not in sys.path:  # run by path from the shell script: the repo roo
     sys.path.insert(0, str(REPO))
 
 from fcdm_common.cli import UserError, run_main  # noqa: E402
+from fcdm_common.processes import kill_processes_with_env  # noqa: E402
 
 BENCH_MODEL = REPO / "benchmarks" / "bench_model.py"
 BENCH_DATA = REPO / "benchmarks" / "bench_data.py"
 NOMINAL_PEAK_TFLOPS = 989.0  # H100/H200 SXM dense bf16, the vendor's figure
 MEASURED_PEAK_TFLOPS = 790.0  # what an 8192^3 bf16 matmul reached on this project's H200 (used if env fails)
+RUN_TAG = "FCDM_GPU_SUITE_RUN"  # environment tag of every command the suite runs (to find what it left behind)
 TINY_FCDM = '{"hidden_size": 16, "depths": [1, 1, 1], "num_classes": 10}'
 
 
@@ -106,7 +109,7 @@ GPU = Sizes(device="cuda", model="FCDM-XL", model_kwargs=None, dit="DiT-XL/2", l
             vae_widths=(128, 256, 512, 512), vae_layers=2, vae_image=256, vae_batch=64, loader_count=4096,
             loader_batch=256, loader_steps=40, matmul_n=8192, forward_dtypes=("bf16", "fp32"),
             ckpt512=("selective", "full"), test_timeout_s=150, e2e_upscale=32, e2e_model="FCDM-S",
-            e2e_model_kwargs=None, e2e_steps=300, e2e_batch=64, e2e_samples=512, e2e_sampling_steps=50,
+            e2e_model_kwargs=None, e2e_steps=300, e2e_batch=64, e2e_samples=256, e2e_sampling_steps=50,
             e2e_ref_images=1797)
 DRY = Sizes(device="cpu", model="FCDM-S", model_kwargs=TINY_FCDM, dit="DiT-S/2", latent256=8, latent512=16,
             train_batch=2, forward_batch=2, sample_batch=2, warmup=0, repeats=1, compile=False,
@@ -170,10 +173,12 @@ class Suite:
         self.log("$ " + " ".join(shlex.quote(str(c)) for c in cmd) + f"   [limit {limit:.0f}s]")
         t = time.perf_counter()
         cpu0 = _children_cpu_s()
+        tag = uuid.uuid4().hex
         proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                cwd=REPO, env={**os.environ, **(env or {})}, process_group=0, bufsize=1)
+                                cwd=REPO, env={**os.environ, **(env or {}), RUN_TAG: tag}, process_group=0, bufsize=1)
         # its own process group (not a new session: a machine that ends the suite's session ends it too),
-        # so a time limit stops the command with everything it started
+        # so a time limit stops the command with everything it started; torchrun's workers live in sessions
+        # of their own and are found by the environment tag instead
         self.active = proc
         tail: List[str] = []
 
@@ -197,11 +202,14 @@ class Suite:
             proc.wait()
         reader.join(timeout=10)
         self.active = None
+        orphans = kill_processes_with_env(RUN_TAG, tag)  # e.g. a torchrun worker of a launcher that was stopped
+        if orphans:
+            self.log(f"  killed {len(orphans)} process(es) the command left running: {orphans}")
         sec, cpu = time.perf_counter() - t, _children_cpu_s() - cpu0
         self.log(f"  -> rc {proc.returncode}{' (stopped: time limit)' if timed_out else ''} after {sec:.1f}s "
                  f"({cpu:.1f} CPU-s)")
         return {"rc": proc.returncode, "timed_out": timed_out, "seconds": round(sec, 2), "cpu_s": round(cpu, 2),
-                "tail": "\n".join(tail[-25:])}
+                "tail": "\n".join(tail[-25:]), "orphans_killed": len(orphans)}
 
     def step(self, name: str, fn: Callable[["Suite"], dict], min_s: float) -> None:
         rem = self.remaining()
@@ -443,11 +451,12 @@ def step_sampling(suite: Suite, extra: List[str]) -> dict:
         raise Skip("bench_model.py has no --mode sample yet (another change adds it); nothing measured")
     out = {}
     # bench_model's --mode sample default: DPM++ 2M, 20 steps, guidance 4.0, batches 64 and 256. The paper's
-    # guided DDPM-250 loop is one timed loop at the sampling batch (about 12x the DPM++ loop's work).
+    # guided DDPM-250 loop is one timed loop at batch 64 (at 256 it took more than the step's 90 s on an H200:
+    # 500 network evaluations of 256 images at about 1,400 images/s)
     ddpm_steps = 3 if suite.dry_run else 250
     variants = [("eager", [], {}), *([("compiled", ["--compile"], {})] if s.compile else []),
                 (f"ddpm{ddpm_steps}_eager", ["--sampler", "ddpm", "--sampling-steps", str(ddpm_steps),
-                                             "--sample-batches", str(s.sample_batch)], {"warmup": 0, "repeats": 1})]
+                                             "--sample-batches", str(s.forward_batch)], {"warmup": 0, "repeats": 1})]
     for label, flags, counts in variants:
         if suite.remaining() < 30:
             out[label] = {"status": "skipped", "reason": "budget"}
@@ -525,6 +534,7 @@ def step_e2e(suite: Suite) -> dict:
                       REPO / "train_gen" / "sample_ddp.py", "--ckpt", ckpts[-1], "--sample-dir", root / "samples",
                       "--num-fid-samples", s.e2e_samples, "--sampler", "ddim", "--num-sampling-steps",
                       s.e2e_sampling_steps, "--cfg-scale", 1.5, "--per-proc-batch-size", min(256, s.e2e_samples),
+                      "--forward-batch", min(256, s.e2e_samples),
                       "--precision", "bf16", "--label-sampling", "balanced", "--keep-pngs", "false",
                       "--device", device, "--hf-model-dir", assets / "vae"], env=env)
         archives = sorted((root / "samples").glob("*.npz"))

@@ -17,6 +17,11 @@ def no_process_left_behind():
     yield
     import time
 
+    import sys
+
+    if "torch._inductor.async_compile" in sys.modules:  # torch.compile's worker pool belongs to this process
+        # (it lives as long as the process that compiled, and would otherwise be counted as left behind)
+        sys.modules["torch._inductor.async_compile"].shutdown_compile_workers()
     time.sleep(0.2)  # processes being killed right now get a moment to exit
     leftovers = kill_processes_with_env(SESSION_KEY, os.environ[SESSION_KEY])
     if leftovers:

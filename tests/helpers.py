@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from fcdm_common.processes import kill_processes_with_env, processes_with_env  # noqa: F401  (re-exported)
+
 
 def randomize(model, std=0.2, seed=0):
     """Move every parameter off its (partly zero) initialisation, so comparisons are not trivial."""
@@ -54,43 +56,6 @@ def parameters_without_gradient(model, inputs, target, steps=3, lr=1e-2):
             touched[n] |= bool(p.grad is not None and torch.count_nonzero(p.grad) > 0)
         opt.step()
     return [n for n, ok in touched.items() if not ok]
-
-
-def processes_with_env(key, value):
-    """PIDs of this user's live processes whose environment holds key=value (read from /proc; Linux).
-    torch's elastic agent starts workers in their own sessions, so process groups cannot find them,
-    but they inherit the environment."""
-    import os
-
-    needle = f"{key}={value}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0]
-        except OSError:  # gone, or another user's
-            continue
-        if needle in env and state != b"Z":  # zombies are dead already (waiting for their parent)
-            found.append(int(entry))
-    return found
-
-
-def kill_processes_with_env(key, value):
-    """SIGKILL every process tagged with key=value; returns their PIDs."""
-    import os
-    import signal
-
-    pids = processes_with_env(key, value)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return pids
 
 
 def run_torchrun(script, args, timeout, nproc=2):

@@ -87,6 +87,13 @@ def test_budget_stops_a_command_and_skips_what_does_not_fit(tmp_path):
     t = time.perf_counter()
     res = suite.run([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"])
     assert res["timed_out"] and time.perf_counter() - t < 10 and "started" in res["tail"]
+    # a launcher stopped at the limit takes the workers it started in sessions of their own with it
+    child = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], " \
+            "start_new_session=True); print('worker started', flush=True); time.sleep(60)"
+    suite.budget_s = time.perf_counter() - suite.t0 + 6.0
+    res = suite.run([sys.executable, "-c", child])
+    assert res["timed_out"] and "worker started" in res["tail"] and res["orphans_killed"] == 1
+    suite.budget_s = time.perf_counter() - suite.t0 + 5.0
     suite.step("late", lambda s: {"never": True}, min_s=30)
     suite.step("broken", lambda s: 1 / 0, min_s=0)
     recs = [json.loads(line) for line in (tmp_path / "gpu_results.jsonl").read_text().splitlines()]
