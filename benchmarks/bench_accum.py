@@ -56,10 +56,10 @@ def main(argv=None):
 
     from diffusion import create_objective
     from fcdm_common.cpu import tune_cpu_allocator
-    from fcdm_common.ema import create_ema, update_ema
-    from fcdm_common.step_rng import StepDraws
+    from train_gen.ema import create_ema, update_ema
+    from train_gen.step_draws import BatchPlan, StepDraws
     from models.fcdm import FCDM
-    from train_gen.train import accumulate_gradients
+    from train_gen.training_loop import accumulate_gradients
 
     tune_cpu_allocator()
     accelerator = Accelerator(cpu=True)
@@ -70,13 +70,14 @@ def main(argv=None):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     objective = create_objective("diffusion")
-    draws = StepDraws(0, G, 1, 0, (4, S, S), "cpu", objective.sample_timesteps, model.label_drop_shape,
+    draws = StepDraws(0, BatchPlan(G), (4, S, S), "cpu", objective.sample_timesteps, model.label_drop_shape,
                       model.class_dropout_prob)
     x = torch.randn(G, 4, S, S).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (G,))
 
     def step(i: int, accum: int) -> None:
-        losses = accumulate_gradients(model, objective, accelerator, x, y, draws.draw(i), G // accum)
+        losses = accumulate_gradients(model, objective, accelerator, x, y, draws.draw(i),
+                                      BatchPlan(G, micro_batch=G // accum).micro_slices())
         grads = [p.grad for p in params if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True).float()
         bad = ~(torch.isfinite(grad_norm) & torch.isfinite(losses["loss"]))

@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from fcdm_common.cli import HelpFormatter, UserError, non_negative_int, positive_int, run_main
-from fcdm_common.data import TrainLoader, open_dataset
+from train_gen.loader import TrainLoader
+from train_gen.step_draws import BatchPlan
+from preparation.readers import open_dataset
 from preparation import store as zstore
 
 
@@ -43,7 +45,7 @@ def measure(path: Path, batch_size: int, num_workers: int, steps: int, warmup: i
             device: str = "none") -> float:
     ds = open_dataset(zarr_path=path, cache=cache)
     t_open = time.perf_counter()
-    loader = TrainLoader(ds, batch_size=batch_size, rank=0, world_size=1, seed=0, num_workers=num_workers,
+    loader = TrainLoader(ds, BatchPlan(batch_size), seed=0, num_workers=num_workers,
                          pin_memory=device == "cuda")
     to_device = _device_copy(device)
     print(f"  loader ready in {time.perf_counter() - t_open:.2f}s (in-memory cache: {ds.cached})")

@@ -50,14 +50,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
-import platform
 import resource
 import statistics
-import subprocess
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -65,70 +61,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from benchmarks.bench_sampling import format_sampling, sampling_benchmark
+from benchmarks.common import environment, peak_memory, resolve_latent, setup_device, timed
 from fcdm_common.cli import HelpFormatter, UserError, non_negative_int, positive_int, run_main
-from fcdm_common.cpu import cpu_allocator_state, tune_cpu_allocator
-from fcdm_common.ema import create_ema, update_ema, update_ema_reference
+from train_gen.ema import create_ema, update_ema, update_ema_reference
 from models import MODELS, create_model
 from models.fcdm import FCDM
 from models.fcdm_reference import FCDMReference
 from models.summary import count_params, forward_gmacs
-
-VAE_DOWNSAMPLE = 8  # 4-channel models work on SD-VAE latents: resolution / 8
-
-
-# ----------------------------------------------------------------------------------------------
-# Environment
-# ----------------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or "unknown"
-
-
-def environment(device: torch.device) -> dict:
-    env = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "cpu": cpu_model(),
-        "cpu_threads": torch.get_num_threads(),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-        env["cuda"] = torch.version.cuda
-    else:
-        env["cpu_allocator"] = cpu_allocator_state()
-    return env
-
-
-def setup_device(args) -> torch.device:
-    """The device of the run, with its process-wide settings (applied to every variant alike)."""
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda requested but torch.cuda.is_available() is False")
-        # fp32 matmuls and convolutions in TF32 for every variant (the baseline's "fp32 (TF32 on GPU)")
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    elif args.cpu_allocator == "tuned":
-        tune_cpu_allocator()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    return device
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,15 +97,6 @@ class Variant:
     train_times: List[float] = field(default_factory=list)
     forward_fn: Optional[Callable[[], None]] = None
     train_fn: Optional[Callable[[], None]] = None
-
-
-def resolve_latent(args, in_channels: int) -> int:
-    if args.latent_size is not None:
-        return args.latent_size
-    down = VAE_DOWNSAMPLE if in_channels == 4 else 1
-    if args.resolution % down:
-        raise UserError(f"--resolution {args.resolution} is not a multiple of the VAE factor {down}")
-    return args.resolution // down
 
 
 def build_model(name: str, kwargs: dict, device: torch.device, latent: Optional[int]) -> nn.Module:
@@ -269,26 +200,6 @@ def prepare_variant(v: Variant, args, device: torch.device, latent: int, kwargs:
             ema_update(ema, model, 0.9999)
 
         v.train_fn = train_step
-
-
-def timed(fn: Callable[[], None], device: torch.device) -> float:
-    synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - t0
-
-
-def peak_memory(fn: Callable[[], None], device: torch.device) -> Optional[int]:
-    """CUDA: max_memory_allocated over one call (bytes). CPU: None (see the process ru_maxrss)."""
-    if device.type != "cuda":
-        return None
-    synchronize(device)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    synchronize(device)
-    return int(torch.cuda.max_memory_allocated(device))
 
 
 def run_benchmark(args) -> dict:
@@ -434,7 +345,7 @@ def layer_benchmarks(args) -> dict:
     pointwise conv (Linear on NHWC vs 1x1 Conv2d on NCHW); and, in the same channels-last layout, the
     hand-written backward passes against the library's (depthwise, CPU) and autograd's (GRN).
     Median of --repeats, interleaved."""
-    from models.fcdm import GRN, DepthwiseConv
+    from models.layers import GRN, DepthwiseConv
     from models.fcdm_reference import GRNReference
 
     device = setup_device(args)
@@ -608,7 +519,6 @@ def main(argv=None):
         report = layer_benchmarks(args)
         print(format_layers(report))
     elif args.mode == "sample":
-        from benchmarks.bench_sampling import format_sampling, sampling_benchmark
 
         report = sampling_benchmark(args)
         print(format_sampling(report))

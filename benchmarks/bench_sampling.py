@@ -2,8 +2,8 @@
 
 One measurement per batch size: `diffusion.sample` from fresh noise with the chosen sampler and steps,
 classifier-free guidance in the same forward call (2 x batch rows per network call when cfg != 1), the
-network behind `fcdm_common.sampling.FixedBatchModel` (fixed forward batch = 2 x batch, bf16 autocast
-with --dtype bf16) and, with --compile, `fcdm_common.compiled.compiled_network` - exactly what
+network behind `diffusion.sampling.FixedBatchModel` (fixed forward batch = 2 x batch, bf16 autocast
+with --dtype bf16) and, with --compile, `diffusion.compiled.compiled_network` - exactly what
 sample.py / sample_ddp.py run. Warm-up loops (which also pay the compile) are not timed; the median of
 --repeats timed loops is reported.
 """
@@ -15,14 +15,14 @@ import time
 
 import torch
 
+from benchmarks.common import environment, resolve_latent, setup_device, synchronize
 from fcdm_common.cli import UserError
 
 
 def sampling_benchmark(args) -> dict:
     import diffusion
-    from benchmarks.bench_model import environment, resolve_latent, setup_device, synchronize
-    from fcdm_common.compiled import compile_mode, compiled_network
-    from fcdm_common.sampling import FixedBatchModel
+    from diffusion.compiled import compile_mode, compiled_network
+    from diffusion.sampling import FixedBatchModel
     from models import MODELS, create_model
 
     device = setup_device(args)

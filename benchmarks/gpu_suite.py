@@ -495,8 +495,8 @@ def step_e2e(suite: Suite) -> dict:
         ("assets", [py, __file__, "--worker", "e2e_assets", "--vae-widths", ",".join(map(str, s.vae_widths)),
                     "--vae-layers", s.vae_layers, "--vae-image", size, "--table", assets,
                     "--json", suite.work / "e2e_assets.json"]),
-        ("extract", [py, REPO / "preparation" / "extract_features.py", "--data-path", images, "--features-path",
-                     store, "--image-size", size, "--vae", "sd", "--hf-model-dir", assets / "vae", "--batch-size",
+        ("extract", [py, REPO / "preparation" / "extract_features.py", "--data-path", images, "--zarr-path",
+                     store, "--image-size", size, "--vae", "sd", "--hf-model-dir", assets / "vae", "--per-proc-batch-size",
                      64, "--num-workers", 4 if device == "cuda" else 0, "--device", device]),
         ("reference", [py, REPO / "evaluations" / "make_reference.py", "--data-path", images, "--out",
                        root / "ref.npz", "--image-size", size, "--backend", "torch", "--inception-weights",
@@ -655,20 +655,20 @@ def worker_profile(args) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from benchmarks import bench_model
+    from benchmarks import bench_model, common
 
     bargs = bench_model.parse_args(["--model", args.model, *(["--model-kwargs", args.model_kwargs] if args.model_kwargs
                                     else []), "--latent-size", str(args.latent_size), "--batch-size",
                                     str(args.batch_size), "--dtype", "bf16", "--device", args.device, "--mode", "train"])
-    device = bench_model.setup_device(bargs)
+    device = common.setup_device(bargs)
     v = bench_model.make_variant("profiled", args.model, bargs, False)
     bench_model.prepare_variant(v, bargs, device, args.latent_size, json.loads(args.model_kwargs or "{}"))
     for _ in range(2):
-        bench_model.timed(v.train_fn, device)
+        common.timed(v.train_fn, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities, record_shapes=True) as prof:
         v.train_fn()
-        bench_model.synchronize(device)
+        common.synchronize(device)
     on_gpu = device.type == "cuda"
     self_key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
     total_key = "device_time_total" if on_gpu else "cpu_time_total"
@@ -713,7 +713,7 @@ def worker_vae(args) -> dict:
     import torch
     from diffusers import AutoencoderKL
 
-    from fcdm_common.vae import load_vae
+    from models.autoencoders import load_autoencoder
 
     widths = tuple(int(w) for w in args.vae_widths.split(","))
     torch.manual_seed(0)
@@ -729,7 +729,7 @@ def worker_vae(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            vae = load_vae("sd", hf_model_dir=tmp, device=device, dtype=dtype)
+            vae = load_autoencoder("sd", hf_model_dir=tmp, device=device, dtype=dtype)
             x = torch.rand(args.batch_size, 3, args.vae_image, args.vae_image, device=device) * 2 - 1
             sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
             vae.encode_moments(x)

@@ -123,7 +123,7 @@ class FCDMPipeline(DiffusionPipeline):
         shape = tuple(int(v) for v in cfg.latent_shape)
         device = self._execution_device
         if seed is not None:
-            from fcdm_common.sampling import _label_and_noise, sample_generator
+            from diffusion.sampling import _label_and_noise, sample_generator
 
             gens = [sample_generator(seed, k) for k in range(len(labels))]
             noise = torch.stack([_label_and_noise(g, cfg.num_classes, shape)[1] for g in gens])
@@ -134,7 +134,7 @@ class FCDMPipeline(DiffusionPipeline):
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images (N, 3, H, W) in [-1, 1], float32 (identity without a VAE)."""
-        from fcdm_common.latent_norm import LatentNorm
+        from models.latent_space import LatentNorm
 
         cfg = self.transformer.config
         x = latents.float()

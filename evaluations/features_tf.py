@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from fcdm_common.cli import HelpFormatter, UserError, positive_int, run_main
+from fcdm_common.cli import HelpFormatter, UserError, alias_help, positive_int, run_main
 from fcdm_common.io import atomic_path
 
 INPUT_NAME = "ExpandDims:0"  # where the graph's decoded JPEG enters (before its resize)
@@ -139,11 +139,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--inception-pb", required=True, help="path to classify_image_graph_def.pb")
     parser.add_argument("--images", nargs="+", required=True, help="ADM .npz batches (arr_0 uint8 NHWC)")
     parser.add_argument("--out", nargs="+", required=True, help="one output .npz per --images file")
-    parser.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE, help="images per graph run (ADM: 64)")
+    parser.add_argument("--forward-batch", "--batch-size", dest="forward_batch", type=positive_int, default=BATCH_SIZE,
+                        help=alias_help("images per graph run (ADM: 64)", "--batch-size"))
     args = parser.parse_args(argv)
     if len(args.images) != len(args.out):
         raise UserError("--images and --out need the same number of paths")
-    extract(resolve_pb(args.inception_pb), args.images, args.out, args.batch_size)
+    extract(resolve_pb(args.inception_pb), args.images, args.out, args.forward_batch)
 
 
 # ---------------------------------------------------------------- in the caller's process
@@ -199,7 +200,7 @@ def compute_tf_features(
     with tempfile.TemporaryDirectory(prefix="fcdm_tf_feats_") as tmp:
         outs = [str(Path(tmp) / f"feats_{i}.npz") for i in range(len(npz_paths))]
         cmd = [python_exe, "-m", "evaluations.features_tf", "--inception-pb", pb_path, "--images", *map(str, npz_paths),
-               "--out", *outs, "--batch-size", str(batch_size)]
+               "--out", *outs, "--forward-batch", str(batch_size)]
         if "FCDM_PROGRESS" not in env and sys.stderr.isatty():
             env["FCDM_PROGRESS"] = "1"  # the child's stderr is our pipe, but its bar ends on this terminal
         try:

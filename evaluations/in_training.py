@@ -7,9 +7,9 @@ What happens at an evaluation step S (a multiple of --eval-every, or the last st
 1. the checkpoint of step S is written first (train.py's own save; an evaluation step that is not a
    checkpoint step gets one), so the weights an evaluation scored are always on disk;
 2. every process samples its share of the --eval-samples indices (r, r + W, r + 2W, ...) with the EMA
-   model through `fcdm_common.sampling.generate`, the per-index machinery of sample_ddp.py: sample i
+   model through `diffusion.sampling.generate`, the per-index machinery of sample_ddp.py: sample i
    is a function of (--eval-seed, i) and the settings only, so the archive equals what
-   `sample_ddp.py --ckpt checkpoints/S.pt --global-seed SEED --per-proc-batch-size B --forward-batch B
+   `sample_ddp.py --ckpt checkpoints/S.pt --seed SEED --per-proc-batch-size B --forward-batch B
    --sampler ... --num-sampling-steps ... --cfg-scale ...` draws. Every random state of every process
    is captured before and restored after (the training RNG streams and the data position are
    untouched: a run with evaluation trains bitwise like one without);
@@ -17,7 +17,7 @@ What happens at an evaluation step S (a multiple of --eval-every, or the last st
    subprocess, as evaluate.py does) and the metrics with the same code as evaluate.py
    (`evaluations.evaluator.metrics_from_features`) against the cached reference features;
 4. the numbers go to metrics.jsonl (a record {"step": S, "kind": "eval", ...}), log.txt and
-   TensorBoard/W&B (`eval/<metric>`), and curves.png is redrawn. The time spent is excluded from
+   TensorBoard/W&B (`eval/<metric>`), and `on_record` runs (the training loop redraws curves.png). The time spent is excluded from
    steps/s and logged apart (`eval_seconds`).
 
 Kill and resume: the log of an evaluation is keyed by its step. A run killed after checkpoint S but
@@ -67,7 +67,7 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-steps", type=positive_int, default=50, help="sampling steps of the evaluation samples")
     g.add_argument("--eval-cfg-scale", type=float, default=1.0,
                    help="classifier-free guidance scale of the evaluation samples (1: off)")
-    g.add_argument("--eval-seed", type=int, default=0, help="global seed of the samples (sample_ddp.py --global-seed)")
+    g.add_argument("--eval-seed", type=int, default=0, help="global seed of the samples (sample_ddp.py --seed)")
     g.add_argument("--eval-batch-size", type=positive_int, default=64,
                    help="samples per sampler batch and rows per network call on each process (= sample_ddp.py "
                         "--per-proc-batch-size B --forward-batch B); as with --forward-batch, another value can "
@@ -107,7 +107,7 @@ class EvalPlan:
 
 
 def _eval_sampler(objective: str, requested: str, num_steps: int) -> str:
-    from fcdm_common.sampling import resolve_sampler
+    from diffusion.sampling import resolve_sampler
 
     if requested == "auto":
         sampler = "ddim" if objective == "diffusion" else resolve_sampler(objective)
@@ -247,10 +247,10 @@ class InTrainingEvaluator:
     """Runs the evaluations of one training run (every process holds one; process 0 scores and logs)."""
 
     def __init__(self, plan: EvalPlan, *, accelerator, logger, run_dir, config: dict, ema, device,
-                 max_steps: int, ckpt_every: int):
+                 max_steps: int, ckpt_every: int, on_record: Optional[Callable[[], None]] = None):
         self.plan = plan
         self.accelerator = accelerator  # accelerate.Accelerator (ranks, barriers, trackers)
-        self.logger = logger  # fcdm_common.trainutil.RunLogger (enabled on process 0 only)
+        self.logger = logger  # train_gen.run_folder.RunLogger (enabled on process 0 only)
         self.run_dir = Path(run_dir)
         self.config = config  # the run's resolved config (as stored in its checkpoints)
         self.ema = ema  # the EMA network (eval mode), updated in place by training
@@ -263,7 +263,8 @@ class InTrainingEvaluator:
         self.global_batch_size = int(config["train"]["global_batch_size"])
         self.reference = None  # process 0: cached reference features
         self.logged: set = set()  # steps whose evaluation record is in metrics.jsonl
-        self._setup = None  # fcdm_common.sampling.SamplingSetup around self.ema
+        self._setup = None  # diffusion.sampling.SamplingSetup around self.ema
+        self.on_record = on_record  # called on process 0 after each record is logged (e.g. redraw the curves)
 
     # ---- schedule
     def is_eval_step(self, step: int) -> bool:
@@ -313,7 +314,7 @@ class InTrainingEvaluator:
     # ---- one evaluation
     def _sampling_setup(self):
         if self._setup is None:
-            from fcdm_common.sampling import setup_from_model
+            from diffusion.sampling import setup_from_model
 
             v = self.config.get("vae") or {}
             self._setup = setup_from_model(self.ema, self.config, path=self.run_dir / "checkpoints",
@@ -326,8 +327,8 @@ class InTrainingEvaluator:
         import torch
         from tqdm import tqdm
 
-        from fcdm_common.sampling import generate
-        from fcdm_common.trainutil import capture_rng, restore_rng
+        from diffusion.sampling import generate
+        from train_gen.run_folder import capture_rng, restore_rng
 
         plan = self.plan
         setup = self._sampling_setup()
@@ -388,8 +389,8 @@ class InTrainingEvaluator:
 
     def _score_and_log(self, step: int, parts_dir: Path, t0: float, t_sampled: float) -> None:
         from evaluations.evaluator import _check_dims, compute_features, metrics_from_features
-        from fcdm_common.archives import write_npz
-        from fcdm_common.sampling import sample_labels
+        from evaluations.archives import write_npz
+        from diffusion.sampling import sample_labels
 
         plan = self.plan
         setup = self._sampling_setup()
@@ -433,25 +434,7 @@ class InTrainingEvaluator:
         if self.accelerator.trackers:
             self.accelerator.log({f"eval/{k}": v for k, v in values.items() if v is not None and np.isfinite(v)}
                                  | {"eval/seconds": t_end - t0}, step=step)
-        write_curves(self.run_dir, self.logger.log)
+        if self.on_record is not None:
+            self.on_record()
 
-
-def write_curves(run_dir, log: Callable[[str], None] = print) -> Optional[Path]:
-    """Redraw <run>/curves.png from its metrics.jsonl (matplotlib imported here, never on the training path)
-    unless the PNG is already newer than the metrics (the end of a run that just evaluated its last step).
-    A failure to draw is logged, never raised: a plot must not stop a run."""
-    run_dir = Path(run_dir)
-    metrics, out = run_dir / "metrics.jsonl", run_dir / "curves.png"
-    if not metrics.is_file():
-        return None
-    if out.is_file() and out.stat().st_mtime_ns > metrics.stat().st_mtime_ns:
-        return out
-    try:
-        from train_gen.plot import plot_runs
-
-        plot_runs([run_dir], out)
-        return out
-    except Exception as e:  # noqa: BLE001 - matplotlib missing, odd records, full disk: log and go on
-        log(f"WARNING: could not draw {run_dir / 'curves.png'} ({type(e).__name__}: {e})")
-        return None
 

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from fcdm_common.cli import HelpFormatter, UserError, non_negative_int, positive_int, run_main
+from fcdm_common.cli import HelpFormatter, UserError, alias_help, non_negative_int, positive_int, run_main
 from fcdm_common.io import atomic_path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
@@ -143,10 +143,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--inception-weights", default=None, help="torch backend: inception_v3 state_dict file")
     p.add_argument("--tf-python", default=None, help="tf backend: Python with TensorFlow (default: this one)")
     p.add_argument("--device", default=None, help="torch backend: device (default cuda if available)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="images per network call")
+    p.add_argument("--forward-batch", "--batch-size", dest="forward_batch", type=positive_int, default=64,
+                   help=alias_help("images per feature-network call", "--batch-size"))
     args = p.parse_args(argv)
     make_reference(args.data_path, args.out, args.image_size, args.backend, args.num_images, args.seed,
-                   args.inception_pb, args.inception_weights, args.tf_python, args.device, args.batch_size)
+                   args.inception_pb, args.inception_weights, args.tf_python, args.device, args.forward_batch)
 
 
 if __name__ == "__main__":

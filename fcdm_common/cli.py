@@ -6,7 +6,11 @@ turns it into a single readable line on stderr and exit status 2, which is the c
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
+import warnings
 from typing import Callable, NoReturn, Sequence
 
 
@@ -48,6 +52,11 @@ def non_negative_int(value: str) -> int:
     return v
 
 
+def alias_help(text: str, *aliases: str) -> str:
+    """Help text of a flag that also answers to older names: they keep working, and --help says so."""
+    return f"{text} (alias: {', '.join(aliases)})"
+
+
 def error_summary(e: BaseException, limit: int = 200) -> str:
     """`Type: first line of the message` (at most `limit` characters), or just `Type` for an empty message:
     for quoting a library's exception in a one-line UserError (some, like EOFError, carry no text)."""
@@ -67,18 +76,35 @@ def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str]
 
     Under torchrun every rank hands it to the launcher, whose failure summary (the last lines of
     the output) then names it next to the worker's exit code 2, and normally only rank 0 prints it
-    (fcdm_common.distributed.hand_error_to_launcher). torchrun itself exits with status 1."""
+    (`hand_error_to_launcher`). torchrun itself exits with status 1."""
     install_warning_format()
     try:
         main(argv)
     except UserError as e:
-        import os
-
         if "TORCHELASTIC_ERROR_FILE" in os.environ:
-            from fcdm_common.distributed import hand_error_to_launcher
-
             hand_error_to_launcher(str(e))
         fail(str(e))
+
+
+def hand_error_to_launcher(message: str, grace_s: float = 5.0) -> None:
+    """Under torchrun (or accelerate's multi-process launch, which is torchrun): write `message` to
+    this worker's error file, so the launcher's closing failure summary - the last lines of the
+    output - shows it instead of "To enable traceback see ...".
+
+    A rank other than 0 then waits up to `grace_s`: rank 0 normally fails the same way, prints the
+    message and exits, and the launcher stops the other workers, so the message is printed once.
+    A rank that is still running afterwards (rank 0 did not fail) returns and prints it itself.
+    Reads the environment only."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w") as f:  # a plain-string message is shown as it is (elastic's ProcessFailure)
+            json.dump({"message": f"error: {message}", "timestamp": int(time.time())}, f)
+    except OSError:
+        return
+    if os.environ.get("RANK", "0") != "0":
+        time.sleep(grace_s)
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -87,8 +113,6 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 def install_warning_format() -> None:
     """Print warnings as one `Category: message` line, without the echoed source line below it."""
-    import warnings
-
     warnings.formatwarning = _one_line_warning
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from fcdm_common.cli import UserError
+
 
 @dataclass
 class DistInfo:
@@ -42,8 +44,6 @@ def init_distributed(device: str | None = None) -> DistInfo:
     """
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
-        from fcdm_common.cli import UserError
-
         raise UserError(f"--device {device} was requested but CUDA is not available; use --device cpu")
     if not launched_distributed():
         dev = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
@@ -96,25 +96,3 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def hand_error_to_launcher(message: str, grace_s: float = 5.0) -> None:
-    """Under torchrun (or accelerate's multi-process launch, which is torchrun): write `message` to
-    this worker's error file, so the launcher's closing failure summary - the last lines of the
-    output - shows it instead of "To enable traceback see ...".
-
-    A rank other than 0 then waits up to `grace_s`: rank 0 normally fails the same way, prints the
-    message and exits, and the launcher stops the other workers, so the message is printed once.
-    A rank that is still running afterwards (rank 0 did not fail) returns and prints it itself.
-    Reads the environment only."""
-    import json
-    import time
-
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not path:
-        return
-    try:
-        with open(path, "w") as f:  # a plain-string message is shown as it is (elastic's ProcessFailure)
-            json.dump({"message": f"error: {message}", "timestamp": int(time.time())}, f)
-    except OSError:
-        return
-    if os.environ.get("RANK", "0") != "0":
-        time.sleep(grace_s)

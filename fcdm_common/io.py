@@ -118,3 +118,13 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
         while chunk := f.read(chunk_bytes):
             h.update(chunk)
     return h.hexdigest()
+
+
+def save_safetensors(state_dict: dict, path: str | os.PathLike, metadata: Optional[dict] = None) -> None:
+    """Write a state_dict as safetensors atomically (contiguous copies; metadata values as strings).
+    Serialised in memory and written by our atomic writer: `save_file` would leave its own temp file
+    (`.tmpXXXXXX`) behind when killed."""
+    from safetensors.torch import save  # deferred: safetensors is needed only by the writers of weights
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    atomic_write_bytes(path, save(tensors, metadata={k: str(v) for k, v in (metadata or {}).items()}))

@@ -39,7 +39,7 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
-from fcdm_common.checkpoint import save_checkpoint
+from models.checkpoints import save_checkpoint
 from fcdm_common.cli import HelpFormatter, UserError, positive_int, run_main
 
 # release stage prefix -> (our ModuleList path); level 1 is the full-resolution level

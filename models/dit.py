@@ -32,8 +32,8 @@ import torch
 import torch.nn as nn
 from timm.layers import Attention, Mlp, PatchEmbed
 
-from . import register
-from .fcdm import TimestepEmbedder, guide, resolve_checkpoint_mode, run_block
+from models.layers import TimestepEmbedder, resolve_checkpoint_mode, run_block
+from models.registry import MODELS, register
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,17 +258,6 @@ class DiT(nn.Module):
         h = self.final_layer(h, c)  # (N, T, p*p*C_out)
         return self.unpatchify(h)  # (N, C_out, S, S)
 
-    def forward_with_cfg(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, cfg_channels: int | str = "all"
-    ) -> torch.Tensor:
-        """Classifier-free guidance, same convention as `FCDM.forward_with_cfg`: the batch is
-        [cond; uncond] with the null label in the second half of y; cfg_channels=3 is DiT's choice."""
-        half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half]), t, y)
-        cond, uncond = out.chunk(2)
-        guided = guide(cond, uncond, cfg_scale, self.in_channels, cfg_channels)
-        return torch.cat([guided, guided])
-
 
 # ----------------------------------------------------------------------------------------------
 # DiT's released checkpoints (facebookresearch/DiT: plain state dicts of the EMA weights)
@@ -304,8 +293,6 @@ def dit_checkpoint_from_state_dict(state_dict: dict, model_name: Optional[str]) 
     depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
     rows = int(state_dict["y_embedder.embedding_table.weight"].shape[0])
     kwargs = dict(input_size=grid * p, in_channels=in_ch, learn_sigma=out_ch == 2 * in_ch, num_classes=rows - 1)
-    from . import MODELS
-
     dits = sorted(n for n in MODELS if n.startswith("DiT-"))
     if model_name not in dits:
         raise ValueError(f"--model {model_name} is not a registered DiT variant; use one of {', '.join(dits)}")
@@ -329,21 +316,21 @@ def _dit(depth: int, width: int, heads: int, /, **overrides) -> DiT:
     return DiT(**kwargs)
 
 
-@register("DiT-S/2")
+@register("DiT-S/2", input_size_arg="input_size")
 def dit_s_2(**kw):
     return _dit(12, 384, 6, **kw)
 
 
-@register("DiT-B/2")
+@register("DiT-B/2", input_size_arg="input_size")
 def dit_b_2(**kw):
     return _dit(12, 768, 12, **kw)
 
 
-@register("DiT-L/2")
+@register("DiT-L/2", input_size_arg="input_size")
 def dit_l_2(**kw):
     return _dit(24, 1024, 16, **kw)
 
 
-@register("DiT-XL/2")
+@register("DiT-XL/2", input_size_arg="input_size")
 def dit_xl_2(**kw):
     return _dit(28, 1152, 16, **kw)

@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .fcdm import FCDM, TimestepEmbedder
+from models.fcdm import FCDM
+from models.layers import TimestepEmbedder
 
 
 class ChannelsFirstLayerNorm(nn.Module):

@@ -1,7 +1,7 @@
 """Encode an ImageFolder into VAE latents: one resumable zarr store, one or many processes.
 
-    torchrun --nproc_per_node=N preparation/extract_features.py --data-path IMAGEFOLDER --features-path OUT
-    python preparation/extract_features.py --data-path IMAGEFOLDER --features-path OUT   # one process / CPU
+    torchrun --nproc_per_node=N preparation/extract_features.py --data-path IMAGEFOLDER --zarr-path OUT
+    python preparation/extract_features.py --data-path IMAGEFOLDER --zarr-path OUT   # one process / CPU
 
 Preprocessing follows ADM/DiT: center crop to --image-size (fcdm_common.images.center_crop_arr),
 pixels to [-1, 1]. Every image is encoded twice, as is and horizontally flipped, so training flips
@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fcdm_common.cli import HelpFormatter, UserError, non_negative_int, positive_int, run_main, str2bool
+from fcdm_common.cli import HelpFormatter, UserError, alias_help, non_negative_int, positive_int, run_main, str2bool
 from fcdm_common.distributed import barrier, cleanup, init_distributed
 from fcdm_common.images import center_crop_arr, pil_to_tensor
-from fcdm_common.autoencoders import DEFAULT_HF_MODEL, SUPPORTED_CLASSES, describe, load_autoencoder, vae_id
+from models.autoencoders import DEFAULT_HF_MODEL, SUPPORTED_CLASSES, describe, load_autoencoder, vae_id
 from preparation import store as zstore
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's list
@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Encode an ImageFolder into a zarr store of VAE latents "
                                 "(both orientations), resumable, one or many processes (torchrun).")
     p.add_argument("--data-path", required=True, help="ImageFolder root: one sub-folder of images per class")
-    p.add_argument("--features-path", required=True, help="output zarr store (a folder); rerun to resume")
+    p.add_argument("--zarr-path", "--features-path", dest="zarr_path", required=True,
+                   help=alias_help("output zarr store (a folder); rerun to resume", "--features-path"))
     p.add_argument("--image-size", type=positive_int, default=256,
                    help="center-crop side in pixels (multiple of the VAE downsampling, 8); default 256")
     p.add_argument("--vae", choices=("sd", "none"), default="sd",
@@ -128,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=None, help="'moments': posterior mean and std (float16), a fresh sample each "
                    "training step; 'sample': one scaled sample per image and orientation (the paper). Default: "
                    "moments, and always sample for deterministic encoders (AutoencoderDC)")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="images per process per batch")
+    p.add_argument("--per-proc-batch-size", "--batch-size", dest="per_proc_batch_size", type=positive_int, default=32,
+                   help=alias_help("images per process per batch", "--batch-size"))
     p.add_argument("--num-workers", type=non_negative_int, default=4, help="DataLoader workers per process")
     p.add_argument("--shard-size", type=positive_int, default=zstore.DEFAULT_SHARD_SIZE,
                    help="images per zarr shard = per work unit (default 1024); part of the store settings")
@@ -136,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per compressed chunk inside a shard (divides --shard-size; default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the posterior samples in --store sample")
     p.add_argument("--overwrite", type=str2bool, nargs="?", const=True, default=False,
-                   help="replace a store at --features-path that was made with other settings (e.g. after images "
+                   help="replace a store at --zarr-path that was made with other settings (e.g. after images "
                         "were added or removed); a store with the same settings is resumed as usual")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--debug-stop-after-shards", type=non_negative_int, default=None, help=argparse.SUPPRESS)
@@ -207,7 +209,7 @@ def main(argv=None):
 def zstore_has_stats(path) -> bool:
     import zarr
 
-    from fcdm_common.latent_norm import stats_from_info
+    from preparation.statistics import stats_from_info
 
     return stats_from_info(dict(zarr.open_group(str(path), mode="r").attrs)) is not None
 
@@ -243,33 +245,33 @@ def _run(args, rank, world, device, say):
         chunk_size=args.chunk_size, seed=args.seed if args.store == "sample" else None,
         vae_class=props["vae_class"], shift_factor=shift)
 
-    state = zstore.check_existing(args.features_path, settings, overwrite=args.overwrite)
+    state = zstore.check_existing(args.zarr_path, settings, overwrite=args.overwrite)
     if state == "complete":
-        say(f"{args.features_path} is already complete ({count} images); nothing to do")
-        if rank == 0 and not zstore_has_stats(args.features_path):
+        say(f"{args.zarr_path} is already complete ({count} images); nothing to do")
+        if rank == 0 and not zstore_has_stats(args.zarr_path):
             say(f"it has no per-channel latent statistics; add them with "
-                f"'python preparation/latent_stats.py {args.features_path}'")
+                f"'python preparation/latent_stats.py {args.zarr_path}'")
         return
     barrier()
     if rank == 0 and state == "replace":
-        zstore.remove_store(args.features_path)
-        say(f"--overwrite: deleted {args.features_path}, which was made with other settings")
+        zstore.remove_store(args.zarr_path)
+        say(f"--overwrite: deleted {args.zarr_path}, which was made with other settings")
     if rank == 0 and state in ("absent", "replace"):
-        zstore.create_store(args.features_path, settings, extra_attrs={
+        zstore.create_store(args.zarr_path, settings, extra_attrs={
             "source": str(Path(args.data_path)), "downsample": down, "latent_channels": channels,
             "hf_model_name": None if args.vae == "none" or args.hf_model_dir else args.hf_model_name,
             "hf_model_dir": None if args.vae == "none" or not args.hf_model_dir else str(Path(args.hf_model_dir).resolve())})
-        say(f"created {args.features_path}")
+        say(f"created {args.zarr_path}")
     barrier()
     import zarr
 
-    group = zarr.open_group(str(args.features_path), mode="r+")
+    group = zarr.open_group(str(args.zarr_path), mode="r+")
     done = zstore.done_shards(group)
     n_shards = len(done)
     mine = [k for k in range(rank, n_shards, world) if not done[k]]
     say(f"{int(done.sum())}/{n_shards} shards already done; {len(mine)} to encode on rank 0")
 
-    batches, owner = _plan_batches(mine, count, args.shard_size, args.batch_size)
+    batches, owner = _plan_batches(mine, count, args.shard_size, args.per_proc_batch_size)
     loader = torch.utils.data.DataLoader(
         CroppedImages(samples, args.image_size), batch_sampler=batches, num_workers=_worker_count(args.num_workers, say),
         collate_fn=_collate, pin_memory=device.type == "cuda")
@@ -320,10 +322,10 @@ def _run(args, rank, world, device, say):
         if zstore.done_shards(group).all():
             zstore.mark_complete(group)
             rate = total / max(time.time() - t0, 1e-9)
-            say(f"done: {args.features_path} holds {count} images x 2 orientations, latents {latent_shape}, "
+            say(f"done: {args.zarr_path} holds {count} images x 2 orientations, latents {latent_shape}, "
                 f"store={args.store} ({rate:.1f} img/s on rank 0)")
         else:
-            say(f"{args.features_path} is not complete yet; rerun the same command to resume")
+            say(f"{args.zarr_path} is not complete yet; rerun the same command to resume")
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ import numpy as np
 
 from fcdm_common.cli import UserError, non_negative_int, run_main
 from fcdm_common.distributed import barrier, cleanup, init_distributed
-from fcdm_common.latent_norm import (STATS_ATTR, ensure_stats_arrays, shard_sums, stats_from_info,
-                                     store_stats_from_rows, write_shard_sums)
+from preparation.statistics import (STATS_ATTR, ensure_stats_arrays, shard_sums, stats_from_info,
+                                    store_stats_from_rows, write_shard_sums)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _open(path: Path, mode: str):
     import zarr
 
-    from fcdm_common.data import STORE_FORMAT
+    from preparation.store import STORE_FORMAT
 
     if not (path / "zarr.json").is_file():
         raise UserError(f"{path} is not a zarr latent store (no zarr.json)")

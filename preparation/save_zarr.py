@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from fcdm_common.cli import HelpFormatter, UserError, positive_int, run_main
-from fcdm_common.data_checks import check_label_gaps, load_label_file, load_latent_file
-from fcdm_common.vae import DEFAULT_SCALING_FACTOR
+from preparation.checks import check_label_gaps, load_label_file, load_latent_file
+from models.autoencoders import DEFAULT_SCALING_FACTOR
 from preparation import store as zstore
 
 

@@ -1,4 +1,4 @@
-"""Writing side of the latent store (layout in docs/data.md, reader in fcdm_common/data.py).
+"""The latent store format and its writer (layout in docs/data.md; readers in preparation/readers.py).
 
 One zarr v3 group. `latents` and `labels` are sharded along the image axis with one shard per
 work unit of `shard_size` images, so the processes of a multi-GPU extraction never write the same
@@ -15,10 +15,15 @@ from pathlib import Path
 import numpy as np
 
 from fcdm_common.cli import UserError
-from fcdm_common.data import SETTING_KEYS, STORE_FORMAT, STORE_FORMAT_VERSION
 from fcdm_common.io import fault_point
-from fcdm_common.latent_norm import STATS_ATTR, ensure_stats_arrays, shard_sums, store_stats_from_rows, write_shard_sums
+from preparation.statistics import STATS_ATTR, ensure_stats_arrays, shard_sums, store_stats_from_rows, write_shard_sums
 
+STORE_FORMAT = "fcdm-latents"  # attrs["format"] of a store
+STORE_FORMAT_VERSION = 1  # bump on an incompatible layout change
+STORE_MODES = ("moments", "sample")  # posterior (mean, std) per image, or one scaled draw
+# Settings that must match when a store is reopened for writing (resume)
+SETTING_KEYS = ("image_size", "vae", "scaling_factor", "store", "count", "latent_shape", "orientations",
+                "class_names", "shard_size", "chunk_size", "seed", "vae_class", "shift_factor")
 DEFAULT_SHARD_SIZE = 1024  # images per shard file = per work unit of one process
 DEFAULT_CHUNK_SIZE = 64  # images per compressed inner chunk
 ADDED_SETTING_KEYS = ("vae_class", "shift_factor")  # settings recorded since the any-autoencoder layer
@@ -64,7 +69,7 @@ def describe_mismatch(existing: dict, wanted: dict) -> str | None:
     return None
 
 
-def check_existing(path: str | os.PathLike, settings: dict, what: str = "--features-path",
+def check_existing(path: str | os.PathLike, settings: dict, what: str = "--zarr-path",
                    overwrite: bool | None = None) -> str:
     """'absent', 'incomplete' or 'complete' for a store at `path` made with `settings`; UserError otherwise.
 
@@ -161,7 +166,7 @@ def done_shards(group) -> np.ndarray:
 
 
 def write_shard(group, k: int, latents: np.ndarray, labels: np.ndarray) -> None:
-    """Write shard k's latents, labels and per-channel sums (fcdm_common.latent_norm), then mark it done
+    """Write shard k's latents, labels and per-channel sums (preparation.statistics), then mark it done
     (the marker goes last)."""
     attrs = dict(group.attrs)
     count, shard = attrs["count"], attrs["shard_size"]

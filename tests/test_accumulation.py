@@ -200,9 +200,9 @@ def test_accumulated_gradient_is_the_full_batch_mean(use_scaler):
     """In process: 4 micro-batches (optionally through a GradScaler, unscaled once) give the gradient of
     the plain full-batch mean loss with the same draws, to float rounding."""
     from diffusion import create_diffusion
-    from fcdm_common.step_rng import StepDraws
+    from train_gen.step_draws import BatchPlan, StepDraws
     from models import create_model
-    from train_gen.train import accumulate_gradients
+    from train_gen.training_loop import accumulate_gradients
 
     torch.manual_seed(0)
     model = create_model("FCDM-digits", hidden_size=16, depths=(1, 1, 1, 1, 1), num_classes=4).train()
@@ -210,7 +210,7 @@ def test_accumulated_gradient_is_the_full_batch_mean(use_scaler):
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))  # open the zero-initialised gates
     objective = create_diffusion()
-    draws = StepDraws(0, 16, 1, 0, (3, 8, 8), "cpu", objective.sample_timesteps, model.label_drop_shape,
+    draws = StepDraws(0, BatchPlan(16), (3, 8, 8), "cpu", objective.sample_timesteps, model.label_drop_shape,
                       model.class_dropout_prob).draw(0)
     x = torch.randn(16, 3, 8, 8).contiguous(memory_format=torch.channels_last)
     y = torch.arange(16) % 4
@@ -220,7 +220,7 @@ def test_accumulated_gradient_is_the_full_batch_mean(use_scaler):
     ref = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) if use_scaler else None
-    out = accumulate_gradients(model, objective, _Accel(scaler), x, y, draws, 4)
+    out = accumulate_gradients(model, objective, _Accel(scaler), x, y, draws, BatchPlan(16, micro_batch=4).micro_slices())
     if scaler is not None:
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         scaler.unscale_(opt)

@@ -19,9 +19,10 @@ import pytest
 import torch
 from PIL import Image
 
-from fcdm_common.autoencoders import SUPPORTED_CLASSES, load_autoencoder
+from models.autoencoders import SUPPORTED_CLASSES, load_autoencoder
 from fcdm_common.cli import UserError
-from fcdm_common.latent_norm import LatentNorm, NormalizedDataset, shard_sums
+from models.latent_space import LatentNorm
+from preparation.statistics import NormalizedDataset, shard_sums
 from helpers import one_thread, run_torchrun  # noqa: F401  (fixture, used through pytestmark)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -235,8 +236,8 @@ def test_shard_sums_of_moments_are_the_expected_z_moments():
 
 
 def test_channel_norm_makes_inputs_zero_mean_unit_std(extracted):
-    from fcdm_common.data import open_dataset
-    from fcdm_common.latent_norm import norm_for_training
+    from preparation.readers import open_dataset
+    from preparation.statistics import norm_for_training
 
     for name in ("dc", "kl16-shift"):
         store = extracted[name]["store"]
@@ -264,7 +265,7 @@ def test_channel_norm_makes_inputs_zero_mean_unit_std(extracted):
 def test_sampling_inverts_the_normalisation_exactly(extracted, tmp_path, monkeypatch):
     """generate() must decode x * std_c + mean_c: checked with the sampler replaced by a known tensor."""
     import diffusion
-    from fcdm_common import sampling
+    from diffusion import sampling
     from fcdm_common.images import to_uint8
     from train_gen import train
 

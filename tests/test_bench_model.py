@@ -85,7 +85,7 @@ def test_ablation_variants_and_layer_mode(tmp_path):
 
 def test_ablation_switches_reach_the_network():
     """The variant's switches are set on the network it times (not only written in the report)."""
-    from models.fcdm import GRN, DepthwiseConv
+    from models.layers import GRN, DepthwiseConv
 
     args = bench_model.parse_args(["--model", "FCDM-S", "--model-kwargs", TINY_FCDM, "--latent-size", "4",
                                    "--batch-size", "1", "--device", "cpu", "--mode", "train"])

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from fcdm_common.checkpoint import build_model, load_checkpoint
+from models.checkpoints import build_model, load_checkpoint
 from fcdm_common.cli import UserError
 from models.convert_official import main as convert_main
 from models.fcdm_reference import FCDMReference

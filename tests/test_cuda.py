@@ -27,8 +27,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fcdm_common.ema import create_ema, update_ema
-from models.fcdm import CHECKPOINT_MODES
+from train_gen.ema import create_ema, update_ema
+from models.layers import CHECKPOINT_MODES
 from models.fcdm_reference import FCDMReference
 
 from helpers import one_thread, randomize  # noqa: F401  (one_thread: fixture)
@@ -226,7 +226,7 @@ def test_train_bf16_kill_and_resume(device, tmp_path):
     """train.py, bf16 autocast, 20 steps (CPU: 8, to stay quick) with a checkpoint after every step:
     SIGKILL once step 3 is saved, rerun the same command, and the run ends at the last step with one
     metrics record per logging window."""
-    from fcdm_common.checkpoint import load_checkpoint
+    from models.checkpoints import load_checkpoint
     from test_train import ENV, TINY, TRAIN, make_store, metrics, run_dir
 
     steps, every = (20, 5) if device == "cuda" else (8, 4)

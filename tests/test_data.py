@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from fcdm_common.cli import UserError
-from fcdm_common.data import TrainLoader, epoch_permutation, open_dataset
+from train_gen.loader import TrainLoader, epoch_permutation
+from train_gen.step_draws import BatchPlan
+from preparation.readers import open_dataset
 from preparation import save_zarr
 from preparation import store as zstore
 
@@ -55,8 +57,8 @@ def item_ids(x, scaled=True):
 
 @pytest.mark.parametrize("cache", ["memory", "none", "mmap"])
 def test_batches_identical_across_workers_and_caches(store, cache):
-    ref = collect(TrainLoader(open_dataset(zarr_path=store, cache="memory"), 4, seed=7, num_workers=0), 12)
-    got = collect(TrainLoader(open_dataset(zarr_path=store, cache=cache), 4, seed=7, num_workers=2), 12)
+    ref = collect(TrainLoader(open_dataset(zarr_path=store, cache="memory"), BatchPlan(4), seed=7, num_workers=0), 12)
+    got = collect(TrainLoader(open_dataset(zarr_path=store, cache=cache), BatchPlan(4), seed=7, num_workers=2), 12)
     for (x0, y0), (x1, y1) in zip(ref, got):
         torch.testing.assert_close(x0, x1, rtol=0, atol=0)
         torch.testing.assert_close(y0, y1, rtol=0, atol=0)
@@ -65,7 +67,7 @@ def test_batches_identical_across_workers_and_caches(store, cache):
 def test_epochs_are_permutations_split_disjointly_across_ranks(store):
     ds = open_dataset(zarr_path=store)
     world, bs = 3, 4
-    loaders = [TrainLoader(ds, bs, rank=r, world_size=world, seed=1, num_workers=0) for r in range(world)]
+    loaders = [TrainLoader(ds, BatchPlan(bs * world, world, r), seed=1, num_workers=0) for r in range(world)]
     spe = loaders[0].steps_per_epoch
     assert spe == 40 // (bs * world) == 3
     for epoch in range(2):
@@ -87,21 +89,21 @@ def test_epochs_are_permutations_split_disjointly_across_ranks(store):
 
 def test_start_step_resumes_exactly_and_tracks_epoch(store):
     ds = open_dataset(zarr_path=store)
-    full = TrainLoader(ds, 8, seed=3, num_workers=2)
+    full = TrainLoader(ds, BatchPlan(8), seed=3, num_workers=2)
     batches = collect(full, 9)
     assert full.steps_per_epoch == 5 and full.step == 9 and full.epoch == 1
-    resumed = TrainLoader(ds, 8, seed=3, start_step=6, num_workers=1)
+    resumed = TrainLoader(ds, BatchPlan(8), seed=3, start_step=6, num_workers=1)
     assert resumed.epoch == 1
     for (x0, y0), (x1, y1) in zip(batches[6:], collect(resumed, 3)):
         assert torch.equal(x0, x1) and torch.equal(y0, y1)
-    other_seed = TrainLoader(ds, 8, seed=4, num_workers=0).batch(0)
+    other_seed = TrainLoader(ds, BatchPlan(8), seed=4, num_workers=0).batch(0)
     assert not torch.equal(other_seed[0], batches[0][0])
 
 
 def test_moments_give_fresh_scaled_posterior_samples_and_both_orientations(tmp_path):
     path = make_store(tmp_path / "m.zarr", count=64, shape=(4, 8, 8), std=0.25)
     ds = open_dataset(zarr_path=path)
-    loader = TrainLoader(ds, 32, seed=0, num_workers=0)
+    loader = TrainLoader(ds, BatchPlan(32), seed=0, num_workers=0)
     eps_all, orients = [], []
     for step in range(4):
         x, _ = loader.batch(step)
@@ -116,7 +118,7 @@ def test_moments_give_fresh_scaled_posterior_samples_and_both_orientations(tmp_p
     assert abs(eps.mean().item()) < 0.05 and abs(eps.std().item() - 1) < 0.05  # N(0, 1), 8192 draws
     frac = torch.cat(orients).float().mean().item()
     assert 0.3 < frac < 0.7  # both orientations are used
-    x1, _ = TrainLoader(ds, 32, seed=0, num_workers=0).batch(5)
+    x1, _ = TrainLoader(ds, BatchPlan(32), seed=0, num_workers=0).batch(5)
     x2, _ = loader.batch(5 + loader.steps_per_epoch)
     assert not torch.equal(x1, x2)  # a new epoch draws new noise
 
@@ -124,7 +126,7 @@ def test_moments_give_fresh_scaled_posterior_samples_and_both_orientations(tmp_p
 def test_sample_store_returns_stored_values(tmp_path):
     path = make_store(tmp_path / "s.zarr", mode="sample")
     ds = open_dataset(zarr_path=path)
-    x, y = TrainLoader(ds, 4, seed=0, num_workers=0).batch(0)
+    x, y = TrainLoader(ds, BatchPlan(4), seed=0, num_workers=0).batch(0)
     ids, orient = item_ids(x)
     expect = (ids + 1).float() * (1 - 2 * orient).float() * SF
     torch.testing.assert_close(x, expect[:, None, None, None].expand_as(x))
@@ -147,7 +149,7 @@ def test_incomplete_store_and_bad_labels_are_rejected(tmp_path):
     with pytest.raises(UserError):
         open_dataset()
     with pytest.raises(UserError, match="fewer than one global batch"):
-        TrainLoader(open_dataset(zarr_path=make_store(tmp_path / "y.zarr")), 16, world_size=3)
+        TrainLoader(open_dataset(zarr_path=make_store(tmp_path / "y.zarr")), BatchPlan(16 * 3, 3, 0))
 
 
 def write_legacy(root, count=10, shape=(1, 4, 2, 2)):
@@ -172,10 +174,10 @@ def test_save_zarr_round_trip_matches_legacy_dataset(tmp_path, shape):
     assert ds.latent_shape == legacy.latent_shape == (4, 2, 2) and ds.orientations == shape[0]
     assert ds.info["store"] == "sample" and ds.info["image_size"] == 16
     for step in range(2):
-        a = TrainLoader(ds, 5, seed=2, num_workers=0).batch(step)
-        b = TrainLoader(legacy, 5, seed=2, num_workers=0).batch(step)
+        a = TrainLoader(ds, BatchPlan(5), seed=2, num_workers=0).batch(step)
+        b = TrainLoader(legacy, BatchPlan(5), seed=2, num_workers=0).batch(step)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-        idx = TrainLoader(ds, 5, seed=2, num_workers=0).batch_indices(step)
+        idx = TrainLoader(ds, BatchPlan(5), seed=2, num_workers=0).batch_indices(step)
         if shape[0] == 1:
             torch.testing.assert_close(a[0], torch.from_numpy(values[idx, 0]))
     # rerun is a no-op; other settings are refused
@@ -218,12 +220,12 @@ def test_interrupted_store_creation_is_redone(tmp_path):
 
 def test_hflip_false_uses_the_original_orientation_only(store):
     ds = open_dataset(zarr_path=store, hflip=False)
-    loader = TrainLoader(ds, 8, seed=0, num_workers=0)
+    loader = TrainLoader(ds, BatchPlan(8), seed=0, num_workers=0)
     for step in range(5):
         x, _ = loader.batch(step)
         ids, orient = item_ids(x)
         assert (orient == 0).all()
         np.testing.assert_array_equal(ids.numpy(), loader.batch_indices(step))
-    flipped = torch.cat([item_ids(TrainLoader(open_dataset(zarr_path=store), 8, seed=0, num_workers=0)
+    flipped = torch.cat([item_ids(TrainLoader(open_dataset(zarr_path=store), BatchPlan(8), seed=0, num_workers=0)
                                   .batch(s)[0])[1] for s in range(5)])
     assert flipped.any()  # the default does flip

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from fcdm_common.cli import UserError
-from fcdm_common.data import TrainLoader, open_dataset
-from fcdm_common.data_checks import check_label_gaps, nonfinite_rows
+from train_gen.loader import TrainLoader
+from train_gen.step_draws import BatchPlan
+from preparation.readers import open_dataset
+from preparation.checks import check_label_gaps, nonfinite_rows
 from preparation import save_zarr
 from test_data import make_store as make_item_store
 from test_data import write_legacy
@@ -47,7 +49,7 @@ def test_legacy_nonfinite_latent_names_the_file(tmp_path, bad):
     poisoned[0, 1, 0, 1] = bad
     np.save(feats / "006.npy", poisoned)
     ds = open_dataset(feature_path=feats, label_path=labels)  # the labels are fine; latents are read lazily
-    loader = TrainLoader(ds, 5, seed=0, num_workers=2)
+    loader = TrainLoader(ds, BatchPlan(5), seed=0, num_workers=2)
     it = iter(loader)
     with pytest.raises(UserError, match=r"006\.npy contains NaN or inf \(1 of 16 values\)"):
         for _ in range(2):  # one epoch of 2 batches reads every file
@@ -67,7 +69,7 @@ def test_loader_records_nonfinite_items_by_dataset_index(tmp_path, workers):
     lat[3, :, 0, 0] = np.nan  # one mean value of both orientations
     lat[17, :, 1] = np.inf  # the std of both orientations
     g["latents"][:] = lat
-    loader = TrainLoader(open_dataset(zarr_path=path, cache="memory"), 4, seed=1, num_workers=workers)
+    loader = TrainLoader(open_dataset(zarr_path=path, cache="memory"), BatchPlan(4), seed=1, num_workers=workers)
     it = iter(loader)
     for _ in range(12):  # two epochs
         next(it)

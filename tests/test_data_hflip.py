@@ -1,7 +1,9 @@
 """--hflip false: training batches use only the stored original orientation."""
 import numpy as np
 
-from fcdm_common.data import TrainLoader, open_dataset
+from train_gen.loader import TrainLoader
+from train_gen.step_draws import BatchPlan
+from preparation.readers import open_dataset
 
 
 def _legacy(tmp_path, n=8):
@@ -20,7 +22,7 @@ def test_hflip_switch(tmp_path):
     signs = {}
     for hflip in (True, False):
         ds = open_dataset(feature_path=feats, label_path=labels, hflip=hflip)
-        loader = TrainLoader(ds, batch_size=4, seed=0, num_workers=0)
+        loader = TrainLoader(ds, BatchPlan(4), seed=0, num_workers=0)
         xs = np.concatenate([loader.batch(s)[0].numpy() for s in range(20)])
         signs[hflip] = np.sign(xs[:, 0, 0, 0])
     assert (signs[False] > 0).all()  # originals only

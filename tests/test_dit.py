@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffusion.guidance import GuidedModel
 from models import MODELS, create_model
 from models.dit import DiT, sincos_2d
 from models.summary import PAPER_TABLE1, count_params, forward_gmacs
@@ -120,15 +121,16 @@ def test_every_parameter_trains():
     assert not missing, missing
 
 
-def test_forward_with_cfg():
+def test_guidance_on_dit():
+    """diffusion.guidance.GuidedModel on a real DiT, guiding the first 3 channels as DiT's forward_with_cfg does."""
     model = randomize(tiny(), std=0.1).eval()
     x, t, y = batch()
     null = torch.full_like(y, 10)
     cond, uncond = model(x, t, y), model(x, t, null)
-    out = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), 3.0, cfg_channels=3)
+    out = GuidedModel(model, 3.0, 10, cfg_channels=3)(x, t, y)
     close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    close(out[:3, :3], uncond[:, :3] + 3.0 * (cond[:, :3] - uncond[:, :3]))
-    close(out[:3, 3:], cond[:, 3:])
+    close(out[:, :3], uncond[:, :3] + 3.0 * (cond[:, :3] - uncond[:, :3]))
+    close(out[:, 3:], cond[:, 3:])
 
 
 def test_bad_inputs():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fcdm_common.cli import UserError
-from fcdm_common.sampling import load_setup
+from diffusion.sampling import load_setup
 from models import create_model
 
 from helpers import randomize

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from fcdm_common.ema import create_ema, update_ema, update_ema_reference
-from models.fcdm import FCDM, GRN, DepthwiseConv
+from train_gen.ema import create_ema, update_ema, update_ema_reference
+from models.fcdm import FCDM
+from models.layers import GRN, DepthwiseConv
 from models.fcdm_reference import (
     FCDMReference,
     GRNReference,

@@ -185,7 +185,7 @@ def test_all_checkpoints_unreadable_stop_then_start_over(store, reference, tmp_p
 
 
 def test_prune_never_deletes_the_only_readable_checkpoint(tmp_path):
-    from fcdm_common.trainutil import prune_checkpoints
+    from train_gen.run_folder import prune_checkpoints
 
     for s in (10, 20, 30, 40):
         (tmp_path / f"{s:07d}.pt").write_bytes(b"x")

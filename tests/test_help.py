@@ -94,4 +94,42 @@ def test_specific_help_texts(monkeypatch):
     assert "(default: tf)" in option_entries(ev)["--backend"]
     assert "    python train_gen/evaluate.py --sample-batch samples.npz \\\n" in ev  # epilog keeps its lines
     ex = option_entries(help_text("preparation.extract_features", monkeypatch))
-    assert "(default: 32)" in ex["--batch-size"] and "(default: 4)" in ex["--num-workers"]
+    assert "(default: 32)" in ex["--per-proc-batch-size"] and "(default: 4)" in ex["--num-workers"]
+
+
+@pytest.mark.parametrize("module", PROGRAMS)
+def test_aliases_are_marked(module, monkeypatch):
+    """A flag with more than one name shows its older names as aliases in --help."""
+    for line in help_text(module, monkeypatch).splitlines():
+        names = re.findall(r"(?:^  |, )(--[\w-]+)", line)
+        if len(names) > 1:
+            entry = next(v for k, v in option_entries(help_text(module, monkeypatch)).items() if k == names[0])
+            marked = entry.replace("- ", "-").split("(alias:")  # help lines may wrap at a hyphen
+            assert len(marked) > 1 and all(n in marked[-1] for n in names[1:]), entry
+
+
+# (program, canonical flag, its older names, a value): both spellings set the same option
+ALIASES = [
+    ("train_gen.train", "--per-proc-batch-size", ["--batch-per-gpu"], "8"),
+    ("train_gen.sample_ddp", "--seed", ["--global-seed"], "3"),
+    ("preparation.extract_features", "--zarr-path", ["--features-path"], "out.zarr"),
+    ("preparation.extract_features", "--per-proc-batch-size", ["--batch-size"], "16"),
+    ("train_gen.evaluate", "--forward-batch", ["--batch-size"], "32"),
+    ("train_gen.pipeline_sample", "--cfg-scale", ["--guidance-scale"], "2.5"),
+    ("train_gen.pipeline_sample", "--num-sampling-steps", ["--num-inference-steps"], "7"),
+    ("train_gen.pipeline_sample", "--sampler", ["--scheduler"], "unipc"),
+    ("train_gen.export_pipeline", "--sampler", ["--scheduler"], "unipc"),
+]
+REQUIRED = {"train_gen.train": [], "train_gen.sample_ddp": ["--ckpt", "c.pt"],
+            "preparation.extract_features": ["--data-path", "d", "--zarr-path", "z"],
+            "train_gen.evaluate": ["--sample-batch", "s.npz", "--ref-batch", "r.npz"],
+            "train_gen.pipeline_sample": ["--pipeline", "p", "--class-labels", "1"],
+            "train_gen.export_pipeline": ["--ckpt", "c.pt", "--out", "o"]}
+
+
+@pytest.mark.parametrize("module,flag,aliases,value", ALIASES)
+def test_old_flag_names_still_work(module, flag, aliases, value):
+    parser = importlib.import_module(module).build_parser()
+    want = vars(parser.parse_args(REQUIRED[module] + [flag, value]))
+    for alias in aliases:
+        assert vars(parser.parse_args(REQUIRED[module] + [alias, value])) == want

@@ -33,14 +33,14 @@ def test_per_level_mixes_labels_at_the_binomial_rate_shared_never():
 
 
 def test_train_flag_goes_into_model_kwargs_and_run_name():
-    from fcdm_common.trainutil import experiment_name
+    from train_gen.run_folder import experiment_name
     from train_gen.train import build_parser, resolve_model_kwargs
 
     data = {"latent_shape": (4, 8, 8), "num_classes": 10}
     names = {}
     for flags in ([], ["--label-dropout", "shared"], ["--label-dropout", "per-level"]):
         args = build_parser().parse_args(["--zarr-path", "s", "--model", "FCDM-S", *flags])
-        kwargs, user = resolve_model_kwargs(args, data)
+        kwargs, user = resolve_model_kwargs(args, data["latent_shape"], data["num_classes"])
         names[tuple(flags)] = experiment_name("FCDM-S", "diffusion", "d", 8, 1e-4, 0, extra={"model": user} if user else None)
         if args.label_dropout == "per-level":
             assert kwargs["label_dropout"] == "per-level" == user["label_dropout"]

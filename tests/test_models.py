@@ -4,7 +4,9 @@ import torch
 import torch.nn.functional as F
 
 from models import MODELS, create_model
-from models.fcdm import FCDM, GRN, DepthwiseConv, pixel_shuffle_nhwc, pixel_unshuffle_nhwc
+from diffusion.guidance import GuidedModel
+from models.fcdm import FCDM
+from models.layers import GRN, DepthwiseConv, pixel_shuffle_nhwc, pixel_unshuffle_nhwc
 from models.summary import PAPER_TABLE1, count_params, forward_gmacs
 
 from helpers import assert_checkpointing_preserves_outputs_and_grads, parameters_without_gradient, randomize
@@ -123,23 +125,22 @@ def test_checkpointing_gives_same_output_and_gradients(mode):
 # -- classifier-free guidance --------------------------------------------------------------------
 
 
-def test_forward_with_cfg():
+def test_guidance_on_fcdm():
+    """diffusion.guidance.GuidedModel (the one guidance implementation) on a real FCDM with learned sigma."""
     model = randomize(tiny()).eval()
     x, t, y = batch()
     null = torch.full_like(y, model.num_classes)
-    xx, tt, yy = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])
     cond, uncond = model(x, t, y), model(x, t, null)
     close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # batch size changes fp sums
-    close(model.forward_with_cfg(xx, tt, yy, 1.0)[:3], cond)
+    close(GuidedModel(model, 1.0, model.num_classes)(x, t, y), cond)
     s = 4.0
-    out = model.forward_with_cfg(xx, tt, yy, s)
-    assert out.shape == (6, 8, 16, 16)
-    close(out[:3, :4], uncond[:, :4] + s * (cond[:, :4] - uncond[:, :4]))
-    close(out[:3, 4:], cond[:, 4:])  # learned variance: conditional
-    torch.testing.assert_close(out[3:], out[:3])
-    dit = model.forward_with_cfg(xx, tt, yy, s, cfg_channels=3)  # DiT / original FCDM behaviour
-    torch.testing.assert_close(dit[:3, :3], out[:3, :3])
-    close(dit[:3, 3:], cond[:, 3:])
+    out = GuidedModel(model, s, model.num_classes)(x, t, y)
+    assert out.shape == (3, 8, 16, 16)
+    close(out[:, :4], uncond[:, :4] + s * (cond[:, :4] - uncond[:, :4]))
+    close(out[:, 4:], cond[:, 4:])  # learned variance: conditional
+    dit = GuidedModel(model, s, model.num_classes, cfg_channels=3)(x, t, y)  # DiT / original FCDM behaviour
+    torch.testing.assert_close(dit[:, :3], out[:, :3])
+    close(dit[:, 3:], cond[:, 3:])
 
 
 def test_label_dropout_only_in_training():

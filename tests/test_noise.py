@@ -98,7 +98,7 @@ def test_hub_vae_load_is_quiet(tmp_path, monkeypatch):
     import diffusers
     import huggingface_hub
 
-    from fcdm_common.vae import load_vae
+    from models.autoencoders import load_autoencoder
 
     folder = tmp_path / "snapshot"
     diffusers.AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
@@ -113,7 +113,7 @@ def test_hub_vae_load_is_quiet(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", cached_snapshot)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        vae = load_vae("sd", hf_model_name="some/repo", hf_model_dir=None, device="cpu")
+        vae = load_autoencoder("sd", hf_model_name="some/repo", hf_model_dir=None, device="cpu")
     assert [str(w.message) for w in seen] == []
     assert calls == [("some/repo", True)]  # the cache only, no download
     assert vae.latent_channels == 4

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fcdm_common.checkpoint import save_checkpoint
+from models.checkpoints import save_checkpoint
 from fcdm_common.cli import UserError
 from helpers import one_thread  # noqa: F401  (fixture, used through pytestmark)
 from models import create_model

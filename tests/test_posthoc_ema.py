@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from fcdm_common.ema import (PowerEMA, gamma_to_sigma_rel, list_posthoc_snapshots, posthoc_coefficients,
-                             power_weights, profile_dot, reconstruct_from_snapshots, save_posthoc_snapshots,
-                             sigma_rel_to_gamma)
+from train_gen.ema import (PowerEMA, gamma_to_sigma_rel, list_posthoc_snapshots, posthoc_coefficients, power_weights,
+                           profile_dot, reconstruct_from_snapshots, save_posthoc_snapshots, sigma_rel_to_gamma)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -179,7 +178,7 @@ def test_train_snapshots_resume_bitwise_and_reconstruct_cli(tmp_path):
 
     assert load_file(str(snaps_a[-1]["path"]))["stem.weight"].dtype == torch.float16
     # turning tracking on in the middle of a run is refused
-    from fcdm_common.checkpoint import load_checkpoint, model_from_checkpoint
+    from models.checkpoints import load_checkpoint, model_from_checkpoint
     from fcdm_common.cli import UserError
 
     train(store, tmp_path / "c", 4, extra=["--posthoc-ema-snapshot-every", "0"])
@@ -214,7 +213,7 @@ def test_train_snapshots_resume_bitwise_and_reconstruct_cli(tmp_path):
 def test_exp_profile_dot_matches_brute_force_sums():
     from scipy.special import hyp1f1
 
-    from fcdm_common.ema import _decay_power_integral, exp_profile_dot
+    from train_gen.ema import _decay_power_integral, exp_profile_dot
 
     # midpoint sums of p_a(s) q_b(s), q_b(s) = lam beta^(t_b - s), on a fine grid
     for ta, ga, tb, beta in ((700, 6.94, 1000, 0.99), (1000, 16.97, 1000, 0.995), (1500, 0.5, 1000, 0.98),
@@ -240,7 +239,7 @@ def test_exp_profile_dot_matches_brute_force_sums():
 
 def classic_ema(theta, theta0, beta):
     """update_ema's recursion from a copy of theta_0, on a float64 vector model."""
-    from fcdm_common.ema import create_ema, update_ema
+    from train_gen.ema import create_ema, update_ema
 
     model = Vec(theta.shape[1])
     with torch.no_grad():
@@ -254,7 +253,7 @@ def classic_ema(theta, theta0, beta):
 
 
 def classic_reconstruction(run_dir, theta, snap_every, beta):
-    from fcdm_common.ema import EMATarget
+    from train_gen.ema import EMATarget
 
     T = len(theta)
     track(theta, [0.05, 0.10], snap_every, run_dir, param_dtype=torch.float32)

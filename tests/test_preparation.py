@@ -18,7 +18,7 @@ from PIL import Image
 
 from fcdm_common.cli import UserError, run_main
 from helpers import run_torchrun
-from fcdm_common.data import open_dataset
+from preparation.readers import open_dataset
 from fcdm_common.images import center_crop_arr, pil_to_tensor
 from preparation import extract_features
 
@@ -172,9 +172,10 @@ def test_sample_mode_is_scaled_posterior_sample(assets, reference, tmp_path):
     eps = (sample / 0.18215 - mean) / std  # should be N(0, 1) draws (up to float16 storage of mean/std)
     assert abs(eps.mean()) < 0.15 and 0.8 < eps.std() < 1.2
     ds = open_dataset(zarr_path=out)
-    from fcdm_common.data import TrainLoader
+    from train_gen.loader import TrainLoader
+    from train_gen.step_draws import BatchPlan
 
-    x, y = TrainLoader(ds, batch_size=4, seed=0, num_workers=0).batch(0)
+    x, y = TrainLoader(ds, BatchPlan(4), seed=0, num_workers=0).batch(0)
     assert x.shape == (4, 4, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
 
 

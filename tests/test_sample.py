@@ -9,7 +9,7 @@ from PIL import Image
 
 from fcdm_common.cli import UserError
 from fcdm_common.images import make_grid
-from fcdm_common.sampling import generate, load_setup
+from diffusion.sampling import generate, load_setup
 from helpers import one_thread  # noqa: F401  (fixture, used through pytestmark)
 from test_sample_ddp import make_checkpoint
 from train_gen import sample, sample_ddp

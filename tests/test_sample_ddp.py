@@ -12,12 +12,12 @@ import torch
 
 from helpers import one_thread, run_torchrun  # noqa: F401  (one_thread: fixture, used through pytestmark)
 from diffusion.respace import space_timesteps
-from fcdm_common.checkpoint import save_checkpoint
+from models.checkpoints import save_checkpoint
 from fcdm_common.cli import UserError
 from fcdm_common.images import to_uint8
-from fcdm_common.archives import validate_npz, write_npz
-from fcdm_common.sampling import (FixedBatchModel, generate, load_setup, resolve_sampler, sample_generator,
-                                  sample_labels, sample_seed)
+from evaluations.archives import validate_npz, write_npz
+from diffusion.sampling import (FixedBatchModel, generate, load_setup, resolve_sampler, sample_generator,
+                                sample_labels, sample_seed)
 from models import create_model
 from train_gen import sample_ddp
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fcdm_common.cli import UserError
-from fcdm_common.sampling import generate, load_setup
+from diffusion.sampling import generate, load_setup
 from helpers import one_thread  # noqa: F401  (fixture, used through pytestmark)
 from test_sample import ckpts  # noqa: F401  (fixture: tiny diffusion and flow checkpoints)
 from train_gen import sample, sample_ddp

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fcdm_common.data import TrainLoader, open_dataset
-from fcdm_common.step_rng import StepDraws, micro_batches, process_slice, step_seed, take
+from train_gen.loader import TrainLoader
+from preparation.readers import open_dataset
+from train_gen.step_draws import BatchPlan, StepDraws, step_seed, take
 from test_data import make_store
 
 G = 8
@@ -20,9 +21,9 @@ def test_step_seed_depends_on_seed_step_and_purpose_only():
 
 def test_loader_batches_concatenate_across_world_sizes(tmp_path):
     ds = open_dataset(zarr_path=make_store(tmp_path / "m.zarr", count=40), cache="memory")
-    one = TrainLoader(ds, G, seed=3, num_workers=0)
+    one = TrainLoader(ds, BatchPlan(G), seed=3, num_workers=0)
     for world in (2, 4):
-        loaders = [TrainLoader(ds, G // world, rank=r, world_size=world, seed=3, num_workers=0) for r in range(world)]
+        loaders = [TrainLoader(ds, BatchPlan(G, world, r), seed=3, num_workers=0) for r in range(world)]
         for step in (0, 4, 7):  # 5 steps per epoch: 7 is in the second epoch
             x1, y1 = one.batch(step)
             parts = [ld.batch(step) for ld in loaders]
@@ -48,20 +49,21 @@ def test_step_draws_slices_concatenate_and_micro_batches_tile_them():
     from diffusion import create_diffusion
 
     objective = create_diffusion()
-    full = StepDraws(7, G, 1, 0, (2, 4, 4), "cpu", objective.sample_timesteps, Tiny().label_drop_shape, 0.5).draw(3)
+    full = StepDraws(7, BatchPlan(G), (2, 4, 4), "cpu", objective.sample_timesteps, Tiny().label_drop_shape, 0.5).draw(3)
     assert full["drop_mask"].shape == (3, G) and full["drop_mask"].dtype == torch.bool
     assert 0 < int(full["drop_mask"].sum()) < 3 * G
     for world in (2, 4):
-        parts = [StepDraws(7, G, world, r, (2, 4, 4), "cpu", objective.sample_timesteps, Tiny().label_drop_shape,
+        parts = [StepDraws(7, BatchPlan(G, world, r), (2, 4, 4), "cpu", objective.sample_timesteps, Tiny().label_drop_shape,
                            0.5).draw(3) for r in range(world)]
         assert torch.equal(torch.cat([p["t"] for p in parts]), full["t"])
         assert torch.equal(torch.cat([p["noise"] for p in parts]), full["noise"])
         assert torch.equal(torch.cat([p["drop_mask"] for p in parts], dim=-1), full["drop_mask"])
         # micro-batches of one rank tile its share
-        share = process_slice(G, world, 1)
-        pieces = [take(parts[1], rows) for rows in micro_batches(G // world, 1)]
+        plan = BatchPlan(G, world, 1, micro_batch=1)
+        share = plan.rows
+        pieces = [take(parts[1], rows) for rows in plan.micro_slices()]
         assert torch.equal(torch.cat([p["noise"] for p in pieces]), full["noise"][share])
         assert torch.equal(torch.cat([p["drop_mask"] for p in pieces], dim=-1), full["drop_mask"][:, share])
-    other = StepDraws(7, G, 1, 0, (2, 4, 4), "cpu", objective.sample_timesteps).draw(4)
+    other = StepDraws(7, BatchPlan(G), (2, 4, 4), "cpu", objective.sample_timesteps).draw(4)
     assert not torch.equal(other["noise"], full["noise"]) and "drop_mask" not in other
     assert full["noise"].is_contiguous(memory_format=torch.channels_last)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from fcdm_common.checkpoint import load_checkpoint, model_from_checkpoint
+from models.checkpoints import load_checkpoint, model_from_checkpoint
 from fcdm_common.cli import UserError
 from preparation.store import create_store, make_settings, mark_complete, write_shard
 
@@ -248,7 +248,7 @@ def test_nonfinite_steps_are_skipped_then_training_stops(store, tmp_path):
     (["--global-batch-size", "128"], "fewer than one global batch"),
     (["--objective", "flow", "--grid-sampler", "ddpm"], "does not fit --objective flow"),
     (["--batch-per-gpu", "32"], "larger than the per-process share"),
-    (["--batch-per-gpu", "5"], r"not divisible by 1 process\(es\) x --batch-per-gpu 5"),
+    (["--batch-per-gpu", "5"], r"not divisible by 1 process\(es\) x --per-proc-batch-size 5"),
 ])
 def test_bad_inputs(store, tmp_path, extra, message):
     with pytest.raises(UserError, match=message):

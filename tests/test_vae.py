@@ -12,7 +12,7 @@ from PIL import Image
 
 from fcdm_common.cli import UserError
 from fcdm_common.images import center_crop_arr, make_grid, pil_to_tensor, save_grid, to_uint8
-from fcdm_common.vae import load_vae, vae_id
+from models.autoencoders import load_autoencoder, vae_id
 
 
 def build_tiny_vae(folder):
@@ -28,7 +28,7 @@ def build_tiny_vae(folder):
 
 def test_sd_vae_moments_and_decode_match_diffusers(tmp_path):
     ref = build_tiny_vae(tmp_path / "vae")
-    vae = load_vae("sd", hf_model_dir=tmp_path / "vae", scaling_factor=0.3)
+    vae = load_autoencoder("sd", hf_model_dir=tmp_path / "vae", scaling_factor=0.3)
     assert vae.latent_channels == 4 and vae.downsample == 2 and vae.scaling_factor == 0.3
     assert vae.name == "sd:vae" == vae_id("sd", hf_model_dir=str(tmp_path / "vae"))
     x = torch.rand(2, 3, 16, 16) * 2 - 1
@@ -45,11 +45,11 @@ def test_sd_vae_moments_and_decode_match_diffusers(tmp_path):
 def test_vae_folder_errors_and_identity(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="config.json") as e:
-        load_vae("sd", hf_model_dir=tmp_path / "empty")
+        load_autoencoder("sd", hf_model_dir=tmp_path / "empty")
     assert str(tmp_path / "empty") in str(e.value)
     with pytest.raises(UserError, match="does not exist"):
-        load_vae("sd", hf_model_dir=tmp_path / "missing")
-    ident = load_vae("none")
+        load_autoencoder("sd", hf_model_dir=tmp_path / "missing")
+    ident = load_autoencoder("none")
     x = torch.rand(2, 3, 8, 8)
     mean, std = ident.encode_moments(x)
     assert torch.equal(mean, x) and torch.equal(std, torch.zeros_like(x)) and torch.equal(ident.decode(x), x)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fcdm_common.cli import HelpFormatter, UserError, non_negative_int, positive_int, run_main
+from fcdm_common.cli import HelpFormatter, UserError, alias_help, non_negative_int, positive_int, run_main
 from fcdm_common.io import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +86,8 @@ def main(argv=None):
     p.add_argument("--out", default="results/demo", help="output folder (default results/demo)")
     p.add_argument("--quick", action="store_true", help="reduced run for tests/CI: few steps and samples")
     p.add_argument("--train-steps", type=positive_int, default=None, help="training steps (default: 1500; quick: 6)")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="training batch (default 128; quick: 16)")
+    p.add_argument("--global-batch-size", "--batch-size", dest="global_batch_size", type=positive_int, default=None,
+                   help=alias_help("training batch (default 128; quick: 16)", "--batch-size"))
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default 2e-3: a short run)")
     p.add_argument("--ema-decay", type=float, default=0.995, help="EMA decay (default 0.995: a short run)")
     p.add_argument("--num-samples", type=positive_int, default=None,
@@ -110,7 +111,7 @@ def main(argv=None):
 
     preset = QUICK if args.quick else FULL
     steps = args.train_steps or preset["steps"]
-    batch = args.batch_size or preset["batch"]
+    batch = args.global_batch_size or preset["batch"]
     num_samples = args.num_samples or preset["samples"]
     sampling_steps = args.sampling_steps or preset["sampling_steps"]
     ckpt_every = min(preset["ckpt_every"], steps)
@@ -133,8 +134,8 @@ def main(argv=None):
 
     t = stage("2/6 ImageFolder -> zarr store (pixel space, --vae none)")
     store = out / "digits.zarr"
-    run(["preparation/extract_features.py", "--data-path", images, "--features-path", store, "--vae", "none",
-         "--image-size", size, "--batch-size", 256, "--num-workers", 0, "--device", "cpu"], env)
+    run(["preparation/extract_features.py", "--data-path", images, "--zarr-path", store, "--vae", "none",
+         "--image-size", size, "--per-proc-batch-size", 256, "--num-workers", 0, "--device", "cpu"], env)
     timings["extract"] = time.time() - t
 
     t = stage("3/6 reference batch of real digits")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from evaluations.evaluator import add_backend_args, evaluate, format_metrics
-from fcdm_common.cli import HelpFormatter, positive_int, run_main
+from fcdm_common.cli import HelpFormatter, alias_help, positive_int, run_main
 from fcdm_common.io import atomic_write_text
 
 
@@ -39,14 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--sample-batch", required=True, help="samples .npz: arr_0 uint8 (N,H,W,3), optional arr_1 labels")
     p.add_argument("--ref-batch", required=True, help="reference .npz: arr_0 uint8 images, optional mu/sigma/mu_s/sigma_s")
-    p.add_argument("--output_fid", "--output-fid", dest="output_fid", default=None,
-                   help="text file for the metrics (ADM's 'Name: value' lines); default: print only")
+    p.add_argument("--output-fid", "--output_fid", dest="output_fid", default=None,
+                   help=alias_help("text file for the metrics (ADM's 'Name: value' lines); default: print only",
+                                   "--output_fid"))
     p.add_argument("--output-json", default=None,
                    help="JSON with metrics, file hashes and versions; default: beside --output_fid with "
                         "suffix .json, or printed when --output_fid is not given")
     add_backend_args(p)
     p.add_argument("--device", default=None, help="torch backend: device (default cuda if available, else cpu)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="images per network call (ADM: 64)")
+    p.add_argument("--forward-batch", "--batch-size", dest="forward_batch", type=positive_int, default=64,
+                   help=alias_help("images per feature-network call (ADM: 64)", "--batch-size"))
     return p
 
 
@@ -54,7 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     result = evaluate(args.sample_batch, args.ref_batch, backend=args.backend, inception_pb=args.inception_pb,
                       inception_weights=args.inception_weights, tf_python=args.tf_python, device=args.device,
-                      batch_size=args.batch_size)
+                      batch_size=args.forward_batch)
     text = format_metrics(result)
     print(text, end="", flush=True)
     payload = json.dumps(_json_ready(result), indent=2, sort_keys=False) + "\n"

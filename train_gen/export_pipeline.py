@@ -6,7 +6,7 @@
 
 The folder holds model_index.json, transformer/ (config.json + diffusion_pytorch_model.safetensors of the
 EMA or raw weights), scheduler/ (DPM-Solver++ 2M configured from the checkpoint's beta schedule, or
---scheduler), vae/ (the AutoencoderKL, left out for pixel-space checkpoints) and README.md (the model
+--sampler), vae/ (the AutoencoderKL, left out for pixel-space checkpoints) and README.md (the model
 card: model, data, training steps, sampler defaults, license, citation). Load it with
 `FCDMPipeline.from_pretrained(DIR)` (diffusion/pipeline.py); train_gen/pipeline_sample.py samples from it.
 Only diffusion (epsilon) checkpoints export; flow-matching checkpoints are refused.
@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from fcdm_common.cli import HelpFormatter, UserError, run_main, str2bool
+from fcdm_common.cli import HelpFormatter, UserError, alias_help, run_main, str2bool
 
 CITATION = """@inproceedings{kwon2026fcdm,
   title     = {Reviving ConvNeXt for Efficient Convolutional Diffusion Models},
@@ -39,11 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", choices=("sd", "none"), default=None, help="autoencoder (default: what the checkpoint records)")
     p.add_argument("--hf-model-name", default=None, help="Hugging Face repository of the VAE (downloads if needed)")
     p.add_argument("--hf-model-dir", default=None, help="local AutoencoderKL snapshot (wins over --hf-model-name)")
-    p.add_argument("--scheduler", default="dpm++2m",
-                   help="default scheduler of the pipeline: a --sampler name of sample.py that is diffusers-driven "
-                        "(dpm++2m, dpm++2m-karras, unipc, euler, heun) or diffusers:<Class> (default dpm++2m)")
-    p.add_argument("--num-inference-steps", type=int, default=25, help="steps the model card recommends (default 25)")
-    p.add_argument("--guidance-scale", type=float, default=4.0, help="guidance scale the model card shows (default 4.0)")
+    p.add_argument("--sampler", "--scheduler", dest="sampler", default="dpm++2m", help=alias_help(
+        "default scheduler of the pipeline: a --sampler name of sample.py that is diffusers-driven "
+        "(dpm++2m, dpm++2m-karras, unipc, euler, heun) or diffusers:<Class> (default dpm++2m)", "--scheduler"))
+    p.add_argument("--num-sampling-steps", "--num-inference-steps", dest="num_sampling_steps", type=int, default=25,
+                   help=alias_help("steps the model card recommends (default 25)", "--num-inference-steps"))
+    p.add_argument("--cfg-scale", "--guidance-scale", dest="cfg_scale", type=float, default=4.0,
+                   help=alias_help("guidance scale the model card shows (default 4.0)", "--guidance-scale"))
     p.add_argument("--license", default="apache-2.0", help="license tag of the model card (default apache-2.0)")
     return p
 
@@ -70,7 +72,7 @@ Models" (Kwon et al., CVPR 2026), exported from `{setup.ckpt_path.name}` with tr
 | weights | {"EMA" if setup.use_ema else "raw (non-EMA)"}, after {step} training steps |
 | data | {data.get("num_classes", setup.num_classes)} classes, latents {c}x{h}x{w} ({"pixel space" if vae == "none" else f"VAE {setup.vae_settings.get('hf_model_dir') or setup.vae_settings.get('hf_model_name')}, scaling factor {setup.vae_settings.get('scaling_factor')}"}) |
 | objective | iDDPM diffusion, {cfg.get("objective_kwargs") or "linear schedule, T = 1000, learned sigma"} |
-| default scheduler | {type(args._scheduler).__name__} ({args.scheduler}), {args.num_inference_steps} steps, guidance scale {args.guidance_scale} |
+| default scheduler | {type(args._scheduler).__name__} ({args.sampler}), {args.num_sampling_steps} steps, guidance scale {args.cfg_scale} |
 | license | {args.license} |
 
 ## Use
@@ -79,7 +81,7 @@ Models" (Kwon et al., CVPR 2026), exported from `{setup.ckpt_path.name}` with tr
 import torch
 from diffusion.pipeline import FCDMPipeline   # pip install -e . of the FCDM repository
 pipe = FCDMPipeline.from_pretrained("PATH_OR_REPO")
-images = pipe(class_labels=[0, 1], num_inference_steps={args.num_inference_steps}, guidance_scale={args.guidance_scale},
+images = pipe(class_labels=[0, 1], num_inference_steps={args.num_sampling_steps}, guidance_scale={args.cfg_scale},
               generator=torch.Generator().manual_seed(0)).images
 ```
 
@@ -104,27 +106,27 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     from diffusion.pipeline import FCDMNetwork, FCDMPipeline
     from diffusion.schedulers import build_scheduler, is_scheduler_sampler
-    from fcdm_common.checkpoint import load_checkpoint
+    from models.checkpoints import load_checkpoint
     from fcdm_common.io import atomic_write_text
-    from fcdm_common.sampling import load_setup
+    from diffusion.sampling import load_setup
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not an empty folder; pass a new --out")
-    if args.num_inference_steps < 1:
-        raise UserError(f"--num-inference-steps must be >= 1, got {args.num_inference_steps}")
+    if args.num_sampling_steps < 1:
+        raise UserError(f"--num-sampling-steps must be >= 1, got {args.num_sampling_steps}")
     setup = load_setup(args.ckpt, use_ema=args.use_ema, vae=args.vae, hf_model_name=args.hf_model_name,
                        hf_model_dir=args.hf_model_dir, device="cpu")
     if setup.objective_name != "diffusion":
         raise UserError(f"{args.ckpt} is a {setup.objective_name} checkpoint; FCDMPipeline exports diffusion "
                         "(epsilon) checkpoints only")
-    if not is_scheduler_sampler(args.scheduler):
-        raise UserError(f"--scheduler {args.scheduler} is not diffusers-driven; use dpm++2m, dpm++2m-karras, unipc, "
+    if not is_scheduler_sampler(args.sampler):
+        raise UserError(f"--sampler {args.sampler} is not diffusers-driven; use dpm++2m, dpm++2m-karras, unipc, "
                         "euler, heun or diffusers:<SchedulerClassName>")
     try:
-        scheduler = build_scheduler(args.scheduler, setup.objective)
+        scheduler = build_scheduler(args.sampler, setup.objective)
     except ValueError as e:
-        raise UserError(f"--scheduler {args.scheduler}: {e}") from None
+        raise UserError(f"--sampler {args.sampler}: {e}") from None
     args._scheduler = scheduler
     cfg = setup.config
     network = FCDMNetwork(model_name=setup.model_name, model_kwargs=dict(cfg.get("model_kwargs") or {}),

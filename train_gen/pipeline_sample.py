@@ -3,7 +3,7 @@
     python train_gen/pipeline_sample.py --pipeline fcdm-xl-256 --class-labels 207 360 --seed 0 --out grid.png
 
 `--seed S` uses the per-sample random streams of sample.py, so the images equal
-`train_gen/sample.py --seed S` with the same labels, sampler and steps. `--scheduler` swaps the folder's
+`train_gen/sample.py --seed S` with the same labels, sampler and steps. `--sampler` swaps the folder's
 scheduler for a diffusers-driven sampler of sample.py (dpm++2m, unipc, ..., diffusers:<Class>) built from
 the network's beta schedule.
 """
@@ -13,7 +13,7 @@ import argparse
 import math
 from pathlib import Path
 
-from fcdm_common.cli import HelpFormatter, UserError, positive_int, run_main
+from fcdm_common.cli import HelpFormatter, UserError, alias_help, positive_int, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,10 +21,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--pipeline", required=True, help="folder written by train_gen/export_pipeline.py")
     p.add_argument("--class-labels", type=int, nargs="+", required=True, help="one image per label")
-    p.add_argument("--num-inference-steps", type=positive_int, default=25, help="scheduler steps (default 25)")
-    p.add_argument("--guidance-scale", type=float, default=4.0, help="classifier-free guidance scale (default 4.0)")
+    p.add_argument("--num-sampling-steps", "--num-inference-steps", dest="num_sampling_steps", type=positive_int,
+                   default=25, help=alias_help("scheduler steps (default 25)", "--num-inference-steps"))
+    p.add_argument("--cfg-scale", "--guidance-scale", dest="cfg_scale", type=float, default=4.0,
+                   help=alias_help("classifier-free guidance scale (default 4.0)", "--guidance-scale"))
     p.add_argument("--cfg-channels", default="all", help="guide 'all' channels (default) or the first K (DiT: 3)")
-    p.add_argument("--scheduler", default=None, help="replace the folder's scheduler (a sample.py --sampler name)")
+    p.add_argument("--sampler", "--scheduler", dest="sampler", default=None,
+                   help=alias_help("replace the folder's scheduler (a sample.py --sampler name)", "--scheduler"))
     p.add_argument("--seed", type=int, default=0, help="image k uses the stream of (seed, k), as sample.py (default 0)")
     p.add_argument("--out", default="pipeline_grid.png", help="grid PNG to write")
     p.add_argument("--save-individual", default=None, metavar="DIR", help="also write DIR/NNNNNN_label.png")
@@ -39,27 +42,27 @@ def main(argv=None) -> None:
     from diffusion import create_objective
     from diffusion.pipeline import FCDMPipeline
     from diffusion.schedulers import build_scheduler
-    from fcdm_common.archives import write_png
+    from evaluations.archives import write_png
     from fcdm_common.images import save_grid
-    from fcdm_common.sampling import parse_cfg_channels
+    from diffusion.sampling import parse_cfg_channels
 
     pipe = FCDMPipeline.from_pretrained(args.pipeline, local_files_only=True).to(args.device)
     cfg = pipe.transformer.config
     bad = [v for v in args.class_labels if not 0 <= v < cfg.num_classes]
     if bad:
         raise UserError(f"--class-labels {' '.join(map(str, bad))} out of range 0..{cfg.num_classes - 1}")
-    if args.scheduler is not None:
+    if args.sampler is not None:
         try:
-            pipe.scheduler = build_scheduler(args.scheduler, create_objective(cfg.objective, **cfg.objective_kwargs))
+            pipe.scheduler = build_scheduler(args.sampler, create_objective(cfg.objective, **cfg.objective_kwargs))
         except ValueError as e:
-            raise UserError(f"--scheduler {args.scheduler}: {e}") from None
+            raise UserError(f"--sampler {args.sampler}: {e}") from None
     channels = parse_cfg_channels(args.cfg_channels, int(cfg.latent_shape[0]))
-    images = pipe(class_labels=args.class_labels, num_inference_steps=args.num_inference_steps,
-                  guidance_scale=args.guidance_scale, seed=args.seed, cfg_channels=channels, output_type="np").images
+    images = pipe(class_labels=args.class_labels, num_inference_steps=args.num_sampling_steps,
+                  guidance_scale=args.cfg_scale, seed=args.seed, cfg_channels=channels, output_type="np").images
     uint8 = np.rint(images * 255.0).astype(np.uint8)
     save_grid(uint8, args.out, nrow=min(8, math.ceil(math.sqrt(len(uint8)))))
-    print(f"wrote {args.out} ({len(uint8)} images, {type(pipe.scheduler).__name__} {args.num_inference_steps} steps, "
-          f"guidance {args.guidance_scale})")
+    print(f"wrote {args.out} ({len(uint8)} images, {type(pipe.scheduler).__name__} {args.num_sampling_steps} steps, "
+          f"guidance {args.cfg_scale})")
     if args.save_individual:
         folder = Path(args.save_individual)
         for k, (img, lab) in enumerate(zip(uint8, args.class_labels)):

@@ -8,8 +8,8 @@ recall, class_accuracy, ...), against optimizer steps (`--x steps`, with images 
 when every run has the same global batch) or images seen (`--x images`). Several runs are overlaid,
 one colour each, named by their folder (or `--names`). Reads `<run>/metrics.jsonl` (records with
 "kind": "eval" are evaluations) and `<run>/config.json` (the global batch). Headless: matplotlib's
-object API on the Agg canvas, no display and no pyplot state. train.py calls `plot_runs` to redraw
-`<run>/curves.png` at each evaluation and at the end of training.
+object API on the Agg canvas, no display and no pyplot state. The training loop calls `write_curves` to
+redraw `<run>/curves.png` at each evaluation and at the end of training.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from fcdm_common.cli import UserError, run_main
 
@@ -179,6 +179,24 @@ def plot_runs(run_dirs: Sequence, out, names: Optional[Sequence[str]] = None, x:
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
     return fig
+
+
+def write_curves(run_dir, log: Callable[[str], None] = print) -> Optional[Path]:
+    """Redraw <run>/curves.png from its metrics.jsonl (matplotlib imported here, never on the training path)
+    unless the PNG is already newer than the metrics (the end of a run that just evaluated its last step).
+    A failure to draw is logged, never raised: a plot must not stop a run."""
+    run_dir = Path(run_dir)
+    metrics, out = run_dir / "metrics.jsonl", run_dir / "curves.png"
+    if not metrics.is_file():
+        return None
+    if out.is_file() and out.stat().st_mtime_ns > metrics.stat().st_mtime_ns:
+        return out
+    try:
+        plot_runs([run_dir], out)
+        return out
+    except Exception as e:  # noqa: BLE001 - matplotlib missing, odd records, full disk: log and go on
+        log(f"WARNING: could not draw {run_dir / 'curves.png'} ({type(e).__name__}: {e})")
+        return None
 
 
 def main(argv=None):

@@ -23,10 +23,10 @@ import json
 import math
 from pathlib import Path
 
-from fcdm_common.checkpoint import save_checkpoint
+from models.checkpoints import save_checkpoint
 from fcdm_common.cli import HelpFormatter, UserError, positive_int, run_main
-from fcdm_common.ema import (EMATarget, classic_ema_initial_weight, gamma_to_sigma_rel, list_posthoc_snapshots,
-                             reconstruct_from_snapshots, sigma_rel_to_gamma)
+from train_gen.ema import (EMATarget, classic_ema_initial_weight, gamma_to_sigma_rel, list_posthoc_snapshots,
+                           reconstruct_from_snapshots, sigma_rel_to_gamma)
 
 MAX_INITIAL_WEIGHT = 1e-3  # largest beta^T (the classic EMA's share of theta_0, in no snapshot) accepted
 

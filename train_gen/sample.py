@@ -15,8 +15,8 @@ from pathlib import Path
 
 from fcdm_common.cli import HelpFormatter, UserError, run_main
 from fcdm_common.images import save_grid
-from fcdm_common.archives import write_png
-from fcdm_common.sampling import DIT_SAMPLE_LABELS, add_sampler_args, generate, load_setup, sampler_settings
+from evaluations.archives import write_png
+from diffusion.sampling import DIT_SAMPLE_LABELS, add_sampler_args, generate, load_setup, sampler_settings
 
 
 def build_parser() -> argparse.ArgumentParser:

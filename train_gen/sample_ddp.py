@@ -4,7 +4,7 @@ r"""Sample many images with one or more processes and pack them into one ADM-for
         --num-fid-samples 50000 --ckpt CKPT --sample-dir samples --ddpm True --cfg-scale 1.0
 
 Also runs as a plain `python train_gen/sample_ddp.py ...` (one process, CPU or GPU). Sample i is a function
-of (--global-seed, i) and the settings only (see fcdm_common/sampling.py), so the archive is byte-identical
+of (--seed, i) and the settings only (see fcdm_common/sampling.py), so the archive is byte-identical
 whatever the number of processes and --per-proc-batch-size. Process r draws the indices r, r + W, r + 2W, ...
 and writes `NNNNNN.png` into a folder named from the settings; rerunning the same command after an
 interruption keeps every PNG that decodes and only samples the rest. Rank 0 then writes
@@ -23,10 +23,10 @@ import numpy as np
 from fcdm_common.progress import progress as tqdm
 
 from fcdm_common import distributed as dist_utils
-from fcdm_common.cli import HelpFormatter, UserError, run_main, str2bool
+from fcdm_common.cli import HelpFormatter, UserError, alias_help, run_main, str2bool
 from fcdm_common.io import remove_stale_temps, sha256_file
-from fcdm_common.archives import package_versions, read_png, validate_npz, write_json, write_npz, write_png
-from fcdm_common.sampling import add_sampler_args, generate, load_setup, sample_labels, sampler_settings
+from evaluations.archives import package_versions, read_png, validate_npz, write_json, write_npz, write_png
+from diffusion.sampling import add_sampler_args, generate, load_setup, sample_labels, sampler_settings
 
 SETTINGS_FILE = "settings.json"  # inside the PNG folder: what its images were sampled with
 
@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-dir", default="samples", help="folder for the PNG folder, the .npz and its .json")
     p.add_argument("--num-fid-samples", type=int, default=50_000, help="number of images in the archive")
     p.add_argument("--per-proc-batch-size", type=int, default=64, help="samples per sampler batch on each process")
-    p.add_argument("--global-seed", type=int, default=0, help="seed; sample i depends on (seed, i) only")
+    p.add_argument("--seed", "--global-seed", dest="seed", type=int, default=0,
+                   help=alias_help("seed; sample i depends on (seed, i) only", "--global-seed"))
     p.add_argument("--label-sampling", choices=("random", "balanced"), default="random",
                    help="random: uniform labels drawn per sample; balanced: label i %% num_classes")
     p.add_argument("--keep-pngs", type=str2bool, default=True, metavar="BOOL",
@@ -65,7 +66,7 @@ def run_name(setup, s: dict, args) -> str:
         parts.append(f"eta{_fmt(s['ddim_eta'])}")
     if s["sampler"] == "dopri5":
         parts.append(f"atol{_fmt(s['atol'])}-rtol{_fmt(s['rtol'])}")
-    parts += [f"vae-{setup.vae_settings['vae']}", s["precision"], args.label_sampling, f"seed{args.global_seed}"]
+    parts += [f"vae-{setup.vae_settings['vae']}", s["precision"], args.label_sampling, f"seed{args.seed}"]
     return "-".join(str(p).replace("/", "_").replace(":", "_") for p in parts)
 
 
@@ -79,7 +80,7 @@ def content_settings(setup, s: dict, args, ckpt_sha256: str) -> dict:
         "cfg_scale": s["cfg_scale"], "cfg_channels": s["cfg_channels"],
         "guidance_interval": list(s["guidance_interval"]) if s["guidance_interval"] else None,
         "precision": s["precision"], "forward_batch": s["forward_batch"], "label_sampling": args.label_sampling,
-        "global_seed": args.global_seed, "vae": setup.vae_settings, "latent_shape": list(setup.latent_shape),
+        "global_seed": args.seed, "vae": setup.vae_settings, "latent_shape": list(setup.latent_shape),
         "num_classes": setup.num_classes, "device_type": setup.device.type,
         **sampler_record(setup, s, args),
     }
@@ -205,7 +206,7 @@ def _sample(args, info) -> None:
     stats = {}  # "nfe": guided network evaluations (sampler steps) summed over this process's batches
     for start in range(0, len(todo), b):
         batch = todo[start:start + b]
-        images, _ = generate(setup, batch, global_seed=args.global_seed, sampler=s["sampler"],
+        images, _ = generate(setup, batch, global_seed=args.seed, sampler=s["sampler"],
                              num_steps=s["num_steps"], cfg_scale=s["cfg_scale"], cfg_channels=s["cfg_channels"],
                              guidance_interval=s["guidance_interval"], ddim_eta=s["ddim_eta"],
                              precision=s["precision"], forward_batch=s["forward_batch"],
@@ -223,7 +224,7 @@ def _sample(args, info) -> None:
         return
 
     t0 = time.time()
-    labels = sample_labels(args.global_seed, range(n), setup.num_classes, args.label_sampling)
+    labels = sample_labels(args.seed, range(n), setup.num_classes, args.label_sampling)
 
     def chunks(size: int = 1000):
         for lo in range(0, n, size):

@@ -24,10 +24,10 @@ from typing import Callable, Iterable, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint, model_from_checkpoint
-from .cli import UserError, positive_int, str2bool
-from .cpu import tune_cpu_allocator
-from .images import to_uint8
+from models.checkpoints import load_checkpoint, model_from_checkpoint
+from fcdm_common.cli import UserError, positive_int, str2bool
+from fcdm_common.cpu import tune_cpu_allocator
+from fcdm_common.images import to_uint8
 
 from diffusion import DIFFUSION_SAMPLERS, FLOW_SAMPLERS, check_sampler  # one list of samplers, in diffusion/
 DIT_SAMPLE_LABELS = (207, 360, 387, 974, 88, 979, 417, 279)  # the classes of DiT's sample.py grid
@@ -181,7 +181,7 @@ class SamplingSetup:
     model: torch.nn.Module  # the network in eval mode on `device`
     objective: object  # diffusion.SpacedDiffusion or diffusion.FlowMatching
     objective_name: str  # "diffusion" | "flow"
-    vae: object  # fcdm_common.vae.IdentityVAE or SDVAE
+    vae: object  # models.autoencoders.IdentityVAE or DiffusersAutoencoder
     config: dict  # the checkpoint's run config
     latent_shape: Tuple[int, int, int]  # (C, H, W) the model samples
     num_classes: int  # labels 0..num_classes-1; num_classes is the null label
@@ -236,8 +236,8 @@ def setup_from_model(model: torch.nn.Module, config: dict, *, path, use_ema: boo
     """The SamplingSetup of a network already in memory (eval mode, on `device`) and its run config: what
     `load_setup` builds after loading a checkpoint, and what train.py's in-training evaluation samples with."""
     import diffusion
-    from .autoencoders import DEFAULT_HF_MODEL, DEFAULT_SCALING_FACTOR, load_autoencoder
-    from .latent_norm import check_decoder_matches, wrap_decoder
+    from models.autoencoders import DEFAULT_HF_MODEL, DEFAULT_SCALING_FACTOR, load_autoencoder
+    from models.latent_space import check_decoder_matches, wrap_decoder
 
     path = Path(path)
     device = torch.device(device)
@@ -368,7 +368,7 @@ def generate(setup: SamplingSetup, indices: Sequence[int], *, global_seed: int, 
     y_t = torch.tensor(y, dtype=torch.long, device=device)
     network = setup.model
     if compile:
-        from .compiled import compiled_network
+        from diffusion.compiled import compiled_network
         network = compiled_network(setup.model, device.type)
     net = counter if counter is not None else FixedBatchModel(
         network, forward_batch, PRECISIONS[precision], device.type)

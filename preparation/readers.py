@@ -1,4 +1,4 @@
-"""Training data: precomputed VAE latents read in whole batches, deterministic and resumable.
+"""Readers of the training data: precomputed VAE latents read in whole batches.
 
 Two on-disk layouts are supported (docs/data.md describes both):
 
@@ -12,41 +12,23 @@ Welling, 2014), so every step draws a fresh latent z = (mean + std * eps) * scal
 N(0, I), as latent diffusion does with `latent_dist.sample()`; "sample" stores hold one such
 scaled draw per image and orientation, the DiT/FCDM paper pipeline. Horizontal flips (the only
 augmentation of DiT and the paper) pick the stored flipped orientation instead of flipping the
-latent, which is not equivariant.
-
-`TrainLoader` makes every sample a pure function of (seed, step, index in the global batch), as
-fcdm_common/step_rng.py does for the rest of a step: epoch e is the global permutation
-`default_rng(SeedSequence([seed, e, ...])).permutation(N)`, cut into global batches of
-G = batch_size * world_size (the ragged tail is dropped); process r takes the contiguous slice
-[r * batch_size, (r + 1) * batch_size) of each. The orientations and posterior-noise seeds of all G
-samples come from one generator seeded by (seed, step), each item's eps from its own seed. So the
-batches do not depend on num_workers, and for a fixed G neither on world_size (concatenating the
-ranks' batches gives the 1-process batch); `start_step=k` resumes at step k without reading what
-was skipped.
+latent, which is not equivariant. Which items, orientations and noise seeds a step reads is decided
+by the training loader (train_gen/loader.py).
 """
 from __future__ import annotations
 
 import os
-import threading
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 
 from fcdm_common.cli import UserError
-from fcdm_common.data_checks import check_label_gaps, load_label_file, load_latent_file, nonfinite_rows
-from fcdm_common.store_check import check_chunk_files, damaged_store
+from fcdm_common.progress import progress as tqdm
+from preparation.checks import check_chunk_files, check_label_gaps, damaged_store, load_label_file, load_latent_file
+from preparation.store import STORE_FORMAT
 
-STORE_FORMAT = "fcdm-latents"  # attrs["format"] of a store
-STORE_FORMAT_VERSION = 1  # bump on an incompatible layout change
-STORE_MODES = ("moments", "sample")
-# Settings that must match when a store is reopened for writing (resume) - see preparation/store.py.
 _GRAIN = 32768  # elements per op slice (torch's at::internal::GRAIN_SIZE)
-SETTING_KEYS = ("image_size", "vae", "scaling_factor", "store", "count", "latent_shape", "orientations",
-                "class_names", "shard_size", "chunk_size", "seed", "vae_class", "shift_factor")
 
 
 def _available_memory_bytes() -> int:
@@ -155,8 +137,6 @@ class ZarrLatentDataset:
     def _mmap_cache(self) -> np.ndarray:
         import fcntl
 
-        from fcdm_common.progress import progress as tqdm
-
         target = self.cache_file()
         array = self._zarr_array()
         with open(str(target) + ".lock", "w") as lock:  # one writer per node; the others wait
@@ -242,8 +222,6 @@ class LegacyNpyDataset:
     """
 
     def __init__(self, feature_path: str | os.PathLike, label_path: str | os.PathLike, hflip: bool = True):
-        from fcdm_common.progress import progress as tqdm
-
         self.feature_path = Path(feature_path)  # folder of per-image latent .npy files
         self.label_path = Path(label_path)  # folder of per-image label .npy files
         for folder, flag in ((self.feature_path, "--feature-path"), (self.label_path, "--label-path")):
@@ -308,130 +286,3 @@ def open_dataset(zarr_path=None, feature_path=None, label_path=None, cache: str 
     return LegacyNpyDataset(feature_path, label_path, hflip=hflip)
 
 
-def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The seeded shuffle of epoch `epoch` (same on every rank)."""
-    return np.random.default_rng(np.random.SeedSequence([seed, epoch, 0x5EED])).permutation(n)
-
-
-def batch_rng(seed: int, step: int) -> np.random.Generator:
-    """Generator of the orientation choices and posterior-noise seeds of one GLOBAL batch."""
-    from .step_rng import step_seed
-
-    return np.random.default_rng(step_seed(seed, step, "data"))
-
-
-class _StepBatches:
-    """Item `step` is the whole batch of that step (called from worker threads)."""
-
-    def __init__(self, dataset, batch_size: int, rank: int, world_size: int, seed: int, steps_per_epoch: int):
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
-        self.steps_per_epoch = steps_per_epoch
-        self._perms: dict[int, np.ndarray] = {}  # epoch -> permutation (the last two epochs)
-        self._lock = threading.Lock()
-
-    def indices(self, step: int) -> np.ndarray:
-        epoch, i = divmod(step, self.steps_per_epoch)
-        with self._lock:
-            perm = self._perms.get(epoch)
-            if perm is None:
-                perm = epoch_permutation(len(self.dataset), self.seed, epoch)
-                self._perms[epoch] = perm
-                for old in [e for e in self._perms if e < epoch - 1]:
-                    del self._perms[old]
-        start = (i * self.world_size + self.rank) * self.batch_size
-        return perm[start:start + self.batch_size]
-
-    def __getitem__(self, step: int):
-        rng = batch_rng(self.seed, step)
-        g, ds = self.batch_size * self.world_size, self.dataset
-        orient = rng.integers(0, ds.orientations if ds.hflip else 1, size=g)  # every sample of the global batch
-        rows = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        if getattr(ds, "mode", "sample") == "moments":
-            seeds = rng.integers(0, 2 ** 63 - 1, size=g)
-            return ds.get_batch(self.indices(step), None, orient=orient[rows], noise_seeds=seeds[rows])
-        return ds.get_batch(self.indices(step), None, orient=orient[rows])
-
-
-class TrainLoader:
-    """Infinite deterministic iterator of (x (B, C, H, W) float32 scaled latents, y (B,) int64).
-
-    `step` is the step of the next batch; rebuilding with start_step=step resumes exactly.
-    """
-
-    def __init__(self, dataset, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 start_step: int = 0, num_workers: int = 2, prefetch_factor: int = 4, pin_memory: bool = False):
-        if batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size or start_step < 0:
-            raise ValueError(f"bad loader settings batch_size={batch_size} rank={rank} "
-                             f"world_size={world_size} start_step={start_step}")
-        self.dataset = dataset  # ZarrLatentDataset or LegacyNpyDataset
-        self.batch_size = batch_size  # per-rank batch
-        self.rank = rank  # this process
-        self.world_size = world_size  # number of processes sharing each epoch
-        self.seed = seed  # global seed (same on every rank)
-        self.num_workers = num_workers  # background reader threads (0: read in the calling thread)
-        self.prefetch_factor = prefetch_factor  # batches queued per worker thread
-        self.pin_memory = pin_memory  # page-locked batches for faster host-to-GPU copies
-        self.steps_per_epoch = len(dataset) // (batch_size * world_size)
-        if self.steps_per_epoch == 0:
-            raise UserError(f"the data has {len(dataset)} items, fewer than one global batch of "
-                            f"{batch_size} x {world_size} processes; lower --global-batch-size")
-        self.step = start_step
-        self.nonfinite: dict[int, np.ndarray] = {}  # step -> dataset indices of items with NaN/inf inputs
-        self._batches = _StepBatches(dataset, batch_size, rank, world_size, seed, self.steps_per_epoch)
-        dataset.prepare()  # fill the cache (RAM or memory-mapped file) before the first batch
-
-    @property
-    def epoch(self) -> int:
-        """Epoch of the next batch."""
-        return self.step // self.steps_per_epoch
-
-    def batch_indices(self, step: int) -> np.ndarray:
-        """Dataset indices of this rank's batch at `step` (for tests and debugging)."""
-        return self._batches.indices(step).copy()
-
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch of `step`, computed in this process."""
-        return self._batches[step]
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.num_workers == 0:
-            while True:
-                out = self._produce(self.step)
-                self.step += 1
-                yield out
-        # Worker THREADS, not processes: the heavy parts (gather, half->float, randn, zarr/blosc
-        # decoding) release the GIL, and threads avoid copying every batch through shared memory,
-        # which costs more than producing it. Results are consumed strictly in step order.
-        pool = ThreadPoolExecutor(max_workers=self.num_workers, thread_name_prefix="fcdm-data")
-        pending: deque = deque()
-        next_submit = self.step
-        try:
-            while True:
-                while len(pending) < self.num_workers * self.prefetch_factor:
-                    pending.append(pool.submit(self._produce, next_submit))
-                    next_submit += 1
-                out = pending.popleft().result()
-                self.step += 1
-                yield out
-        finally:
-            for fut in pending:
-                fut.cancel()
-            pool.shutdown(wait=True, cancel_futures=True)
-
-    def nonfinite_items(self, before_step: int | None = None) -> dict[int, list[int]]:
-        """{step: dataset indices} of the batches (before `before_step`) that held NaN/inf inputs."""
-        return {s: [int(i) for i in v] for s, v in sorted(self.nonfinite.items())
-                if before_step is None or s < before_step}
-
-    def _produce(self, step: int):
-        x, y = self._batches[step]
-        rows = nonfinite_rows(x)  # on the host, in the worker thread: no device sync in the step
-        if rows.size and len(self.nonfinite) < 1000:
-            self.nonfinite[step] = self._batches.indices(step)[rows]
-        if self.pin_memory:
-            x, y = x.pin_memory(), y.pin_memory()
-        return x, y

@@ -1,6 +1,6 @@
 """Sampler quality vs time: sample one checkpoint with several samplers and score each archive.
 
-    python benchmarks/bench_samplers.py --ckpt results/demo/runs/fcdm-digits/checkpoints/0001500.pt \\
+    python benchmarks/sampler_quality.py --ckpt results/demo/runs/fcdm-digits/checkpoints/0001500.pt \\
         --ref-batch results/demo/digits_ref.npz --backend digits --out-dir /tmp/samplers \\
         --samplers ddpm:250 ddpm:100 ddim:50 dpm++2m:10 dpm++2m:20 dpm++2m:50 unipc:20 \\
         --timing-rounds 2
@@ -10,7 +10,7 @@ same seed for every sampler) and train_gen/evaluate.py's metrics on the archive.
 FID (and class accuracy for the digits backend), the wall time of the sampling program per 1,000
 samples (model load, sampling, PNG and archive writing) and its ratio to the first entry's time.
 Timings on a shared machine are noisy; the ratios inside one run are what to compare.
-`--timing-rounds R` adds a fairer timing: `fcdm_common.sampling.generate` (what sample_ddp.py calls)
+`--timing-rounds R` adds a fairer timing: `diffusion.sampling.generate` (what sample_ddp.py calls)
 on `--timing-samples` samples per entry, the entries alternated R times, so every sampler sees the
 same load; `--skip-quality` runs only that.
 """
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-scale", type=float, default=2.0, help="guidance scale of every entry (default 2.0)")
     p.add_argument("--batch-size", type=positive_int, default=250,
                    help="--per-proc-batch-size and --forward-batch of sample_ddp.py (default 250)")
-    p.add_argument("--seed", type=int, default=0, help="--global-seed of every entry (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="--seed of every entry (default 0)")
     p.add_argument("--device", default="cpu", help="sampling device (default cpu)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0: torch's default)")
     p.add_argument("--timing-rounds", type=int, default=0,
@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
         sample_ddp.main(["--ckpt", args.ckpt, "--sample-dir", str(sample_dir), "--num-fid-samples", str(args.num_samples),
                          "--label-sampling", "balanced", "--sampler", name, "--num-sampling-steps", str(steps),
                          "--cfg-scale", str(args.cfg_scale), "--per-proc-batch-size", str(args.batch_size),
-                         "--forward-batch", str(args.batch_size), "--global-seed", str(args.seed),
+                         "--forward-batch", str(args.batch_size), "--seed", str(args.seed),
                          "--device", args.device, "--keep-pngs", "false"])
         seconds = time.perf_counter() - t0
         archive = sorted(sample_dir.glob("*.npz"))[-1]
@@ -102,7 +102,7 @@ def interleaved_timing(args, entries) -> list:
     """Seconds per 1000 samples of generate() for each entry, the entries alternated args.timing_rounds times."""
     import statistics
 
-    from fcdm_common.sampling import generate, load_setup
+    from diffusion.sampling import generate, load_setup
 
     setup = load_setup(args.ckpt, device=args.device)
     n = args.timing_samples

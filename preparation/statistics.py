@@ -1,4 +1,4 @@
-"""Per-channel statistics of a latent store and the optional normalisation (z - mean_c) / std_c.
+"""Per-channel statistics of a latent store, and the training data normalised with them.
 
 The statistics describe the training input z = (latent - shift) * scale over the whole data set:
 every item, both stored orientations and every spatial position. For "sample" stores z is what is
@@ -13,20 +13,17 @@ order, so 1 and N processes give the same bits. Extraction writes a shard's row 
 preparation/latent_stats.py fills missing rows of an existing store (resumable) and writes the
 result into the store attribute `latent_stats` = {"mean": [...], "std": [...], "elements_per_channel"}.
 
-With `--latent-norm channel` (as EDM2 does for SD-VAE latents and LightningDiT for VA-VAE) training
-feeds the network (z - mean_c) / std_c; the statistics go into the run config and every decoder on the
-sampling side is wrapped in `DenormalizingDecoder`, which applies z = x * std_c + mean_c first.
+With `--latent-norm channel` training reads `NormalizedDataset` batches, (z - mean_c) / std_c; the
+normalisation itself and its inverse belong to the latent space (models/latent_space.py).
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
-import torch
 
 from fcdm_common.cli import UserError
+from models.latent_space import NORM_MODES, LatentNorm
 
-NORM_MODES = ("none", "channel")
 STATS_ATTR = "latent_stats"
 
 
@@ -103,45 +100,9 @@ def stats_from_info(info: dict) -> dict | None:
     return stats if isinstance(stats, dict) and stats.get("mean") and stats.get("std") else None
 
 
-# ----------------------------------------------------------------------------- normalisation
-class LatentNorm:
-    """x = (z - mean_c) / std_c and its inverse, on (N, C, H, W) tensors."""
-
-    def __init__(self, mean, std):
-        self.stats = {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}  # exact (float64) values
-        self.mean = torch.tensor([float(v) for v in mean], dtype=torch.float32)  # (C,)
-        self.std = torch.tensor([float(v) for v in std], dtype=torch.float32)  # (C,)
-        if self.mean.shape != self.std.shape or self.mean.ndim != 1:
-            raise UserError(f"latent statistics need one mean and one std per channel, got {len(mean)} and {len(std)}")
-        if not bool(torch.all(torch.isfinite(self.std) & (self.std > 0)) and torch.all(torch.isfinite(self.mean))):
-            raise UserError(f"latent statistics are unusable (std must be finite and > 0): std {self.std.tolist()}")
-
-    def _view(self, z: torch.Tensor):
-        shape = (1, -1) + (1,) * (z.ndim - 2)
-        return self.mean.to(z.device).view(shape), self.std.to(z.device).view(shape)
-
-    def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        mean, std = self._view(z)
-        return (z - mean) / std
-
-    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        mean, std = self._view(x)
-        return x * std + mean
-
-    def to_config(self) -> dict:
-        return {"mode": "channel", **self.stats}
-
-    @classmethod
-    def from_config(cls, cfg) -> "LatentNorm | None":
-        """None for a config without normalisation (older runs, mode none)."""
-        if not isinstance(cfg, dict) or cfg.get("mode", "none") == "none":
-            return None
-        if cfg.get("mode") != "channel":
-            raise UserError(f"unknown latent normalisation {cfg.get('mode')!r} in the run config; expected none or channel")
-        return cls(cfg["mean"], cfg["std"])
 
 
-def norm_for_training(dataset, mode: str, where: str) -> "LatentNorm | None":
+def norm_for_training(dataset, mode: str, where: str) -> LatentNorm | None:
     """The normalisation asked for by --latent-norm, from the store's statistics (UserError if absent)."""
     if mode not in NORM_MODES:
         raise UserError(f"--latent-norm must be one of {', '.join(NORM_MODES)}, got {mode!r}")
@@ -182,51 +143,3 @@ class NormalizedDataset:
         return self.norm.normalize(x), y
 
 
-class DenormalizingDecoder:
-    """A decoder that first maps the model's normalised latents back: z = x * std_c + mean_c."""
-
-    def __init__(self, vae, norm: LatentNorm):
-        self.vae = vae  # the autoencoder (IdentityVAE / DiffusersAutoencoder)
-        self.norm = norm
-
-    def __getattr__(self, name):
-        return getattr(self.vae, name)
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(self.norm.denormalize(x.float()))
-
-
-def wrap_decoder(vae, norm_cfg):
-    """`vae` itself for runs without normalisation, else a DenormalizingDecoder."""
-    norm = norm_cfg if isinstance(norm_cfg, LatentNorm) else LatentNorm.from_config(norm_cfg)
-    return vae if norm is None or vae is None else DenormalizingDecoder(vae, norm)
-
-
-def same_stats(a, b, rel: float = 1e-6) -> bool:
-    """Whether two statistics dicts/configs (mean, std lists) agree."""
-    try:
-        return all(len(a[k]) == len(b[k]) and all(math.isclose(float(x), float(y), rel_tol=rel, abs_tol=1e-12)
-                                                 for x, y in zip(a[k], b[k])) for k in ("mean", "std"))
-    except (KeyError, TypeError):
-        return False
-
-
-def same_norm(a, b) -> bool:
-    """Whether two run-config normalisations ({"mode": ...}) are the same."""
-    mode_a = (a or {}).get("mode", "none") if isinstance(a, dict) else "none"
-    mode_b = (b or {}).get("mode", "none") if isinstance(b, dict) else "none"
-    return mode_a == mode_b and (mode_a == "none" or same_stats(a, b))
-
-
-def check_decoder_matches(decoder, data_cfg: dict, where) -> None:
-    """A run trained on normalised latents must decode with the VAE its statistics were taken from."""
-    norm = LatentNorm.from_config((data_cfg or {}).get("latent_norm"))
-    data_vae = (data_cfg or {}).get("vae")
-    name = getattr(decoder, "name", None)
-    if data_vae is None or name in (None, data_vae):
-        return
-    if norm is not None:
-        raise UserError(f"{where} was trained on latents of {data_vae} normalised with their per-channel statistics, "
-                        f"but the VAE given is {name}, whose statistics differ; pass the VAE the model was trained with "
-                        "(--hf-model-dir) or leave the VAE flags out")
-    print(f"WARNING: decoding with the VAE {name}, but {where} was trained on latents of {data_vae}", flush=True)

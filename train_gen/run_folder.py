@@ -1,6 +1,13 @@
-"""Training helpers: per-rank seeding, RNG state capture/restore, run naming, checkpoint rotation, logs.
+"""The run folder of a training run: its name, lock, checkpoints, logs, and every random state of a process.
 
-Every random state is stored as tensors and plain Python values so checkpoints keep loading with
+<results-dir>/<run name>/ holds checkpoints/<step>.pt (+ <step>-ema.safetensors), samples/, log.txt,
+metrics.jsonl, config.json and run.lock. The name comes from the settings, so rerunning the same
+command resumes the same run. The main process holds an exclusive `fcntl.flock` on run.lock for the
+run's life (the kernel releases it when the process ends in any way, also kill -9), so two trainers
+never share a folder; flock works on local file systems and on NFSv4 / Lustre mounted with flock
+support, and where the file system refuses locks the run continues with a warning.
+
+Random states are stored as tensors and plain Python values so checkpoints keep loading with
 `torch.load(weights_only=True)` (numpy's MT19937 key becomes an int64 tensor).
 """
 from __future__ import annotations
@@ -11,6 +18,7 @@ import math
 import os
 import random
 import re
+import socket
 import time
 import warnings
 from pathlib import Path
@@ -19,9 +27,9 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint
-from .cli import UserError
-from .io import atomic_write_bytes, atomic_write_text, fault_point
+from fcdm_common.cli import UserError
+from fcdm_common.io import atomic_write_text, fault_point, save_safetensors
+from models.checkpoints import load_checkpoint
 
 CKPT_RE = re.compile(r"^(\d{7,})\.pt$")  # checkpoints/<step, 7+ digits>.pt
 
@@ -170,16 +178,6 @@ def export_ema(ema_state: dict, config: dict, step: int, ckpt_path: str | os.Pat
     return path
 
 
-def save_safetensors(state_dict: dict, path: str | os.PathLike, metadata: Optional[dict] = None) -> None:
-    """Write a state_dict as safetensors atomically (contiguous copies; metadata values as strings).
-    Serialised in memory and written by our atomic writer: `save_file` would leave its own temp file
-    (`.tmpXXXXXX`) behind when killed."""
-    from safetensors.torch import save
-
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    atomic_write_bytes(path, save(tensors, metadata={k: str(v) for k, v in (metadata or {}).items()}))
-
-
 # ---------------------------------------------------------------------------------- logs
 class RunLogger:
     """log.txt (human) and metrics.jsonl (one JSON object per log step), both appended and flushed.
@@ -231,3 +229,61 @@ def truncate_metrics(path: str | os.PathLike, max_step: int) -> None:
         except json.JSONDecodeError:
             continue  # a line cut by a kill
     atomic_write_text(path, "".join(s + "\n" for s in kept))
+
+
+# ---------------------------------------------------------------------------------- the run lock
+LOCK_NAME = "run.lock"
+_held: dict = {}  # resolved lock path -> RunLock held by this process
+
+
+class RunLock:
+    """A held lock; `release()` (or the process ending) frees it."""
+
+    def __init__(self, path: Path, fd: Optional[int]):
+        self.path = path  # the lock file
+        self.fd = fd  # open descriptor carrying the flock (None: the file system has no locks)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+        _held.pop(str(self.path.resolve()), None)
+
+
+def acquire_run_lock(run_dir: str | os.PathLike, what: str = "trainer", log=print) -> RunLock:
+    """Lock `run_dir` for this process or raise UserError naming the process that holds it. A lock this
+    same process still holds (a previous in-process call that raised) is released and taken again."""
+    import fcntl
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_NAME
+    previous = _held.get(str(path.resolve()))
+    if previous is not None:
+        previous.release()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        except (OSError, ValueError):
+            holder = {}
+        os.close(fd)
+        who = (f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
+               if holder else "another process")
+        raise UserError(f"run folder {run_dir} is in use by another {what} ({who}); wait for it to finish or stop "
+                        f"it, or pass another --exp-name / --results-dir (the lock {path} is freed when its "
+                        "holder exits, also on kill -9)") from None
+    except OSError as e:  # e.g. ENOLCK: a file system without lock support
+        log(f"WARNING: cannot lock {path} ({e}); make sure no other {what} uses this run folder")
+        os.close(fd)
+        lock = RunLock(path, None)
+        return lock
+    info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                       "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, info, 0)
+    lock = RunLock(path, fd)
+    _held[str(path.resolve())] = lock
+    return lock

@@ -1,8 +1,16 @@
-"""Checks of training data values: non-finite latents and labels that do not form a class list.
+"""Checks of the training data: damaged stores, non-finite latents, labels that do not form a class list.
 
-Used by the legacy `.npy` reader (fcdm_common/data.py), `preparation/save_zarr.py` and the
-training loader, so every path refuses the same files with the same message naming them.
+Every reader (preparation/readers.py), preparation/save_zarr.py and the training loader use these, so
+every path refuses the same files with the same message naming them.
 
+* `damaged_store(path)`: zarr reads a missing or empty chunk file as the fill value (for our sharded
+  latents: silent zeros), and a damaged one raises whatever its codec raises (checksum ValueError,
+  blosc RuntimeError, JSON errors in the array metadata); inside this block every failure becomes one
+  `UserError` naming the store and the fix.
+* `check_chunk_files(path, array)`: empty chunk files (zarr never writes one) and, for arrays whose
+  fill value is no valid data (labels: -1), missing ones, found with one stat per shard file when a
+  store is opened. zarr skips writing an all-fill-value chunk, so a missing latents shard (fill 0)
+  cannot be told from zeros.
 * `load_latent_file(path)`, `load_label_file(path)`: the legacy per-image files, checked.
 * `check_finite(array, path)`: a latent file holding NaN or inf is refused, naming the file.
 * `check_label_gaps(labels, names, source)`: without a class list the number of classes is max
@@ -15,12 +23,30 @@ training loader, so every path refuses the same files with the same message nami
 """
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+import itertools
+import math
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from fcdm_common.cli import UserError
+from fcdm_common.cli import UserError, error_summary
+
+FIX = "delete it and rerun preparation/extract_features.py (or preparation/save_zarr.py) to rebuild it"
+
+
+@contextlib.contextmanager
+def damaged_store(path: str | os.PathLike) -> Iterator[None]:
+    """Run a block that reads the store at `path`; any failure but a UserError becomes one."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - codecs and stores raise anything on damaged bytes
+        raise UserError(f"zarr store {path} is damaged ({error_summary(e)}); {FIX}") from None
 
 
 def check_finite(array: np.ndarray, path) -> None:
@@ -98,3 +124,22 @@ def describe_nonfinite(records: dict, source: str, limit: int = 8) -> str | None
     return (f"the input latents themselves are not finite: dataset item(s) {shown} of {source} hold NaN or inf "
             f"(first seen at step {steps[0] + 1}, in {len(steps)} batch(es)); the data is the cause, not the "
             "optimisation: re-extract the data or remove these items")
+
+
+def check_chunk_files(path: str | os.PathLike, array, allow_missing: bool = False) -> None:
+    """UserError when a chunk (shard) file of a zarr v3 `array` of the store at `path` is empty, or missing
+    (unless `allow_missing`: chunks equal to the fill value are not written)."""
+    shape = array.shape
+    grid = array.metadata.chunk_grid.chunk_shape  # the stored objects: shards where the array is sharded
+    counts = [math.ceil(n / c) for n, c in zip(shape, grid)]
+    folder = Path(path) / array.path
+    for coords in itertools.product(*(range(n) for n in counts)):
+        key = array.metadata.encode_chunk_key(coords)
+        f = folder / key
+        try:
+            size = f.stat().st_size
+        except FileNotFoundError:
+            size = None
+        if size == 0 or (size is None and not allow_missing):
+            state = "missing" if size is None else "empty (0 bytes)"
+            raise UserError(f"zarr store {path} is damaged (chunk file {f} is {state}); {FIX}")

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .cli import UserError
-from .io import atomic_path
+from fcdm_common.cli import UserError
+from fcdm_common.io import atomic_path
 
 
 def write_png(path, image: np.ndarray) -> None:
@@ -118,6 +118,6 @@ def package_versions() -> dict:
 
 def write_json(path, obj: dict) -> None:
     """Pretty JSON, atomically."""
-    from .io import atomic_write_text
+    from fcdm_common.io import atomic_write_text
 
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")

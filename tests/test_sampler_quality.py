@@ -1,9 +1,9 @@
-"""benchmarks/bench_samplers.py: entry parsing and the interleaved timing on a tiny checkpoint."""
+"""benchmarks/sampler_quality.py: entry parsing and the interleaved timing on a tiny checkpoint."""
 import json
 
 import pytest
 
-from benchmarks import bench_samplers
+from benchmarks import sampler_quality
 from fcdm_common.cli import UserError
 from helpers import one_thread  # noqa: F401  (fixture, used through pytestmark)
 from test_sample_ddp import make_checkpoint
@@ -12,13 +12,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_entries_and_interleaved_timing(tmp_path):
-    assert bench_samplers.parse_entry("diffusers:DDIMScheduler:20") == ("diffusers:DDIMScheduler", 20)
+    assert sampler_quality.parse_entry("diffusers:DDIMScheduler:20") == ("diffusers:DDIMScheduler", 20)
     for bad in ("dpm++2m", "dpm++2m:0", ":5", "ddpm:x"):
         with pytest.raises(UserError, match="SAMPLER:STEPS"):
-            bench_samplers.parse_entry(bad)
+            sampler_quality.parse_entry(bad)
     ckpt = make_checkpoint(tmp_path / "c.pt")
     (tmp_path / "ref.npz").write_bytes(b"")  # not read with --skip-quality
-    report = bench_samplers.main(["--ckpt", str(ckpt), "--ref-batch", str(tmp_path / "ref.npz"), "--out-dir",
+    report = sampler_quality.main(["--ckpt", str(ckpt), "--ref-batch", str(tmp_path / "ref.npz"), "--out-dir",
                                   str(tmp_path / "out"), "--samplers", "ddpm:4", "dpm++2m:2", "--skip-quality",
                                   "--timing-rounds", "1", "--timing-samples", "2"])
     rows = report["interleaved_timing"]

@@ -269,7 +269,7 @@ def save_posthoc_snapshots(power_ema: PowerEMA, model: nn.Module, run_dir, step:
                            metadata: Optional[dict] = None) -> list:
     """Write every tracked average as <run>/posthoc_ema/<step>-sigma<s>.safetensors in `dtype`
     (float entries; the rest as they are), atomically. Returns the paths."""
-    from .trainutil import save_safetensors
+    from fcdm_common.io import save_safetensors
 
     paths = []
     for i, (sigma, gamma) in enumerate(zip(power_ema.sigma_rels, power_ema.gammas)):

@@ -24,8 +24,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .cli import UserError, error_summary
-from .io import atomic_torch_save
+from fcdm_common.cli import UserError, error_summary
+from fcdm_common.io import atomic_torch_save
 
 REQUIRED_CONFIG_KEYS = ("model", "model_kwargs", "objective")
 TRAINING_KEYS = ("model", "ema", "opt", "step")  # what resuming a run needs

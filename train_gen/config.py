@@ -1,0 +1,143 @@
+"""The configuration of a training run: one frozen dataclass, built once from the flags by train.py.
+
+`TrainConfig.to_dict()` is what the run folder (config.json) and every checkpoint (`ckpt["config"]`)
+record: plain JSON values in sections model / objective / data / vae / train / log / run, read back by
+the sampling programs, the evaluation, the exporters and a resumed run. The sections keep the layout
+that checkpoints have always had, so checkpoints written by earlier versions load unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+PAPER_STEPS = 400_000  # Table 6 / headline results: 400K iterations
+# Flag defaults that also decide whether a setting goes into the run name's hash (see run_name_extra):
+# the paper's values (Table 6) and the network seeing the stored latents as they are.
+TRAJECTORY_DEFAULTS = {"hflip": True, "ema_decay": 0.9999, "weight_decay": 0.0, "grad_clip": 0.0,
+                       "latent_norm": "none"}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The training data and the latent space it lives in."""
+    zarr_path: Optional[str]  # latent store (preparation/extract_features.py), or None
+    feature_path: Optional[str]  # legacy layout: folder of per-image latent .npy files, or None
+    label_path: Optional[str]  # legacy layout: folder of per-image label .npy files, or None
+    name: str  # short name of the data set (part of the run name)
+    count: int  # items
+    latent_shape: tuple  # (C, H, W) of the latents the network sees
+    num_classes: int  # labels 0..num_classes-1
+    image_size: int  # side of the decoded images
+    vae: str  # id of the autoencoder the latents come from: "none" or "sd:<snapshot name>"
+    scaling_factor: float  # z = (latent - shift_factor) * scaling_factor
+    shift_factor: float
+    vae_class: str  # diffusers class of the autoencoder ("none" in pixel space)
+    downsample: int  # image side / latent side
+    hf_model_name: Optional[str]  # hub name of the autoencoder the store records, if any
+    hf_model_dir: Optional[str]  # local snapshot folder of the autoencoder the store records, if any
+    latent_norm: dict  # {"mode": "none"} or {"mode": "channel", "mean": [...], "std": [...]}
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """The autoencoder that decodes the grids and the evaluation samples."""
+    vae: str  # "sd" (a diffusers autoencoder) or "none" (pixel space)
+    hf_model_name: Optional[str]  # hub name (None when a folder is given)
+    hf_model_dir: Optional[str]  # local snapshot folder (wins over the hub name)
+    scaling_factor: float  # from the data: what its latents mean
+    shift_factor: float
+
+
+@dataclass(frozen=True)
+class PosthocEMAConfig:
+    """EDM2's power-function EMAs, kept for train_gen/reconstruct_ema.py."""
+    snapshot_every: int  # save snapshots every N steps (0: not tracked)
+    sigma_rels: tuple  # relative widths of the tracked averages
+    dtype: str  # precision of the snapshot files: bf16, fp16 or fp32
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """How the network is trained (defaults: Table 6 of the paper)."""
+    global_batch_size: int  # images per optimizer step over all processes
+    batch_per_process: int  # this run's share of the global batch per process
+    batch_per_gpu: int  # micro-batch per process (gradient accumulation below batch_per_process)
+    grad_accum_steps: int  # micro-batches per optimizer step
+    rng_scheme: str  # version of the per-step random draws (train_gen/step_draws.py)
+    posthoc_ema: PosthocEMAConfig
+    lr: float  # AdamW learning rate (constant)
+    betas: tuple  # AdamW betas
+    weight_decay: float  # AdamW weight decay
+    max_train_steps: int  # optimizer steps of the whole run
+    ema_decay: float  # EMA decay per step
+    grad_clip: float  # global gradient-norm clip (0: off)
+    seed: int  # global seed
+    mixed_precision: str  # autocast precision: no, bf16 or fp16
+    grad_checkpointing: str  # none, selective or full
+    compile: bool  # torch.compile the blocks
+    optimizer_impl: str  # fused or foreach AdamW
+    max_bad_steps: int  # stop after this many consecutive non-finite steps
+    num_workers: int  # loader threads per process
+    data_cache: str  # auto, memory, mmap or none
+    hflip: bool  # random horizontal flips
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Logs, checkpoints and sample grids."""
+    log_every: int  # reduce and log metrics every N steps
+    ckpt_every: int  # checkpoint every N steps (and at the end)
+    keep_last: int  # keep the newest K checkpoints
+    keep_every: int  # also keep every step divisible by M (0: none)
+    sample_every: int  # sample grid every N steps and at the end (0: never)
+    cfg_scale: float  # guidance scale of the grids
+    cfg_channels: str  # guided channels of the grids: "all" or k
+    grid_sampler: str  # sampler of the grids
+    grid_steps: int  # sampling steps of the grids
+    grid_cols: int  # samples per class row
+    grid_seed: int  # seed of the fixed grid noise
+    report_to: str  # none, tensorboard or wandb
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """Where and how this run was started (informational)."""
+    exp_name: str  # run folder name
+    run_dir: str  # the run folder
+    world_size: int  # processes
+    torch: str  # torch version
+    device: str  # device type: cuda or cpu
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run was asked to do, as resolved from its flags and its data."""
+    model: str  # registry name of the network (models.MODELS)
+    model_kwargs: dict  # every constructor argument the run sets (in_channels, num_classes, learn_sigma, ...)
+    objective: str  # "diffusion" (iDDPM, learned sigma) or "flow" (flow matching, Appendix E)
+    objective_kwargs: dict  # arguments of diffusion.create_objective
+    data: DataConfig
+    vae: DecoderConfig
+    train: OptimConfig
+    log: LogConfig
+    run: RunInfo
+
+    def to_dict(self) -> dict:
+        """Plain JSON values (lists, not tuples): what config.json and every checkpoint hold."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def run_name_extra(model_overrides: dict, objective_kwargs: dict, settings: dict) -> dict:
+    """What the run name's hash covers beyond the spelled-out settings: the user's model overrides, the
+    objective's arguments and every trajectory setting that differs from TRAJECTORY_DEFAULTS."""
+    changed = {k: v for k, v in settings.items() if k in TRAJECTORY_DEFAULTS and v != TRAJECTORY_DEFAULTS[k]}
+    return {k: v for k, v in (("model", model_overrides), ("objective", objective_kwargs), ("train", changed)) if v}
