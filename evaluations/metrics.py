@@ -17,10 +17,11 @@ FCDM paper and its baselines report), so that the same features give the same nu
   rank 0). Precision = fraction of samples inside the reference manifold, recall = fraction of
   references inside the sample manifold. ADM computes pairwise distances in blocks of 10000 rows
   and columns, first in float16 and, for a block whose float16 result is not finite, again in
-  float32; `distance_dtype="float16"` reproduces that bit for bit with TensorFlow's CPU float16
-  arithmetic (squares rounded to float16 and Eigen's half-precision sum order for the norms; float32
-  accumulation in TF's order for the matmul; each elementwise step rounded to float16), `"float32"`
-  skips the half-precision pass.
+  float32; `distance_dtype="float16"` reproduces that with TensorFlow's CPU float16 arithmetic
+  (squares rounded to float16 and Eigen's half-precision sum order for the norms, bit-exact; for the
+  matmul, float32 accumulation of exact products, whose order TF itself varies with the CPU and the
+  thread count, so it is bounded for any order and fixed only where it decides an entry; each
+  elementwise step rounded to float16), `"float32"` skips the half-precision pass.
 
 Everything returns Python floats computed in float64 (statistics) or float32 distances (as ADM).
 """
@@ -53,7 +54,7 @@ def compute_statistics(feats: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return mu, np.atleast_2d(sigma)
 
 
-def _sqrtm(mat: np.ndarray) -> np.ndarray:
+def sqrtm(mat: np.ndarray) -> np.ndarray:
     """scipy's matrix square root without its console output (ADM passes disp=False)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Matrix is singular" warnings: the finite check decides
@@ -75,12 +76,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
         raise ValueError(f"covariances have shapes {sigma1.shape} and {sigma2.shape} for means {mu1.shape}")
 
     diff = mu1 - mu2
-    covmean = _sqrtm(sigma1 @ sigma2)
+    covmean = sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         # the product is (nearly) singular: regularise both covariances, as ADM/TTUR do
         warnings.warn(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates")
         offset = np.eye(sigma1.shape[0]) * eps
-        covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
+        covmean = sqrtm((sigma1 + offset) @ (sigma2 + offset))
 
     # numerical error may leave a small imaginary component; a large one means a broken covariance
     if np.iscomplexobj(covmean):
@@ -117,17 +118,22 @@ def _half(x: np.ndarray) -> np.ndarray:
         return x.astype(np.float16)
 
 
-# TensorFlow's CPU float16 arithmetic, as ADM's evaluator runs it (verified bit for bit against
-# tensorflow-cpu 2.21 in tests/test_eval_adm_fp16.py):
+# TensorFlow's CPU float16 arithmetic, as ADM's evaluator runs it (checked against tensorflow-cpu 2.21
+# in tests/test_eval_adm_fp16.py):
 # - reduce_sum over the last axis is Eigen's InnerMostDimReducer on 8-lane half packets: above
 #   8 * 200 values (Eigen's LeafSize<half>) the range is halved at a packet-aligned split and the halves
 #   summed; a leaf runs 4 packet accumulators over 32-value strides (each lane add rounded to float16),
 #   folds them into the first (1 + 2, + 3, + 4), runs the remaining whole packets, sums that packet's
-#   8 lanes in float32 ((a0+a4 + a2+a6) + (a1+a5 + a3+a7)) and rounds once, and adds the scalar tail;
-# - the float16 matmul accumulates the exact float32 products in float32, sequentially within blocks
-#   along the shared dimension D, adds the block sums in float32 and rounds once to float16. Measured
-#   block: D itself up to 512, else the largest power of two below D, at most 1024 (bit-exact for
-#   D = 300, 520, 600, 1000, 1500, 2048, 3000, 4096; ADM's Inception features have D = 2048).
+#   8 lanes in float32 ((a0+a4 + a2+a6) + (a1+a5 + a3+a7)) and rounds once, and adds the scalar tail.
+#   This order is fixed: the norms are bit-exact.
+# - the float16 matmul sums the exact float32 products of its float16 inputs in float32 and rounds once
+#   to float16. The order of that float32 sum is TF's kernel's: it changes with the CPU (cache sizes)
+#   and with the number of intra-op threads (on a 2-core AMD EPYC, TF's own 1- and 2-thread results
+#   differ in about 1 entry in 10^4). So `tf_half_dot_bounds` bounds the result for *any* float32
+#   order, which settles most entries (two thirds at D = 2048); only an entry whose float16 value depends on the order,
+#   and that a radius comparison needs, is computed in one fixed order (`tf_half_dots_exact`: sequential
+#   within blocks along D -- D itself up to 512, else the largest power of two below D, at most 1024 --
+#   block sums added in float32; TF's order on the machine these numbers were first checked on).
 _EIGEN_HALF_PACKET = 8
 _EIGEN_HALF_LEAF = 200
 
@@ -163,7 +169,7 @@ def _eigen_leaf_sum(x: np.ndarray) -> np.ndarray:
     return (packet + tail).astype(np.float16)
 
 
-def _eigen_half_sum(x: np.ndarray, first: int = 0) -> np.ndarray:
+def eigen_half_sum(x: np.ndarray, first: int = 0) -> np.ndarray:
     """TF/Eigen CPU reduce_sum of float16 rows (r, n) -> (r,) float16; `first` is the flat index of
     column 0 (Eigen aligns its split points to packets of the flattened tensor)."""
     p, n = _EIGEN_HALF_PACKET, x.shape[1]
@@ -171,29 +177,30 @@ def _eigen_half_sum(x: np.ndarray, first: int = 0) -> np.ndarray:
         return _eigen_leaf_sum(x)
     split = p * -(-(first + -(-n // 2)) // p)  # packet-aligned midpoint
     left = min(split - first, n)
-    out = _eigen_half_sum(x[:, :left], first)
+    out = eigen_half_sum(x[:, :left], first)
     if left < n:
-        out = (out + _eigen_half_sum(x[:, left:], split)).astype(np.float16)
+        out = (out + eigen_half_sum(x[:, left:], split)).astype(np.float16)
     return out
 
 
-def _tf_half_row_norms(x16: np.ndarray) -> np.ndarray:
+def tf_half_row_norms(x16: np.ndarray) -> np.ndarray:
     """ADM's reduce_sum(square(U), 1) on float16 U (n, D) -> (n,) float16, TF CPU's arithmetic."""
     with np.errstate(over="ignore", invalid="ignore"):
         sq = x16 * x16  # each square rounded to float16
         n, d = sq.shape
         if d <= _EIGEN_HALF_PACKET * _EIGEN_HALF_LEAF or d % _EIGEN_HALF_PACKET == 0:
-            return _eigen_half_sum(sq)  # every row's flat offset is packet-aligned: one vectorised pass
+            return eigen_half_sum(sq)  # every row's flat offset is packet-aligned: one vectorised pass
         out = np.empty(n, np.float16)
         for r in range(_EIGEN_HALF_PACKET):  # rows whose flat offsets share an alignment
             rows = np.arange(r, n, _EIGEN_HALF_PACKET)
             if rows.size:
-                out[rows] = _eigen_half_sum(sq[rows], (r * d) % _EIGEN_HALF_PACKET)
+                out[rows] = eigen_half_sum(sq[rows], (r * d) % _EIGEN_HALF_PACKET)
         return out
 
 
-def _tf_half_dots_exact(u16: np.ndarray, v16: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """TF's float16 matmul entries (rows[i], cols[i]) in its float32 order (see the note above) -> float16."""
+def tf_half_dots_exact(u16: np.ndarray, v16: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """float16 matmul entries (rows[i], cols[i]), the float32 sum in one fixed blocked order (see the
+    note above) -> float16."""
     d = u16.shape[1]
     kb = _tf_half_gemm_kblock(d)
     u32, v32 = u16.astype(np.float32), v16.astype(np.float32)
@@ -209,29 +216,29 @@ def _tf_half_dots_exact(u16: np.ndarray, v16: np.ndarray, rows: np.ndarray, cols
     return out
 
 
-def _tf_half_dot_bounds(u16: np.ndarray, v16: np.ndarray):
-    """Bounds (lo, hi) float16 (n, m) on TF's float16 matmul(U, V^T), equal except near rounding midpoints.
+def tf_half_dot_bounds(u16: np.ndarray, v16: np.ndarray):
+    """Bounds (lo, hi) float16 (n, m) on TF's float16 matmul(U, V^T) for any float32 summation order.
 
     The products of float16 values are exact in float32, so the float64 dot product is exact up to
-    ~D * 2^-53; TF's float32 sum lies within `tol` (a bound on its rounding errors) of it, and its
-    float16 rounding between the roundings of exact -/+ tol. Where those agree (all but a small fraction),
-    that is TF's value; elsewhere `_tf_half_dots_exact` gives it."""
+    ~D * 2^-53; a float32 sum of D terms in any order makes at most D - 1 roundings, each within
+    2^-24 of the partial sum, and |partial sums| <= sum |u_i v_i|, so TF's float32 sum lies within
+    `tol` of the exact one and its float16 rounding between the roundings of exact -/+ tol. Where
+    those agree (most entries), that is TF's value whatever its order."""
     u64, v64 = u16.astype(np.float64), v16.astype(np.float64)
     exact = u64 @ v64.T  # (n, m)
     d = u16.shape[1]
     absdot = exact if (u16 >= 0).all() and (v16 >= 0).all() else np.abs(u64) @ np.abs(v64).T
-    kb = _tf_half_gemm_kblock(d)
-    adds = min(d, kb) + -(-d // kb)  # roundings on any path
-    tol = absdot * (adds * 2.0**-24 + d * 2.0**-52) + 2.0**-149
+    tol = absdot * (d * 2.0**-24 * (1 + 2.0**-10) + d * 2.0**-52) + 2.0**-149
     with np.errstate(over="ignore", invalid="ignore"):
         return (exact - tol).astype(np.float16), (exact + tol).astype(np.float16)
 
 
-def _tf_half_matmul(u16: np.ndarray, v16: np.ndarray) -> np.ndarray:
-    """ADM's matmul(U, V^T) of float16 inputs -> float16 (n, m), TF CPU's arithmetic."""
-    lo, hi = _tf_half_dot_bounds(u16, v16)
+def tf_half_matmul(u16: np.ndarray, v16: np.ndarray) -> np.ndarray:
+    """ADM's matmul(U, V^T) of float16 inputs -> float16 (n, m): TF CPU's value wherever it does not
+    depend on TF's float32 summation order, the fixed order of `tf_half_dots_exact` elsewhere."""
+    lo, hi = tf_half_dot_bounds(u16, v16)
     rows, cols = np.nonzero(lo != hi)
-    lo[rows, cols] = _tf_half_dots_exact(u16, v16, rows, cols)
+    lo[rows, cols] = tf_half_dots_exact(u16, v16, rows, cols)
     return lo
 
 
@@ -245,9 +252,10 @@ class _DistanceBlock:
     """ADM's distance block between rows of u (n, D) and v (m, D), float32 (n, m), resolved lazily.
 
     float16 (ADM's first pass): `lo` <= TF's distances <= `hi` elementwise (equal almost everywhere);
-    `resolve(mask)` replaces the masked entries by TF's exact values, so the callers compute exact
-    order statistics and comparisons while running TF's float32 summation order only where it can
-    matter. If the block is not finite in float16 it is computed in float32 (lo == hi), as ADM does."""
+    `resolve(mask)` replaces the masked entries by their values in one fixed float32 summation order
+    (`tf_half_dots_exact`), so the callers compute exact order statistics and comparisons, running
+    that order only where it can matter. If the block is not finite in float16 it is computed in
+    float32 (lo == hi), as ADM does."""
 
     def __init__(self, u: np.ndarray, v: np.ndarray, distance_dtype: str = "float16"):
         if distance_dtype not in ("float16", "float32"):
@@ -255,11 +263,12 @@ class _DistanceBlock:
         if distance_dtype == "float16":
             self.u16 = _half(np.asarray(u, dtype=np.float32))  # rounded inputs, (n, D)
             self.v16 = _half(np.asarray(v, dtype=np.float32))  # (m, D)
-            self.norm_u = _tf_half_row_norms(self.u16)[:, None]  # (n, 1) float16
-            self.norm_v = _tf_half_row_norms(self.v16)[None, :]  # (1, m) float16
-            dot_lo, dot_hi = _tf_half_dot_bounds(self.u16, self.v16)
+            self.norm_u = tf_half_row_norms(self.u16)[:, None]  # (n, 1) float16
+            self.norm_v = tf_half_row_norms(self.v16)[None, :]  # (1, m) float16
+            dot_lo, dot_hi = tf_half_dot_bounds(self.u16, self.v16)
             # the distance decreases with the dot product: its bounds swap
-            self.lo, self.hi = _half_dist(self.norm_u, dot_hi, self.norm_v), _half_dist(self.norm_u, dot_lo, self.norm_v)
+            self.lo = _half_dist(self.norm_u, dot_hi, self.norm_v)
+            self.hi = _half_dist(self.norm_u, dot_lo, self.norm_v)
             finite = bool(np.isfinite(self.lo).all() and np.isfinite(self.hi).all())
             if not finite:  # rare: decide ADM's finiteness check on the exact values
                 self.resolve(~(np.isfinite(self.lo) & np.isfinite(self.hi)))
@@ -277,7 +286,7 @@ class _DistanceBlock:
         """Make the entries of `mask` (bool (n, m)) exact: lo == hi == TF's distance there."""
         rows, cols = np.nonzero(mask & (self.lo != self.hi))
         if rows.size:
-            dots = _tf_half_dots_exact(self.u16, self.v16, rows, cols)
+            dots = tf_half_dots_exact(self.u16, self.v16, rows, cols)
             exact = _half_dist(self.norm_u[rows, 0], dots, self.norm_v[0, cols]).astype(self.lo.dtype)
             self.lo[rows, cols] = exact
             self.hi[rows, cols] = exact
@@ -287,7 +296,7 @@ def pairwise_sq_distances(u: np.ndarray, v: np.ndarray, distance_dtype: str = "f
     """Squared Euclidean distances max(|u|^2 - 2 u.v + |v|^2, 0) between rows: (n, D), (m, D) -> (n, m) float32.
 
     float16: ADM's first pass with TF's float16 arithmetic (norms, matmul and each elementwise step in
-    float16, see `_tf_half_row_norms`, `_tf_half_matmul`); falls back to float32 for the whole block
+    float16, see `tf_half_row_norms`, `tf_half_matmul`); falls back to float32 for the whole block
     when any entry is not finite, as ADM does.
     """
     block = _DistanceBlock(u, v, distance_dtype)
