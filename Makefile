@@ -5,11 +5,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fcdm-installed
 
-.PHONY: install test demo demo-quick eval-env summary clean-demo help
+.PHONY: install test lint demo demo-quick eval-env summary clean-demo help
 
 help:
 	@echo "make demo      - the whole pipeline (data, train, sample, evaluate) on the digits demo, CPU, < 10 min"
-	@echo "make test      - install (if needed) and run the test suite"
+	@echo "make test      - install (if needed), lint (ruff) and run the test suite"
+	@echo "make lint      - ruff check (pyflakes, pycodestyle, import order; pyproject.toml)"
 	@echo "make install   - create $(VENV) and install the package with its test extras (incl. TensorFlow CPU)"
 	@echo "make eval-env  - add TensorFlow (CPU) for the exact ADM evaluator backend"
 	@echo "make summary   - params and GFLOPs of every registered model"
@@ -24,7 +25,11 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 demo: $(STAMP)
 	$(PY) train_gen/demo.py

@@ -16,8 +16,16 @@ import json
 import time
 
 import torch
+from accelerate import Accelerator
 
+from diffusion import create_objective
 from fcdm_common.cli import HelpFormatter, UserError, positive_int, run_main
+from fcdm_common.cpu import tune_cpu_allocator
+from fcdm_common.io import atomic_write_text
+from models.fcdm import FCDM
+from train_gen.ema import create_ema, update_ema
+from train_gen.step_draws import BatchPlan, StepDraws
+from train_gen.training_loop import accumulate_gradients
 
 
 def _int_list(value: str) -> list:
@@ -52,14 +60,7 @@ def main(argv=None):
             raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by accumulation {a}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from accelerate import Accelerator
 
-    from diffusion import create_objective
-    from fcdm_common.cpu import tune_cpu_allocator
-    from train_gen.ema import create_ema, update_ema
-    from train_gen.step_draws import BatchPlan, StepDraws
-    from models.fcdm import FCDM
-    from train_gen.training_loop import accumulate_gradients
 
     tune_cpu_allocator()
     accelerator = Accelerator(cpu=True)
@@ -113,8 +114,6 @@ def main(argv=None):
         print(f"| {a} | {r['micro_batch']} | {r['steps_per_sec']:.3f} | {r['ms_per_step']:.1f} | "
               f"{r['overhead_ms']:+.1f} | {r['relative']:.2f}x |")
     if args.json:
-        from fcdm_common.io import atomic_write_text
-
         atomic_write_text(args.json, json.dumps({"args": vars(args), "torch": torch.__version__, "rows": rows},
                                                 indent=2) + "\n")
 

@@ -16,12 +16,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from fcdm_common.cli import HelpFormatter, UserError, non_negative_int, positive_int, run_main
+from fcdm_common.io import atomic_write_text
+from preparation import store as zstore
+from preparation.readers import open_dataset
 from train_gen.loader import TrainLoader
 from train_gen.step_draws import BatchPlan
-from preparation.readers import open_dataset
-from preparation import store as zstore
 
 
 def make_random_store(path: Path, count: int, latent_shape=(4, 32, 32), seed: int = 0) -> None:
@@ -70,8 +72,6 @@ def measure(path: Path, batch_size: int, num_workers: int, steps: int, warmup: i
 def _device_copy(device: str):
     """f(x, y): copy a batch to `device` the way train.py does (non-blocking from pinned memory, x in
     channels-last); f(None, None) waits for the copies. "none": the batch stays on the host."""
-    import torch
-
     if device == "none":
         return lambda x, y: None
     dev = torch.device(device)
@@ -88,7 +88,8 @@ def _device_copy(device: str):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Measure latents/s of the training data loader on CPU.")
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter,
+                                description="Measure latents/s of the training data loader on CPU.")
     p.add_argument("--store", default=None, help="existing store to read (default: build a random one in a temp dir)")
     p.add_argument("--count", type=positive_int, default=20_000, help="items in the generated store")
     p.add_argument("--batch-size", type=positive_int, default=256, help="batch size (training default 256)")
@@ -103,8 +104,6 @@ def main(argv=None):
     p.add_argument("--json", default=None, metavar="OUT", help="also write the rates as JSON here")
     args = p.parse_args(argv)
     if args.device == "cuda":
-        import torch
-
         if not torch.cuda.is_available():
             raise UserError("--device cuda requested but torch.cuda.is_available() is False")
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,8 +124,6 @@ def main(argv=None):
         print(f"best: {max(rates):,.0f} latents/s (batch {args.batch_size}, {args.num_workers} workers, "
               f"cache {args.cache}, device {args.device})")
     if args.json:
-        from fcdm_common.io import atomic_write_text
-
         atomic_write_text(args.json, json.dumps({"latents_per_s": rates, "best_latents_per_s": max(rates),
                                                  "config": vars(args)}, indent=2) + "\n")
     return rates

@@ -64,12 +64,12 @@ import torch.nn.functional as F
 from benchmarks.bench_sampling import format_sampling, sampling_benchmark
 from benchmarks.common import environment, peak_memory, resolve_latent, setup_device, timed
 from fcdm_common.cli import HelpFormatter, UserError, non_negative_int, positive_int, run_main
-from train_gen.ema import create_ema, update_ema, update_ema_reference
 from models import MODELS, create_model
 from models.fcdm import FCDM
-from models.fcdm_reference import FCDMReference
+from models.fcdm_reference import FCDMReference, GRNReference
+from models.layers import GRN, DepthwiseConv
 from models.summary import count_params, forward_gmacs
-
+from train_gen.ema import create_ema, update_ema, update_ema_reference
 
 # ----------------------------------------------------------------------------------------------
 # Variants
@@ -345,9 +345,6 @@ def layer_benchmarks(args) -> dict:
     pointwise conv (Linear on NHWC vs 1x1 Conv2d on NCHW); and, in the same channels-last layout, the
     hand-written backward passes against the library's (depthwise, CPU) and autograd's (GRN).
     Median of --repeats, interleaved."""
-    from models.layers import GRN, DepthwiseConv
-    from models.fcdm_reference import GRNReference
-
     device = setup_device(args)
     kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
     with torch.device("meta"):
@@ -415,7 +412,8 @@ def format_report(report: dict) -> str:
         f"torch {env['torch']}, {env.get('gpu', env['cpu'])}, {env['cpu_threads']} threads, "
         f"load {env['load_average']}, {env['date']}"
         + (f", CPU allocator {env['cpu_allocator']}" if "cpu_allocator" in env else ""),
-        "| variant | params (M) | GMACs/img | fwd img/s | train steps/s | train img/s | peak mem (GiB) | MFU fwd | MFU train |",
+        "| variant | params (M) | GMACs/img | fwd img/s | train steps/s | train img/s | peak mem (GiB) "
+        "| MFU fwd | MFU train |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
 
@@ -444,7 +442,8 @@ def _variant_list(value: str) -> list:
     for item in filter(None, (v.strip() for v in value.split(","))):
         ckpt, _, extra = item.partition("+")
         if ckpt not in ("none", "selective", "full") or extra not in ("", "compile"):
-            raise argparse.ArgumentTypeError(f"expected CKPT or CKPT+compile (CKPT: none, selective, full), got {item!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected CKPT or CKPT+compile (CKPT: none, selective, full), got {item!r}")
         out.append((ckpt, extra == "compile"))
     return out
 
@@ -497,7 +496,8 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak dense TFLOPs of the device at --dtype, for model-FLOPs utilisation")
     p.add_argument("--warmup", type=non_negative_int, default=2, help="untimed iterations per variant (default: 2)")
-    p.add_argument("--repeats", type=positive_int, default=5, help="timed iterations; the median is reported (default: 5)")
+    p.add_argument("--repeats", type=positive_int, default=5,
+                   help="timed iterations; the median is reported (default: 5)")
     p.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--cpu-allocator", choices=("tuned", "default"), default="tuned",
                    help="CPU only, process-wide (all variants alike): 'tuned' keeps freed memory in glibc's heap "
@@ -519,7 +519,6 @@ def main(argv=None):
         report = layer_benchmarks(args)
         print(format_layers(report))
     elif args.mode == "sample":
-
         report = sampling_benchmark(args)
         print(format_sampling(report))
     else:

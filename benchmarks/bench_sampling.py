@@ -15,16 +15,15 @@ import time
 
 import torch
 
+import diffusion
 from benchmarks.common import environment, resolve_latent, setup_device, synchronize
+from diffusion.compiled import compile_mode, compiled_network
+from diffusion.sampling import FixedBatchModel
 from fcdm_common.cli import UserError
+from models import MODELS, create_model
 
 
 def sampling_benchmark(args) -> dict:
-    import diffusion
-    from diffusion.compiled import compile_mode, compiled_network
-    from diffusion.sampling import FixedBatchModel
-    from models import MODELS, create_model
-
     device = setup_device(args)
     if args.model not in MODELS:
         raise UserError(f"unknown model {args.model!r}; registered: {', '.join(sorted(MODELS))}")

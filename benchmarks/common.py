@@ -14,7 +14,6 @@ import torch
 from fcdm_common.cli import UserError
 from fcdm_common.cpu import cpu_allocator_state, tune_cpu_allocator
 
-
 VAE_DOWNSAMPLE = 8  # 4-channel models work on SD-VAE latents: resolution / 8
 
 

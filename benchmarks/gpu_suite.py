@@ -1,4 +1,4 @@
-"""The one-call GPU suite (issue 18): correctness and speed on one CUDA device in a few minutes.
+"""The one-call GPU suite: correctness and speed on one CUDA device in a few minutes.
 
 Run it through `bash benchmarks/gpu_suite.sh` (which first installs missing wheels from .whl/). Steps,
 in order, each appending one JSON record to OUT/gpu_results.jsonl as soon as it ends (so a timeout of
@@ -42,6 +42,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shlex
 import signal
 import subprocess
@@ -50,6 +51,8 @@ import tempfile
 import threading
 import time
 import uuid
+import xml.etree.ElementTree as ET
+from importlib import metadata
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -58,6 +61,7 @@ if str(REPO) not in sys.path:  # run by path from the shell script: the repo roo
     sys.path.insert(0, str(REPO))
 
 from fcdm_common.cli import UserError, run_main  # noqa: E402
+from fcdm_common.io import atomic_write_text  # noqa: E402
 from fcdm_common.processes import kill_processes_with_env  # noqa: E402
 
 BENCH_MODEL = REPO / "benchmarks" / "bench_model.py"
@@ -111,12 +115,13 @@ GPU = Sizes(device="cuda", model="FCDM-XL", model_kwargs=None, dit="DiT-XL/2", l
             ckpt512=("selective", "full"), test_timeout_s=150, e2e_upscale=32, e2e_model="FCDM-S",
             e2e_model_kwargs=None, e2e_steps=300, e2e_batch=64, e2e_samples=256, e2e_sampling_steps=50,
             e2e_ref_images=1797)
+# one dtype / mode where the GPU run loops over two: the same code, fewer processes
 DRY = Sizes(device="cpu", model="FCDM-S", model_kwargs=TINY_FCDM, dit="DiT-S/2", latent256=8, latent512=16,
             train_batch=2, forward_batch=2, sample_batch=2, warmup=0, repeats=1, compile=False,
             vae_widths=(32, 32, 32, 32), vae_layers=1, vae_image=32, vae_batch=2, loader_count=64,
             loader_batch=8, loader_steps=2, matmul_n=64, forward_dtypes=("bf16",), ckpt512=("selective",),
             test_timeout_s=60, e2e_upscale=4, e2e_model="FCDM-S", e2e_model_kwargs=TINY_FCDM, e2e_steps=4,
-            e2e_batch=8, e2e_samples=16, e2e_sampling_steps=3, e2e_ref_images=16)  # one dtype / mode where the GPU run loops over two: the same code, fewer processes
+            e2e_batch=8, e2e_samples=16, e2e_sampling_steps=3, e2e_ref_images=16)
 
 
 class Skip(Exception):
@@ -275,8 +280,6 @@ def _has_failed_part(obj) -> bool:
 
 
 def _children_cpu_s() -> float:
-    import resource
-
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
 
@@ -348,8 +351,6 @@ def step_cuda_tests(suite: Suite) -> dict:
 
 
 def _junit_cases(path: Path) -> dict:
-    import xml.etree.ElementTree as ET
-
     cases = {}
     for case in ET.parse(path).getroot().iter("testcase"):
         outcome, message = "passed", ""
@@ -387,7 +388,8 @@ def step_compile256(suite: Suite) -> dict:
         raise Skip("dry run: no compiled variants (C++ code generation on a CPU takes minutes)")
     # the default (no checkpointing) first, in a process of its own, so that its answer survives a slow
     # compilation of the checkpointed variants
-    out = {"none": _bench_step(suite, [("compile256_none", _train256_args(suite) + ["--extra-variants", "none+compile"])],
+    out = {"none": _bench_step(suite,
+                               [("compile256_none", _train256_args(suite) + ["--extra-variants", "none+compile"])],
                                timeout_s=150)}
     if suite.remaining() < 90:
         out["checkpointed"] = {"status": "skipped", "reason": "budget"}
@@ -447,7 +449,7 @@ def step_forward(suite: Suite) -> dict:
 
 def step_sampling(suite: Suite, extra: List[str]) -> dict:
     s = suite.sizes
-    if not _has_sample_mode():
+    if not has_sample_mode():
         raise Skip("bench_model.py has no --mode sample yet (another change adds it); nothing measured")
     out = {}
     # bench_model's --mode sample default: DPM++ 2M, 20 steps, guidance 4.0, batches 64 and 256. The paper's
@@ -496,8 +498,8 @@ def step_e2e(suite: Suite) -> dict:
                     "--vae-layers", s.vae_layers, "--vae-image", size, "--table", assets,
                     "--json", suite.work / "e2e_assets.json"]),
         ("extract", [py, REPO / "preparation" / "extract_features.py", "--data-path", images, "--zarr-path",
-                     store, "--image-size", size, "--vae", "sd", "--hf-model-dir", assets / "vae", "--per-proc-batch-size",
-                     64, "--num-workers", 4 if device == "cuda" else 0, "--device", device]),
+                     store, "--image-size", size, "--vae", "sd", "--hf-model-dir", assets / "vae",
+                     "--per-proc-batch-size", 64, "--num-workers", 4 if device == "cuda" else 0, "--device", device]),
         ("reference", [py, REPO / "evaluations" / "make_reference.py", "--data-path", images, "--out",
                        root / "ref.npz", "--image-size", size, "--backend", "torch", "--inception-weights",
                        assets / "inception.safetensors", "--num-images", s.e2e_ref_images, "--device", device]),
@@ -550,7 +552,7 @@ def step_e2e(suite: Suite) -> dict:
     return out
 
 
-def _has_sample_mode() -> bool:
+def has_sample_mode() -> bool:
     """Whether bench_model.py offers --mode sample: read from its source (no process start), else from --help."""
     found = re.search(r'"--mode",\s*choices=\(([^)]*)\)', BENCH_MODEL.read_text())
     if found:
@@ -604,14 +606,12 @@ def step_latents(suite: Suite) -> dict:
 # ---------------------------------------------------------------------------------------------- workers
 # (run as subprocesses of the suite: each gets its own CUDA context and can be stopped at the budget)
 def worker_env(args) -> dict:
-    import torch
+    import torch  # deferred: the suite's own process runs without torch; only this worker needs it
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
            "platform": platform.platform(), "cpu_count": os.cpu_count(),
            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    from importlib import metadata
-
     for dist in ("diffusers", "zarr", "numcodecs", "accelerate", "triton", "numpy", "pytest"):
         try:
             env[f"{dist}_version"] = metadata.version(dist)
@@ -620,8 +620,9 @@ def worker_env(args) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env |= {"gpu": props.name, "gpu_memory_gib": props.total_memory / 2**30, "sm_count": props.multi_processor_count,
-                "capability": f"{props.major}.{props.minor}", "bf16_supported": torch.cuda.is_bf16_supported()}
+        env |= {"gpu": props.name, "gpu_memory_gib": props.total_memory / 2**30,
+                "sm_count": props.multi_processor_count, "capability": f"{props.major}.{props.minor}",
+                "bf16_supported": torch.cuda.is_bf16_supported()}
         try:
             smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm",
                                   "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
@@ -652,14 +653,17 @@ def worker_env(args) -> dict:
 def worker_profile(args) -> dict:
     """One optimized training step (bf16, no checkpointing) under torch.profiler: the kernels (and the
     aten ops by input shape, which name the layer) that take the most device time."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
+    import torch  # deferred: the suite's own process runs without torch; only this worker needs it
 
-    from benchmarks import bench_model, common
+    # deferred: the suite's own process runs without torch; only this worker needs it
+    from torch.profiler import ProfilerActivity, profile  # deferred, as torch above
 
-    bargs = bench_model.parse_args(["--model", args.model, *(["--model-kwargs", args.model_kwargs] if args.model_kwargs
-                                    else []), "--latent-size", str(args.latent_size), "--batch-size",
-                                    str(args.batch_size), "--dtype", "bf16", "--device", args.device, "--mode", "train"])
+    from benchmarks import bench_model, common  # deferred, as torch above
+
+    bargs = bench_model.parse_args(["--model", args.model,
+                                    *(["--model-kwargs", args.model_kwargs] if args.model_kwargs else []),
+                                    "--latent-size", str(args.latent_size), "--batch-size", str(args.batch_size),
+                                    "--dtype", "bf16", "--device", args.device, "--mode", "train"])
     device = common.setup_device(bargs)
     v = bench_model.make_variant("profiled", args.model, bargs, False)
     bench_model.prepare_variant(v, bargs, device, args.latent_size, json.loads(args.model_kwargs or "{}"))
@@ -700,8 +704,6 @@ def worker_profile(args) -> dict:
              f"torch {torch.__version__}", "", "top kernels by self time:", text, "",
              "aten ops by input shape (inclusive time):"]
     lines += [f"{r['total_ms']:10.2f} ms  x{r['calls']:<5d} {r['op']} {r['shapes']}" for r in op_rows]
-    from fcdm_common.io import atomic_write_text
-
     atomic_write_text(args.table, "\n".join(lines) + "\n")
     step_ms = total / 1e3
     return {"step_device_ms" if on_gpu else "step_cpu_ms": step_ms, "top_kernels": kernels, "top_ops": op_rows[:10]}
@@ -710,10 +712,10 @@ def worker_profile(args) -> dict:
 def worker_vae(args) -> dict:
     """Encode random images with a random AutoencoderKL of the given shape (saved and loaded back the way
     extract_features.py loads a snapshot), fp32 and bf16: images/s of encode_moments."""
-    import torch
-    from diffusers import AutoencoderKL
+    import torch  # deferred: the suite's own process runs without torch; only this worker needs it
+    from diffusers import AutoencoderKL  # deferred, as torch above
 
-    from models.autoencoders import load_autoencoder
+    from models.autoencoders import load_autoencoder  # deferred, as torch above
 
     widths = tuple(int(w) for w in args.vae_widths.split(","))
     torch.manual_seed(0)
@@ -754,11 +756,11 @@ def worker_e2e_assets(args) -> dict:
     """Random stand-ins for the downloaded networks of the end-to-end pass, saved the way users keep the
     real ones: an AutoencoderKL of the given shape as a diffusers folder (OUT/vae) and an Inception-v3
     state_dict for the torch evaluation backend (OUT/inception.safetensors)."""
-    import torch
-    from diffusers import AutoencoderKL
-    from safetensors.torch import save_file
+    import torch  # deferred: the suite's own process runs without torch; only this worker needs it
+    from diffusers import AutoencoderKL  # deferred, as torch above
+    from safetensors.torch import save_file  # deferred, as torch above
 
-    from evaluations.features_torch import build_inception
+    from evaluations.features_torch import build_inception  # deferred, as torch above
 
     out = Path(args.table)
     widths = tuple(int(w) for w in args.vae_widths.split(","))
@@ -815,15 +817,14 @@ def parse_args(argv=None):
 
 STEP_ORDER = ("env", "cuda_tests", "train256", "profile256", "train512", "forward", "e2e", "compile256", "sampling",
               "latents")
+# a step starts only with this much budget left
 MIN_SECONDS = {"env": 10, "cuda_tests": 30, "train256": 60, "profile256": 30, "train512": 45, "forward": 30,
-               "e2e": 60, "compile256": 60, "sampling": 40, "latents": 25}  # a step starts only with this much budget left
+               "e2e": 60, "compile256": 60, "sampling": 40, "latents": 25}
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
-        from fcdm_common.io import atomic_write_text
-
         result = WORKERS[args.worker](args)
         atomic_write_text(args.json, json.dumps(result, indent=2, default=str) + "\n")
         return result
@@ -836,7 +837,7 @@ def main(argv=None):
         steps = tuple(s for s in STEP_ORDER if s in steps)
     sizes = DRY if args.dry_run else GPU
     if not args.dry_run:
-        import torch
+        import torch  # deferred: the suite's own process needs torch only for this check
 
         if not torch.cuda.is_available():
             raise UserError("no CUDA device is visible (torch.cuda.is_available() is False); run on a GPU machine, "

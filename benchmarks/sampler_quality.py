@@ -18,11 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
+import torch
+
+from diffusion.sampling import SamplerSettings, generate, load_setup
+from evaluations.evaluator import evaluate
 from fcdm_common.cli import HelpFormatter, UserError, positive_int, run_main
 from fcdm_common.io import atomic_write_text
+from train_gen import sample_ddp
 
 
 def parse_entry(text: str) -> tuple:
@@ -61,10 +67,7 @@ def main(argv=None) -> dict:
     for path in (args.ckpt, args.ref_batch):
         if not Path(path).is_file():
             raise UserError(f"{path} does not exist")
-    import torch
 
-    from evaluations.evaluator import evaluate
-    from train_gen import sample_ddp
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -76,7 +79,8 @@ def main(argv=None) -> dict:
         sample_dir = out_dir / f"{name.replace(':', '_')}-{steps}"
         print(f"--- {name} {steps} steps: {args.num_samples} samples", flush=True)
         t0 = time.perf_counter()
-        sample_ddp.main(["--ckpt", args.ckpt, "--sample-dir", str(sample_dir), "--num-fid-samples", str(args.num_samples),
+        sample_ddp.main(["--ckpt", args.ckpt, "--sample-dir", str(sample_dir),
+                         "--num-fid-samples", str(args.num_samples),
                          "--label-sampling", "balanced", "--sampler", name, "--num-sampling-steps", str(steps),
                          "--cfg-scale", str(args.cfg_scale), "--per-proc-batch-size", str(args.batch_size),
                          "--forward-batch", str(args.batch_size), "--seed", str(args.seed),
@@ -84,8 +88,9 @@ def main(argv=None) -> dict:
         seconds = time.perf_counter() - t0
         archive = sorted(sample_dir.glob("*.npz"))[-1]
         metrics = evaluate(str(archive), args.ref_batch, backend=args.backend)["metrics"]
-        rows.append(dict(sampler=name, steps=steps, fid=metrics.get("fid"), class_accuracy=metrics.get("class_accuracy"),
-                         seconds=seconds, seconds_per_1000=seconds * 1000.0 / args.num_samples, archive=str(archive)))
+        rows.append(dict(sampler=name, steps=steps, fid=metrics.get("fid"),
+                         class_accuracy=metrics.get("class_accuracy"), seconds=seconds,
+                         seconds_per_1000=seconds * 1000.0 / args.num_samples, archive=str(archive)))
         print(f"    FID {metrics.get('fid'):.3f}  class accuracy {metrics.get('class_accuracy')}  "
               f"{rows[-1]['seconds_per_1000']:.1f} s / 1000 samples", flush=True)
     timing = interleaved_timing(args, entries) if args.timing_rounds else None
@@ -100,18 +105,14 @@ def main(argv=None) -> dict:
 
 def interleaved_timing(args, entries) -> list:
     """Seconds per 1000 samples of generate() for each entry, the entries alternated args.timing_rounds times."""
-    import statistics
-
-    from diffusion.sampling import generate, load_setup
-
     setup = load_setup(args.ckpt, device=args.device)
     n = args.timing_samples
     times = {e: [] for e in entries}
     for rnd in range(args.timing_rounds):
         for name, steps in entries:
             t0 = time.perf_counter()
-            generate(setup, range(n), global_seed=args.seed, sampler=name, num_steps=steps, cfg_scale=args.cfg_scale,
-                     forward_batch=n, label_mode="balanced")
+            generate(setup, range(n), SamplerSettings(name, steps, cfg_scale=args.cfg_scale, forward_batch=n),
+                     seed=args.seed, label_mode="balanced")
             times[(name, steps)].append(time.perf_counter() - t0)
             print(f"timing round {rnd + 1}: {name} {steps}: {times[(name, steps)][-1]:.2f} s for {n}", flush=True)
     base = statistics.median(times[entries[0]])

@@ -21,7 +21,14 @@ from .flow_matching import FlowMatching, create_flow
 from .guidance import GuidedModel
 from .noise import Generators, check_generators, randn, randn_like
 from .respace import SpacedDiffusion, space_timesteps
-from .schedulers import DIFFUSERS_PREFIX, SCHEDULER_PRESETS, build_scheduler, is_scheduler_sampler, scheduler_sample_loop
+from .schedulers import (
+    DIFFUSERS_PREFIX,
+    SCHEDULER_PRESETS,
+    build_scheduler,
+    is_scheduler_sampler,
+    scheduler_class,
+    scheduler_sample_loop,
+)
 
 __all__ = ["create_diffusion", "create_flow", "create_objective", "sample", "GuidedModel", "SpacedDiffusion",
            "FlowMatching", "space_timesteps", "randn", "randn_like", "DIFFUSION_SAMPLERS", "FLOW_SAMPLERS",
@@ -39,7 +46,6 @@ def check_sampler(objective_name: str, sampler: str) -> None:
         if sampler in DIFFUSION_SAMPLERS[:2]:
             return
         if is_scheduler_sampler(sampler):
-            from .schedulers import scheduler_class
             scheduler_class(sampler)  # raises for unknown class names
             return
         valid = DIFFUSION_SAMPLERS
@@ -109,8 +115,9 @@ def sample(model: Callable, noise: torch.Tensor, y: torch.Tensor, *, objective, 
     respaced to num_steps; "dpm++2m", "unipc", ... and "diffusers:<Class>": a diffusers scheduler with
     num_steps inference steps, see diffusion/schedulers.py) or create_flow ("euler", "heun": num_steps ODE
     steps; "sde": num_steps model calls, SiT's Euler-Maruyama; "dopri5": adaptive, atol/rtol, num_steps
-    unused). stats (a dict) receives "nfe", the number of (guided) model calls. Guidance: see `GuidedModel`; guidance_interval=(lo, hi) is in noise-level
-    fraction (diffusion: t / T, flow: 1 - t). generators: None, one torch.Generator, or one per sample.
+    unused). stats (a dict) receives "nfe", the number of (guided) model calls. Guidance: see `GuidedModel`;
+    guidance_interval=(lo, hi) is in noise-level fraction (diffusion: t / T, flow: 1 - t). generators: None, one
+    torch.Generator, or one per sample.
     """
     if num_steps < 1:
         raise ValueError("num_steps must be >= 1")

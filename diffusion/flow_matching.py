@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Callable, Dict, Optional
 
 import torch
+
 from fcdm_common.progress import progress as tqdm
 
 from .gaussian_diffusion import mean_flat
@@ -110,6 +111,7 @@ class FlowMatching:
                       stats: Optional[dict] = None) -> torch.Tensor:
         """Integrate dx/dt = v(x, t) from t = sample_eps to 1 - sample_eps with adaptive Dormand-Prince 5(4)
         (torchdiffeq.odeint, method "dopri5"); stats["nfe"] receives the number of model calls."""
+        # deferred: the dopri5 sampler only
         from torchdiffeq import odeint
 
         if not (atol > 0 and rtol > 0):

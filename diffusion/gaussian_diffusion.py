@@ -23,6 +23,7 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
+
 from fcdm_common.progress import progress as tqdm
 
 from .noise import Generators, check_generators, randn_like
@@ -249,7 +250,10 @@ class GaussianDiffusion:
         return np.log(self.large_variance)
 
     def p_mean_variance(self, model, x, t, clip_denoised=False, denoised_fn=None, model_kwargs=None):
-        """Apply the model to x_t and return p(x_{t-1} | x_t): dict "mean", "variance", "log_variance", "pred_xstart"."""
+        """Apply the model to x_t and return p(x_{t-1} | x_t).
+
+        Returns a dict with "mean", "variance", "log_variance", "pred_xstart".
+        """
         model_kwargs = {} if model_kwargs is None else model_kwargs
         model_output = self._wrap_model(model)(x, t, **model_kwargs)
         out = self._p_mean_variance_from_output(model_output, x, t, clip_denoised, denoised_fn)
@@ -302,7 +306,10 @@ class GaussianDiffusion:
     # ------------------------------------------------------------------ DDPM sampling
     def p_sample(self, model, x, t, clip_denoised=False, denoised_fn=None, model_kwargs=None,
                  generator: Generators = None):
-        """One ancestral step x_t -> x_{t-1} ~ N(mean, Sigma); no noise is added at t = 0. Dict "sample", "pred_xstart"."""
+        """One ancestral step x_t -> x_{t-1} ~ N(mean, Sigma); no noise is added at t = 0.
+
+        Returns a dict with "sample", "pred_xstart".
+        """
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
         noise = randn_like(x.float(), generator)
         nonzero = (t != 0).float().reshape(-1, *([1] * (x.ndim - 1)))
@@ -343,7 +350,10 @@ class GaussianDiffusion:
     # ------------------------------------------------------------------ DDIM sampling
     def ddim_sample(self, model, x, t, clip_denoised=False, denoised_fn=None, model_kwargs=None, eta=0.0,
                     generator: Generators = None):
-        """One DDIM step (Song et al. Eq. 12), sigma_t = eta sqrt((1-abar_{t-1})/(1-abar_t)) sqrt(1-abar_t/abar_{t-1})."""
+        """One DDIM step (Song et al. Eq. 12).
+
+        sigma_t = eta sqrt((1-abar_{t-1})/(1-abar_t)) sqrt(1-abar_t/abar_{t-1}).
+        """
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
         x = x.float()
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])

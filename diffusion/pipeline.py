@@ -22,6 +22,7 @@ variance_type "learned_range".
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
@@ -31,9 +32,16 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
 
-from .guidance import GuidedModel
-from .schedulers import scheduler_sample_loop
+from diffusion.guidance import GuidedModel
+from diffusion.sampling import label_and_noise, sample_generator
+from diffusion.schedulers import scheduler_sample_loop
+from fcdm_common.cli import UserError
+from fcdm_common.images import to_uint8
+from models import create_model
+from models.autoencoders import DEFAULT_SCALING_FACTOR
+from models.latent_space import LatentNorm
 
 __all__ = ["FCDMNetwork", "FCDMPipeline", "check_pipeline_folder"]
 
@@ -45,7 +53,7 @@ class FCDMNetwork(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, model_name: str = "FCDM-XL", model_kwargs: Optional[dict] = None,
-                 latent_shape: Sequence[int] = (4, 32, 32), latent_scaling_factor: float = 0.18215,
+                 latent_shape: Sequence[int] = (4, 32, 32), latent_scaling_factor: float = DEFAULT_SCALING_FACTOR,
                  num_classes: int = 1000, learn_sigma: bool = True, objective: str = "diffusion",
                  objective_kwargs: Optional[dict] = None, latent_shift_factor: float = 0.0,
                  latent_norm: Optional[dict] = None):
@@ -55,7 +63,6 @@ class FCDMNetwork(ModelMixin, ConfigMixin):
         # network then sees (z - mean_c) / std_c), None without; objective(_kwargs):
         # diffusion.create_objective arguments of the training run (the beta schedule lives there).
         super().__init__()
-        from models import create_model
 
         self.net = create_model(model_name, **(model_kwargs or {}))
 
@@ -66,8 +73,6 @@ class FCDMNetwork(ModelMixin, ConfigMixin):
 
 def check_pipeline_folder(folder: Union[str, os.PathLike]) -> Path:
     """A local pipeline folder that has what FCDMPipeline.from_pretrained needs (UserError naming what is missing)."""
-    from fcdm_common.cli import UserError
-    import json
 
     folder = Path(folder)
     index = folder / "model_index.json"
@@ -103,7 +108,6 @@ class FCDMPipeline(DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """diffusers' loader; a local folder is checked first, and a network whose weights do not fit its
         config (another model's config) raises UserError instead of a long traceback."""
-        from fcdm_common.cli import UserError
 
         pretrained_model_name_or_path = str(pretrained_model_name_or_path)
         if os.path.isdir(pretrained_model_name_or_path):
@@ -123,10 +127,9 @@ class FCDMPipeline(DiffusionPipeline):
         shape = tuple(int(v) for v in cfg.latent_shape)
         device = self._execution_device
         if seed is not None:
-            from diffusion.sampling import _label_and_noise, sample_generator
 
             gens = [sample_generator(seed, k) for k in range(len(labels))]
-            noise = torch.stack([_label_and_noise(g, cfg.num_classes, shape)[1] for g in gens])
+            noise = torch.stack([label_and_noise(g, cfg.num_classes, shape)[1] for g in gens])
             return noise.to(device), gens
         if isinstance(generator, list) and len(generator) != len(labels):
             raise ValueError(f"got {len(generator)} generators for {len(labels)} class labels")
@@ -134,7 +137,6 @@ class FCDMPipeline(DiffusionPipeline):
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images (N, 3, H, W) in [-1, 1], float32 (identity without a VAE)."""
-        from models.latent_space import LatentNorm
 
         cfg = self.transformer.config
         x = latents.float()
@@ -160,7 +162,6 @@ class FCDMPipeline(DiffusionPipeline):
         PIL images), "np" (float32 (N, H, W, 3) in [0, 1], multiples of 1/255) or "latent" (the latents);
         cfg_channels: "all" or k (DiT: 3); guidance_interval: (lo, hi) noise-level fraction; eta: DDIM eta.
         """
-        from fcdm_common.images import to_uint8
 
         labels = [int(class_labels)] if isinstance(class_labels, int) else [int(v) for v in class_labels]
         cfg = self.transformer.config
@@ -193,7 +194,6 @@ class FCDMPipeline(DiffusionPipeline):
             if output_type == "np":
                 images = uint8.astype(np.float32) / 255.0
             else:
-                from PIL import Image
 
                 images = [Image.fromarray(im) for im in uint8]
         if not return_dict:

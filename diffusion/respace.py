@@ -7,7 +7,7 @@ ORIGINAL timestep s_k (0..T-1), so a model trained on T steps samples with any r
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, List, Set, Union
+from typing import Callable, Iterable, Set, Union
 
 import numpy as np
 import torch
@@ -39,7 +39,8 @@ def space_timesteps(num_timesteps: int, section_counts: Union[str, Iterable[int]
         try:
             counts = [int(c) for c in spec.split(",")]
         except ValueError:
-            raise ValueError(f"bad timestep respacing {section_counts!r}: expected 'N', 'N1,N2,...' or 'ddimN'") from None
+            raise ValueError(
+                f"bad timestep respacing {section_counts!r}: expected 'N', 'N1,N2,...' or 'ddimN'") from None
     else:
         counts = [int(c) for c in section_counts]
     if not counts or any(c <= 0 for c in counts):

@@ -1,4 +1,5 @@
-"""Sampling library shared by train_gen/sample.py (a quick grid) and train_gen/sample_ddp.py (FID archives).
+"""Drawing samples from a checkpoint: sample.py (a quick grid), sample_ddp.py (FID archives), the evaluation
+during training and the benchmarks all go through `generate` with one `SamplerSettings`.
 
 Reproducibility contract: sample i is a function of (global seed, i) and the settings only.
 - `sample_generator(seed, i)` is a CPU `torch.Generator` seeded from numpy's SeedSequence((seed, i)).
@@ -12,7 +13,7 @@ Reproducibility contract: sample i is a function of (global seed, i) and the set
   one fixed shape every row is computed by the same kernel and is independent of its neighbours, so the
   images do not depend on --per-proc-batch-size or on the number of processes.
 
-Writing PNGs and ADM archives lives in `fcdm_common/archives.py`.
+Writing PNGs and ADM archives is evaluations/archives.py.
 """
 from __future__ import annotations
 
@@ -24,20 +25,24 @@ from typing import Callable, Iterable, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from models.checkpoints import load_checkpoint, model_from_checkpoint
+import diffusion
+from diffusion import DIFFUSION_SAMPLERS, FLOW_SAMPLERS, check_sampler  # one list of samplers, in diffusion/
+from diffusion.compiled import compiled_network
 from fcdm_common.cli import UserError, positive_int, str2bool
 from fcdm_common.cpu import tune_cpu_allocator
 from fcdm_common.images import to_uint8
+from models.checkpoints import load_checkpoint, model_from_checkpoint
+from models.dit import dit_checkpoint_from_state_dict
+from models.latent_space import check_decoder_matches, spec_for_checkpoint, wrap_decoder
 
-from diffusion import DIFFUSION_SAMPLERS, FLOW_SAMPLERS, check_sampler  # one list of samplers, in diffusion/
 DIT_SAMPLE_LABELS = (207, 360, 387, 974, 88, 979, 417, 279)  # the classes of DiT's sample.py grid
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 __all__ = [
     "DIFFUSION_SAMPLERS", "FLOW_SAMPLERS", "DIT_SAMPLE_LABELS", "SamplingSetup", "FixedBatchModel",
-    "add_sampler_args", "sampler_settings", "resolve_sampler", "parse_cfg_channels", "sample_seed",
+    "add_sampler_args", "SamplerSettings", "resolve_sampler", "parse_cfg_channels", "sample_seed",
     "sample_generator", "sample_labels", "load_setup", "generate", "decode_to_uint8",
-]  # PNG/npz/JSON files: fcdm_common/archives.py
+]
 
 
 # ----------------------------------------------------------------------------- seeds and labels
@@ -52,7 +57,8 @@ def sample_generator(global_seed: int, index: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(sample_seed(global_seed, index))
 
 
-def _label_and_noise(gen: torch.Generator, num_classes: int, latent_shape: Sequence[int]):
+def label_and_noise(gen: torch.Generator, num_classes: int, latent_shape: Sequence[int]):
+    """The first two draws of a sample's generator: its random label, then its initial noise (C, H, W)."""
     label = int(torch.randint(num_classes, (1,), generator=gen))  # first draw: the random label
     noise = torch.randn(tuple(latent_shape), generator=gen)  # then the initial noise (C, H, W)
     return label, noise
@@ -96,7 +102,8 @@ def add_sampler_args(parser, cfg_scale_default: float = 1.0, forward_batch_defau
     g.add_argument("--cfg-channels", default="all",
                    help="guide 'all' prediction channels (default) or only the first K (3 = DiT / original FCDM)")
     g.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="apply guidance only at noise levels in [LO, HI] (0 = data, 1 = noise; Kynkaanniemi et al. 2024)")
+                   help="apply guidance only at noise levels in [LO, HI] (0 = data, 1 = noise; "
+                        "Kynkaanniemi et al. 2024)")
     g.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
                    help="network precision: fp32, or bf16 autocast (sampler math stays float32)")
     g.add_argument("--forward-batch", type=int, default=forward_batch_default,
@@ -147,31 +154,55 @@ def parse_cfg_channels(value: Union[str, int], in_channels: int) -> Union[str, i
     return k
 
 
-def sampler_settings(args, setup: "SamplingSetup") -> dict:
-    """Validated sampler settings from parsed `add_sampler_args` flags (UserError on bad values)."""
-    sampler = resolve_sampler(setup.objective_name, args.sampler, args.ddpm)
-    if sampler == "sde" and args.num_sampling_steps < 2:
-        raise UserError("the SDE sampler needs --num-sampling-steps >= 2")
-    interval = None
-    if args.guidance_interval is not None:
-        lo, hi = (float(v) for v in args.guidance_interval)
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise UserError(f"--guidance-interval {lo} {hi} must satisfy 0 <= LO <= HI <= 1")
-        interval = (lo, hi)
-    if args.forward_batch < 0:
-        raise UserError(f"--forward-batch must be >= 0, got {args.forward_batch}")
-    if not np.isfinite(args.cfg_scale):
-        raise UserError(f"--cfg-scale must be a finite number, got {args.cfg_scale}")
-    if sampler == "dopri5" and not (args.atol > 0 and args.rtol > 0):
-        raise UserError(f"--atol and --rtol must be > 0, got {args.atol} and {args.rtol}")
-    if sampler not in ("dopri5", "ddpm", "ddim") and setup.objective_name == "diffusion":
-        if args.num_sampling_steps > setup.objective.original_num_steps:
-            raise UserError(f"--num-sampling-steps {args.num_sampling_steps} exceeds the checkpoint's "
-                            f"{setup.objective.original_num_steps} diffusion steps")
-    return dict(atol=float(args.atol), rtol=float(args.rtol), compile=bool(args.compile),
-                sampler=sampler, num_steps=int(args.num_sampling_steps), cfg_scale=float(args.cfg_scale),
-                cfg_channels=parse_cfg_channels(args.cfg_channels, setup.latent_shape[0]), guidance_interval=interval,
-                ddim_eta=float(args.ddim_eta), precision=args.precision, forward_batch=int(args.forward_batch))
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How samples are drawn, in one value: sample.py and sample_ddp.py (`from_args`), the training grids, the
+    evaluation during training and `generate` all take it."""
+    sampler: str  # ddpm, ddim, a diffusers preset or diffusers:<Class> (diffusion); euler, heun, sde, dopri5 (flow)
+    num_steps: int  # sampling steps (unused by dopri5)
+    cfg_scale: float = 1.0  # classifier-free guidance scale (1: a single conditional pass)
+    cfg_channels: Union[str, int] = "all"  # guided prediction channels: "all" or the first k
+    guidance_interval: Optional[Tuple[float, float]] = None  # guide only at noise levels in [lo, hi]
+    ddim_eta: float = 0.0  # DDIM's eta
+    precision: str = "fp32"  # network precision: fp32 or bf16 autocast
+    forward_batch: int = 0  # rows per network/VAE call (0: whatever the sampler passes)
+    atol: float = 1e-6  # dopri5 tolerances
+    rtol: float = 1e-3
+    compile: bool = False  # torch.compile the network
+
+    def sample_kwargs(self) -> dict:
+        """The arguments of `diffusion.sample` these settings fix."""
+        return dict(sampler=self.sampler, num_steps=self.num_steps, cfg_scale=self.cfg_scale,
+                    cfg_channels=self.cfg_channels, guidance_interval=self.guidance_interval, ddim_eta=self.ddim_eta,
+                    atol=self.atol, rtol=self.rtol)
+
+    @classmethod
+    def from_args(cls, args, setup: "SamplingSetup") -> "SamplerSettings":
+        """Validated settings from parsed `add_sampler_args` flags (UserError on bad values)."""
+        sampler = resolve_sampler(setup.objective_name, args.sampler, args.ddpm)
+        if sampler == "sde" and args.num_sampling_steps < 2:
+            raise UserError("the SDE sampler needs --num-sampling-steps >= 2")
+        interval = None
+        if args.guidance_interval is not None:
+            lo, hi = (float(v) for v in args.guidance_interval)
+            if not 0.0 <= lo <= hi <= 1.0:
+                raise UserError(f"--guidance-interval {lo} {hi} must satisfy 0 <= LO <= HI <= 1")
+            interval = (lo, hi)
+        if args.forward_batch < 0:
+            raise UserError(f"--forward-batch must be >= 0, got {args.forward_batch}")
+        if not np.isfinite(args.cfg_scale):
+            raise UserError(f"--cfg-scale must be a finite number, got {args.cfg_scale}")
+        if sampler == "dopri5" and not (args.atol > 0 and args.rtol > 0):
+            raise UserError(f"--atol and --rtol must be > 0, got {args.atol} and {args.rtol}")
+        if sampler not in ("dopri5", "ddpm", "ddim") and setup.objective_name == "diffusion":
+            if args.num_sampling_steps > setup.objective.original_num_steps:
+                raise UserError(f"--num-sampling-steps {args.num_sampling_steps} exceeds the checkpoint's "
+                                f"{setup.objective.original_num_steps} diffusion steps")
+        return cls(sampler=sampler, num_steps=int(args.num_sampling_steps), cfg_scale=float(args.cfg_scale),
+                   cfg_channels=parse_cfg_channels(args.cfg_channels, setup.latent_shape[0]),
+                   guidance_interval=interval, ddim_eta=float(args.ddim_eta), precision=args.precision,
+                   forward_batch=int(args.forward_batch), atol=float(args.atol), rtol=float(args.rtol),
+                   compile=bool(args.compile))
 
 
 # ----------------------------------------------------------------------------- model, objective, VAE
@@ -217,7 +248,6 @@ def load_setup(ckpt_path, *, model_name: Optional[str] = None, use_ema: bool = T
     device = torch.device(device)
     if device.type == "cpu":
         tune_cpu_allocator()  # reuse freed activations instead of page-faulting them in every forward pass
-    from models.dit import dit_checkpoint_from_state_dict  # DiT's released files: plain EMA state dicts
 
     ckpt = load_checkpoint(path, adapt=lambda obj: dit_checkpoint_from_state_dict(obj, model_name))
     config = ckpt["config"]
@@ -235,9 +265,6 @@ def setup_from_model(model: torch.nn.Module, config: dict, *, path, use_ema: boo
                      device="cpu") -> SamplingSetup:
     """The SamplingSetup of a network already in memory (eval mode, on `device`) and its run config: what
     `load_setup` builds after loading a checkpoint, and what train.py's in-training evaluation samples with."""
-    import diffusion
-    from models.autoencoders import DEFAULT_HF_MODEL, DEFAULT_SCALING_FACTOR, load_autoencoder
-    from models.latent_space import check_decoder_matches, wrap_decoder
 
     path = Path(path)
     device = torch.device(device)
@@ -247,40 +274,31 @@ def setup_from_model(model: torch.nn.Module, config: dict, *, path, use_ema: boo
     except (ValueError, TypeError) as e:
         raise UserError(f"{path}: cannot rebuild objective {objective_name!r} from the config: {e}") from None
 
-    vae_cfg = dict(config.get("vae") or {})
     data_cfg = config.get("data") or {}
-    vae_name = vae or vae_cfg.get("vae") or ("none" if data_cfg.get("vae") == "none" else "sd")
-    settings = dict(vae=vae_name,
-                    hf_model_name=hf_model_name or vae_cfg.get("hf_model_name") or DEFAULT_HF_MODEL,
-                    hf_model_dir=hf_model_dir if hf_model_dir is not None else
-                    (vae_cfg.get("hf_model_dir") if hf_model_name is None else None),
-                    scaling_factor=float(data_cfg.get("scaling_factor") or vae_cfg.get("scaling_factor")
-                                         or DEFAULT_SCALING_FACTOR),
-                    shift_factor=float(data_cfg.get("shift_factor") or vae_cfg.get("shift_factor") or 0.0))
-    if vae_name == "none":
-        settings.update(hf_model_name=None, hf_model_dir=None, scaling_factor=1.0, shift_factor=0.0)
+    spec = spec_for_checkpoint(config, vae, hf_model_name, hf_model_dir)
+    settings = spec.to_dict()
     if not settings["shift_factor"]:
-        del settings["shift_factor"]  # unshifted latents keep the settings (and sample folders) of before
-    decoder = load_autoencoder(vae_name, settings["hf_model_name"], settings["hf_model_dir"],
-                               scaling_factor=settings["scaling_factor"], shift_factor=settings.get("shift_factor", 0.0),
-                               device=device)
+        del settings["shift_factor"]  # unshifted latents: sample folders are named and recorded without a shift
+    decoder = spec.load(device=device)
     check_decoder_matches(decoder, data_cfg, path)  # normalised runs: the statistics belong to this VAE
     decoder = wrap_decoder(decoder, data_cfg.get("latent_norm"))  # (x * std_c + mean_c) before decoding
     in_ch = int(model.in_channels)
     if int(decoder.latent_channels) != in_ch:
-        raise UserError(f"the VAE ({vae_name}) has {decoder.latent_channels} latent channels but model "
+        raise UserError(f"the VAE ({spec.vae}) has {decoder.latent_channels} latent channels but model "
                         f"{config['model']} in {path} takes {in_ch}; pass the VAE the model was trained with "
                         f"(--vae/--hf-model-dir)")
     latent_shape = _latent_shape(config, in_ch, int(decoder.downsample), path)
     if latent_shape[0] != in_ch:
-        raise UserError(f"{path}: config latent_shape {list(latent_shape)} disagrees with the model's {in_ch} input channels")
+        raise UserError(f"{path}: config latent_shape {list(latent_shape)} disagrees with the model's {in_ch} "
+                        "input channels")
     return SamplingSetup(model=model, objective=objective, objective_name=objective_name, vae=decoder, config=config,
                          latent_shape=latent_shape, num_classes=int(model.num_classes), model_name=config["model"],
                          ckpt_path=path, use_ema=use_ema, vae_settings=settings, device=device)
 
 
 # ----------------------------------------------------------------------------- fixed-shape forward passes
-def run_fixed_batches(fn: Callable[..., torch.Tensor], tensors: Sequence[torch.Tensor], forward_batch: int) -> torch.Tensor:
+def run_fixed_batches(fn: Callable[..., torch.Tensor], tensors: Sequence[torch.Tensor],
+                      forward_batch: int) -> torch.Tensor:
     """fn(*chunk) over chunks of exactly `forward_batch` rows (the last padded by repeating its final row),
     concatenated and trimmed to the input length. forward_batch 0: one call on the whole batch."""
     n = tensors[0].shape[0]
@@ -330,27 +348,23 @@ def decode_to_uint8(vae, latents: torch.Tensor, forward_batch: int = 0) -> np.nd
     return to_uint8(images)
 
 
-def generate(setup: SamplingSetup, indices: Sequence[int], *, global_seed: int, sampler: str, num_steps: int,
-             cfg_scale: float = 1.0, cfg_channels: Union[str, int] = "all",
-             guidance_interval: Optional[Tuple[float, float]] = None, ddim_eta: float = 0.0,
-             precision: str = "fp32", forward_batch: int = 0, label_mode: str = "random",
-             labels: Optional[Sequence[int]] = None, progress: bool = False,
-             counter: Optional[FixedBatchModel] = None, atol: float = 1e-6, rtol: float = 1e-3,
-             compile: bool = False, stats: Optional[dict] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """Sample the images of `indices` -> (uint8 (N, H, W, 3), int64 labels (N,)).
+def generate(setup: SamplingSetup, indices: Sequence[int], settings: SamplerSettings, *, seed: int,
+             label_mode: str = "random", labels: Optional[Sequence[int]] = None, progress: bool = False,
+             counter: Optional[FixedBatchModel] = None, stats: Optional[dict] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Sample the images of `indices` with `settings` -> (uint8 (N, H, W, 3), int64 labels (N,)); sample i is a
+    function of (seed, i) and the settings only.
 
     Labels: explicit `labels` (one per index) or `label_mode` ("random" | "balanced"). `counter`: a
     FixedBatchModel to run the network through (to count calls); built from the settings by default.
-    compile: run a torch.compile'd network (fcdm_common/compiled.py). stats: dict that receives "nfe"."""
-    import diffusion
+    stats: dict that receives "nfe"."""
 
     indices = [int(i) for i in indices]
     if not indices:
         raise ValueError("no sample indices given")
     if labels is not None and len(labels) != len(indices):
         raise ValueError(f"{len(labels)} labels for {len(indices)} samples")
-    gens = [sample_generator(global_seed, i) for i in indices]
-    drawn = [_label_and_noise(g, setup.num_classes, setup.latent_shape) for g in gens]
+    gens = [sample_generator(seed, i) for i in indices]
+    drawn = [label_and_noise(g, setup.num_classes, setup.latent_shape) for g in gens]
     if labels is not None:
         y = [int(v) for v in labels]
         bad = [v for v in y if not 0 <= v < setup.num_classes]
@@ -366,17 +380,12 @@ def generate(setup: SamplingSetup, indices: Sequence[int], *, global_seed: int, 
     device = setup.device
     noise = torch.stack([n for _, n in drawn]).to(device)  # (N, C, H, W)
     y_t = torch.tensor(y, dtype=torch.long, device=device)
-    network = setup.model
-    if compile:
-        from diffusion.compiled import compiled_network
-        network = compiled_network(setup.model, device.type)
+    network = compiled_network(setup.model, device.type) if settings.compile else setup.model
     net = counter if counter is not None else FixedBatchModel(
-        network, forward_batch, PRECISIONS[precision], device.type)
+        network, settings.forward_batch, PRECISIONS[settings.precision], device.type)
     with torch.no_grad():
-        latents = diffusion.sample(net, noise, y_t, objective=setup.objective, sampler=sampler, num_steps=num_steps,
-                                   cfg_scale=cfg_scale, cfg_channels=cfg_channels, guidance_interval=guidance_interval,
-                                   null_label=setup.null_label, ddim_eta=ddim_eta, progress=progress,
-                                   generators=gens, atol=atol, rtol=rtol, stats=stats)
+        latents = diffusion.sample(net, noise, y_t, objective=setup.objective, null_label=setup.null_label,
+                                   progress=progress, generators=gens, stats=stats, **settings.sample_kwargs())
     if latents.shape[1] != setup.latent_shape[0]:  # learned sigma: the sampler returns only x
         latents = latents[:, :setup.latent_shape[0]]
-    return decode_to_uint8(setup.vae, latents, forward_batch), np.asarray(y, dtype=np.int64)
+    return decode_to_uint8(setup.vae, latents, settings.forward_batch), np.asarray(y, dtype=np.int64)

@@ -63,6 +63,7 @@ def is_scheduler_sampler(name: str) -> bool:
 
 def scheduler_class(name: str) -> type:
     """The diffusers scheduler class of a preset or of "diffusers:<ClassName>" (ValueError if unknown)."""
+    # deferred: diffusers is heavy; only its schedulers need it
     import diffusers
     from diffusers import SchedulerMixin
 

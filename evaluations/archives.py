@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import json
 import zipfile
+from importlib import metadata
 from pathlib import Path
 from typing import Iterable, Optional, Tuple, Union
 
 import numpy as np
+import PIL
 import torch
 from PIL import Image
 
 from fcdm_common.cli import UserError
-from fcdm_common.io import atomic_path
+from fcdm_common.io import atomic_path, atomic_write_text
 
 
 def write_png(path, image: np.ndarray) -> None:
@@ -90,7 +92,8 @@ def validate_npz(path, num_samples: Optional[int] = None, num_classes: Optional[
             with zf.open("arr_1.npy") as f:
                 labels = np.lib.format.read_array(f, allow_pickle=False)
     except (zipfile.BadZipFile, OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable .npz archive ({e}); rerun the sampling command to rewrite it") from None
+        raise UserError(
+            f"{path}: not a readable .npz archive ({e}); rerun the sampling command to rewrite it") from None
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
         raise UserError(f"{path}: arr_0 is {dtype} {shape}, expected uint8 (N, H, W, 3)")
     if labels.dtype != np.int64 or labels.shape != (shape[0],):
@@ -104,10 +107,6 @@ def validate_npz(path, num_samples: Optional[int] = None, num_classes: Optional[
 
 def package_versions() -> dict:
     """Versions that matter for reproducing an archive."""
-    from importlib import metadata
-
-    import PIL
-
     out = {"torch": torch.__version__, "numpy": np.__version__, "pillow": PIL.__version__}
     try:
         out["fcdm"] = metadata.version("fcdm")
@@ -118,6 +117,4 @@ def package_versions() -> dict:
 
 def write_json(path, obj: dict) -> None:
     """Pretty JSON, atomically."""
-    from fcdm_common.io import atomic_write_text
-
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -40,7 +40,8 @@ def _open_member(path: str, name: str) -> Iterator[object]:
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
     except (zipfile.BadZipFile, OSError) as e:
-        raise UserError(f"{path}: not a readable .npz archive ({e}); write it with np.savez(path, arr_0=images)") from None
+        raise UserError(
+            f"{path}: not a readable .npz archive ({e}); write it with np.savez(path, arr_0=images)") from None
     with zf:
         if f"{name}.npy" not in zf.namelist():
             raise UserError(f"{path}: no '{name}' array in the archive (found {_names(zf)}); "

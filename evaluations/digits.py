@@ -33,6 +33,7 @@ TRAIN_FRACTION = 0.75  # the first 75% of a seeded permutation trains, the rest 
 
 def digits_split() -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The fixed split of load_digits: (x_train (n,64) 0..16, y_train, x_test, y_test)."""
+    # deferred: scikit-learn serves the digits demo only
     from sklearn.datasets import load_digits
 
     data = load_digits()
@@ -63,6 +64,7 @@ class DigitsClassifier:
 @functools.lru_cache(maxsize=1)
 def digits_classifier() -> DigitsClassifier:
     """Train (once per process) the deterministic digits classifier on the fixed training split."""
+    # deferred: scikit-learn serves the digits demo only
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier
 

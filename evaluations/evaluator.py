@@ -23,8 +23,12 @@ import scipy
 
 from evaluations import metrics
 from evaluations.batches import inspect_batch, iter_images, read_labels, read_ref_stats
+from evaluations.digits import digits_features, held_out_accuracy
+from evaluations.features_tf import compute_tf_features, resolve_pb
+from evaluations.features_torch import TorchInception
 from fcdm_common.cli import UserError, error_summary
 from fcdm_common.io import sha256_file
+from fcdm_common.progress import progress as tqdm
 
 BACKENDS = ("tf", "torch", "digits")
 FEATURE_DIMS = {"tf": (2048, 2023), "torch": (2048, 2023), "digits": (64, 64)}  # (pool, spatial)
@@ -46,8 +50,6 @@ def _version(dist: str) -> Optional[str]:
 
 
 def _stream_features(path: str, fn, batch_size: int, desc: str) -> Dict[str, np.ndarray]:
-    from fcdm_common.progress import progress as tqdm
-
     info = inspect_batch(path, warn_fid=False)
     parts: Dict[str, List[np.ndarray]] = {}
     total = (info.num_images + batch_size - 1) // batch_size
@@ -83,26 +85,21 @@ def compute_features(
 ) -> List[Dict[str, np.ndarray]]:
     """Per ADM batch: dict with pool (N, Dp), spatial (N, Ds), softmax (N, C) [+ logits for digits]."""
     if backend == "tf":
-        from evaluations.features_tf import compute_tf_features
-
         return compute_tf_features(npz_paths, inception_pb, tf_python, batch_size)
     if backend == "torch":
-        from evaluations.features_torch import TorchInception
-
         if not inception_weights:
             raise UserError("the torch backend needs --inception-weights PATH (a torchvision inception_v3 "
                             "state_dict with 1008 classes); it is approximate, prefer --backend tf")
         net = TorchInception(inception_weights, device)
         return [_stream_features(p, net, batch_size, f"inception {Path(p).name}") for p in npz_paths]
     if backend == "digits":
-        from evaluations.digits import digits_features
-
-        return [_stream_features(p, lambda b, p=p: digits_features(b, p), max(batch_size, 1024), f"digits {Path(p).name}")
+        return [_stream_features(p, lambda b, p=p: digits_features(b, p), max(batch_size, 1024),
+                                 f"digits {Path(p).name}")
                 for p in npz_paths]
     raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
-def _check_dims(feats: Dict[str, np.ndarray], backend: str, path: str) -> None:
+def check_feature_dims(feats: Dict[str, np.ndarray], backend: str, path: str) -> None:
     pool_dim, spatial_dim = FEATURE_DIMS[backend]
     if feats["pool"].shape[1] != pool_dim or feats["spatial"].shape[1] != spatial_dim:
         raise UserError(f"{path}: {backend} features have shapes {feats['pool'].shape}/{feats['spatial'].shape}, "
@@ -195,8 +192,8 @@ def evaluate(
           f"and {sample_batch} ({sample_info.num_images} images)", flush=True)
     ref_feats, sample_feats = compute_features(backend, [ref_batch, sample_batch], inception_pb,
                                                inception_weights, tf_python, device, batch_size)
-    _check_dims(ref_feats, backend, ref_batch)
-    _check_dims(sample_feats, backend, sample_batch)
+    check_feature_dims(ref_feats, backend, ref_batch)
+    check_feature_dims(sample_feats, backend, sample_batch)
 
     print("computing statistics and metrics", flush=True)
     ref_statistics_source = "precomputed" if ref_stats is not None else "computed"
@@ -213,8 +210,6 @@ def evaluate(
     versions = {"python": platform.python_version(), "numpy": np.__version__, "scipy": scipy.__version__,
                 "fcdm": _version("fcdm")}
     if backend == "tf":
-        from evaluations.features_tf import resolve_pb
-
         pb = resolve_pb(inception_pb)
         files["inception_pb"] = {"path": pb, "sha256": sha256_file(pb)}
         versions["tensorflow"] = str(sample_feats["tf_version"])
@@ -223,8 +218,6 @@ def evaluate(
         versions["torch"] = _version("torch")
         versions["torchvision"] = _version("torchvision")
     else:
-        from evaluations.digits import held_out_accuracy
-
         versions["scikit-learn"] = _version("scikit-learn")
         results["classifier_held_out_accuracy"] = held_out_accuracy()
     return {

@@ -27,8 +27,10 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from evaluations.batches import inspect_batch, iter_images
 from fcdm_common.cli import HelpFormatter, UserError, alias_help, positive_int, run_main
 from fcdm_common.io import atomic_path
+from fcdm_common.progress import progress as tqdm
 
 INPUT_NAME = "ExpandDims:0"  # where the graph's decoded JPEG enters (before its resize)
 POOL_NAME = "pool_3:0"  # (N, 1, 1, 2048)
@@ -59,6 +61,7 @@ def resolve_pb(path: Optional[str]) -> str:
 def _import_tf():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
+        # deferred: TensorFlow is heavy and optional (the tf backend only)
         import tensorflow as tf
     except ImportError as e:
         raise UserError(f"TensorFlow is not importable by {sys.executable} ({e}); install the optional "
@@ -113,10 +116,6 @@ class TFInception:
 
 def extract(pb_path: str, image_paths: Sequence[str], out_paths: Sequence[str], batch_size: int = BATCH_SIZE) -> None:
     """For each ADM batch, write an npz with pool (N,2048), spatial (N,2023), softmax (N,1008) float32."""
-    from fcdm_common.progress import progress as tqdm
-
-    from evaluations.batches import inspect_batch, iter_images
-
     net = TFInception(pb_path)
     for img_path, out_path in zip(image_paths, out_paths):
         info = inspect_batch(img_path, warn_fid=False)
@@ -134,7 +133,8 @@ def extract(pb_path: str, image_paths: Sequence[str], out_paths: Sequence[str], 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Inception features of ADM batches with the TF graph "
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter,
+                                     description="Inception features of ADM batches with the TF graph "
                                                  "(run by evaluations/evaluator.py in a subprocess).")
     parser.add_argument("--inception-pb", required=True, help="path to classify_image_graph_def.pb")
     parser.add_argument("--images", nargs="+", required=True, help="ADM .npz batches (arr_0 uint8 NHWC)")
@@ -162,7 +162,7 @@ def _is_tf_noise(line: str) -> bool:
     return any(marker in line for marker in TF_NOISE)
 
 
-def _run_filtering_tf_noise(cmd: List[str], env: dict) -> subprocess.CompletedProcess:
+def run_filtering_tf_noise(cmd: List[str], env: dict) -> subprocess.CompletedProcess:
     """Run `cmd`, passing its stderr through (progress bars included, as they come) minus TF_NOISE lines."""
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
     pending = b""
@@ -204,11 +204,13 @@ def compute_tf_features(
         if "FCDM_PROGRESS" not in env and sys.stderr.isatty():
             env["FCDM_PROGRESS"] = "1"  # the child's stderr is our pipe, but its bar ends on this terminal
         try:
-            proc = _run_filtering_tf_noise(cmd, env)
+            proc = run_filtering_tf_noise(cmd, env)
         except FileNotFoundError:
-            raise UserError(f"{python_exe}: Python interpreter for TensorFlow not found (--tf-python / {PYTHON_ENV})") from None
+            raise UserError(
+                f"{python_exe}: Python interpreter for TensorFlow not found (--tf-python / {PYTHON_ENV})") from None
         if proc.returncode != 0:
-            raise UserError(f"TensorFlow feature extraction failed (exit status {proc.returncode}); see the message above")
+            raise UserError(
+                f"TensorFlow feature extraction failed (exit status {proc.returncode}); see the message above")
         results = []
         for out in outs:
             with np.load(out) as z:

@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import numpy as np
+import torch
+from safetensors.torch import load_file
+from torchvision.models import inception_v3
 
 from fcdm_common.cli import UserError
 
@@ -33,23 +36,16 @@ SPATIAL_CHANNELS = 7
 
 def build_inception(num_classes: int = NUM_CLASSES, device=None):
     """torchvision's Inception-v3 skeleton without the aux head (device="meta": no memory, no init cost)."""
-    import torch
-    from torchvision.models import inception_v3
-
     with torch.device(device or "cpu"):
         return inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=num_classes,
                             transform_input=False)
 
 
 def load_state_dict(path: str) -> Dict[str, "object"]:
-    import torch
-
     if not Path(path).is_file():
         raise UserError(f"{path}: Inception weights not found (pass --inception-weights PATH)")
     try:
         if str(path).endswith(".safetensors"):
-            from safetensors.torch import load_file
-
             state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -66,8 +62,6 @@ class TorchInception:
     """`__call__(uint8 (b,H,W,3)) -> dict(pool (b,2048), spatial (b,2023), softmax (b,1008))`."""
 
     def __init__(self, weights_path: str, device: Optional[str] = None):
-        import torch
-
         self.torch = torch
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = build_inception(device="meta")  # parameters come from the file (assign=True)

@@ -17,8 +17,8 @@ What happens at an evaluation step S (a multiple of --eval-every, or the last st
    subprocess, as evaluate.py does) and the metrics with the same code as evaluate.py
    (`evaluations.evaluator.metrics_from_features`) against the cached reference features;
 4. the numbers go to metrics.jsonl (a record {"step": S, "kind": "eval", ...}), log.txt and
-   TensorBoard/W&B (`eval/<metric>`), and `on_record` runs (the training loop redraws curves.png). The time spent is excluded from
-   steps/s and logged apart (`eval_seconds`).
+   TensorBoard/W&B (`eval/<metric>`), and `on_record` runs (the training loop redraws curves.png). The time
+   spent is excluded from steps/s and logged apart (`eval_seconds`).
 
 Kill and resume: the log of an evaluation is keyed by its step. A run killed after checkpoint S but
 before the record of S was written resumes from S, finds no record for S and evaluates first (the
@@ -42,8 +42,25 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+import torch
+from accelerate.utils import broadcast_object_list
+from tqdm import tqdm
 
+from diffusion.sampling import SamplerSettings, generate, resolve_sampler, sample_labels, setup_from_model
+from evaluations.archives import write_npz
+from evaluations.batches import inspect_batch, read_ref_stats
+from evaluations.evaluator import (
+    FEATURE_DIMS,
+    add_backend_args,
+    check_feature_dims,
+    compute_features,
+    metrics_from_features,
+    reference_statistics,
+)
+from evaluations.features_tf import resolve_pb
 from fcdm_common.cli import UserError, non_negative_int, positive_int, str2bool
+from fcdm_common.io import atomic_path, sha256_file
+from train_gen.run_folder import capture_rng, restore_rng
 
 EVAL_PRECISIONS = ("fp32", "bf16")
 FEATURE_BATCH = 64  # images per feature-network call (ADM's Evaluator batch size, evaluate.py's default)
@@ -54,7 +71,6 @@ CACHE_VERSION = 1
 # ---------------------------------------------------------------------------------- flags
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
     """The --eval-* flags of train.py."""
-    from evaluations.evaluator import add_backend_args
 
     g = parser.add_argument_group("evaluation during training (off unless --eval-every > 0)")
     g.add_argument("--eval-every", type=non_negative_int, default=0,
@@ -99,6 +115,11 @@ class EvalPlan:
     tf_python: Optional[str]  # tf: interpreter
     keep_samples: bool  # keep the archives
 
+    def sampler_settings(self) -> SamplerSettings:
+        """How the evaluation samples are drawn (sample_ddp.py --per-proc-batch-size B --forward-batch B)."""
+        return SamplerSettings(sampler=self.sampler, num_steps=self.num_steps, cfg_scale=self.cfg_scale,
+                               precision=self.precision, forward_batch=self.batch_size)
+
     def settings(self) -> dict:
         """What every eval record carries about how it was measured."""
         return {"eval_samples": self.num_samples, "eval_sampler": self.sampler, "eval_steps": self.num_steps,
@@ -107,7 +128,6 @@ class EvalPlan:
 
 
 def _eval_sampler(objective: str, requested: str, num_steps: int) -> str:
-    from diffusion.sampling import resolve_sampler
 
     if requested == "auto":
         sampler = "ddim" if objective == "diffusion" else resolve_sampler(objective)
@@ -127,7 +147,6 @@ def plan_from_args(args, data: dict, objective: str) -> Optional[EvalPlan]:
     that does not fit the objective or reference images of another size than the samples."""
     if not args.eval_every:
         return None
-    from evaluations.batches import inspect_batch
 
     sampler = _eval_sampler(objective, args.eval_sampler, args.eval_steps)
     if not np.isfinite(args.eval_cfg_scale):
@@ -146,7 +165,6 @@ def plan_from_args(args, data: dict, objective: str) -> Optional[EvalPlan]:
                         f"samples {side}x{side} images; use the reference batch of this resolution")
     pb = weights = None
     if args.eval_backend == "tf":
-        from evaluations.features_tf import resolve_pb
 
         pb = resolve_pb(args.inception_pb)
         if args.tf_python and not Path(args.tf_python).exists() and not shutil.which(args.tf_python):
@@ -169,7 +187,6 @@ def plan_from_args(args, data: dict, objective: str) -> Optional[EvalPlan]:
 
 # ---------------------------------------------------------------------------------- reference cache
 def _file_key(path: Optional[str]) -> Optional[dict]:
-    from fcdm_common.io import sha256_file
 
     if path is None:
         return None
@@ -186,9 +203,6 @@ def load_or_build_reference(plan: EvalPlan, fallback_dir: Path, log: Callable[[s
     """Reference pool features and FID statistics: from the cache when its key (reference, backend,
     graph/weights hashes) matches, else computed (as evaluate.py would) and cached. Returns a dict with
     pool, mu, sigma, mu_s, sigma_s and `statistics` ("precomputed" | "computed")."""
-    from evaluations.batches import read_ref_stats
-    from evaluations.evaluator import FEATURE_DIMS, _check_dims, compute_features, reference_statistics
-    from fcdm_common.io import atomic_path
 
     key = json.dumps({"version": CACHE_VERSION, "backend": plan.backend, "ref": _file_key(plan.ref_batch),
                       "model": _file_key(plan.inception_pb or plan.inception_weights),
@@ -210,7 +224,7 @@ def load_or_build_reference(plan: EvalPlan, fallback_dir: Path, log: Callable[[s
     t0 = time.perf_counter()
     (feats,) = compute_features(plan.backend, [plan.ref_batch], plan.inception_pb, plan.inception_weights,
                                 plan.tf_python, None, FEATURE_BATCH)
-    _check_dims(feats, plan.backend, plan.ref_batch)
+    check_feature_dims(feats, plan.backend, plan.ref_batch)
     source = "precomputed" if stats is not None else "computed"
     stats = stats if stats is not None else reference_statistics(feats)
     out = {"pool": feats["pool"], **stats, "statistics": source}
@@ -280,7 +294,6 @@ class InTrainingEvaluator:
     def _broadcast(self, obj):
         if self.world == 1:
             return obj
-        from accelerate.utils import broadcast_object_list
 
         return broadcast_object_list([obj], from_process=0)[0]
 
@@ -314,7 +327,6 @@ class InTrainingEvaluator:
     # ---- one evaluation
     def _sampling_setup(self):
         if self._setup is None:
-            from diffusion.sampling import setup_from_model
 
             v = self.config.get("vae") or {}
             self._setup = setup_from_model(self.ema, self.config, path=self.run_dir / "checkpoints",
@@ -324,11 +336,7 @@ class InTrainingEvaluator:
 
     def _sample_share(self, step: int) -> np.ndarray:
         """uint8 (n_mine, H, W, 3): the samples r, r + W, ... of this process, all random states restored."""
-        import torch
-        from tqdm import tqdm
 
-        from diffusion.sampling import generate
-        from train_gen.run_folder import capture_rng, restore_rng
 
         plan = self.plan
         setup = self._sampling_setup()
@@ -341,9 +349,8 @@ class InTrainingEvaluator:
         try:
             parts = []
             for lo in range(0, len(mine), plan.batch_size):
-                images, _ = generate(setup, mine[lo:lo + plan.batch_size], global_seed=plan.seed, sampler=plan.sampler,
-                                     num_steps=plan.num_steps, cfg_scale=plan.cfg_scale, precision=plan.precision,
-                                     forward_batch=plan.batch_size, label_mode="random")
+                images, _ = generate(setup, mine[lo:lo + plan.batch_size], plan.sampler_settings(), seed=plan.seed,
+                                     label_mode="random")
                 parts.append(images)
                 bar.update(min(len(images) * self.world, bar.total - bar.n))  # process 0's pace for all
         finally:
@@ -358,7 +365,6 @@ class InTrainingEvaluator:
 
     def run(self, step: int) -> None:
         """Sample on every process, score on process 0, log; all processes leave together."""
-        from fcdm_common.io import atomic_path
 
         plan = self.plan
         t0 = time.perf_counter()
@@ -388,9 +394,6 @@ class InTrainingEvaluator:
         self._barrier()
 
     def _score_and_log(self, step: int, parts_dir: Path, t0: float, t_sampled: float) -> None:
-        from evaluations.evaluator import _check_dims, compute_features, metrics_from_features
-        from evaluations.archives import write_npz
-        from diffusion.sampling import sample_labels
 
         plan = self.plan
         setup = self._sampling_setup()
@@ -410,11 +413,11 @@ class InTrainingEvaluator:
         labels = sample_labels(plan.seed, range(n), setup.num_classes, "random")
         npz = self.run_dir / "eval" / f"{step:07d}-samples.npz"
         write_npz(npz, chunks(), labels, image_shape=image_shape)
-        del shares
+        shares.clear()  # release the memory maps
         try:
             (feats,) = compute_features(plan.backend, [str(npz)], plan.inception_pb, plan.inception_weights,
                                         plan.tf_python, None, FEATURE_BATCH)
-            _check_dims(feats, plan.backend, str(npz))
+            check_feature_dims(feats, plan.backend, str(npz))
             ref = self.reference
             failed = {}  # a metric that failed numerically is NaN; its reason goes into the record
             values = metrics_from_features(ref["pool"], ref, feats, labels if plan.backend == "digits" else None,

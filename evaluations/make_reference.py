@@ -23,17 +23,19 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from PIL import Image
 
+from evaluations import metrics
+from evaluations.evaluator import BACKENDS, compute_features
 from fcdm_common.cli import HelpFormatter, UserError, alias_help, non_negative_int, positive_int, run_main
 from fcdm_common.io import atomic_path
+from fcdm_common.progress import progress as tqdm
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 
 
 def center_crop_arr(pil_image, image_size: int) -> np.ndarray:
     """ADM's centre crop: box-halve while short side >= 2*size, bicubic to size, crop. -> uint8 (S, S, 3)."""
-    from PIL import Image
-
     pil_image = pil_image.convert("RGB")
     while min(*pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
@@ -81,12 +83,6 @@ def make_reference(
 
     num_images: keep a random subset of this size (seeded, in ImageFolder order); None = all.
     """
-    from PIL import Image
-    from fcdm_common.progress import progress as tqdm
-
-    from evaluations import metrics
-    from evaluations.evaluator import BACKENDS, compute_features
-
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "digits" and image_size % 8 != 0:
@@ -126,9 +122,8 @@ def make_reference(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    from evaluations.evaluator import BACKENDS
-
-    p = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Build an ADM-style reference batch (images + FID statistics) "
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter,
+                                description="Build an ADM-style reference batch (images + FID statistics) "
                                             "from an ImageFolder.")
     p.add_argument("--data-path", required=True, help="ImageFolder root: one sub-folder of images per class")
     p.add_argument("--out", required=True, help="output .npz (arr_0, arr_1, mu, sigma, mu_s, sigma_s)")

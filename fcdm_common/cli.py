@@ -1,7 +1,7 @@
 """Command-line helpers shared by every script: boolean flags that parse correctly, and one way to fail.
 
 Scripts raise `UserError` for bad input (missing files, wrong shapes, corrupt checkpoints). `run_main`
-turns it into a single readable line on stderr and exit status 2, which is the contract of DESIGN.md.
+turns it into a single readable line on stderr and exit status 2.
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ import os
 import numpy as np
 import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from fcdm_common.io import atomic_path
 
@@ -72,8 +73,6 @@ def save_grid(images_uint8_nhwc: np.ndarray, path: str | os.PathLike, nrow: int,
               metadata: dict | None = None) -> None:
     """Write a grid of uint8 NHWC images as one PNG, atomically (temp file + rename). `metadata` (e.g. the
     training step and sampler) goes into the PNG's text chunks (`Image.open(path).text`), None values left out."""
-    from PIL.PngImagePlugin import PngInfo
-
     grid = make_grid(images_uint8_nhwc, nrow, padding)
     info = PngInfo()
     for key, value in (metadata or {}).items():

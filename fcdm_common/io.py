@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Optional
 _FAULT_SPEC = os.environ.get("FCDM_FAULT_KILL_AT")  # test hook, read once: "<basename glob>:<n>"
 _fault_hits = 0
 # temp files we can leave behind: ours (mkstemp below) and safetensors' own (`.tmp` + 6 characters,
-# written by `safetensors.torch.save_file`, which older versions of train.py called)
+# left by `safetensors.torch.save_file` when killed)
 _OUR_TEMP = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$")
 _SAFETENSORS_TEMP = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")
 
@@ -105,7 +105,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     """`torch.save` through a temporary file and an atomic rename."""
-    import torch
+    import torch  # deferred: this module is also imported by the TensorFlow feature process, which has no torch
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -124,7 +124,7 @@ def save_safetensors(state_dict: dict, path: str | os.PathLike, metadata: Option
     """Write a state_dict as safetensors atomically (contiguous copies; metadata values as strings).
     Serialised in memory and written by our atomic writer: `save_file` would leave its own temp file
     (`.tmpXXXXXX`) behind when killed."""
-    from safetensors.torch import save  # deferred: safetensors is needed only by the writers of weights
+    from safetensors.torch import save  # deferred: as torch above (the TensorFlow feature process has neither)
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     atomic_write_bytes(path, save(tensors, metadata={k: str(v) for k, v in (metadata or {}).items()}))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import sys
 
+from tqdm import tqdm
+
 FILE_INTERVAL_S = 60.0  # seconds between redraws when the bar's stream is not a terminal
 
 
@@ -33,8 +35,6 @@ def progress_settings(stream=None, environ=os.environ) -> dict:
 
 def progress(iterable=None, **kwargs):
     """tqdm(iterable, **kwargs) with the settings above; a caller's disable=True always wins."""
-    from tqdm import tqdm
-
     merged = {**kwargs, **progress_settings(kwargs.get("file"))}
     merged["disable"] = bool(kwargs.get("disable")) or bool(merged.get("disable"))
     return tqdm(iterable, **merged)

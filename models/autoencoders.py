@@ -31,8 +31,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
+import huggingface_hub
 import torch
 
 from fcdm_common.cli import UserError, error_summary
@@ -61,6 +64,9 @@ def vae_id(vae: str, hf_model_name: str = DEFAULT_HF_MODEL, hf_model_dir: str | 
     return "sd:" + Path(source.rstrip("/\\")).name
 
 
+DEFAULT_VAE_ID = vae_id("sd", DEFAULT_HF_MODEL)  # "sd:sd-vae-ft-ema": the paper's autoencoder
+
+
 # ----------------------------------------------------------------------------- finding a snapshot
 def offline_hint(name: str, extra: str = "") -> str:
     return (f"pass --hf-model-dir DIR with a local snapshot, made on a machine with network by "
@@ -69,9 +75,8 @@ def offline_hint(name: str, extra: str = "") -> str:
 
 def _hub_offline() -> bool:
     try:
-        from huggingface_hub import constants
 
-        if bool(constants.HF_HUB_OFFLINE):
+        if bool(huggingface_hub.constants.HF_HUB_OFFLINE):
             return True
     except Exception:  # pragma: no cover - very old huggingface_hub
         pass
@@ -80,8 +85,6 @@ def _hub_offline() -> bool:
 
 def _hub_reachable(timeout: float = 5.0) -> bool:
     """One TCP connection to the hub endpoint: a fast answer instead of the client's retries."""
-    import socket
-    from urllib.parse import urlparse
 
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     port = url.port or (443 if url.scheme == "https" else 80)
@@ -109,10 +112,10 @@ def resolve_snapshot(hf_model_name: str | None = None, hf_model_dir: str | os.Pa
                             "autoencoder snapshot (preparation/download_snapshot.py writes one)")
         return folder
     name = hf_model_name or DEFAULT_HF_MODEL
-    from huggingface_hub import snapshot_download
-
+    # huggingface_hub's functions are looked up on the module at call time (tests substitute them there)
     try:
-        cached = Path(snapshot_download(repo_id=name, allow_patterns=list(SNAPSHOT_FILES), local_files_only=True))
+        cached = Path(huggingface_hub.snapshot_download(repo_id=name, allow_patterns=list(SNAPSHOT_FILES),
+                                                        local_files_only=True))
         if (cached / "config.json").is_file():
             return cached
     except Exception:  # not in the cache
@@ -122,9 +125,10 @@ def resolve_snapshot(hf_model_name: str | None = None, hf_model_dir: str | os.Pa
         raise UserError(f"the VAE {name} is not in the local Hugging Face cache and {why}; "
                         + offline_hint(name, hint))
     try:
-        folder = Path(snapshot_download(repo_id=name, allow_patterns=list(SNAPSHOT_FILES)))
+        folder = Path(huggingface_hub.snapshot_download(repo_id=name, allow_patterns=list(SNAPSHOT_FILES)))
     except Exception as e:  # network, auth, unknown repository
-        raise UserError(f"could not download the VAE {name} ({error_summary(e)}); " + offline_hint(name, hint)) from None
+        raise UserError(f"could not download the VAE {name} ({error_summary(e)}); "
+                        + offline_hint(name, hint)) from None
     if not (folder / "config.json").is_file():
         raise UserError(f"the hub repository {name} has no config.json at its root; is it a diffusers autoencoder? "
                         "(for a pipeline repository, download its vae/ folder and pass it as --hf-model-dir)")
@@ -208,9 +212,6 @@ class IdentityVAE:
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return z.to(self.device, torch.float32)  # (N, 3, H, W)
 
-    def properties(self) -> dict:
-        return describe(self)
-
 
 class DiffusersAutoencoder:
     """A diffusers autoencoder with z = (latent - shift) * scale on encode and the inverse on decode."""
@@ -233,7 +234,8 @@ class DiffusersAutoencoder:
     def _check(self, latent: torch.Tensor, x: torch.Tensor) -> None:
         want = (x.shape[0], self.latent_channels, x.shape[2] // self.downsample, x.shape[3] // self.downsample)
         if tuple(latent.shape) != want:
-            raise UserError(f"the {self.vae_class} {self.name} encodes {tuple(x.shape)} images to {tuple(latent.shape)}, "
+            raise UserError(f"the {self.vae_class} {self.name} encodes {tuple(x.shape)} images to "
+                            f"{tuple(latent.shape)}, "
                             f"not {want} as its config (or --vae-latent-channels/--vae-downsample) says; "
                             "fix or drop those flags")
 
@@ -271,9 +273,6 @@ class DiffusersAutoencoder:
         latent = self.from_z(z.to(self.device, torch.float32))
         return self.model.decode(latent.to(self.dtype)).sample.float()
 
-    def properties(self) -> dict:
-        return describe(self)
-
 
 def describe(vae) -> dict:
     """The latent properties recorded in stores and run configs."""
@@ -298,6 +297,7 @@ def load_autoencoder(vae: str = "sd", hf_model_name: str | None = None, hf_model
     props = autoencoder_properties(read_config(folder), vae_class=vae_class, latent_channels=latent_channels,
                                    downsample=downsample, scaling_factor=scaling_factor, shift_factor=shift_factor,
                                    where=f"{folder / 'config.json'}")
+    # deferred: diffusers is heavy; only loading an autoencoder needs it
     import diffusers
 
     cls = getattr(diffusers, props["vae_class"])

@@ -26,6 +26,7 @@ import torch
 
 from fcdm_common.cli import UserError, error_summary
 from fcdm_common.io import atomic_torch_save
+from models import create_model
 
 REQUIRED_CONFIG_KEYS = ("model", "model_kwargs", "objective")
 TRAINING_KEYS = ("model", "ema", "opt", "step")  # what resuming a run needs
@@ -59,7 +60,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", require_
         except ValueError as e:
             raise UserError(f"checkpoint {path}: {e}") from None
     if not isinstance(ckpt, dict) or not ({"model", "ema"} & set(ckpt)):
-        raise UserError(f"checkpoint {path} holds no 'model' or 'ema' weights; it was not written by train_gen/train.py")
+        raise UserError(f"checkpoint {path} holds no 'model' or 'ema' weights; "
+                        "it was not written by train_gen/train.py")
     if require_config:
         config = ckpt.get("config")
         if not isinstance(config, dict) or any(k not in config for k in REQUIRED_CONFIG_KEYS):
@@ -76,7 +78,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", require_
 
 def build_model(config: dict):
     """Build the (randomly initialised) network a config describes."""
-    from models import create_model
 
     try:
         return create_model(config["model"], **config.get("model_kwargs", {}))
@@ -93,5 +94,6 @@ def model_from_checkpoint(ckpt: dict, use_ema: bool = True, path: str | os.PathL
     try:
         model.load_state_dict(ckpt[key])
     except (RuntimeError, ValueError) as e:  # ValueError: a model's own load check (e.g. DiT's pos_embed)
-        raise UserError(f"{path}: the {key!r} weights do not fit model {ckpt['config']['model']!r}: {str(e)[:300]}") from None
+        raise UserError(f"{path}: the {key!r} weights do not fit model {ckpt['config']['model']!r}: "
+                        f"{str(e)[:300]}") from None
     return model.eval()

@@ -23,7 +23,7 @@ Its networks are 3-level U-Nets whose tensors are renamed here (level 1 = full r
     final_layer.adaLN_modulation.1.*    -> head.adaLN_modulation.1.*
     final_layer.conv.* (3x3 conv -> out)-> head.out.*
 
-The output is our checkpoint layout (fcdm_common/checkpoint.py): "model" and "ema" state dicts and a
+The output is our checkpoint layout (models/checkpoints.py): "model" and "ema" state dicts and a
 "config" that sampling rebuilds the network, the iDDPM objective and the SD-VAE decoder from. The
 release's optimizer state is not carried over (its layout is not ours): the converted file is for
 sampling and evaluation. Any unknown, missing or mis-shaped tensor stops the conversion with one message
@@ -39,8 +39,9 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
-from models.checkpoints import save_checkpoint
 from fcdm_common.cli import HelpFormatter, UserError, positive_int, run_main
+from models import MODELS, create_model
+from models.checkpoints import save_checkpoint
 
 # release stage prefix -> (our ModuleList path); level 1 is the full-resolution level
 _STAGES = {"encoder_level_1": "encoder.0", "encoder_level_2": "encoder.1", "latent": "middle",
@@ -94,7 +95,8 @@ def load_release(path: Path) -> dict:
                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "ema" not in ckpt:
         raise UserError(f"{path} is not a release checkpoint: expected a dict with 'model' and 'ema' "
-                        f"(and 'opt', 'args'), got {type(ckpt).__name__} with keys {sorted(ckpt)[:8] if isinstance(ckpt, dict) else '-'}")
+                        f"(and 'opt', 'args'), got {type(ckpt).__name__} with keys "
+                        f"{sorted(ckpt)[:8] if isinstance(ckpt, dict) else '-'}")
     return ckpt
 
 
@@ -165,8 +167,6 @@ def _infer_kwargs(sd: Mapping[str, torch.Tensor], num_classes: int) -> dict:
 def convert(ckpt: dict, model_name: str, num_classes: Optional[int] = None,
             image_size: Optional[int] = None) -> dict:
     """A release checkpoint dict -> our checkpoint dict (model, ema, config)."""
-    from models import MODELS, create_model
-
     if model_name not in MODELS or not model_name.startswith("FCDM"):
         names = ", ".join(sorted(n for n in MODELS if n.startswith("FCDM")))
         raise UserError(f"--model {model_name!r} is not a registered FCDM variant; use one of {names}")
@@ -209,8 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m models.convert_official", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint written by the authors' FCDM release")
-    p.add_argument("--model", required=True, help="the FCDM variant it holds, e.g. FCDM-XL (checked against the tensors)")
-    p.add_argument("--out", required=True, help="where to write our checkpoint (atomically; refuses to overwrite --ckpt)")
+    p.add_argument("--model", required=True,
+                   help="the FCDM variant it holds, e.g. FCDM-XL (checked against the tensors)")
+    p.add_argument("--out", required=True,
+                   help="where to write our checkpoint (atomically; refuses to overwrite --ckpt)")
     p.add_argument("--num-classes", type=positive_int, default=None,
                    help="number of classes (default: the release's args.num_classes, else 1000)")
     p.add_argument("--image-size", type=positive_int, default=None,

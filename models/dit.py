@@ -35,7 +35,6 @@ from timm.layers import Attention, Mlp, PatchEmbed
 from models.layers import TimestepEmbedder, resolve_checkpoint_mode, run_block
 from models.registry import MODELS, register
 
-
 # ----------------------------------------------------------------------------------------------
 # Position embedding
 # ----------------------------------------------------------------------------------------------
@@ -195,7 +194,7 @@ class DiT(nn.Module):
     def _accept_dit_layout(self, state_dict, prefix, *args, **kwargs) -> None:
         """load_state_dict pre-hook: DiT's checkpoints carry the fixed `pos_embed` (a frozen parameter
         there, a non-persistent buffer here). It is checked against our sin-cos table, not loaded."""
-        for old, new in _LEGACY_KEYS.items():  # this repository's DiT before it used DiT's names
+        for old, new in _LEGACY_KEYS.items():  # short key names (x_embedder.weight, ...) -> DiT's names
             if prefix + old in state_dict and prefix + new not in state_dict:
                 state_dict[prefix + new] = state_dict.pop(prefix + old)
         key = prefix + "pos_embed"
@@ -276,7 +275,7 @@ def is_dit_state_dict(obj) -> bool:
 
 
 def dit_checkpoint_from_state_dict(state_dict: dict, model_name: Optional[str]) -> Optional[dict]:
-    """Wrap a plain DiT state dict as our checkpoint layout ({"ema", "config"}; see fcdm_common/checkpoint.py),
+    """Wrap a plain DiT state dict as our checkpoint layout ({"ema", "config"}; see models/checkpoints.py),
     its config read off the tensor shapes: input size from pos_embed, in/out channels from the patchify
     conv and the final linear, classes from the label table. None when `state_dict` is not one.
     `model_name` (the --model flag) must be a registered DiT whose width and depth match; ValueError else."""

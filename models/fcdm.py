@@ -25,10 +25,18 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
+from models.layers import (
+    GRN,
+    Conv3x3,
+    DepthwiseConv,
+    Downsample,
+    TimestepEmbedder,
+    Upsample,
+    modulate,
+    resolve_checkpoint_mode,
+    run_block,
+)
 from models.registry import register
-from models.layers import (DepthwiseConv, Downsample, GRN, TimestepEmbedder, Upsample, Conv3x3, modulate,
-                           resolve_checkpoint_mode, run_block)
-
 
 # ----------------------------------------------------------------------------------------------
 # Conditioning
@@ -44,7 +52,7 @@ LABEL_DROPOUT_MODES = ("shared", "per-level")  # how label dropout is drawn acro
 
 
 class FCDMBlock(nn.Module):
-    """The FCDM block (PAPER.md, "FCDM block"): depthwise conv, adaLN-modulated LayerNorm,
+    """The FCDM block (the paper, Figure 4): depthwise conv, adaLN-modulated LayerNorm,
     inverted bottleneck with GELU and GRN, gated residual. Channels-last in and out."""
 
     def __init__(self, dim: int, kernel_size: int = 7, mlp_ratio: int = 3):
@@ -96,7 +104,7 @@ class FCDM(nn.Module):
         self,
         in_channels: int = 4,  # latent channels (4 for SD-VAE latents, 3 for pixels)
         hidden_size: int = 512,  # width C of the first level; level i has width C * 2^i
-        depths: Sequence[int] = (3, 6, 12, 6, 3),  # blocks per stage: encoder levels, middle, decoder levels (odd length)
+        depths: Sequence[int] = (3, 6, 12, 6, 3),  # blocks per stage: encoder levels, middle, decoder levels (odd)
         kernel_size: int = 7,  # depthwise kernel size (paper ablates 3, 5, 7)
         mlp_ratio: int = 3,  # expansion r of the inverted bottleneck
         num_classes: int = 1000,  # class labels 0..num_classes-1; num_classes is the null label

@@ -1,7 +1,7 @@
 """The "paper-mode" FCDM: the same network as `models.fcdm.FCDM`, written the straightforward way.
 
 This is the baseline of `benchmarks/bench_model.py --baseline` and the independent reference the
-fast-path tests compare against. It follows the paper's description (Figure 4, PAPER.md) literally:
+fast-path tests compare against. It follows the paper's description (Figure 4) literally:
 
 - NCHW activations everywhere, the pointwise (1x1) convolutions as `nn.Conv2d(kernel_size=1)`;
 - a channels-first LayerNorm written with mean/variance over the channel dimension (as ConvNeXt's

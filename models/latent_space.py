@@ -9,15 +9,24 @@ LightningDiT for VA-VAE. Everything that decodes samples must undo exactly that:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from fcdm_common.cli import UserError
-from models.autoencoders import DEFAULT_HF_MODEL, DEFAULT_SCALING_FACTOR, load_autoencoder, resolve_snapshot, vae_id
-
+from models.autoencoders import (
+    DEFAULT_HF_MODEL,
+    DEFAULT_SCALING_FACTOR,
+    DEFAULT_VAE_ID,
+    load_autoencoder,
+    resolve_snapshot,
+    vae_id,
+)
 
 NORM_MODES = ("none", "channel")
 
@@ -55,7 +64,8 @@ class LatentNorm:
         if not isinstance(cfg, dict) or cfg.get("mode", "none") == "none":
             return None
         if cfg.get("mode") != "channel":
-            raise UserError(f"unknown latent normalisation {cfg.get('mode')!r} in the run config; expected none or channel")
+            raise UserError(f"unknown latent normalisation {cfg.get('mode')!r} in the run config; "
+                            "expected none or channel")
         return cls(cfg["mean"], cfg["std"])
 
 
@@ -103,16 +113,49 @@ def check_decoder_matches(decoder, data_cfg: dict, where) -> None:
     if data_vae is None or name in (None, data_vae):
         return
     if norm is not None:
-        raise UserError(f"{where} was trained on latents of {data_vae} normalised with their per-channel statistics, "
-                        f"but the VAE given is {name}, whose statistics differ; pass the VAE the model was trained with "
-                        "(--hf-model-dir) or leave the VAE flags out")
+        raise UserError(f"{where} was trained on latents of {data_vae} normalised with their per-channel "
+                        f"statistics, but the VAE given is {name}, whose statistics differ; pass the VAE the model was "
+                        "trained with (--hf-model-dir) or leave the VAE flags out")
     print(f"WARNING: decoding with the VAE {name}, but {where} was trained on latents of {data_vae}", flush=True)
+
+
+@dataclass(frozen=True)
+class AutoencoderSpec:
+    """The identity of a latent space: which autoencoder (or pixel space), where its weights are, and how its
+    latents are scaled: z = (latent - shift_factor) * scaling_factor. A run config records it as "vae";
+    with `--latent-norm channel` the data's channel statistics come on top (`wrap_decoder`)."""
+    vae: str  # "sd": a diffusers autoencoder (AutoencoderKL / AutoencoderDC), or "none": pixel space
+    hf_model_name: Optional[str] = None  # hub name of the weights, used when hf_model_dir is None
+    hf_model_dir: Optional[str] = None  # local snapshot folder
+    scaling_factor: float = DEFAULT_SCALING_FACTOR
+    shift_factor: float = 0.0
+
+    @property
+    def id(self) -> str:
+        """The short id stored with data: "none" or "sd:<snapshot name>"."""
+        return vae_id(self.vae, self.hf_model_name, self.hf_model_dir)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def locate(self, hint: str = "") -> None:
+        """Check that the weights can be had here (no loading): one UserError naming the fix otherwise."""
+        if self.vae != "none":
+            resolve_snapshot(self.hf_model_name, self.hf_model_dir, hint=hint)
+
+    def load(self, device="cpu", dtype=torch.float32, hint: str = ""):
+        """The autoencoder (models/autoencoders.py) with this scale and shift."""
+        return load_autoencoder(self.vae, self.hf_model_name, self.hf_model_dir, scaling_factor=self.scaling_factor,
+                                shift_factor=self.shift_factor, device=device, dtype=dtype, hint=hint)
+
+
+PIXEL_SPACE = AutoencoderSpec("none", None, None, 1.0, 0.0)
 
 
 def vae_for_data(data: dict, vae: str | None = None, hf_model_name: str | None = None,
                  hf_model_dir: str | os.PathLike | None = None, hint: str = "",
-                 strict: bool = True) -> tuple[dict, str | None]:
-    """The decoder settings for latents described by `data` (a run config's "data" entry), and a warning.
+                 strict: bool = True) -> tuple[AutoencoderSpec, str | None]:
+    """The autoencoder that decodes latents described by `data` (a run config's "data" entry), and a warning.
 
     By default the VAE the data was made with (the store records its hub name or folder); a user's
     --vae/--hf-model-name/--hf-model-dir wins, with a warning when it is not the data's VAE. Scale and
@@ -120,20 +163,16 @@ def vae_for_data(data: dict, vae: str | None = None, hf_model_name: str | None =
     decoded now) records the data's folder even when it does not exist here instead of failing."""
     data_vae = data.get("vae")
     vae = vae or ("none" if data_vae == "none" else "sd")
-    settings = {"vae": vae, "hf_model_name": None, "hf_model_dir": None,
-                "scaling_factor": float(data.get("scaling_factor") or DEFAULT_SCALING_FACTOR),
-                "shift_factor": float(data.get("shift_factor") or 0.0)}
     if vae == "none":
-        settings.update(scaling_factor=1.0, shift_factor=0.0)
-        return settings, (None if data_vae in (None, "none") else
-                          f"--vae none decodes nothing, but the data holds latents of {data_vae}")
+        return PIXEL_SPACE, (None if data_vae in (None, "none") else
+                             f"--vae none decodes nothing, but the data holds latents of {data_vae}")
     if hf_model_name is None and hf_model_dir is None:
         folder = data.get("hf_model_dir")
         if folder and Path(folder).is_dir():
             hf_model_dir = folder
         elif data.get("hf_model_name"):
             hf_model_name = data["hf_model_name"]
-        elif data_vae in (None, vae_id("sd", DEFAULT_HF_MODEL)):  # stores of the original release's VAE
+        elif data_vae in (None, DEFAULT_VAE_ID):  # stores of the original release's VAE
             hf_model_name = DEFAULT_HF_MODEL
         elif not strict:
             hf_model_dir = folder
@@ -141,26 +180,40 @@ def vae_for_data(data: dict, vae: str | None = None, hf_model_name: str | None =
             where = f" from the folder {folder}, which does not exist on this machine" if folder else ""
             raise UserError(f"the data was made with the VAE {data_vae}{where}; pass its snapshot with "
                             f"--hf-model-dir (or its hub name with --hf-model-name){hint}")
-    settings.update(hf_model_name=hf_model_name or (None if hf_model_dir else DEFAULT_HF_MODEL),
-                    hf_model_dir=None if hf_model_dir is None else str(hf_model_dir))
-    chosen = vae_id("sd", settings["hf_model_name"], hf_model_dir)
+    spec = AutoencoderSpec(vae, hf_model_name=hf_model_name or (None if hf_model_dir else DEFAULT_HF_MODEL),
+                           hf_model_dir=None if hf_model_dir is None else str(hf_model_dir),
+                           scaling_factor=float(data.get("scaling_factor") or DEFAULT_SCALING_FACTOR),
+                           shift_factor=float(data.get("shift_factor") or 0.0))
     warning = None
-    if data_vae not in (None, chosen):
-        warning = (f"decoding with the VAE {chosen}, but the data was made with {data_vae}; images will be wrong "
+    if data_vae not in (None, spec.id):
+        warning = (f"decoding with the VAE {spec.id}, but the data was made with {data_vae}; images will be wrong "
                    "unless the two are the same autoencoder")
-    return settings, warning
+    return spec, warning
 
 
-def decoder_for_run(settings: dict, data: dict, device="cpu", load: bool = True, hint: str = ""):
-    """The decoder of a run's grids from its config's "vae" settings: loaded (and wrapped to undo
-    --latent-norm) where `load`, only located elsewhere, so every process fails alike and early."""
+def spec_for_checkpoint(config: dict, vae: str | None = None, hf_model_name: str | None = None,
+                        hf_model_dir: str | None = None) -> AutoencoderSpec:
+    """The autoencoder a checkpoint's config records ("vae", with the data's scale and shift), with the
+    sampling programs' --vae/--hf-model-name/--hf-model-dir taking precedence."""
+    vae_cfg, data_cfg = dict(config.get("vae") or {}), config.get("data") or {}
+    vae = vae or vae_cfg.get("vae") or ("none" if data_cfg.get("vae") == "none" else "sd")
+    if vae == "none":
+        return PIXEL_SPACE
+    return AutoencoderSpec(
+        vae, hf_model_name=hf_model_name or vae_cfg.get("hf_model_name") or DEFAULT_HF_MODEL,
+        hf_model_dir=hf_model_dir if hf_model_dir is not None else
+        (vae_cfg.get("hf_model_dir") if hf_model_name is None else None),
+        scaling_factor=float(data_cfg.get("scaling_factor") or vae_cfg.get("scaling_factor") or DEFAULT_SCALING_FACTOR),
+        shift_factor=float(data_cfg.get("shift_factor") or vae_cfg.get("shift_factor") or 0.0))
+
+
+def decoder_for_run(spec: AutoencoderSpec, data: dict, device="cpu", load: bool = True, hint: str = ""):
+    """The decoder of a run's grids: loaded (and wrapped to undo --latent-norm) where `load`, only located
+    elsewhere, so every process fails alike and early."""
     if not load:
-        if settings["vae"] != "none":
-            resolve_snapshot(settings["hf_model_name"], settings["hf_model_dir"], hint=hint)
+        spec.locate(hint)
         return None
-    vae = load_autoencoder(settings["vae"], settings["hf_model_name"], settings["hf_model_dir"],
-                           scaling_factor=settings["scaling_factor"], shift_factor=settings.get("shift_factor", 0.0),
-                           device=device, hint=hint)
+    vae = spec.load(device=device, hint=hint)
     C = int(data["latent_shape"][0])
     if int(vae.latent_channels) != C:
         raise UserError(f"the VAE {vae.name} has {vae.latent_channels} latent channels but the data has {C}; "

@@ -36,7 +36,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-
 CHECKPOINT_MODES = ("none", "selective", "full")
 
 

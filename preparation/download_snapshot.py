@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import huggingface_hub
+
 from fcdm_common.cli import HelpFormatter, UserError, error_summary, run_main
 
 
@@ -19,14 +21,13 @@ def download(repo_id: str, local_dir, revision: str | None = None,
 
     `subfolder`: only that folder of the repository (e.g. "vae" of an SD3/FLUX pipeline); the returned
     path is local_dir/subfolder, the folder to pass as --hf-model-dir."""
-    from huggingface_hub import snapshot_download
-
     local_dir = Path(local_dir)
     if subfolder:
         allow_patterns = tuple(f"{subfolder.strip('/')}/{p}" for p in allow_patterns)
     try:
-        snapshot_download(repo_id=repo_id, local_dir=str(local_dir), revision=revision,
-                          allow_patterns=list(allow_patterns))
+        # looked up on the module at call time, so a substitute set on huggingface_hub is used
+        huggingface_hub.snapshot_download(repo_id=repo_id, local_dir=str(local_dir), revision=revision,
+                                          allow_patterns=list(allow_patterns))
     except Exception as e:  # network, auth, unknown repo
         raise UserError(f"could not download {repo_id} to {local_dir}: {error_summary(e)}") from None
     folder = local_dir / subfolder.strip("/") if subfolder else local_dir
@@ -37,8 +38,10 @@ def download(repo_id: str, local_dir, revision: str | None = None,
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Download a diffusers VAE snapshot for offline use (--hf-model-dir).")
-    p.add_argument("--repo-id", default="stabilityai/sd-vae-ft-ema", help="Hub repository (default stabilityai/sd-vae-ft-ema)")
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter,
+                                description="Download a diffusers VAE snapshot for offline use (--hf-model-dir).")
+    p.add_argument("--repo-id", default="stabilityai/sd-vae-ft-ema",
+                   help="Hub repository (default stabilityai/sd-vae-ft-ema)")
     p.add_argument("--local-dir", required=True, help="destination folder (created)")
     p.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
     p.add_argument("--allow-patterns", nargs="+", default=["*.json", "*.safetensors"],

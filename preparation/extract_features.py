@@ -9,9 +9,9 @@ by choosing the stored orientation. `--store moments` keeps the posterior mean a
 training draws a fresh latent each step; `--store sample` keeps one draw z = (mean + std * eps -
 shift_factor) * scaling_factor per image and orientation, the DiT/FCDM paper pipeline, with eps seeded
 by (--seed, shard) so the store does not depend on the number of processes. Any autoencoder of
-fcdm_common/autoencoders.py works (class, channels, downsampling, scale and shift from its config);
+models/autoencoders.py works (class, channels, downsampling, scale and shift from its config);
 deterministic encoders (AutoencoderDC) store `sample`. Per-channel statistics of z are recorded with
-each shard and combined when the store completes (fcdm_common/latent_norm.py).
+each shard and combined when the store completes (preparation/statistics.py).
 
 Work is split into shards of --shard-size images (= zarr shard files); shard k goes to rank
 k % world_size, so no two processes write one file. Finished shards are recorded in the store and
@@ -28,13 +28,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import zarr
 from PIL import Image
 
 from fcdm_common.cli import HelpFormatter, UserError, alias_help, non_negative_int, positive_int, run_main, str2bool
 from fcdm_common.distributed import barrier, cleanup, init_distributed
 from fcdm_common.images import center_crop_arr, pil_to_tensor
+from fcdm_common.progress import progress
 from models.autoencoders import DEFAULT_HF_MODEL, SUPPORTED_CLASSES, describe, load_autoencoder, vae_id
 from preparation import store as zstore
+from preparation.statistics import stats_from_info
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's list
 
@@ -97,7 +100,8 @@ def _collate(items):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Encode an ImageFolder into a zarr store of VAE latents "
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter,
+                                description="Encode an ImageFolder into a zarr store of VAE latents "
                                 "(both orientations), resumable, one or many processes (torchrun).")
     p.add_argument("--data-path", required=True, help="ImageFolder root: one sub-folder of images per class")
     p.add_argument("--zarr-path", "--features-path", dest="zarr_path", required=True,
@@ -161,7 +165,7 @@ def _shard_len(k: int, count: int, shard_size: int) -> int:
     return end - start
 
 
-def _worker_count(requested: int, say) -> int:
+def worker_count(requested: int, say) -> int:
     """--num-workers, at most the CPUs this process may use (more only makes torch warn and contend)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if requested > cpus:
@@ -207,10 +211,6 @@ def main(argv=None):
 
 
 def zstore_has_stats(path) -> bool:
-    import zarr
-
-    from preparation.statistics import stats_from_info
-
     return stats_from_info(dict(zarr.open_group(str(path), mode="r").attrs)) is not None
 
 
@@ -260,10 +260,10 @@ def _run(args, rank, world, device, say):
         zstore.create_store(args.zarr_path, settings, extra_attrs={
             "source": str(Path(args.data_path)), "downsample": down, "latent_channels": channels,
             "hf_model_name": None if args.vae == "none" or args.hf_model_dir else args.hf_model_name,
-            "hf_model_dir": None if args.vae == "none" or not args.hf_model_dir else str(Path(args.hf_model_dir).resolve())})
+            "hf_model_dir": (None if args.vae == "none" or not args.hf_model_dir
+                             else str(Path(args.hf_model_dir).resolve()))})
         say(f"created {args.zarr_path}")
     barrier()
-    import zarr
 
     group = zarr.open_group(str(args.zarr_path), mode="r+")
     done = zstore.done_shards(group)
@@ -273,9 +273,8 @@ def _run(args, rank, world, device, say):
 
     batches, owner = _plan_batches(mine, count, args.shard_size, args.per_proc_batch_size)
     loader = torch.utils.data.DataLoader(
-        CroppedImages(samples, args.image_size), batch_sampler=batches, num_workers=_worker_count(args.num_workers, say),
-        collate_fn=_collate, pin_memory=device.type == "cuda")
-    from fcdm_common.progress import progress
+        CroppedImages(samples, args.image_size), batch_sampler=batches,
+        num_workers=worker_count(args.num_workers, say), collate_fn=_collate, pin_memory=device.type == "cuda")
 
     total = sum(len(b) for b in batches)
     others = [k for k in range(n_shards) if not done[k] and k % world != rank]  # shown in rank 0's bar too

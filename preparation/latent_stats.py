@@ -3,11 +3,11 @@
     python preparation/latent_stats.py data/imagenet256.zarr
     torchrun --nproc_per_node=N preparation/latent_stats.py data/imagenet256.zarr
 
-Stores written by extract_features.py since the statistics exist already hold them; this adds them to
-older stores. The statistics are exact (float64 sums per shard, added in shard order, so any number of
+Stores written by extract_features.py already hold them; this adds them to stores that lack them.
+The statistics are exact (float64 sums per shard, added in shard order, so any number of
 processes gives the same bits) and cover every item, both orientations and every position of
 z = (latent - shift) * scale, with the posterior noise integrated out for "moments" stores (see
-fcdm_common/latent_norm.py). Each finished shard is recorded in the store, so an interrupted run
+preparation/statistics.py). Each finished shard is recorded in the store, so an interrupted run
 resumes where it stopped when the same command is rerun.
 """
 from __future__ import annotations
@@ -16,11 +16,19 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+import zarr
 
 from fcdm_common.cli import UserError, non_negative_int, run_main
 from fcdm_common.distributed import barrier, cleanup, init_distributed
-from preparation.statistics import (STATS_ATTR, ensure_stats_arrays, shard_sums, stats_from_info,
-                                    store_stats_from_rows, write_shard_sums)
+from preparation.statistics import (
+    STATS_ATTR,
+    ensure_stats_arrays,
+    shard_sums,
+    stats_from_info,
+    store_stats_from_rows,
+    write_shard_sums,
+)
+from preparation.store import STORE_FORMAT
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,10 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _open(path: Path, mode: str):
-    import zarr
-
-    from preparation.store import STORE_FORMAT
-
     if not (path / "zarr.json").is_file():
         raise UserError(f"{path} is not a zarr latent store (no zarr.json)")
     try:

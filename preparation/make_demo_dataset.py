@@ -21,6 +21,7 @@ from fcdm_common.io import atomic_write_text
 
 def digits_images(upscale: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """uint8 RGB images (N, 8K, 8K, 3) and int64 labels (N,) of the digits data set."""
+    # deferred: scikit-learn serves the digits demo only
     from sklearn.datasets import load_digits
 
     if upscale < 1:
@@ -54,7 +55,8 @@ def make_demo_dataset(out: str | os.PathLike, upscale: int = 2) -> Path:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Write scikit-learn's digits as an ImageFolder (class folders 0..9).")
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter,
+                                description="Write scikit-learn's digits as an ImageFolder (class folders 0..9).")
     p.add_argument("--out", required=True, help="output folder (created; existing digit PNGs are overwritten)")
     p.add_argument("--upscale", type=positive_int, default=2,
                    help="integer nearest-neighbour upscale factor: 8x8 -> 8K x 8K (default 2)")

@@ -17,11 +17,14 @@ by the training loader (train_gen/loader.py).
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
+import zarr
 
 from fcdm_common.cli import UserError
 from fcdm_common.progress import progress as tqdm
@@ -62,8 +65,6 @@ class ZarrLatentDataset:
     """Reader of a complete latent store; `get_batch` reads one batch with one selection."""
 
     def __init__(self, path: str | os.PathLike, cache: str = "auto", hflip: bool = True):
-        import zarr
-
         self.path = Path(path)  # store folder
         if cache not in ("auto", "memory", "mmap", "none"):
             raise UserError(f"cache must be auto, memory, mmap or none, got {cache!r}")
@@ -127,16 +128,12 @@ class ZarrLatentDataset:
 
     def cache_file(self) -> Path:
         """Raw decompressed copy used by cache="mmap": <store>.cache-<id>.npy, id from the store's metadata."""
-        import hashlib
-
         meta = (self.path / "zarr.json").stat()
         key = f"{self.path.resolve()}|{meta.st_mtime_ns}|{meta.st_size}|{self.info.get('count')}"
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
         return self.path.parent / f"{self.path.name}.cache-{digest}.npy"
 
     def _mmap_cache(self) -> np.ndarray:
-        import fcntl
-
         target = self.cache_file()
         array = self._zarr_array()
         with open(str(target) + ".lock", "w") as lock:  # one writer per node; the others wait
@@ -164,8 +161,6 @@ class ZarrLatentDataset:
     def _zarr_array(self):
         # zarr runs an event-loop thread; a handle is never reused across fork, reopen per process
         if self._array is None or self._array_pid != os.getpid():
-            import zarr
-
             self._array = zarr.open_group(str(self.path), mode="r")["latents"]
             self._array_pid = os.getpid()
         return self._array
@@ -263,7 +258,8 @@ class LegacyNpyDataset:
 
     def get_batch(self, indices: np.ndarray, rng: np.random.Generator | None,
                   orient: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        orient = rng.integers(0, self.orientations if self.hflip else 1, size=len(indices)) if orient is None else orient
+        if orient is None:
+            orient = rng.integers(0, self.orientations if self.hflip else 1, size=len(indices))
         x = np.stack([self._load(int(i))[o] for i, o in zip(indices, orient)]).astype(np.float32)
         if tuple(x.shape[1:]) != self.latent_shape:
             raise UserError(f"latent files in {self.feature_path} have different shapes; re-extract them")

@@ -14,20 +14,19 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+import zarr
 
 from fcdm_common.cli import HelpFormatter, UserError, positive_int, run_main
-from preparation.checks import check_label_gaps, load_label_file, load_latent_file
-from models.autoencoders import DEFAULT_SCALING_FACTOR
+from fcdm_common.progress import progress as tqdm
+from models.autoencoders import DEFAULT_SCALING_FACTOR, DEFAULT_VAE_ID
 from preparation import store as zstore
+from preparation.checks import check_label_gaps, load_label_file, load_latent_file
 
 
-def convert(feature_path, label_path, zarr_path, image_size: int | None = None, vae: str = "sd:sd-vae-ft-ema",
+def convert(feature_path, label_path, zarr_path, image_size: int | None = None, vae: str = DEFAULT_VAE_ID,
             scaling_factor: float = DEFAULT_SCALING_FACTOR, shard_size: int = zstore.DEFAULT_SHARD_SIZE,
             chunk_size: int = zstore.DEFAULT_CHUNK_SIZE, progress: bool = True) -> Path:
     """Write the store; returns its path. Raises UserError on bad input."""
-    import zarr
-    from fcdm_common.progress import progress as tqdm
-
     feature_path, label_path, zarr_path = Path(feature_path), Path(label_path), Path(zarr_path)
     for folder, flag in ((feature_path, "--feature-path"), (label_path, "--label-path")):
         if not folder.is_dir():
@@ -78,16 +77,17 @@ def convert(feature_path, label_path, zarr_path, image_size: int | None = None, 
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Convert per-image latent/label .npy folders (the original "
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter,
+                                description="Convert per-image latent/label .npy folders (the original "
                                 "release's layout) into one zarr latent store.")
     p.add_argument("--feature-path", required=True, help="folder of per-image latent .npy files (scaled samples)")
     p.add_argument("--label-path", required=True, help="folder of per-image label .npy files, same file names")
     p.add_argument("--zarr-path", required=True, help="output zarr store (rerun to resume an interrupted run)")
     p.add_argument("--image-size", type=positive_int, default=None,
                    help="pixel size the latents came from (default: 8 x latent width)")
-    p.add_argument("--vae", default="sd:sd-vae-ft-ema", help="VAE id stored with the data (default sd:sd-vae-ft-ema)")
+    p.add_argument("--vae", default=DEFAULT_VAE_ID, help=f"VAE id stored with the data (default {DEFAULT_VAE_ID})")
     p.add_argument("--vae-scaling-factor", type=float, default=DEFAULT_SCALING_FACTOR,
-                   help="scaling factor the latents were multiplied by (default 0.18215)")
+                   help=f"scaling factor the latents were multiplied by (default {DEFAULT_SCALING_FACTOR})")
     p.add_argument("--shard-size", type=positive_int, default=zstore.DEFAULT_SHARD_SIZE, help="images per shard")
     p.add_argument("--chunk-size", type=positive_int, default=zstore.DEFAULT_CHUNK_SIZE,
                    help="images per compressed chunk (divides --shard-size)")

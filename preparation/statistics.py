@@ -18,7 +18,6 @@ normalisation itself and its inverse belong to the latent space (models/latent_s
 """
 from __future__ import annotations
 
-
 import numpy as np
 
 from fcdm_common.cli import UserError

@@ -8,11 +8,15 @@ true only after every shard is done, so readers never mistake a half-written sto
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
 
 from fcdm_common.cli import UserError
 from fcdm_common.io import fault_point
@@ -26,7 +30,7 @@ SETTING_KEYS = ("image_size", "vae", "scaling_factor", "store", "count", "latent
                 "class_names", "shard_size", "chunk_size", "seed", "vae_class", "shift_factor")
 DEFAULT_SHARD_SIZE = 1024  # images per shard file = per work unit of one process
 DEFAULT_CHUNK_SIZE = 64  # images per compressed inner chunk
-ADDED_SETTING_KEYS = ("vae_class", "shift_factor")  # settings recorded since the any-autoencoder layer
+ADDED_SETTING_KEYS = ("vae_class", "shift_factor")  # settings a store may lack (not compared when absent)
 
 
 def latent_array_shape(count: int, mode: str, orientations: int, latent_shape) -> tuple[int, ...]:
@@ -60,7 +64,7 @@ def describe_mismatch(existing: dict, wanted: dict) -> str | None:
     """First differing setting as readable text, or None when the store matches."""
     for key in SETTING_KEYS:
         if key in ADDED_SETTING_KEYS and key not in existing:
-            continue  # a store begun before the key was recorded
+            continue  # a store that does not record this key
         old, new = existing.get(key), wanted.get(key)
         if key == "class_names" and old is not None and new is not None and list(old) != list(new):
             return f"class_names (the store has {len(old)} classes, the data {len(new)} / different names)"
@@ -76,8 +80,6 @@ def check_existing(path: str | os.PathLike, settings: dict, what: str = "--zarr-
     overwrite: None when the program has no --overwrite flag; False: the mismatch message offers it;
     True: a store made with other settings is reported as 'replace' (the caller deletes it with
     `remove_store` and starts over) instead of refused."""
-    import zarr
-
     path = Path(path)
     if not path.exists():
         return "absent"
@@ -115,9 +117,6 @@ def check_existing(path: str | os.PathLike, settings: dict, what: str = "--zarr-
 
 def remove_store(path: str | os.PathLike) -> None:
     """Delete an FCDM latent store (refuses anything else, so a wrong path is never wiped)."""
-    import json
-    import shutil
-
     path = Path(path)
     try:
         attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
@@ -130,9 +129,6 @@ def remove_store(path: str | os.PathLike) -> None:
 
 def create_store(path: str | os.PathLike, settings: dict, extra_attrs: dict | None = None):
     """Create an empty store (overwriting anything at `path`) and return the zarr group."""
-    import zarr
-    from zarr.codecs import BloscCodec
-
     count, shard, chunk = settings["count"], settings["shard_size"], settings["chunk_size"]
     shape = latent_array_shape(count, settings["store"], settings["orientations"], settings["latent_shape"])
     group = zarr.open_group(str(path), mode="w", zarr_format=3)

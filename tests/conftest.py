@@ -15,9 +15,8 @@ os.environ[SESSION_KEY] = uuid.uuid4().hex  # always a new tag: a nested session
 @pytest.fixture(scope="session", autouse=True)
 def no_process_left_behind():
     yield
-    import time
-
     import sys
+    import time
 
     if "torch._inductor.async_compile" in sys.modules:  # torch.compile's worker pool belongs to this process
         # (it lives as long as the process that compiled, and would otherwise be counted as left behind)

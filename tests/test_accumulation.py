@@ -200,8 +200,8 @@ def test_accumulated_gradient_is_the_full_batch_mean(use_scaler):
     """In process: 4 micro-batches (optionally through a GradScaler, unscaled once) give the gradient of
     the plain full-batch mean loss with the same draws, to float rounding."""
     from diffusion import create_diffusion
-    from train_gen.step_draws import BatchPlan, StepDraws
     from models import create_model
+    from train_gen.step_draws import BatchPlan, StepDraws
     from train_gen.training_loop import accumulate_gradients
 
     torch.manual_seed(0)
@@ -220,7 +220,8 @@ def test_accumulated_gradient_is_the_full_batch_mean(use_scaler):
     ref = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) if use_scaler else None
-    out = accumulate_gradients(model, objective, _Accel(scaler), x, y, draws, BatchPlan(16, micro_batch=4).micro_slices())
+    out = accumulate_gradients(model, objective, _Accel(scaler), x, y, draws,
+                               BatchPlan(16, micro_batch=4).micro_slices())
     if scaler is not None:
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         scaler.unscale_(opt)

@@ -1,5 +1,6 @@
-"""Any diffusers autoencoder (fcdm_common/autoencoders.py), per-channel latent statistics and
---latent-norm channel (fcdm_common/latent_norm.py, preparation/latent_stats.py), offline VAE checks.
+"""Any diffusers autoencoder (models/autoencoders.py), per-channel latent statistics and
+--latent-norm channel (preparation/statistics.py, models/latent_space.py, preparation/latent_stats.py), offline
+VAE checks.
 
 References: the diffusers models called directly (encode/decode), numpy float64 sums over the store,
 the closed-form moments of z = (mean + std * eps - shift) * scale, bitwise equality across process
@@ -19,11 +20,10 @@ import pytest
 import torch
 from PIL import Image
 
-from models.autoencoders import SUPPORTED_CLASSES, load_autoencoder
 from fcdm_common.cli import UserError
-from models.latent_space import LatentNorm
-from preparation.statistics import NormalizedDataset, shard_sums
 from helpers import one_thread, run_torchrun  # noqa: F401  (fixture, used through pytestmark)
+from models.autoencoders import SUPPORTED_CLASSES, load_autoencoder
+from preparation.statistics import NormalizedDataset, shard_sums
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -154,7 +154,8 @@ def test_flags_override_config_and_bad_configs(tmp_path):
     with pytest.raises(UserError, match="not supported; supported autoencoder classes: AutoencoderKL, AutoencoderDC"):
         load_autoencoder("sd", hf_model_dir=tmp_path / "tiny")
     (tmp_path / "nolat").mkdir()
-    (tmp_path / "nolat" / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "latent_channels"}))
+    (tmp_path / "nolat" / "config.json").write_text(
+        json.dumps({k: v for k, v in cfg.items() if k != "latent_channels"}))
     with pytest.raises(UserError, match="latent channel count .*--vae-latent-channels"):
         load_autoencoder("sd", hf_model_dir=tmp_path / "nolat")
     with pytest.raises(UserError, match="encodes .* not .*fix or drop"):  # a wrong override is caught on encode
@@ -177,7 +178,7 @@ def test_extract_train_sample_each_class(extracted, tmp_path, name, norm):
     np.testing.assert_allclose(a["latent_stats"]["mean"], mean, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(a["latent_stats"]["std"], std, rtol=1e-10, atol=1e-12)
     assert a["latent_stats"]["elements_per_channel"] == 6 * 2 * (16 // down) ** 2
-    # train a few steps; no VAE flag: the grids decode with the VAE the store records (issue 13 item 7)
+    # train a few steps; no VAE flag: the grids decode with the VAE the store records
     res = tmp_path / "res"
     train.main(["--model", "FCDM-digits", "--hidden-size", "16", "--depths", "1,1,1", "--global-batch-size", "2",
                 "--num-workers", "0", "--zarr-path", str(store), "--results-dir", str(res), "--max-train-steps", "2",
@@ -279,7 +280,7 @@ def test_sampling_inverts_the_normalisation_exactly(extracted, tmp_path, monkeyp
     stats = store_attrs(store)["latent_stats"]
     known = torch.randn(2, *setup.latent_shape, generator=torch.Generator().manual_seed(0))
     monkeypatch.setattr(diffusion, "sample", lambda *a, **k: known.clone())
-    images, _ = sampling.generate(setup, [0, 1], global_seed=0, sampler="ddim", num_steps=1, labels=[0, 1])
+    images, _ = sampling.generate(setup, [0, 1], sampling.SamplerSettings("ddim", 1), seed=0, labels=[0, 1])
     vae = load_autoencoder("sd", hf_model_dir=vae_dir, scaling_factor=0.5, shift_factor=0.1)
     z = known * torch.tensor(stats["std"]).view(1, -1, 1, 1) + torch.tensor(stats["mean"]).view(1, -1, 1, 1)
     np.testing.assert_array_equal(images, to_uint8(vae.decode(z)))
@@ -321,7 +322,8 @@ def test_latent_norm_channel_on_a_store_without_statistics(extracted, tmp_path, 
 def test_too_many_levels_for_the_latents_names_depths(extracted, tmp_path):
     from train_gen import train
 
-    with pytest.raises(UserError, match=r"does not fit the data: latents of 4x4 .* 4-level .*2\^3 = 8; use at most 3 level\(s\) via "
+    with pytest.raises(UserError, match=r"does not fit the data: latents of 4x4 .* 4-level .*2\^3 = 8; "
+                                        r"use at most 3 level\(s\) via "
                                         r"--depths with 5 entries \(e.g. --depths 1,2,3,2,1\)"):
         train.main(["--model", "FCDM-digits", "--hidden-size", "16", "--depths", "1,1,2,3,2,1,1",
                     "--zarr-path", str(extracted["dc"]["store"]), "--results-dir", str(tmp_path / "r")])
@@ -330,7 +332,7 @@ def test_too_many_levels_for_the_latents_names_depths(extracted, tmp_path):
 
 def test_offline_without_vae_folder_is_one_fast_message(tmp_path, monkeypatch, capsys):
     """No network (HF_HUB_OFFLINE=1) and an empty hub cache: training (grids on), sampling and extraction
-    stop at once with one message naming the fix, and write nothing (issue 13 item 6)."""
+    stop at once with one message naming the fix, and write nothing."""
     import huggingface_hub.constants
 
     from fcdm_common.cli import run_main
@@ -411,7 +413,7 @@ def test_summary_gflops_on_other_latent_shapes():
 
 
 def test_grids_use_the_datas_vae_and_resume_refuses_changed_statistics(extracted, tmp_path, capsys):
-    """Issue 13 item 7: no VAE flag -> the store's VAE (tested above); an override -> a warning; the
+    """No VAE flag -> the store's VAE (tested above); an override -> a warning; the
     store's folder gone and no flag -> one message. A normalised run resumed on changed statistics stops."""
     import shutil
 
@@ -431,7 +433,8 @@ def test_grids_use_the_datas_vae_and_resume_refuses_changed_statistics(extracted
     g = zarr.open_group(str(store), mode="r+")
     g.attrs["hf_model_dir"] = str(tmp_path / "gone")
     with pytest.raises(UserError, match=r"made with the VAE sd:vae-kl16-shift from the folder .*gone, which does not "
-                                        r"exist on this machine; pass its snapshot with --hf-model-dir .*--sample-every 0"):
+                                        r"exist on this machine; pass its snapshot with --hf-model-dir "
+                                        r".*--sample-every 0"):
         train.main(base + ["--results-dir", str(tmp_path / "r2"), "--max-train-steps", "1"])
     assert not (tmp_path / "r2").exists()
     # --latent-norm channel, then the store's statistics change: resuming the run is refused

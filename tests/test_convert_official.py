@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
-from models.checkpoints import build_model, load_checkpoint
 from fcdm_common.cli import UserError
+from models.checkpoints import build_model, load_checkpoint
 from models.convert_official import main as convert_main
 from models.fcdm_reference import FCDMReference
 
@@ -152,4 +152,5 @@ def test_cli_exit_status_2(tmp_path):
     assert r.returncode == 2 and "x_embedder.weight" in r.stderr and r.stderr.count("\n") <= 2, r.stderr
     from models.convert_official import build_parser
 
-    assert all(f in build_parser().format_help() for f in ("--ckpt", "--model", "--out", "--num-classes", "--image-size"))
+    assert all(f in build_parser().format_help()
+               for f in ("--ckpt", "--model", "--out", "--num-classes", "--image-size"))

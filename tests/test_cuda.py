@@ -25,14 +25,12 @@ import time
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-
-from train_gen.ema import create_ema, update_ema
-from models.layers import CHECKPOINT_MODES
-from models.fcdm_reference import FCDMReference
 
 from helpers import one_thread, randomize  # noqa: F401  (one_thread: fixture)
+from models.fcdm_reference import FCDMReference
+from models.layers import CHECKPOINT_MODES
 from test_fast_paths import batch, grads_in_fcdm_shapes, tiny
+from train_gen.ema import create_ema, update_ema
 
 NO_CUDA = "needs a CUDA GPU (run on one by benchmarks/gpu_suite.sh: pytest -m cuda tests/test_cuda.py)"
 CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)],

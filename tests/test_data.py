@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from fcdm_common.cli import UserError
-from train_gen.loader import TrainLoader, epoch_permutation
-from train_gen.step_draws import BatchPlan
-from preparation.readers import open_dataset
 from preparation import save_zarr
 from preparation import store as zstore
+from preparation.readers import open_dataset
+from train_gen.loader import TrainLoader, epoch_permutation
+from train_gen.step_draws import BatchPlan
 
 SF = 0.5
 

@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from fcdm_common.cli import UserError
-from train_gen.loader import TrainLoader
-from train_gen.step_draws import BatchPlan
-from preparation.readers import open_dataset
-from preparation.checks import check_label_gaps, nonfinite_rows
 from preparation import save_zarr
+from preparation.checks import check_label_gaps, nonfinite_rows
+from preparation.readers import open_dataset
 from test_data import make_store as make_item_store
 from test_data import write_legacy
-from test_train import TINY, _main
+from test_train import TINY, run_train
 from test_train import make_store as make_train_store
+from train_gen.loader import TrainLoader
+from train_gen.step_draws import BatchPlan
 
 
 def test_nonfinite_rows_and_label_gaps_closed_form():
@@ -83,7 +83,7 @@ def test_loader_records_nonfinite_items_by_dataset_index(tmp_path, workers):
 def test_training_stop_blames_the_data_and_names_items(tmp_path):
     bad = make_train_store(tmp_path / "nan.zarr", nan=True)
     with pytest.raises(UserError) as e:
-        _main(TINY + ["--zarr-path", bad, "--results-dir", tmp_path, "--sample-every", 0, "--log-every", 5,
+        run_train(TINY + ["--zarr-path", bad, "--results-dir", tmp_path, "--sample-every", 0, "--log-every", 5,
                       "--max-bad-steps", 3, "--max-train-steps", 10])
     msg = str(e.value)
     assert "dataset item(s) " in msg and "the data is the cause" in msg and str(bad) in msg
@@ -93,7 +93,7 @@ def test_training_stop_blames_the_data_and_names_items(tmp_path):
 def test_training_stop_on_finite_data_keeps_the_optimisation_advice(tmp_path):
     good = make_train_store(tmp_path / "ok.zarr")
     with pytest.raises(UserError) as e:  # lr 1e30 overflows the weights after the first step
-        _main(TINY + ["--zarr-path", good, "--results-dir", tmp_path, "--sample-every", 0, "--log-every", 5,
+        run_train(TINY + ["--zarr-path", good, "--results-dir", tmp_path, "--sample-every", 0, "--log-every", 5,
                       "--max-bad-steps", 3, "--max-train-steps", 10, "--lr", "1e30"])
     msg = str(e.value)
     assert "consecutive steps had non-finite" in msg and "lower --lr" in msg and "dataset item" not in msg

@@ -1,9 +1,9 @@
 """--hflip false: training batches use only the stored original orientation."""
 import numpy as np
 
+from preparation.readers import open_dataset
 from train_gen.loader import TrainLoader
 from train_gen.step_draws import BatchPlan
-from preparation.readers import open_dataset
 
 
 def _legacy(tmp_path, n=8):

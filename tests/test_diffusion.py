@@ -39,7 +39,9 @@ def test_linear_schedule_is_the_papers():
 
 def test_cosine_schedule_closed_form():
     d = diffusion.create_diffusion(noise_schedule="cosine")
-    f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # iDDPM Eq. 17
+    def f(u):  # iDDPM Eq. 17
+        return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
     for t in (0, 10, 500, 900):
         assert d.alphas_cumprod[t] == pytest.approx(f((t + 1) / 1000) / f(0), rel=1e-9)
     assert d.betas.max() <= 0.999
@@ -69,7 +71,8 @@ def test_posterior_matches_bayes_rule():
         beta, abar_prev = d.betas[ti], d.alphas_cumprod[ti - 1]
         prec = (1 - beta) / beta + 1 / (1 - abar_prev)
         ref_var = 1 / prec
-        ref_mean = ref_var * (math.sqrt(1 - beta) / beta * xt[i].double() + math.sqrt(abar_prev) / (1 - abar_prev) * x0[i].double())
+        ref_mean = ref_var * (math.sqrt(1 - beta) / beta * xt[i].double()
+                              + math.sqrt(abar_prev) / (1 - abar_prev) * x0[i].double())
         assert var[i].item() == pytest.approx(ref_var, rel=1e-5)
         assert logvar[i].item() == pytest.approx(math.log(ref_var), rel=1e-5)
         torch.testing.assert_close(mean[i].double(), ref_mean, rtol=1e-5, atol=1e-5)
@@ -183,7 +186,9 @@ def test_training_losses_hybrid():
     x0, noise = torch.randn(4, 2, 4, 4, generator=g), torch.randn(4, 2, 4, 4, generator=g)
     t = torch.tensor([0, 1, 500, 999])
     param = torch.randn(4, 4, 4, 4, generator=g).requires_grad_()
-    model = lambda x, t, y=None: param.to(torch.bfloat16)  # bf16 output as under autocast
+    def model(x, t, y=None):  # bf16 output as under autocast
+        return param.to(torch.bfloat16)
+
     losses = d.training_losses(model, x0, t, noise=noise)
     for key in ("loss", "mse", "vb"):
         assert losses[key].shape == (4,) and losses[key].dtype == torch.float32
@@ -203,7 +208,9 @@ def test_vb_is_zero_for_the_true_posterior():
     d = diffusion.create_diffusion()
     x0, noise = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
     t = torch.tensor([1, 300, 999])
-    model = lambda x, t: torch.cat([noise, -torch.ones_like(noise)], 1)
+    def model(x, t):
+        return torch.cat([noise, -torch.ones_like(noise)], 1)
+
     losses = d.training_losses(model, x0, t, noise=noise)
     assert losses["mse"].abs().max() < 1e-10
     assert losses["vb"].abs().max() < 1e-4
@@ -211,7 +218,9 @@ def test_vb_is_zero_for_the_true_posterior():
 
 def test_rescaled_and_kl_losses():
     x0, noise = torch.randn(2, 2, 4, 4), torch.randn(2, 2, 4, 4)
-    model = lambda x, t: torch.cat([0.5 * x, torch.zeros_like(x)], 1)
+    def model(x, t):
+        return torch.cat([0.5 * x, torch.zeros_like(x)], 1)
+
     t = torch.tensor([3, 5])
     plain = diffusion.create_diffusion("100").training_losses(model, x0, t, noise=noise)
     resc = diffusion.create_diffusion("100", rescale_learned_sigmas=True).training_losses(model, x0, t, noise=noise)
@@ -246,7 +255,9 @@ def test_predict_xstart_mode():
 
 def test_sample_loops_shapes_and_noise_argument():
     d = diffusion.create_diffusion("10")
-    model = lambda x, t, y: torch.cat([0.1 * x, torch.zeros_like(x)], 1)
+    def model(x, t, y):
+        return torch.cat([0.1 * x, torch.zeros_like(x)], 1)
+
     noise = torch.randn(2, 4, 4, 4)
     kw = dict(y=torch.zeros(2, dtype=torch.long))
     a = d.ddim_sample_loop(model, noise.shape, noise=noise, model_kwargs=kw)

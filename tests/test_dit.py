@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from diffusion.guidance import GuidedModel
+from helpers import assert_checkpointing_preserves_outputs_and_grads, parameters_without_gradient, randomize
 from models import MODELS, create_model
 from models.dit import DiT, sincos_2d
 from models.summary import PAPER_TABLE1, count_params, forward_gmacs
-
-from helpers import assert_checkpointing_preserves_outputs_and_grads, parameters_without_gradient, randomize
 
 # DiT paper, Table 1 / Table 4: params (M) of the /2 models; DiT-XL/2: 118.6 GFLOPs at 256
 DIT_PARAMS_M = {"DiT-S/2": 33.0, "DiT-B/2": 130.5, "DiT-L/2": 458.1, "DiT-XL/2": 675.0}
@@ -128,7 +127,9 @@ def test_guidance_on_dit():
     null = torch.full_like(y, 10)
     cond, uncond = model(x, t, y), model(x, t, null)
     out = GuidedModel(model, 3.0, 10, cfg_channels=3)(x, t, y)
-    close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    def close(a, b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
     close(out[:, :3], uncond[:, :3] + 3.0 * (cond[:, :3] - uncond[:, :3]))
     close(out[:, 3:], cond[:, 3:])
 

@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from fcdm_common.cli import UserError
 from diffusion.sampling import load_setup
-from models import create_model
-
+from fcdm_common.cli import UserError
 from helpers import randomize
+from models import create_model
 
 KW = dict(input_size=8, in_channels=3, num_classes=10)  # DiT-S/2 widths on a tiny 8x8, 3-channel input
 

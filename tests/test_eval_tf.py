@@ -27,9 +27,9 @@ from fcdm_common.cli import UserError
 GRAPH_SCRIPT = textwrap.dedent("""
     import sys, numpy as np, tensorflow as tf
     sys.path.insert(0, sys.argv[1])
-    from test_eval_tf import _build_pb
+    from test_eval_tf import build_pb
     w = dict(np.load(sys.argv[2]))
-    graph = _build_pb(tf, sys.argv[3], w)
+    graph = build_pb(tf, sys.argv[3], w)
     textured = np.load(sys.argv[4])["arr_0"]
     with tf.compat.v1.Session(graph=graph) as sess:
         outs = [sess.run(["pool_3:0", "mixed_6/conv:0"], {"DecodeJpeg:0": img}) for img in textured]
@@ -62,7 +62,7 @@ def _weights(seed: int = 0):
     }
 
 
-def _build_pb(tf, path, w):
+def build_pb(tf, path, w):
     """The synthetic graph (runs where TensorFlow is imported; see GRAPH_SCRIPT)."""
     v1 = tf.compat.v1
     g = tf.Graph()
@@ -109,7 +109,8 @@ def synthetic_pb(tf_available, tmp_path_factory):
     pb = tmp / "classify_image_graph_def.pb"
     here = str(__import__("pathlib").Path(__file__).resolve().parent)
     proc = subprocess.run([sys.executable, "-c", GRAPH_SCRIPT, here, str(tmp / "weights.npz"), str(pb),
-                           str(tmp / "tex.npz"), str(tmp / "direct.npz"), str(tmp / "bad.pb")], capture_output=True, text=True)
+                           str(tmp / "tex.npz"), str(tmp / "direct.npz"), str(tmp / "bad.pb")],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with np.load(tmp / "direct.npz") as z:
         direct = {k: z[k] for k in z.files}
@@ -155,3 +156,11 @@ def test_tf_backend_errors_are_user_errors(synthetic_pb, tmp_path, monkeypatch):
     bad = synthetic_pb[0].parent / "bad.pb"
     with pytest.raises(UserError, match="TensorFlow feature extraction failed"):
         compute_tf_features([str(tmp_path / "a.npz")], str(bad))
+
+
+def test_the_tensorflow_process_needs_no_torch():
+    """compute_tf_features runs `python -m evaluations.features_tf` in another interpreter (--tf-python), which
+    may have TensorFlow and numpy but no torch: that module's imports must not pull torch in."""
+    code = "import sys, evaluations.features_tf; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout[:500]

@@ -7,17 +7,16 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from train_gen.ema import create_ema, update_ema, update_ema_reference
+from helpers import randomize
 from models.fcdm import FCDM
-from models.layers import GRN, DepthwiseConv
 from models.fcdm_reference import (
     FCDMReference,
     GRNReference,
     fcdm_to_reference_state_dict,
     reference_to_fcdm_state_dict,
 )
-
-from helpers import randomize
+from models.layers import GRN, DepthwiseConv
+from train_gen.ema import create_ema, update_ema, update_ema_reference
 
 
 def tiny(**kw):

@@ -13,7 +13,6 @@ subprocesses, references and reruns run in-process (one thread, bitwise comparab
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 import shutil
@@ -32,7 +31,7 @@ from safetensors import safe_open
 
 from fcdm_common.cli import UserError
 from helpers import one_thread, processes_with_env, run_torchrun  # noqa: F401  (one_thread: fixture)
-from test_train import ENV, TINY, TRAIN, _main, assert_same_state, make_store, metrics
+from test_train import ENV, TINY, TRAIN, assert_same_state, make_store, metrics, run_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -101,7 +100,7 @@ def store(tmp_path_factory):
 def reference(store, tmp_path_factory):
     """An uninterrupted run: checkpoints, exports and grids at steps 2 and 4."""
     results = tmp_path_factory.mktemp("reference")
-    _main(train_args(store, results))
+    run_train(train_args(store, results))
     return results / "run"
 
 
@@ -138,7 +137,7 @@ def test_kill_during_a_training_write_then_rerun_equals_uninterrupted(store, ref
         assert not (rd / "metrics.jsonl").read_text().endswith("\n")  # killed inside the line
     else:
         assert temps(rd), "the kill should have left the temp file of the write"
-    _main(args)
+    run_train(args)
     assert_equals_reference(rd, reference)
 
 
@@ -156,7 +155,7 @@ def test_unreadable_newest_checkpoint_is_skipped_in_training_and_refused_in_samp
         newest.write_bytes(damaged(kind, newest.read_bytes()))
     with pytest.raises(UserError, match=re.escape(str(newest))):
         sample_ddp.main(["--ckpt", str(newest), "--sample-dir", str(tmp_path / "s"), "--num-fid-samples", "2"])
-    _main(train_args(store, tmp_path))
+    run_train(train_args(store, tmp_path))
     log = (rd / "log.txt").read_text()
     assert f"skipping unreadable checkpoint {newest}" in log
     assert f"resumed from {rd / 'checkpoints' / '0000002.pt'} at step 2" in log
@@ -171,14 +170,14 @@ def test_all_checkpoints_unreadable_stop_then_start_over(store, reference, tmp_p
         (ckpts / f"{step:07d}.pt").write_bytes(damaged(kind, (reference / "checkpoints" / "0000004.pt").read_bytes()))
     before = {p.name: p.read_bytes() for p in ckpts.iterdir()}
     with pytest.raises(UserError) as e:
-        _main(train_args(store, tmp_path))
+        run_train(train_args(store, tmp_path))
     msg = str(e.value)
     assert "no checkpoint" in msg and "--start-over" in msg
     assert all(f"{s:07d}.pt" in msg for s in (2, 4, 6, 8))
     assert {p.name: p.read_bytes() for p in ckpts.iterdir()} == before  # nothing deleted or rewritten
     # deliberately from step 0, keeping only the newest checkpoint: the unreadable 6 and 8 must not count
     # as the newest (they did, and each new checkpoint was deleted as soon as it was written)
-    _main(train_args(store, tmp_path, "--start-over", "true", "--keep-last", "1"))
+    run_train(train_args(store, tmp_path, "--start-over", "true", "--keep-last", "1"))
     assert sorted(p.name for p in ckpts.glob("*.pt")) == ["0000004.pt", "0000006.pt", "0000008.pt"]
     assert_same_state(load(reference / "checkpoints" / "0000004.pt"), load(ckpts / "0000004.pt"))
     assert temps(rd) == []
@@ -208,13 +207,13 @@ def test_two_trainers_on_one_folder(store, reference, tmp_path):
             assert first.poll() is None and time.time() < deadline, "the first trainer did not start"
             time.sleep(0.1)
         with pytest.raises(UserError, match=f"in use by another trainer \\(pid {first.pid} on "):  # run_main: exit 2
-            _main(train_args(store, tmp_path))
+            run_train(train_args(store, tmp_path))
         assert first.poll() is None  # the first one was not disturbed
     finally:
         first.kill()
         first.wait()
     # the kernel freed the lock of the killed trainer: the rerun takes over and its records are its own
-    _main(train_args(store, tmp_path))
+    run_train(train_args(store, tmp_path))
     assert_equals_reference(rd, reference)
 
 
@@ -225,7 +224,7 @@ def test_damaged_store_is_one_message(store, tmp_path, kind):
     chunk = next(p for p in (bad / "latents").rglob("*") if p.is_file() and p.name != "zarr.json")
     chunk.write_bytes(damaged(kind, chunk.read_bytes()))
     with pytest.raises(UserError, match=f"zarr store {re.escape(str(bad))} is damaged"):
-        _main(train_args(bad, tmp_path / "res"))
+        run_train(train_args(bad, tmp_path / "res"))
 
 
 # ---------------------------------------------------------------------------------- sampling
@@ -275,9 +274,9 @@ def test_damaged_archive_is_rewritten_by_sampling_and_refused_by_evaluation(refe
 
 # ---------------------------------------------------------------------------------- extraction
 def test_kill_during_a_store_write_then_rerun_equals_uninterrupted(tmp_path):
-    from test_preparation import build_tiny_vae, common_args, read_store, run_inprocess
-
     from PIL import Image
+
+    from test_preparation import build_tiny_vae, common_args, read_store, run_inprocess
 
     vae = build_tiny_vae(tmp_path / "vae")
     rng = np.random.default_rng(0)

@@ -37,7 +37,10 @@ def test_interpolant_and_loss():
     torch.testing.assert_close(xt[1], 0.3 * x1[1] + 0.7 * x0[1])
     torch.testing.assert_close(ut, x1 - x0)
     seen = []
-    model = lambda x, t, y=None: (seen.append(t), torch.zeros_like(x).bfloat16())[1]
+    def model(x, t, y=None):
+        seen.append(t)
+        return torch.zeros_like(x).bfloat16()
+
     losses = f.training_losses(model, x1, t, dict(y=None), noise=x0)
     assert seen[0].dtype == torch.float32 and torch.equal(seen[0], t)
     assert losses["loss"].dtype == torch.float32 and losses["loss"].shape == (3,)

@@ -139,7 +139,8 @@ def test_interval_guides_only_rows_inside():
         torch.testing.assert_close(out[i:i + 1], ref)
 
 
-@pytest.mark.parametrize("objective,sampler,extra", [("diffusion", "ddpm", {}), ("diffusion", "ddim", {"ddim_eta": 1.0}),
+@pytest.mark.parametrize("objective,sampler,extra", [("diffusion", "ddpm", {}),
+                                                     ("diffusion", "ddim", {"ddim_eta": 1.0}),
                                                      ("flow", "sde", {})])
 def test_per_sample_generators_make_samples_batch_independent(objective, sampler, extra):
     obj = diffusion.create_objective(objective)
@@ -147,9 +148,11 @@ def test_per_sample_generators_make_samples_batch_independent(objective, sampler
     seeds = [11, 12, 13, 14]
     noise = torch.stack([torch.randn(4, 4, 4, generator=torch.Generator().manual_seed(s + 100)) for s in seeds])
     y = torch.tensor([0, 1, 2, 3])
-    run = lambda idx: diffusion.sample(net, noise[idx], y[idx], objective=obj, sampler=sampler, num_steps=8,
-                                       cfg_scale=2.0, null_label=NULL,
-                                       generators=[torch.Generator().manual_seed(seeds[i]) for i in idx], **extra)
+    def run(idx):
+        return diffusion.sample(net, noise[idx], y[idx], objective=obj, sampler=sampler, num_steps=8,
+                                cfg_scale=2.0, null_label=NULL,
+                                generators=[torch.Generator().manual_seed(seeds[i]) for i in idx], **extra)
+
     full = run([0, 1, 2, 3])
     torch.testing.assert_close(run([2, 0]), full[[2, 0]])
     torch.testing.assert_close(run([3]), full[[3]])

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from fcdm_common.cli import UserError
-from test_train import TINY, _main, assert_same_state, make_store
+from test_train import TINY, assert_same_state, make_store, run_train
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS_KEYS = ("steps_per_sec", "images_per_sec", "peak_mem_gb")  # timings: differ between runs
@@ -61,8 +61,8 @@ def _eval_flags(ref, every, samples, steps=3, batch=16):
 def test_two_evaluations_match_sample_ddp_and_evaluate_and_training_is_unchanged(store, ref, tmp_path):
     common = TINY + ["--zarr-path", store, "--exp-name", "run", "--max-train-steps", 6, "--log-every", 3,
                      "--ckpt-every", 100, "--keep-last", 5, "--sample-every", 6, "--grid-steps", 2, "--grid-cols", 2]
-    _main(common + ["--results-dir", tmp_path / "with"] + _eval_flags(ref, 3, 40) + ["--eval-keep-samples", "true"])
-    _main(common + ["--results-dir", tmp_path / "without"])
+    run_train(common + ["--results-dir", tmp_path / "with"] + _eval_flags(ref, 3, 40) + ["--eval-keep-samples", "true"])
+    run_train(common + ["--results-dir", tmp_path / "without"])
     rd, plain = tmp_path / "with" / "run", tmp_path / "without" / "run"
 
     evals = records(rd, "eval")
@@ -117,19 +117,19 @@ def test_two_evaluations_match_sample_ddp_and_evaluate_and_training_is_unchanged
 def test_resume_across_an_evaluation(store, ref, tmp_path):
     common = TINY + ["--zarr-path", store, "--exp-name", "run", "--log-every", 4, "--ckpt-every", 4,
                      "--keep-last", 5, "--sample-every", 0] + _eval_flags(ref, 4, 20, steps=2, batch=10)
-    _main(common + ["--results-dir", tmp_path / "a", "--max-train-steps", 12])
+    run_train(common + ["--results-dir", tmp_path / "a", "--max-train-steps", 12])
     straight = records(tmp_path / "a" / "run", "eval")
     assert [r["step"] for r in straight] == [4, 8, 12]
 
     b = tmp_path / "b"
-    _main(common + ["--results-dir", b, "--max-train-steps", 8])
+    run_train(common + ["--results-dir", b, "--max-train-steps", 8])
     rd = b / "run"
     # a kill after checkpoint 8 was written but before its evaluation was logged: drop that record
     lines = (rd / "metrics.jsonl").read_text().splitlines()
     kept = [line for line in lines if not (json.loads(line).get("kind") == "eval" and json.loads(line)["step"] == 8)]
     assert len(kept) == len(lines) - 1
     (rd / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
-    _main(common + ["--results-dir", b, "--max-train-steps", 12])
+    run_train(common + ["--results-dir", b, "--max-train-steps", 12])
     log = (rd / "log.txt").read_text()
     assert "evaluation of step 8 is pending" in log
     resumed = records(rd, "eval")
@@ -140,7 +140,7 @@ def test_resume_across_an_evaluation(store, ref, tmp_path):
                       torch.load(rd / "checkpoints" / "0000012.pt", weights_only=True))
     assert "from the cache" in log  # the reference features were not recomputed
     # rerunning a finished run repeats no logged evaluation
-    _main(common + ["--results-dir", b, "--max-train-steps", 12])
+    run_train(common + ["--results-dir", b, "--max-train-steps", 12])
     assert [r["step"] for r in records(rd, "eval")] == [4, 8, 12]
 
 
@@ -149,8 +149,10 @@ def test_resume_across_an_evaluation(store, ref, tmp_path):
     (["--eval-every", "2", "--ref-batch", "MISSING"], "file not found"),
     (["--eval-every", "2", "--ref-batch", "REF", "--eval-backend", "tf"], "Inception graph"),
     (["--eval-every", "2", "--ref-batch", "REF", "--eval-backend", "torch"], "--inception-weights"),
-    (["--eval-every", "2", "--ref-batch", "REF16", "--eval-backend", "digits"], "16x16 images but the model samples 8x8"),
-    (["--eval-every", "2", "--ref-batch", "REF", "--eval-backend", "digits", "--eval-sampler", "sde"], "--eval-sampler sde"),
+    (["--eval-every", "2", "--ref-batch", "REF16", "--eval-backend", "digits"],
+     "16x16 images but the model samples 8x8"),
+    (["--eval-every", "2", "--ref-batch", "REF", "--eval-backend", "digits", "--eval-sampler", "sde"],
+     "--eval-sampler sde"),
 ])
 def test_bad_evaluation_settings_fail_before_anything_is_written(store, ref, tmp_path, monkeypatch, extra, message):
     monkeypatch.delenv("FCDM_INCEPTION_PB", raising=False)
@@ -159,7 +161,7 @@ def test_bad_evaluation_settings_fail_before_anything_is_written(store, ref, tmp
     extra = [{"REF": str(ref), "REF16": str(ref16), "MISSING": str(tmp_path / "missing.npz")}.get(a, a) for a in extra]
     results = tmp_path / "res"
     with pytest.raises(UserError, match=message):
-        _main(TINY + ["--zarr-path", store, "--results-dir", results, "--max-train-steps", 2] + extra)
+        run_train(TINY + ["--zarr-path", store, "--results-dir", results, "--max-train-steps", 2] + extra)
     assert not results.exists()
 
 

@@ -1,4 +1,4 @@
-"""Initialisation = the authors' release rule (DiT's recipe applied module by module; PAPER.md, "Init").
+"""Initialisation = the authors' release rule (DiT's recipe applied module by module).
 
 Every weight group's empirical standard deviation must equal the closed-form value for its shape:
 xavier_uniform_ on U(-a, a), a = sqrt(6 / (fan_in + fan_out)), has std sqrt(2 / (fan_in + fan_out)),

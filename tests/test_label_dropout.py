@@ -41,11 +41,12 @@ def test_train_flag_goes_into_model_kwargs_and_run_name():
     for flags in ([], ["--label-dropout", "shared"], ["--label-dropout", "per-level"]):
         args = build_parser().parse_args(["--zarr-path", "s", "--model", "FCDM-S", *flags])
         kwargs, user = resolve_model_kwargs(args, data["latent_shape"], data["num_classes"])
-        names[tuple(flags)] = experiment_name("FCDM-S", "diffusion", "d", 8, 1e-4, 0, extra={"model": user} if user else None)
+        names[tuple(flags)] = experiment_name("FCDM-S", "diffusion", "d", 8, 1e-4, 0,
+                                              extra={"model": user} if user else None)
         if args.label_dropout == "per-level":
             assert kwargs["label_dropout"] == "per-level" == user["label_dropout"]
         else:
-            assert "label_dropout" not in kwargs  # the default stays out: old run names are unchanged
+            assert "label_dropout" not in kwargs  # the default stays out: the run name equals the one without the flag
     assert names[()] == names[("--label-dropout", "shared")] != names[("--label-dropout", "per-level")]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--zarr-path", "s", "--label-dropout", "per-sample"])

@@ -3,13 +3,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import MODELS, create_model
 from diffusion.guidance import GuidedModel
+from helpers import assert_checkpointing_preserves_outputs_and_grads, parameters_without_gradient, randomize
+from models import MODELS, create_model
 from models.fcdm import FCDM
 from models.layers import GRN, DepthwiseConv, pixel_shuffle_nhwc, pixel_unshuffle_nhwc
 from models.summary import PAPER_TABLE1, count_params, forward_gmacs
-
-from helpers import assert_checkpointing_preserves_outputs_and_grads, parameters_without_gradient, randomize
 
 
 def tiny(**kw):
@@ -131,7 +130,9 @@ def test_guidance_on_fcdm():
     x, t, y = batch()
     null = torch.full_like(y, model.num_classes)
     cond, uncond = model(x, t, y), model(x, t, null)
-    close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # batch size changes fp sums
+    def close(a, b):  # batch size changes fp sums
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
     close(GuidedModel(model, 1.0, model.num_classes)(x, t, y), cond)
     s = 4.0
     out = GuidedModel(model, s, model.num_classes)(x, t, y)
@@ -181,7 +182,8 @@ def test_shapes(size, learn_sigma):
     assert model(x, t.float() / 1000, y).shape == (2, 8 if learn_sigma else 4, size, size)
 
 
-@pytest.mark.parametrize("depths,levels", [((1, 2, 1), 2), ((1, 1, 1, 2, 1, 1, 1), 4), ((2, 2, 2, 2, 2), 3), ((1, 2, 3, 1, 1), 3)])
+@pytest.mark.parametrize("depths,levels", [((1, 2, 1), 2), ((1, 1, 1, 2, 1, 1, 1), 4), ((2, 2, 2, 2, 2), 3),
+                                           ((1, 2, 3, 1, 1), 3)])
 def test_level_and_allocation_variants(depths, levels):
     model = randomize(tiny(depths=depths, kernel_size=5))
     assert model.num_levels == levels and len(model.widths) == levels

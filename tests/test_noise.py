@@ -50,20 +50,20 @@ w("partial tail")
 
 
 def test_tf_startup_lines_are_dropped_and_the_rest_passes(capfd):
-    from evaluations.features_tf import _run_filtering_tf_noise
+    from evaluations.features_tf import run_filtering_tf_noise
 
-    proc = _run_filtering_tf_noise([sys.executable, "-c", CHILD], dict(os.environ))
+    proc = run_filtering_tf_noise([sys.executable, "-c", CHILD], dict(os.environ))
     assert proc.returncode == 0
     assert capfd.readouterr().err == "bar 1/2\rbar 2/2\na real warning\npartial tail"
 
 
 def test_worker_count_is_capped_at_the_usable_cpus():
-    from preparation.extract_features import _worker_count
+    from preparation.extract_features import worker_count
 
     said = []
     cpus = len(os.sched_getaffinity(0))
-    assert _worker_count(cpus, said.append) == cpus and not said
-    assert _worker_count(cpus + 3, said.append) == cpus and f"using {cpus}" in said[0]
+    assert worker_count(cpus, said.append) == cpus and not said
+    assert worker_count(cpus + 3, said.append) == cpus and f"using {cpus}" in said[0]
 
 
 def test_extraction_bar_counts_every_rank(tmp_path):

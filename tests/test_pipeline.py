@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from models.checkpoints import save_checkpoint
 from fcdm_common.cli import UserError
 from helpers import one_thread  # noqa: F401  (fixture, used through pytestmark)
 from models import create_model
+from models.checkpoints import save_checkpoint
 from test_sample_ddp import make_checkpoint
 from train_gen import export_pipeline, pipeline_sample, sample
 
@@ -73,7 +73,8 @@ def run_fresh(args, tmp_path):
 
 @pytest.mark.parametrize("kind,sampler", [("latent", "dpm++2m"), ("pixel", "unipc"), ("norm", "dpm++2m")])
 def test_exported_pipeline_in_a_fresh_process_equals_sample_py(exported, tmp_path, kind, sampler):
-    ckpt, folder = {"latent": (exported["ckpt"], exported["pipe"]), "pixel": (exported["pixel"], exported["pixel_pipe"]),
+    ckpt, folder = {"latent": (exported["ckpt"], exported["pipe"]),
+                    "pixel": (exported["pixel"], exported["pixel_pipe"]),
                     "norm": (exported["norm"], exported["norm_pipe"])}[kind]
     labels = ["3", "1", "4"]
     res = run_fresh(["--pipeline", folder, "--class-labels", *labels, "--num-inference-steps", 5,
@@ -115,7 +116,8 @@ def test_pipeline_api_outputs_scheduler_swap_and_folder(exported):
     again = pipe([1, 2], num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="latent").images
     torch.testing.assert_close(lat, again, rtol=0, atol=0)  # the generator decides everything
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
-    swapped = pipe([1, 2], num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    swapped = pipe([1, 2], num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+                   output_type="latent").images
     assert swapped.shape == lat.shape and not torch.allclose(swapped, lat)
     pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, variance_type="learned_range",
                                                timestep_spacing="linspace", clip_sample=False)

@@ -16,8 +16,17 @@ import numpy as np
 import pytest
 import torch
 
-from train_gen.ema import (PowerEMA, gamma_to_sigma_rel, list_posthoc_snapshots, posthoc_coefficients, power_weights,
-                           profile_dot, reconstruct_from_snapshots, save_posthoc_snapshots, sigma_rel_to_gamma)
+from train_gen.ema import (
+    PowerEMA,
+    gamma_to_sigma_rel,
+    list_posthoc_snapshots,
+    posthoc_coefficients,
+    power_weights,
+    profile_dot,
+    reconstruct_from_snapshots,
+    save_posthoc_snapshots,
+    sigma_rel_to_gamma,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -178,8 +187,8 @@ def test_train_snapshots_resume_bitwise_and_reconstruct_cli(tmp_path):
 
     assert load_file(str(snaps_a[-1]["path"]))["stem.weight"].dtype == torch.float16
     # turning tracking on in the middle of a run is refused
-    from models.checkpoints import load_checkpoint, model_from_checkpoint
     from fcdm_common.cli import UserError
+    from models.checkpoints import load_checkpoint, model_from_checkpoint
 
     train(store, tmp_path / "c", 4, extra=["--posthoc-ema-snapshot-every", "0"])
     with pytest.raises(UserError, match="cannot be turned on mid-run"):
@@ -204,7 +213,8 @@ def test_train_snapshots_resume_bitwise_and_reconstruct_cli(tmp_path):
         reconstruct(["--run", next((tmp_path / "c").iterdir()), "--out", tmp_path / "x.pt", "--sigma-rel", "0.1"])
     # the script: one line on stderr, exit 2
     proc = subprocess.run([sys.executable, str(REPO / "train_gen" / "reconstruct_ema.py"), "--run", ra, "--out",
-                           tmp_path / "x.pt", "--sigma-rel", "0.5"], env=ENV, capture_output=True, text=True, timeout=60)
+                           tmp_path / "x.pt", "--sigma-rel", "0.5"],
+                          env=ENV, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "sigma_rel must lie in" in proc.stderr and proc.stderr.strip().count("\n") == 0
     assert not (tmp_path / "x.pt").exists()
 
@@ -213,7 +223,7 @@ def test_train_snapshots_resume_bitwise_and_reconstruct_cli(tmp_path):
 def test_exp_profile_dot_matches_brute_force_sums():
     from scipy.special import hyp1f1
 
-    from train_gen.ema import _decay_power_integral, exp_profile_dot
+    from train_gen.ema import decay_power_integral, exp_profile_dot
 
     # midpoint sums of p_a(s) q_b(s), q_b(s) = lam beta^(t_b - s), on a fine grid
     for ta, ga, tb, beta in ((700, 6.94, 1000, 0.99), (1000, 16.97, 1000, 0.995), (1500, 0.5, 1000, 0.98),
@@ -234,7 +244,7 @@ def test_exp_profile_dot_matches_brute_force_sums():
     # the 1-D integral against the confluent hypergeometric closed form 1F1(1; g+2; -a) / (g+1)
     for g in (0.0, 0.3, 6.94, 16.97, 80.0):
         for a in (0.0, 1.0, 59.0, 61.0, 1e4, 1e6):
-            assert _decay_power_integral(g, a) == pytest.approx(hyp1f1(1.0, g + 2.0, -a) / (g + 1.0), rel=1e-12)
+            assert decay_power_integral(g, a) == pytest.approx(hyp1f1(1.0, g + 2.0, -a) / (g + 1.0), rel=1e-12)
 
 
 def classic_ema(theta, theta0, beta):

@@ -17,10 +17,10 @@ import zarr
 from PIL import Image
 
 from fcdm_common.cli import UserError, run_main
-from helpers import run_torchrun
-from preparation.readers import open_dataset
 from fcdm_common.images import center_crop_arr, pil_to_tensor
+from helpers import run_torchrun
 from preparation import extract_features
+from preparation.readers import open_dataset
 
 SCRIPT = Path(extract_features.__file__)
 CLASSES = ("cat", "dog", "eel")

@@ -7,13 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
+from diffusion.sampling import SamplerSettings, generate, load_setup
 from fcdm_common.cli import UserError
 from fcdm_common.images import make_grid
-from diffusion.sampling import generate, load_setup
 from helpers import one_thread  # noqa: F401  (fixture, used through pytestmark)
 from test_sample_ddp import make_checkpoint
 from train_gen import sample, sample_ddp
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,8 +30,7 @@ def test_grid_and_individual_images(ckpts, tmp_path):
                  "--num-sampling-steps", "4", "--cfg-scale", "2.0", "--seed", "7", "--nrow", "3",
                  "--out", str(tmp_path / "grid.png"), "--save-individual", str(tmp_path / "ind")])
     setup = load_setup(ckpts["diffusion"])
-    ref, ref_labels = generate(setup, range(5), global_seed=7, labels=labels, sampler="ddim", num_steps=4,
-                               cfg_scale=2.0)
+    ref, ref_labels = generate(setup, range(5), SamplerSettings("ddim", 4, cfg_scale=2.0), seed=7, labels=labels)
     np.testing.assert_array_equal(ref_labels, labels)
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
     np.testing.assert_array_equal(grid, make_grid(ref, nrow=3))
@@ -95,10 +93,12 @@ def test_bad_inputs_raise_user_error(bad_files, tmp_path, case, script):
 
 def test_labels_out_of_range_and_sample_count(bad_files, tmp_path):
     with pytest.raises(UserError, match="out of range"):
-        sample.main(["--ckpt", str(bad_files / "diff.pt"), "--class-labels", "3", "10", "--out", str(tmp_path / "g.png")])
+        sample.main(["--ckpt", str(bad_files / "diff.pt"), "--class-labels", "3", "10",
+                     "--out", str(tmp_path / "g.png")])
     for n in ("0", "-5"):
         with pytest.raises(UserError, match="num-fid-samples"):
-            sample_ddp.main(["--ckpt", str(bad_files / "diff.pt"), "--num-fid-samples", n, "--sample-dir", str(tmp_path)])
+            sample_ddp.main(["--ckpt", str(bad_files / "diff.pt"), "--num-fid-samples", n,
+                             "--sample-dir", str(tmp_path)])
 
 
 def test_folder_from_other_settings_is_refused(bad_files, tmp_path):

@@ -1,4 +1,4 @@
-"""train_gen/sample_ddp.py and fcdm_common/sampling.py on tiny pixel-space checkpoints (CPU, gloo).
+"""train_gen/sample_ddp.py and diffusion/sampling.py on tiny pixel-space checkpoints (CPU, gloo).
 
 References: per-sample reruns (one image at a time), the diffusion/flow sampling loops called directly,
 numpy's view of the archive, and exact model-call counts derived from the respaced timesteps.
@@ -10,15 +10,23 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import one_thread, run_torchrun  # noqa: F401  (one_thread: fixture, used through pytestmark)
 from diffusion.respace import space_timesteps
-from models.checkpoints import save_checkpoint
+from diffusion.sampling import (
+    FixedBatchModel,
+    SamplerSettings,
+    generate,
+    load_setup,
+    resolve_sampler,
+    sample_generator,
+    sample_labels,
+    sample_seed,
+)
+from evaluations.archives import validate_npz, write_npz
 from fcdm_common.cli import UserError
 from fcdm_common.images import to_uint8
-from evaluations.archives import validate_npz, write_npz
-from diffusion.sampling import (FixedBatchModel, generate, load_setup, resolve_sampler, sample_generator,
-                                sample_labels, sample_seed)
+from helpers import one_thread, run_torchrun  # noqa: F401  (one_thread: fixture, used through pytestmark)
 from models import create_model
+from models.checkpoints import save_checkpoint
 from train_gen import sample_ddp
 
 SCRIPT = Path(sample_ddp.__file__)
@@ -89,7 +97,7 @@ def test_one_vs_two_processes_and_batch_sizes_give_identical_archives(ckpts, tmp
     np.testing.assert_array_equal(labels, sample_labels(3, range(11), NUM_CLASSES, "random"))
     # a sample computed alone (batch of one) is the same image
     setup = load_setup(ckpts["flow"])
-    alone, lab = generate(setup, [7], global_seed=3, sampler="sde", num_steps=6, cfg_scale=2.5, forward_batch=8)
+    alone, lab = generate(setup, [7], SamplerSettings("sde", 6, cfg_scale=2.5, forward_batch=8), seed=3)
     np.testing.assert_array_equal(alone[0], images[7])
     assert lab[0] == labels[7]
     # the JSON beside the archive records how to reproduce it
@@ -154,8 +162,8 @@ def test_seeds_depend_on_seed_and_index_only():
 def test_scale_one_equals_unguided_reference_loop(ckpts, objective, sampler):
     setup = load_setup(ckpts[objective])
     idx, steps = [4, 1, 8], 5
-    images, labels = generate(setup, idx, global_seed=2, sampler=sampler, num_steps=steps, cfg_scale=1.0,
-                              guidance_interval=(0.2, 0.7), label_mode="random")
+    images, labels = generate(setup, idx, SamplerSettings(sampler, steps, cfg_scale=1.0, guidance_interval=(0.2, 0.7)),
+                              seed=2, label_mode="random")
     # independent reference: the objective's own loop on the raw network, noise drawn after the label
     gens = [sample_generator(2, i) for i in idx]
     ref_labels = [int(torch.randint(NUM_CLASSES, (1,), generator=g)) for g in gens]
@@ -181,11 +189,11 @@ def test_guidance_interval_makes_fewer_model_calls(ckpts):
     setup = load_setup(ckpts["diffusion"])
     idx, steps, n = list(range(4)), 10, 4
     lo, hi = 0.0, 0.45
-    kwargs = dict(global_seed=0, sampler="ddpm", num_steps=steps, label_mode="balanced")
     counts, images = {}, {}
     for name, scale, interval in [("unguided", 1.0, None), ("full", 3.0, None), ("interval", 3.0, (lo, hi))]:
         counter = FixedBatchModel(setup.model)
-        images[name], _ = generate(setup, idx, cfg_scale=scale, guidance_interval=interval, counter=counter, **kwargs)
+        settings = SamplerSettings("ddpm", steps, cfg_scale=scale, guidance_interval=interval)
+        images[name], _ = generate(setup, idx, settings, seed=0, label_mode="balanced", counter=counter)
         counts[name] = counter.rows
     in_interval = sum(lo <= t / 1000 <= hi for t in space_timesteps(1000, str(steps)))
     assert 0 < in_interval < steps

@@ -28,7 +28,8 @@ class GaussianEps:
         self.s, self.var_value, self.learn_sigma = s, var_value, learn_sigma
 
     def mu(self, y, c):
-        return (0.1 * (y.double() + 1).reshape(-1, 1, 1, 1) * torch.linspace(-1, 1, c, dtype=torch.float64).reshape(1, -1, 1, 1))
+        return (0.1 * (y.double() + 1).reshape(-1, 1, 1, 1)
+                * torch.linspace(-1, 1, c, dtype=torch.float64).reshape(1, -1, 1, 1))
 
     def abar_at(self, t):  # fractional timesteps (Euler/Heun) interpolate log abar linearly
         t = t.double()

@@ -1,14 +1,14 @@
-"""Per-step draws (fcdm_common/step_rng.py) and TrainLoader batches do not depend on the process count:
+"""Per-step draws (train_gen/step_draws.py) and TrainLoader batches do not depend on the process count:
 the ranks' slices of any world size concatenate bitwise to the one-process values."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from train_gen.loader import TrainLoader
 from preparation.readers import open_dataset
-from train_gen.step_draws import BatchPlan, StepDraws, step_seed, take
 from test_data import make_store
+from train_gen.loader import TrainLoader
+from train_gen.step_draws import BatchPlan, StepDraws, step_seed, take
 
 G = 8
 
@@ -27,7 +27,8 @@ def test_loader_batches_concatenate_across_world_sizes(tmp_path):
         for step in (0, 4, 7):  # 5 steps per epoch: 7 is in the second epoch
             x1, y1 = one.batch(step)
             parts = [ld.batch(step) for ld in loaders]
-            assert torch.equal(torch.cat([p[0] for p in parts]), x1) and torch.equal(torch.cat([p[1] for p in parts]), y1)
+            assert torch.equal(torch.cat([p[0] for p in parts]), x1)
+            assert torch.equal(torch.cat([p[1] for p in parts]), y1)
     # the posterior noise really is drawn (two steps of the same items differ), flips happen
     x0 = one.batch(0)[0]
     x5 = one.batch(5)[0]  # epoch 1, another permutation: compare the same item
@@ -49,12 +50,13 @@ def test_step_draws_slices_concatenate_and_micro_batches_tile_them():
     from diffusion import create_diffusion
 
     objective = create_diffusion()
-    full = StepDraws(7, BatchPlan(G), (2, 4, 4), "cpu", objective.sample_timesteps, Tiny().label_drop_shape, 0.5).draw(3)
+    full = StepDraws(7, BatchPlan(G), (2, 4, 4), "cpu", objective.sample_timesteps, Tiny().label_drop_shape,
+                     0.5).draw(3)
     assert full["drop_mask"].shape == (3, G) and full["drop_mask"].dtype == torch.bool
     assert 0 < int(full["drop_mask"].sum()) < 3 * G
     for world in (2, 4):
-        parts = [StepDraws(7, BatchPlan(G, world, r), (2, 4, 4), "cpu", objective.sample_timesteps, Tiny().label_drop_shape,
-                           0.5).draw(3) for r in range(world)]
+        parts = [StepDraws(7, BatchPlan(G, world, r), (2, 4, 4), "cpu", objective.sample_timesteps,
+                           Tiny().label_drop_shape, 0.5).draw(3) for r in range(world)]
         assert torch.equal(torch.cat([p["t"] for p in parts]), full["t"])
         assert torch.equal(torch.cat([p["noise"] for p in parts]), full["noise"])
         assert torch.equal(torch.cat([p["drop_mask"] for p in parts], dim=-1), full["drop_mask"])

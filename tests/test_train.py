@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.checkpoints import load_checkpoint, model_from_checkpoint
 from fcdm_common.cli import UserError
+from models.checkpoints import load_checkpoint, model_from_checkpoint
 from preparation.store import create_store, make_settings, mark_complete, write_shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +56,8 @@ def run(args, check=True, launcher=None, timeout=240):
     cmd = (launcher or [sys.executable]) + [TRAIN] + [str(a) for a in args]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
 
 
@@ -213,7 +214,7 @@ def test_two_processes_torchrun(store, tmp_path):
 
 
 # ---------------------------------------------------------------------------------- in-process
-def _main(argv):
+def run_train(argv):
     from train_gen.train import main
 
     threads = torch.get_num_threads()
@@ -227,11 +228,11 @@ def _main(argv):
 def test_nonfinite_steps_are_skipped_then_training_stops(store, tmp_path):
     bad_store = make_store(tmp_path / "nan.zarr", nan=True)
     common = TINY + ["--log-every", 10, "--sample-every", 0, "--max-train-steps", 30]
-    _main(common + ["--zarr-path", store, "--results-dir", tmp_path, "--exp-name", "good", "--ckpt-every", 4,
+    run_train(common + ["--zarr-path", store, "--results-dir", tmp_path, "--exp-name", "good", "--ckpt-every", 4,
                     "--max-train-steps", 4])
     good = torch.load(tmp_path / "good" / "checkpoints" / "0000004.pt", weights_only=True)
     with pytest.raises(UserError, match="consecutive steps had non-finite loss or gradients"):
-        _main(common + ["--zarr-path", bad_store, "--results-dir", tmp_path, "--exp-name", "bad", "--ckpt-every", 2,
+        run_train(common + ["--zarr-path", bad_store, "--results-dir", tmp_path, "--exp-name", "bad", "--ckpt-every", 2,
                         "--max-bad-steps", 3, "--resume", tmp_path / "good" / "checkpoints" / "0000004.pt"])
     saved = sorted(p.name for p in (tmp_path / "bad" / "checkpoints").glob("*.pt"))
     assert saved == ["0000006.pt"]  # step 8 found the streak before saving
@@ -252,18 +253,19 @@ def test_nonfinite_steps_are_skipped_then_training_stops(store, tmp_path):
 ])
 def test_bad_inputs(store, tmp_path, extra, message):
     with pytest.raises(UserError, match=message):
-        _main(TINY + ["--zarr-path", store, "--results-dir", tmp_path, "--max-train-steps", 2] + extra)
+        run_train(TINY + ["--zarr-path", store, "--results-dir", tmp_path, "--max-train-steps", 2] + extra)
     assert not any(tmp_path.iterdir())  # nothing written before the check
 
 
 def test_bad_data(tmp_path):
     odd = make_store(tmp_path / "odd.zarr", H=6)  # 3-level FCDM needs sizes divisible by 4
     with pytest.raises(UserError, match="does not fit the data"):
-        _main(TINY + ["--zarr-path", odd, "--results-dir", tmp_path / "r", "--max-train-steps", 2])
+        run_train(TINY + ["--zarr-path", odd, "--results-dir", tmp_path / "r", "--max-train-steps", 2])
     (tmp_path / "f").mkdir()
     (tmp_path / "l").mkdir()
     with pytest.raises(UserError, match="holds no .npy files"):
-        _main(TINY + ["--feature-path", tmp_path / "f", "--label-path", tmp_path / "l", "--results-dir", tmp_path / "r"])
+        run_train(TINY + ["--feature-path", tmp_path / "f", "--label-path", tmp_path / "l",
+                      "--results-dir", tmp_path / "r"])
     # labels outside the class list (4 class names, label 7)
     bad = make_store(tmp_path / "labels.zarr")
     import zarr
@@ -273,7 +275,7 @@ def test_bad_data(tmp_path):
     labels[3] = 7
     g["labels"][:] = labels
     with pytest.raises(UserError, match="labels must lie in"):
-        _main(TINY + ["--zarr-path", bad, "--results-dir", tmp_path / "r"])
+        run_train(TINY + ["--zarr-path", bad, "--results-dir", tmp_path / "r"])
     assert not (tmp_path / "r").exists()
 
 
@@ -292,13 +294,13 @@ def test_cli_exit_status_and_help():
 def test_checkpoint_from_before_per_step_draws_is_refused(store, tmp_path):
     common = TINY + ["--zarr-path", store, "--results-dir", tmp_path, "--exp-name", "old", "--log-every", 2,
                      "--ckpt-every", 2, "--sample-every", 0]
-    _main(common + ["--max-train-steps", 2])
+    run_train(common + ["--max-train-steps", 2])
     path = tmp_path / "old" / "checkpoints" / "0000002.pt"
     ckpt = torch.load(path, weights_only=True)
     del ckpt["rng_scheme"]  # what a checkpoint of the per-process scheme looks like
     torch.save(ckpt, path)
     with pytest.raises(UserError, match="cannot continue the same trajectory; start a new run"):
-        _main(common + ["--max-train-steps", 4])
-    _main(common + ["--max-train-steps", 4, "--allow-rng-scheme-change", "true"])
+        run_train(common + ["--max-train-steps", 4])
+    run_train(common + ["--max-train-steps", 4, "--allow-rng-scheme-change", "true"])
     log = (tmp_path / "old" / "log.txt").read_text()
     assert "continuing with new random streams" in log and "done: 4 steps" in log

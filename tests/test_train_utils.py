@@ -1,4 +1,4 @@
-"""fcdm_common/ema.py and fcdm_common/trainutil.py against plain references."""
+"""train_gen/ema.py and train_gen/run_folder.py against plain references."""
 from __future__ import annotations
 
 import random
@@ -8,8 +8,14 @@ import torch
 import torch.nn as nn
 
 from train_gen.ema import create_ema, update_ema, update_ema_reference
-from train_gen.run_folder import (capture_rng, experiment_name, list_checkpoints, prune_checkpoints, restore_rng,
-                                  truncate_metrics)
+from train_gen.run_folder import (
+    capture_rng,
+    experiment_name,
+    list_checkpoints,
+    prune_checkpoints,
+    restore_rng,
+    truncate_metrics,
+)
 
 
 def _net(seed):
@@ -95,13 +101,14 @@ def test_truncate_metrics(tmp_path):
 
 
 def test_trajectory_settings_change_the_run_name():
-    from train_gen.run_folder import experiment_name
     from train_gen.config import run_name_extra
+    from train_gen.run_folder import experiment_name
     from train_gen.train import build_parser
 
     def name(*flags):
         args = build_parser().parse_args(["--zarr-path", "s", *flags])
-        return experiment_name("FCDM-S", "diffusion", "d", 256, 1e-4, 0, extra=run_name_extra({}, {}, vars(args)) or None)
+        return experiment_name("FCDM-S", "diffusion", "d", 256, 1e-4, 0,
+                               extra=run_name_extra({}, {}, vars(args)) or None)
 
     plain = name()
     assert plain == "FCDM-S-diffusion-d-bs256-lr1e-4-seed0"  # defaults keep the readable name

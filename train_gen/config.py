@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from models.latent_space import AutoencoderSpec
+
 PAPER_STEPS = 400_000  # Table 6 / headline results: 400K iterations
 # Flag defaults that also decide whether a setting goes into the run name's hash (see run_name_extra):
 # the paper's values (Table 6) and the network seeing the stored latents as they are.
@@ -37,16 +39,6 @@ class DataConfig:
     hf_model_name: Optional[str]  # hub name of the autoencoder the store records, if any
     hf_model_dir: Optional[str]  # local snapshot folder of the autoencoder the store records, if any
     latent_norm: dict  # {"mode": "none"} or {"mode": "channel", "mean": [...], "std": [...]}
-
-
-@dataclass(frozen=True)
-class DecoderConfig:
-    """The autoencoder that decodes the grids and the evaluation samples."""
-    vae: str  # "sd" (a diffusers autoencoder) or "none" (pixel space)
-    hf_model_name: Optional[str]  # hub name (None when a folder is given)
-    hf_model_dir: Optional[str]  # local snapshot folder (wins over the hub name)
-    scaling_factor: float  # from the data: what its latents mean
-    shift_factor: float
 
 
 @dataclass(frozen=True)
@@ -118,7 +110,7 @@ class TrainConfig:
     objective: str  # "diffusion" (iDDPM, learned sigma) or "flow" (flow matching, Appendix E)
     objective_kwargs: dict  # arguments of diffusion.create_objective
     data: DataConfig
-    vae: DecoderConfig
+    vae: AutoencoderSpec  # the decoder of the grids and the evaluation samples
     train: OptimConfig
     log: LogConfig
     run: RunInfo

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from fcdm_common.cli import HelpFormatter, UserError, alias_help, non_negative_int, positive_int, run_main
+from fcdm_common.images import save_grid
 from fcdm_common.io import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,8 +68,6 @@ def newest_checkpoint(run_dir: Path) -> Path:
 
 def class_grid(npz_path: Path, out: Path, num_classes: int, cols: int, zoom: int) -> None:
     """One row per class from a sample archive, nearest-neighbour zoomed for viewing."""
-    from fcdm_common.images import save_grid
-
     with np.load(npz_path) as data:
         images, labels = data["arr_0"], data["arr_1"]
     rows = []
@@ -160,7 +159,8 @@ def main(argv=None):
     ckpt = newest_checkpoint(run_dir)
     timings["train"] = time.time() - t
 
-    t = stage(f"5/6 sample {num_samples} class-balanced images ({args.sampler}, {sampling_steps} steps, cfg {args.cfg_scale})")
+    t = stage(f"5/6 sample {num_samples} class-balanced images "
+              f"({args.sampler}, {sampling_steps} steps, cfg {args.cfg_scale})")
     samples = out / "samples"
     run(["train_gen/sample_ddp.py", "--ckpt", ckpt, "--sample-dir", samples, "--num-fid-samples", num_samples,
          "--label-sampling", "balanced", "--sampler", args.sampler, "--num-sampling-steps", sampling_steps,
@@ -186,24 +186,28 @@ def main(argv=None):
         shutil.copyfile(run_dir / "curves.png", out / "curves.png")
     evaluation = json.loads(eval_json.read_text())
     metrics = evaluation["metrics"]
-    during = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r.get("kind") == "eval"]
+    during = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+              if r.get("kind") == "eval"]
     timings["train_evaluations"] = sum(r["eval_seconds"] for r in during)  # part of "train"
     summary = {
         "metrics": metrics,
-        "settings": {"train_steps": steps, "batch_size": batch, "lr": args.lr, "ema_decay": args.ema_decay, "num_samples": num_samples, "sampler": args.sampler,
+        "settings": {"train_steps": steps, "batch_size": batch, "lr": args.lr, "ema_decay": args.ema_decay,
+                     "num_samples": num_samples, "sampler": args.sampler,
                      "eval_every": eval_every, "eval_samples": eval_samples,
                      "sampling_steps": sampling_steps, "cfg_scale": args.cfg_scale, "image_size": size,
                      "quick": args.quick, "checkpoint": str(ckpt), "archive": str(archive)},
         "seconds": {k: round(v, 1) for k, v in timings.items()} | {"total": round(time.time() - t_start, 1)},
-        "evaluations_during_training": [{k: r[k] for k in ("step", "fid", "inception_score", "precision", "recall",
-                                                           "class_accuracy", "eval_seconds") if k in r} for r in during],
+        "evaluations_during_training": [{k: r[k] for k in ("step", "fid", "inception_score", "precision",
+                                                           "recall", "class_accuracy", "eval_seconds") if k in r}
+                                        for r in during],
     }
     atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
     print(f"\n=== done in {summary['seconds']['total']:.0f} s ===")
     for k, v in metrics.items():
         if isinstance(v, (int, float)):
             print(f"{k:>16}: {v:.4f}")
-    print(f"grid: {out / 'grid.png'}   curves: {out / 'curves.png'}   metrics: {out / 'metrics.json'}   log: {out / 'train_log.txt'}")
+    print(f"grid: {out / 'grid.png'}   curves: {out / 'curves.png'}   metrics: {out / 'metrics.json'}   "
+          f"log: {out / 'train_log.txt'}")
     acc = metrics.get("class_accuracy")
     if min_acc is not None and (acc is None or acc < min_acc):
         print(f"class accuracy {acc} is below the target {min_acc}", file=sys.stderr)

@@ -32,12 +32,17 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
-
 import torch
 import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import load_file
+from scipy.integrate import quad
+
+from fcdm_common.io import save_safetensors
 
 
 def _pairs(ema: nn.Module, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -124,12 +129,10 @@ def profile_dot(t_a: float, gamma_a: float, t_b: float, gamma_b: float) -> float
     return math.exp(log)
 
 
-def _decay_power_integral(gamma: float, a: float) -> float:
+def decay_power_integral(gamma: float, a: float) -> float:
     """J(gamma, a) = integral over u in [0, 1] of (1 - u)^gamma e^(-a u), gamma >= 0, a >= 0 (float64
     adaptive quadrature, relative error ~1e-12). The integrand is <= e^(-(a + gamma) u): for a fast
     decay the range is cut where the rest is below e^-60 of the integral."""
-    from scipy.integrate import quad
-
     c = a + gamma
     if c <= 60.0:  # the whole range; QAWS handles the endpoint factor (1 - u)^gamma exactly
         val = quad(lambda u: math.exp(-a * u), 0.0, 1.0, weight="alg", wvar=(0.0, gamma),
@@ -143,14 +146,14 @@ def _decay_power_integral(gamma: float, a: float) -> float:
 def exp_profile_dot(t_a: float, gamma_a: float, t_b: float, decay: float) -> float:
     """Integral over s of p_a(s) q_b(s): the power profile p_a = (g+1) s^g / t_a^(g+1) on [0, t_a] and the
     classic EMA profile q_b = lam decay^(t_b - s) on [0, t_b], lam = -ln decay. With m = min(t_a, t_b),
-    s = m v: (g+1) (m/t_a)^(g+1) lam e^(-lam (t_b - m)) J(g, lam m) (`_decay_power_integral`)."""
+    s = m v: (g+1) (m/t_a)^(g+1) lam e^(-lam (t_b - m)) J(g, lam m) (`decay_power_integral`)."""
     if not 0 < decay < 1:
         raise ValueError(f"the EMA decay must lie in (0, 1), got {decay}")
     lam = -math.log(decay)
     m = min(t_a, t_b)
     log = (math.log(gamma_a + 1) + (gamma_a + 1) * (math.log(m) - math.log(t_a)) + math.log(lam)
            - lam * (t_b - m))
-    return math.exp(log) * _decay_power_integral(gamma_a, lam * m)
+    return math.exp(log) * decay_power_integral(gamma_a, lam * m)
 
 
 def classic_ema_initial_weight(step: int, decay: float) -> float:
@@ -260,8 +263,6 @@ SNAPSHOT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.
 
 
 def snapshot_path(run_dir, step: int, sigma_rel: float):
-    from pathlib import Path
-
     return Path(run_dir) / POSTHOC_DIR / f"{step:07d}-sigma{sigma_rel:.4f}.safetensors"
 
 
@@ -269,8 +270,6 @@ def save_posthoc_snapshots(power_ema: PowerEMA, model: nn.Module, run_dir, step:
                            metadata: Optional[dict] = None) -> list:
     """Write every tracked average as <run>/posthoc_ema/<step>-sigma<s>.safetensors in `dtype`
     (float entries; the rest as they are), atomically. Returns the paths."""
-    from fcdm_common.io import save_safetensors
-
     paths = []
     for i, (sigma, gamma) in enumerate(zip(power_ema.sigma_rels, power_ema.gammas)):
         state = {k: (v.to(SNAPSHOT_DTYPES[dtype]) if v.dtype.is_floating_point else v)
@@ -285,10 +284,6 @@ def save_posthoc_snapshots(power_ema: PowerEMA, model: nn.Module, run_dir, step:
 
 def list_posthoc_snapshots(run_dir) -> list[dict]:
     """Snapshots of a run, oldest first: dicts with path, step, sigma_rel, gamma (from the file metadata)."""
-    from pathlib import Path
-
-    from safetensors import safe_open
-
     found = []
     folder = Path(run_dir) / POSTHOC_DIR
     for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
@@ -314,8 +309,6 @@ def reconstruct_from_snapshots(snapshots: Sequence[dict], targets: Sequence[tupl
     """float32 state_dicts of the EMAs `targets` (power: (step, gamma) or EMATarget(step, gamma=g); classic:
     EMATarget(step, decay=beta)) combined from `snapshots` (list_posthoc_snapshots entries with step <=
     the target's step), reading each file once. Returns one (state_dict, coefficients) per target."""
-    from safetensors.torch import load_file
-
     coefs = []
     for target in targets:
         t_step = EMATarget(*target).step

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--sample-batch", required=True, help="samples .npz: arr_0 uint8 (N,H,W,3), optional arr_1 labels")
-    p.add_argument("--ref-batch", required=True, help="reference .npz: arr_0 uint8 images, optional mu/sigma/mu_s/sigma_s")
+    p.add_argument("--ref-batch", required=True,
+                   help="reference .npz: arr_0 uint8 images, optional mu/sigma/mu_s/sigma_s")
     p.add_argument("--output-fid", "--output_fid", dest="output_fid", default=None,
                    help=alias_help("text file for the metrics (ADM's 'Name: value' lines); default: print only",
                                    "--output_fid"))

@@ -19,7 +19,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from diffusion.pipeline import FCDMNetwork, FCDMPipeline
+from diffusion.sampling import load_setup
+from diffusion.schedulers import build_scheduler, is_scheduler_sampler
 from fcdm_common.cli import HelpFormatter, UserError, alias_help, run_main, str2bool
+from fcdm_common.io import atomic_write_text
+from models.checkpoints import load_checkpoint
 
 CITATION = """@inproceedings{kwon2026fcdm,
   title     = {Reviving ConvNeXt for Efficient Convolutional Diffusion Models},
@@ -35,8 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--ckpt", required=True, help="checkpoint written by train_gen/train.py")
     p.add_argument("--out", required=True, help="pipeline folder to write (must not exist, or be empty)")
-    p.add_argument("--use-ema", type=str2bool, default=True, metavar="BOOL", help="export the EMA weights (default true)")
-    p.add_argument("--vae", choices=("sd", "none"), default=None, help="autoencoder (default: what the checkpoint records)")
+    p.add_argument("--use-ema", type=str2bool, default=True, metavar="BOOL",
+                   help="export the EMA weights (default true)")
+    p.add_argument("--vae", choices=("sd", "none"), default=None,
+                   help="autoencoder (default: what the checkpoint records)")
     p.add_argument("--hf-model-name", default=None, help="Hugging Face repository of the VAE (downloads if needed)")
     p.add_argument("--hf-model-dir", default=None, help="local AutoencoderKL snapshot (wins over --hf-model-name)")
     p.add_argument("--sampler", "--scheduler", dest="sampler", default="dpm++2m", help=alias_help(
@@ -55,6 +62,10 @@ def model_card(setup, args, step) -> str:
     data = cfg.get("data") or {}
     c, h, w = setup.latent_shape
     vae = setup.vae_settings.get("vae")
+    source = setup.vae_settings.get("hf_model_dir") or setup.vae_settings.get("hf_model_name")
+    scale = setup.vae_settings.get("scaling_factor")
+    space = "pixel space" if vae == "none" else f"VAE {source}, scaling factor {scale}"
+    scheduler = f"{type(args._scheduler).__name__} ({args.sampler})"
     return f"""---
 license: {args.license}
 library_name: diffusers
@@ -70,9 +81,9 @@ Models" (Kwon et al., CVPR 2026), exported from `{setup.ckpt_path.name}` with tr
 |---|---|
 | model | `{setup.model_name}`, constructor arguments `{json.dumps(cfg.get("model_kwargs") or {}, sort_keys=True)}` |
 | weights | {"EMA" if setup.use_ema else "raw (non-EMA)"}, after {step} training steps |
-| data | {data.get("num_classes", setup.num_classes)} classes, latents {c}x{h}x{w} ({"pixel space" if vae == "none" else f"VAE {setup.vae_settings.get('hf_model_dir') or setup.vae_settings.get('hf_model_name')}, scaling factor {setup.vae_settings.get('scaling_factor')}"}) |
+| data | {data.get("num_classes", setup.num_classes)} classes, latents {c}x{h}x{w} ({space}) |
 | objective | iDDPM diffusion, {cfg.get("objective_kwargs") or "linear schedule, T = 1000, learned sigma"} |
-| default scheduler | {type(args._scheduler).__name__} ({args.sampler}), {args.num_sampling_steps} steps, guidance scale {args.cfg_scale} |
+| default scheduler | {scheduler}, {args.num_sampling_steps} steps, guidance scale {args.cfg_scale} |
 | license | {args.license} |
 
 ## Use
@@ -104,11 +115,6 @@ Upload: `huggingface-cli upload YOUR_NAME/REPO {Path(args.out).name}`.
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    from diffusion.pipeline import FCDMNetwork, FCDMPipeline
-    from diffusion.schedulers import build_scheduler, is_scheduler_sampler
-    from models.checkpoints import load_checkpoint
-    from fcdm_common.io import atomic_write_text
-    from diffusion.sampling import load_setup
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -153,7 +159,8 @@ def main(argv=None) -> None:
         raise
     n_params = sum(p.numel() for p in network.parameters())
     print(f"wrote {out}: {setup.model_name} ({n_params / 1e6:.2f}M parameters, {'EMA' if args.use_ema else 'raw'} "
-          f"weights, step {step}), scheduler {type(scheduler).__name__}, vae {'none' if vae is None else type(vae).__name__}")
+          f"weights, step {step}), scheduler {type(scheduler).__name__}, "
+          f"vae {'none' if vae is None else type(vae).__name__}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,15 @@ import argparse
 import math
 from pathlib import Path
 
+import numpy as np
+
+from diffusion import create_objective
+from diffusion.pipeline import FCDMPipeline
+from diffusion.sampling import parse_cfg_channels
+from diffusion.schedulers import build_scheduler
+from evaluations.archives import write_png
 from fcdm_common.cli import HelpFormatter, UserError, alias_help, positive_int, run_main
+from fcdm_common.images import save_grid
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,14 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    import numpy as np
 
-    from diffusion import create_objective
-    from diffusion.pipeline import FCDMPipeline
-    from diffusion.schedulers import build_scheduler
-    from evaluations.archives import write_png
-    from fcdm_common.images import save_grid
-    from diffusion.sampling import parse_cfg_channels
 
     pipe = FCDMPipeline.from_pretrained(args.pipeline, local_files_only=True).to(args.device)
     cfg = pipe.transformer.config

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from fcdm_common.cli import UserError, run_main
+from fcdm_common.io import atomic_path
 
 TRAIN_SERIES = (  # (record key, panel title)
     ("loss", "loss"),
@@ -108,6 +109,7 @@ def make_figure(runs: Sequence[Run], x: str = "steps", smoothing: float = 0.6):
     """A matplotlib Figure (Agg canvas, no pyplot) with one panel per series; each line's label is its run's
     name (the faint raw loss lines are labelled `<name> (raw)`). Panels are the figure's axes, titled by
     series; panels without data are left out."""
+    # deferred: drawing only, never on the training path
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -168,8 +170,6 @@ def make_figure(runs: Sequence[Run], x: str = "steps", smoothing: float = 0.6):
 def plot_runs(run_dirs: Sequence, out, names: Optional[Sequence[str]] = None, x: str = "steps",
               smoothing: float = 0.6, dpi: int = 100):
     """Load the runs, draw them, write `out` (PNG, atomically); returns the Figure."""
-    from fcdm_common.io import atomic_path
-
     if names is not None and len(names) != len(run_dirs):
         raise UserError(f"--names gives {len(names)} names for {len(run_dirs)} run folders")
     runs = [load_run(p, names[i] if names else None) for i, p in enumerate(run_dirs)]
@@ -204,7 +204,8 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders of train_gen/train.py")
     p.add_argument("--out", default="curves.png", help="output PNG (default curves.png)")
-    p.add_argument("--names", default=None, help="comma-separated legend names, one per RUN_DIR (default: folder names)")
+    p.add_argument("--names", default=None,
+                   help="comma-separated legend names, one per RUN_DIR (default: folder names)")
     p.add_argument("--x", choices=("steps", "images"), default="steps", help="x axis: optimizer steps or images seen")
     p.add_argument("--smooth", type=float, default=0.6,
                    help="loss smoothing weight in [0, 1) (TensorBoard's debiased EMA; 0: none)")

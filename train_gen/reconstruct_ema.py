@@ -7,7 +7,7 @@
 The run must have been trained with `--posthoc-ema-snapshot-every N` (train.py). The average with
 relative width sigma_rel at step T (default: the newest snapshot) is the least-squares combination
 of the snapshots <run>/posthoc_ema/*.safetensors whose response profiles best match the wanted one
-(fcdm_common/ema.py has the math). The output is a checkpoint of train.py's format whose "ema" (and
+(train_gen/ema.py has the math). The output is a checkpoint of train.py's format whose "ema" (and
 "model") weights are the reconstruction, with the run's config, so train_gen/sample.py and
 sample_ddp.py load it with --ckpt.
 
@@ -23,10 +23,16 @@ import json
 import math
 from pathlib import Path
 
-from models.checkpoints import save_checkpoint
 from fcdm_common.cli import HelpFormatter, UserError, positive_int, run_main
-from train_gen.ema import (EMATarget, classic_ema_initial_weight, gamma_to_sigma_rel, list_posthoc_snapshots,
-                           reconstruct_from_snapshots, sigma_rel_to_gamma)
+from models.checkpoints import save_checkpoint
+from train_gen.ema import (
+    EMATarget,
+    classic_ema_initial_weight,
+    gamma_to_sigma_rel,
+    list_posthoc_snapshots,
+    reconstruct_from_snapshots,
+    sigma_rel_to_gamma,
+)
 
 MAX_INITIAL_WEIGHT = 1e-3  # largest beta^T (the classic EMA's share of theta_0, in no snapshot) accepted
 
@@ -35,7 +41,8 @@ def _float_list(value: str, what: str = "sigma_rel") -> list:
     try:
         out = [float(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.03,0.05,0.1, got {value!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers like 0.03,0.05,0.1, got {value!r}") from None
     if not out:
         raise argparse.ArgumentTypeError(f"expected at least one {what}")
     return out

@@ -12,6 +12,7 @@ Random states are stored as tensors and plain Python values so checkpoints keep 
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -26,6 +27,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from fcdm_common.cli import UserError
 from fcdm_common.io import atomic_write_text, fault_point, save_safetensors
@@ -197,8 +199,6 @@ class RunLogger:
         line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}"
         if self.echo:
             try:
-                from tqdm import tqdm
-
                 tqdm.write(line)
             except ImportError:
                 print(line, flush=True)
@@ -253,8 +253,6 @@ class RunLock:
 def acquire_run_lock(run_dir: str | os.PathLike, what: str = "trainer", log=print) -> RunLock:
     """Lock `run_dir` for this process or raise UserError naming the process that holds it. A lock this
     same process still holds (a previous in-process call that raised) is released and taken again."""
-    import fcntl
-
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_NAME

@@ -13,16 +13,20 @@ import argparse
 import math
 from pathlib import Path
 
+import torch
+
+from diffusion.sampling import DIT_SAMPLE_LABELS, SamplerSettings, add_sampler_args, generate, load_setup
+from evaluations.archives import write_png
 from fcdm_common.cli import HelpFormatter, UserError, run_main
 from fcdm_common.images import save_grid
-from evaluations.archives import write_png
-from diffusion.sampling import DIT_SAMPLE_LABELS, add_sampler_args, generate, load_setup, sampler_settings
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint written by train_gen/train.py or models.convert_official, or a plain DiT state dict (e.g. DiT-XL-2-256x256.pt, with --model DiT-XL/2)")
+    p.add_argument("--ckpt", required=True,
+                   help="checkpoint written by train_gen/train.py or models.convert_official, or a plain DiT state "
+                        "dict (e.g. DiT-XL-2-256x256.pt, with --model DiT-XL/2)")
     p.add_argument("--model", default=None, help="optional: the model name the checkpoint must hold")
     p.add_argument("--class-labels", type=int, nargs="+", default=None,
                    help="labels to sample, one image each (default: DiT's 8 classes for 1000-class models, "
@@ -38,12 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     setup = load_setup(args.ckpt, model_name=args.model, use_ema=args.use_ema, vae=args.vae,
                        hf_model_name=args.hf_model_name, hf_model_dir=args.hf_model_dir, device=device)
-    s = sampler_settings(args, setup)
+    s = SamplerSettings.from_args(args, setup)
     labels = args.class_labels
     if labels is None:
         labels = list(DIT_SAMPLE_LABELS) if setup.num_classes == 1000 else list(range(min(setup.num_classes, 8)))
@@ -52,14 +55,11 @@ def main(argv=None) -> None:
         raise UserError(f"--class-labels {' '.join(map(str, bad))} out of range: {setup.model_name} in {args.ckpt} "
                         f"has classes 0..{setup.num_classes - 1}")
     stats = {}
-    images, labels = generate(setup, range(len(labels)), global_seed=args.seed, labels=labels, sampler=s["sampler"],
-                              num_steps=s["num_steps"], cfg_scale=s["cfg_scale"], cfg_channels=s["cfg_channels"],
-                              guidance_interval=s["guidance_interval"], ddim_eta=s["ddim_eta"],
-                              precision=s["precision"], forward_batch=s["forward_batch"], progress=True,
-                              atol=s["atol"], rtol=s["rtol"], compile=s["compile"], stats=stats)
+    images, labels = generate(setup, range(len(labels)), s, seed=args.seed, labels=labels, progress=True,
+                              stats=stats)
     nrow = args.nrow or min(8, math.ceil(math.sqrt(len(images))))
     save_grid(images, args.out, nrow=nrow)
-    print(f"wrote {args.out} ({len(images)} images, {s['sampler']} {s['num_steps']} steps, cfg {s['cfg_scale']}, "
+    print(f"wrote {args.out} ({len(images)} images, {s.sampler} {s.num_steps} steps, cfg {s.cfg_scale}, "
           f"{stats['nfe']} network evaluations)")
     if args.save_individual:
         folder = Path(args.save_individual)

@@ -14,19 +14,23 @@ sampler, guidance, seed, versions) beside the folder, both atomically.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from fcdm_common.progress import progress as tqdm
+import torch
+import torch.distributed as dist
 
+from diffusion.sampling import SamplerSettings, add_sampler_args, generate, load_setup, sample_labels
+from diffusion.schedulers import build_scheduler, is_scheduler_sampler, scheduler_record
+from evaluations.archives import package_versions, read_png, validate_npz, write_json, write_npz, write_png
 from fcdm_common import distributed as dist_utils
 from fcdm_common.cli import HelpFormatter, UserError, alias_help, run_main, str2bool
 from fcdm_common.io import remove_stale_temps, sha256_file
-from evaluations.archives import package_versions, read_png, validate_npz, write_json, write_npz, write_png
-from diffusion.sampling import add_sampler_args, generate, load_setup, sample_labels, sampler_settings
+from fcdm_common.progress import progress as tqdm
 
 SETTINGS_FILE = "settings.json"  # inside the PNG folder: what its images were sampled with
 
@@ -34,7 +38,9 @@ SETTINGS_FILE = "settings.json"  # inside the PNG folder: what its images were s
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint written by train_gen/train.py or models.convert_official, or a plain DiT state dict (e.g. DiT-XL-2-256x256.pt, with --model DiT-XL/2)")
+    p.add_argument("--ckpt", required=True,
+                   help="checkpoint written by train_gen/train.py or models.convert_official, or a plain DiT state "
+                        "dict (e.g. DiT-XL-2-256x256.pt, with --model DiT-XL/2)")
     p.add_argument("--model", default=None,
                    help="optional: the model name the checkpoint must hold (e.g. FCDM-XL); read from the checkpoint")
     p.add_argument("--sample-dir", default="samples", help="folder for the PNG folder, the .npz and its .json")
@@ -54,32 +60,32 @@ def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
-def run_name(setup, s: dict, args) -> str:
+def run_name(setup, s: SamplerSettings, args) -> str:
     """Folder name from the settings that change the pixels."""
     parts = [setup.model_name, setup.ckpt_path.stem, "ema" if setup.use_ema else "raw",
-             f"{s['sampler']}{s['num_steps']}", f"cfg{_fmt(s['cfg_scale'])}"]
-    if s["cfg_scale"] != 1.0 and s["cfg_channels"] != "all":
-        parts.append(f"ch{s['cfg_channels']}")
-    if s["cfg_scale"] != 1.0 and s["guidance_interval"] is not None:
-        parts.append("int{}-{}".format(*(_fmt(v) for v in s["guidance_interval"])))
-    if s["sampler"] == "ddim" and s["ddim_eta"] != 0:
-        parts.append(f"eta{_fmt(s['ddim_eta'])}")
-    if s["sampler"] == "dopri5":
-        parts.append(f"atol{_fmt(s['atol'])}-rtol{_fmt(s['rtol'])}")
-    parts += [f"vae-{setup.vae_settings['vae']}", s["precision"], args.label_sampling, f"seed{args.seed}"]
+             f"{s.sampler}{s.num_steps}", f"cfg{_fmt(s.cfg_scale)}"]
+    if s.cfg_scale != 1.0 and s.cfg_channels != "all":
+        parts.append(f"ch{s.cfg_channels}")
+    if s.cfg_scale != 1.0 and s.guidance_interval is not None:
+        parts.append("int{}-{}".format(*(_fmt(v) for v in s.guidance_interval)))
+    if s.sampler == "ddim" and s.ddim_eta != 0:
+        parts.append(f"eta{_fmt(s.ddim_eta)}")
+    if s.sampler == "dopri5":
+        parts.append(f"atol{_fmt(s.atol)}-rtol{_fmt(s.rtol)}")
+    parts += [f"vae-{setup.vae_settings['vae']}", s.precision, args.label_sampling, f"seed{args.seed}"]
     return "-".join(str(p).replace("/", "_").replace(":", "_") for p in parts)
 
 
-def content_settings(setup, s: dict, args, ckpt_sha256: str) -> dict:
+def content_settings(setup, s: SamplerSettings, args, ckpt_sha256: str) -> dict:
     """Everything an image depends on (not the sample count, batch size or process count)."""
     cfg = setup.config
     return {
         "checkpoint_sha256": ckpt_sha256, "model": setup.model_name, "use_ema": setup.use_ema,
         "objective": setup.objective_name, "objective_kwargs": cfg.get("objective_kwargs") or {},
-        "sampler": s["sampler"], "num_sampling_steps": s["num_steps"], "ddim_eta": s["ddim_eta"],
-        "cfg_scale": s["cfg_scale"], "cfg_channels": s["cfg_channels"],
-        "guidance_interval": list(s["guidance_interval"]) if s["guidance_interval"] else None,
-        "precision": s["precision"], "forward_batch": s["forward_batch"], "label_sampling": args.label_sampling,
+        "sampler": s.sampler, "num_sampling_steps": s.num_steps, "ddim_eta": s.ddim_eta,
+        "cfg_scale": s.cfg_scale, "cfg_channels": s.cfg_channels,
+        "guidance_interval": list(s.guidance_interval) if s.guidance_interval else None,
+        "precision": s.precision, "forward_batch": s.forward_batch, "label_sampling": args.label_sampling,
         "global_seed": args.seed, "vae": setup.vae_settings, "latent_shape": list(setup.latent_shape),
         "num_classes": setup.num_classes, "device_type": setup.device.type,
         **sampler_record(setup, s, args),
@@ -87,28 +93,25 @@ def content_settings(setup, s: dict, args, ckpt_sha256: str) -> dict:
 
 
 def _world_size() -> int:
-    import torch.distributed as dist
 
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def sampler_record(setup, s: dict, args) -> dict:
+def sampler_record(setup, s: SamplerSettings, args) -> dict:
     """Sampler details that change the pixels: the diffusers scheduler class and config, dopri5's tolerances
     and (its adaptive steps are shared by a batch) the batching; whether the network was compiled."""
-    from diffusion.schedulers import build_scheduler, is_scheduler_sampler, scheduler_record
 
-    out = {"compile": s["compile"]}
-    if setup.objective_name == "diffusion" and is_scheduler_sampler(s["sampler"]):
-        out["scheduler"] = scheduler_record(build_scheduler(s["sampler"], setup.objective))
-    if s["sampler"] == "dopri5":
-        out.update(atol=s["atol"], rtol=s["rtol"], per_proc_batch_size=args.per_proc_batch_size,
+    out = {"compile": s.compile}
+    if setup.objective_name == "diffusion" and is_scheduler_sampler(s.sampler):
+        out["scheduler"] = scheduler_record(build_scheduler(s.sampler, setup.objective))
+    if s.sampler == "dopri5":
+        out.update(atol=s.atol, rtol=s.rtol, per_proc_batch_size=args.per_proc_batch_size,
                    world_size=_world_size())
     return out
 
 
 def check_folder(folder: Path, settings: dict) -> str | None:
     """Rank 0: None when the folder is new or was sampled with the same settings (then it is reused)."""
-    import json
 
     path = folder / SETTINGS_FILE
     if not path.exists():
@@ -121,15 +124,15 @@ def check_folder(folder: Path, settings: dict) -> str | None:
         old = json.loads(path.read_text())
     except (OSError, ValueError):
         old = None
-    if old != json.loads(json.dumps(settings)):
-        diff = sorted(k for k in set(settings) | set(old or {}) if (old or {}).get(k) != json.loads(json.dumps(settings)).get(k))
+    new = json.loads(json.dumps(settings))  # as it reads back from settings.json (tuples become lists)
+    if old != new:
+        diff = sorted(k for k in set(settings) | set(old or {}) if (old or {}).get(k) != new.get(k))
         return (f"{folder} was sampled with other settings ({', '.join(diff) or 'unreadable ' + SETTINGS_FILE}); "
                 "delete it or pass another --sample-dir")
     return None
 
 
 def archive_done(npz: Path, meta: Path, settings: dict, n: int, num_classes: int) -> bool:
-    import json
 
     if not (npz.is_file() and meta.is_file()):
         return False
@@ -155,12 +158,11 @@ def main(argv=None) -> None:
 
 
 def _sample(args, info) -> None:
-    import torch
 
     torch.backends.cudnn.benchmark = False  # fixed algorithm choice: same bits on every run
     setup = load_setup(args.ckpt, model_name=args.model, use_ema=args.use_ema, vae=args.vae,
                        hf_model_name=args.hf_model_name, hf_model_dir=args.hf_model_dir, device=info.device)
-    s = sampler_settings(args, setup)
+    s = SamplerSettings.from_args(args, setup)
     n = args.num_fid_samples
     name = run_name(setup, s, args)
     sample_dir = Path(args.sample_dir)
@@ -198,7 +200,7 @@ def _sample(args, info) -> None:
     todo = [i for i in mine if read_png(folder / f"{i:06d}.png", image_shape) is None]
     total_todo = sum(dist_utils.all_gather_object(len(todo)))
     if info.is_main:
-        print(f"sampling {n} images of {setup.model_name} ({s['sampler']}, {s['num_steps']} steps, cfg {s['cfg_scale']}) "
+        print(f"sampling {n} images of {setup.model_name} ({s.sampler}, {s.num_steps} steps, cfg {s.cfg_scale}) "
               f"with {info.world_size} process(es) into {folder}: {n - total_todo} found, {total_todo} to sample",
               flush=True)
     bar = tqdm(total=total_todo, unit="img", disable=not info.is_main or total_todo == 0, dynamic_ncols=True)
@@ -206,12 +208,7 @@ def _sample(args, info) -> None:
     stats = {}  # "nfe": guided network evaluations (sampler steps) summed over this process's batches
     for start in range(0, len(todo), b):
         batch = todo[start:start + b]
-        images, _ = generate(setup, batch, global_seed=args.seed, sampler=s["sampler"],
-                             num_steps=s["num_steps"], cfg_scale=s["cfg_scale"], cfg_channels=s["cfg_channels"],
-                             guidance_interval=s["guidance_interval"], ddim_eta=s["ddim_eta"],
-                             precision=s["precision"], forward_batch=s["forward_batch"],
-                             label_mode=args.label_sampling, atol=s["atol"], rtol=s["rtol"], compile=s["compile"],
-                             stats=stats)
+        images, _ = generate(setup, batch, s, seed=args.seed, label_mode=args.label_sampling, stats=stats)
         for i, img in zip(batch, images):
             write_png(folder / f"{i:06d}.png", img)
         bar.update(min(len(batch) * info.world_size, bar.total - bar.n))

@@ -32,16 +32,35 @@ from accelerate import Accelerator
 
 from diffusion import check_sampler, create_objective
 from evaluations.in_training import add_eval_args, plan_from_args
-from fcdm_common.cli import HelpFormatter, UserError, alias_help, error_summary, non_negative_int, positive_int, run_main, str2bool
+from fcdm_common.cli import (
+    HelpFormatter,
+    UserError,
+    alias_help,
+    error_summary,
+    non_negative_int,
+    positive_int,
+    run_main,
+    str2bool,
+)
 from fcdm_common.cpu import tune_cpu_allocator
 from models import MODELS, create_model
+from models.autoencoders import DEFAULT_SCALING_FACTOR, DEFAULT_VAE_ID
 from models.checkpoints import load_checkpoint
-from models.latent_space import NORM_MODES, decoder_for_run, same_norm, vae_for_data
+from models.latent_space import NORM_MODES, AutoencoderSpec, decoder_for_run, same_norm, vae_for_data
 from models.registry import INPUT_SIZE_ARGS
 from preparation.readers import open_dataset
 from preparation.statistics import NormalizedDataset, norm_for_training
-from train_gen.config import (PAPER_STEPS, TRAJECTORY_DEFAULTS, DataConfig, DecoderConfig, LogConfig, OptimConfig,
-                              PosthocEMAConfig, RunInfo, TrainConfig, run_name_extra)
+from train_gen.config import (
+    PAPER_STEPS,
+    TRAJECTORY_DEFAULTS,
+    DataConfig,
+    LogConfig,
+    OptimConfig,
+    PosthocEMAConfig,
+    RunInfo,
+    TrainConfig,
+    run_name_extra,
+)
 from train_gen.ema import SNAPSHOT_DTYPES, sigma_rel_to_gamma
 from train_gen.run_folder import RunLogger, acquire_run_lock, experiment_name, find_resume_checkpoint, seed_everything
 from train_gen.step_draws import RNG_SCHEME, BatchPlan
@@ -104,7 +123,8 @@ def positive_float_arg(value: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="FCDM-XL", help="registered model name (models.MODELS), e.g. FCDM-S/B/L/XL, DiT-XL/2")
+    g.add_argument("--model", default="FCDM-XL",
+                   help="registered model name (models.MODELS), e.g. FCDM-S/B/L/XL, DiT-XL/2")
     g.add_argument("--model-kwargs", type=json_dict_arg, default={},
                    help='JSON object of constructor overrides, e.g. \'{"hidden_size": 16, "kernel_size": 5}\'')
     g.add_argument("--hidden-size", type=positive_int, default=None, help="shortcut for model_kwargs hidden_size")
@@ -166,16 +186,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-checkpointing", type=ckpt_mode_arg, default="none",
                    help="activation checkpointing: none, selective (keep matmul/conv outputs) or full")
     g.add_argument("--compile", type=str2bool, default=False, help="torch.compile the model's blocks")
-    g.add_argument("--grad-clip", type=float, default=TRAJECTORY_DEFAULTS["grad_clip"], help="clip the global gradient norm to this (0: off)")
+    g.add_argument("--grad-clip", type=float, default=TRAJECTORY_DEFAULTS["grad_clip"],
+                   help="clip the global gradient norm to this (0: off)")
     g.add_argument("--optimizer-impl", choices=("auto", "fused", "foreach"), default="auto",
-                   help="AdamW kernel: fused (skips bad steps on the device) or foreach (one sync per step); auto: fused")
+                   help="AdamW kernel: fused (skips bad steps on the device) or foreach (one sync per step); "
+                        "auto: fused")
     g.add_argument("--max-bad-steps", type=positive_int, default=50,
                    help="stop after this many consecutive steps with non-finite loss or gradients")
-    g.add_argument("--seed", type=int, default=0, help="global seed (model init, data order; per-rank streams derive from it)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="global seed (model init, data order; per-rank streams derive from it)")
     g.add_argument("--tf32", type=str2bool, default=True, help="allow TF32 matmuls/convolutions on CUDA")
     g = p.add_argument_group("logging, checkpoints and sample grids")
     g.add_argument("--log-every", type=positive_int, default=100, help="reduce and log metrics every N steps")
-    g.add_argument("--ckpt-every", type=positive_int, default=10_000, help="write a checkpoint every N steps (and at the end)")
+    g.add_argument("--ckpt-every", type=positive_int, default=10_000,
+                   help="write a checkpoint every N steps (and at the end)")
     g.add_argument("--keep-last", type=positive_int, default=2, help="keep the newest K checkpoints")
     g.add_argument("--keep-every", type=non_negative_int, default=100_000,
                    help="also keep checkpoints whose step is a multiple of M (0: none)")
@@ -209,9 +233,9 @@ def describe_data(args, dataset, latent_norm: dict) -> DataConfig:
     C, H, W = (int(v) for v in dataset.latent_shape)
     vae_name = info.get("vae")
     if vae_name is None:
-        vae_name, scale, image_size = "sd:sd-vae-ft-ema", 0.18215, 8 * H
+        vae_name, scale, image_size = DEFAULT_VAE_ID, DEFAULT_SCALING_FACTOR, 8 * H
     else:
-        scale = float(info.get("scaling_factor", 0.18215))
+        scale = float(info.get("scaling_factor", DEFAULT_SCALING_FACTOR))
         image_size = int(info.get("image_size", H if vae_name == "none" else 8 * H))
     source = args.zarr_path or args.feature_path
     return DataConfig(zarr_path=args.zarr_path, feature_path=args.feature_path, label_path=args.label_path,
@@ -223,13 +247,13 @@ def describe_data(args, dataset, latent_norm: dict) -> DataConfig:
                       hf_model_dir=info.get("hf_model_dir"), latent_norm=latent_norm)
 
 
-def grid_decoder_config(args, data: DataConfig) -> DecoderConfig:
+def grid_decoder(args, data: DataConfig) -> AutoencoderSpec:
     """The grids' decoder: the data's VAE unless --vae/--hf-model-* override it (warned on a mismatch)."""
-    settings, warning = vae_for_data(dataclasses.asdict(data), args.vae, args.hf_model_name, args.hf_model_dir,
-                                     hint=GRID_VAE_HINT, strict=args.sample_every > 0)
+    spec, warning = vae_for_data(dataclasses.asdict(data), args.vae, args.hf_model_name, args.hf_model_dir,
+                                 hint=GRID_VAE_HINT, strict=args.sample_every > 0)
     if warning and args.sample_every > 0:
         print(f"WARNING: sample grids: {warning}", flush=True)
-    return DecoderConfig(**settings)
+    return spec
 
 
 def resolve_model_kwargs(args, latent_shape, num_classes: int) -> tuple[dict, dict]:
@@ -245,7 +269,8 @@ def resolve_model_kwargs(args, latent_shape, num_classes: int) -> tuple[dict, di
     learn_sigma = args.objective == "diffusion"
     kwargs = dict(user)
     for key, value, why in (("in_channels", C, f"the data's latents have {C} channels"),
-                            ("learn_sigma", learn_sigma, f"the {args.objective} objective needs learn_sigma={learn_sigma}")):
+                            ("learn_sigma", learn_sigma,
+                             f"the {args.objective} objective needs learn_sigma={learn_sigma}")):
         if key in kwargs and kwargs[key] != value:
             raise UserError(f"--model-kwargs sets {key}={kwargs[key]!r} but {why}; drop it from --model-kwargs")
         kwargs[key] = value
@@ -312,12 +337,13 @@ def check_model_fits_data(model, dataset, data: DataConfig, objective: str, wher
                         f"expected {want}")
 
 
-def build_config(args, *, model_kwargs: dict, data: DataConfig, grid_sampler: str, plan: BatchPlan, max_steps: int,
-                 mixed_precision: str, optimizer_impl: str, exp_name: str, run_dir: Path, device_type: str) -> TrainConfig:
+def build_config(args, *, model_kwargs: dict, data: DataConfig, grid_sampler: str, plan: BatchPlan,
+                 max_steps: int, mixed_precision: str, optimizer_impl: str, exp_name: str, run_dir: Path,
+                 device_type: str) -> TrainConfig:
     """The run's one configuration, from the flags and what was resolved from them."""
     return TrainConfig(
         model=args.model, model_kwargs=model_kwargs, objective=args.objective,
-        objective_kwargs=dict(args.objective_kwargs), data=data, vae=grid_decoder_config(args, data),
+        objective_kwargs=dict(args.objective_kwargs), data=data, vae=grid_decoder(args, data),
         train=OptimConfig(
             global_batch_size=plan.global_batch, batch_per_process=plan.per_process, batch_per_gpu=plan.micro_batch,
             grad_accum_steps=plan.accumulation, rng_scheme=RNG_SCHEME,
@@ -461,8 +487,8 @@ def main(argv=None):
     # the grids' VAE, checked before anything is written (offline: one message, no run folder)
     vae = None
     if args.sample_every > 0:
-        cfg = config.to_dict()
-        vae = decoder_for_run(cfg["vae"], cfg["data"], device, load=accelerator.is_main_process, hint=GRID_VAE_HINT)
+        vae = decoder_for_run(config.vae, config.to_dict()["data"], device, load=accelerator.is_main_process,
+                              hint=GRID_VAE_HINT)
 
     run_lock = acquire_run_lock(run_dir) if accelerator.is_main_process else None  # freed on exit
     logger = RunLogger(run_dir, enabled=accelerator.is_main_process)

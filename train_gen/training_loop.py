@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 import diffusion
+from diffusion.sampling import SamplerSettings
 from evaluations.in_training import InTrainingEvaluator
 from fcdm_common.cli import UserError
 from fcdm_common.distributed import all_gather_object
@@ -42,8 +43,18 @@ from train_gen.config import TrainConfig
 from train_gen.ema import PowerEMA, create_ema, remove_snapshots_after, save_posthoc_snapshots, update_ema
 from train_gen.loader import TrainLoader
 from train_gen.plot import write_curves
-from train_gen.run_folder import (RunLogger, capture_rng, checkpoint_path, ema_export_path, export_ema,
-                                  prune_checkpoints, rank_seed, restore_rng, seed_everything, truncate_metrics)
+from train_gen.run_folder import (
+    RunLogger,
+    capture_rng,
+    checkpoint_path,
+    ema_export_path,
+    export_ema,
+    prune_checkpoints,
+    rank_seed,
+    restore_rng,
+    seed_everything,
+    truncate_metrics,
+)
 from train_gen.step_draws import RNG_SCHEME, BatchPlan, StepDraws, take
 
 DIT_GRID_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # DiT's sample classes for ImageNet
@@ -299,6 +310,14 @@ def grid_labels(num_classes: int, cols: int) -> list:
     return [c for c in classes for _ in range(cols)]
 
 
+def grid_sampler_settings(config: TrainConfig) -> SamplerSettings:
+    """How the training grids are drawn (--grid-sampler, --grid-steps, --cfg-scale, --cfg-channels)."""
+    log = config.log
+    cfg_channels = int(log.cfg_channels) if str(log.cfg_channels).isdigit() else log.cfg_channels
+    return SamplerSettings(sampler=log.grid_sampler, num_steps=log.grid_steps, cfg_scale=log.cfg_scale,
+                           cfg_channels=cfg_channels)
+
+
 @torch.no_grad()
 def draw_grid(ema, config: TrainConfig, vae, device, path: Path, autocast, step: Optional[int] = None) -> None:
     """Sample the fixed grid with the EMA model and save it as PNG (the caller keeps training's RNG apart)."""
@@ -310,11 +329,10 @@ def draw_grid(ema, config: TrainConfig, vae, device, path: Path, autocast, step:
     sampler_gen = torch.Generator(device).manual_seed(log.grid_seed + 1)
     y = torch.tensor(labels, device=device)
     objective = diffusion.create_objective(config.objective, **config.objective_kwargs)
-    cfg_channels = int(log.cfg_channels) if str(log.cfg_channels).isdigit() else log.cfg_channels
+    settings = grid_sampler_settings(config)
     with autocast():
-        z = diffusion.sample(ema, noise, y, objective=objective, sampler=log.grid_sampler, num_steps=log.grid_steps,
-                             cfg_scale=log.cfg_scale, cfg_channels=cfg_channels,
-                             null_label=config.model_kwargs["num_classes"], generators=sampler_gen)
+        z = diffusion.sample(ema, noise, y, objective=objective, null_label=config.model_kwargs["num_classes"],
+                             generators=sampler_gen, **settings.sample_kwargs())
     images = torch.cat([vae.decode(z[i:i + 32].float()) for i in range(0, len(z), 32)])
     save_grid(to_uint8(images), path, nrow=log.grid_cols,
               metadata={"step": step, "sampler": log.grid_sampler, "sampling_steps": log.grid_steps,
@@ -340,12 +358,13 @@ def log_window(meter: Meter, state: TrainState, config: TrainConfig, accelerator
     world = loader.plan.world_size
     s = meter.reduce(accelerator, world)
     sps = window_steps / max(elapsed, 1e-9)
-    mean = (lambda v: v / s[4] if s[4] > 0 else float("nan"))
     state.skipped_total += int(round(s[5] / world))
     device = accelerator.device
-    record = {"step": step, "loss": mean(s[0]), "mse": mean(s[1]),
-              "vb": mean(s[2]) if config.objective == "diffusion" else None,
-              "grad_norm": mean(s[3]), "lr": state.opt.param_groups[0]["lr"],
+    good = s[4]  # good steps summed over processes: the denominators of the window's means
+    mean = [v / good if good > 0 else float("nan") for v in s[:4]]  # loss, mse, vb, grad norm
+    record = {"step": step, "loss": mean[0], "mse": mean[1],
+              "vb": mean[2] if config.objective == "diffusion" else None,
+              "grad_norm": mean[3], "lr": state.opt.param_groups[0]["lr"],
               "steps_per_sec": sps, "images_per_sec": sps * config.train.global_batch_size,
               "peak_mem_gb": (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None,
               "skipped_steps": int(round(s[5] / world)), "skipped_total": state.skipped_total,
