@@ -25,7 +25,6 @@ from evaluations import metrics
 from evaluations.batches import inspect_batch, iter_images, read_labels, read_ref_stats
 from evaluations.digits import digits_features, held_out_accuracy
 from evaluations.features_tf import compute_tf_features, resolve_pb
-from evaluations.features_torch import TorchInception
 from fcdm_common.cli import UserError, error_summary
 from fcdm_common.io import sha256_file
 from fcdm_common.progress import progress as tqdm
@@ -90,6 +89,10 @@ def compute_features(
         if not inception_weights:
             raise UserError("the torch backend needs --inception-weights PATH (a torchvision inception_v3 "
                             "state_dict with 1008 classes); it is approximate, prefer --backend tf")
+        # deferred: the torch backend's module loads torch and torchvision (~2.5 s), which the other backends
+        # (and evaluate.py --help) do not need
+        from evaluations.features_torch import TorchInception
+
         net = TorchInception(inception_weights, device)
         return [_stream_features(p, net, batch_size, f"inception {Path(p).name}") for p in npz_paths]
     if backend == "digits":

@@ -30,7 +30,6 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn as nn
-from timm.layers import Attention, Mlp, PatchEmbed
 
 from models.layers import TimestepEmbedder, resolve_checkpoint_mode, run_block
 from models.registry import MODELS, register
@@ -89,6 +88,9 @@ class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning (DiT paper, Figure 3 right)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        # deferred: timm.layers imports torchvision and torch._dynamo (~1.5 s per process); only DiT needs it
+        from timm.layers import Attention, Mlp
+
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         if dim % num_heads:
@@ -157,6 +159,8 @@ class DiT(nn.Module):
         self.learn_sigma = learn_sigma
         self.checkpoint_mode = "none"
         self.grid_size = input_size // patch_size
+
+        from timm.layers import PatchEmbed  # deferred, as in DiTBlock
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)  # patchify conv
         self.t_embedder = TimestepEmbedder(hidden_size)
