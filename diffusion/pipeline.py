@@ -63,7 +63,6 @@ class FCDMNetwork(ModelMixin, ConfigMixin):
         # network then sees (z - mean_c) / std_c), None without; objective(_kwargs):
         # diffusion.create_objective arguments of the training run (the beta schedule lives there).
         super().__init__()
-
         self.net = create_model(model_name, **(model_kwargs or {}))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
@@ -73,7 +72,6 @@ class FCDMNetwork(ModelMixin, ConfigMixin):
 
 def check_pipeline_folder(folder: Union[str, os.PathLike]) -> Path:
     """A local pipeline folder that has what FCDMPipeline.from_pretrained needs (UserError naming what is missing)."""
-
     folder = Path(folder)
     index = folder / "model_index.json"
     if not index.is_file():
@@ -108,7 +106,6 @@ class FCDMPipeline(DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """diffusers' loader; a local folder is checked first, and a network whose weights do not fit its
         config (another model's config) raises UserError instead of a long traceback."""
-
         pretrained_model_name_or_path = str(pretrained_model_name_or_path)
         if os.path.isdir(pretrained_model_name_or_path):
             check_pipeline_folder(pretrained_model_name_or_path)
@@ -127,7 +124,6 @@ class FCDMPipeline(DiffusionPipeline):
         shape = tuple(int(v) for v in cfg.latent_shape)
         device = self._execution_device
         if seed is not None:
-
             gens = [sample_generator(seed, k) for k in range(len(labels))]
             noise = torch.stack([label_and_noise(g, cfg.num_classes, shape)[1] for g in gens])
             return noise.to(device), gens
@@ -137,7 +133,6 @@ class FCDMPipeline(DiffusionPipeline):
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images (N, 3, H, W) in [-1, 1], float32 (identity without a VAE)."""
-
         cfg = self.transformer.config
         x = latents.float()
         norm = LatentNorm.from_config(getattr(cfg, "latent_norm", None))
@@ -162,7 +157,6 @@ class FCDMPipeline(DiffusionPipeline):
         PIL images), "np" (float32 (N, H, W, 3) in [0, 1], multiples of 1/255) or "latent" (the latents);
         cfg_channels: "all" or k (DiT: 3); guidance_interval: (lo, hi) noise-level fraction; eta: DDIM eta.
         """
-
         labels = [int(class_labels)] if isinstance(class_labels, int) else [int(v) for v in class_labels]
         cfg = self.transformer.config
         if not labels:
@@ -194,7 +188,6 @@ class FCDMPipeline(DiffusionPipeline):
             if output_type == "np":
                 images = uint8.astype(np.float32) / 255.0
             else:
-
                 images = [Image.fromarray(im) for im in uint8]
         if not return_dict:
             return (images,)

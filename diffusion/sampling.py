@@ -265,7 +265,6 @@ def setup_from_model(model: torch.nn.Module, config: dict, *, path, use_ema: boo
                      device="cpu") -> SamplingSetup:
     """The SamplingSetup of a network already in memory (eval mode, on `device`) and its run config: what
     `load_setup` builds after loading a checkpoint, and what train.py's in-training evaluation samples with."""
-
     path = Path(path)
     device = torch.device(device)
     objective_name = config["objective"]
@@ -357,7 +356,6 @@ def generate(setup: SamplingSetup, indices: Sequence[int], settings: SamplerSett
     Labels: explicit `labels` (one per index) or `label_mode` ("random" | "balanced"). `counter`: a
     FixedBatchModel to run the network through (to count calls); built from the settings by default.
     stats: dict that receives "nfe"."""
-
     indices = [int(i) for i in indices]
     if not indices:
         raise ValueError("no sample indices given")

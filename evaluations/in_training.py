@@ -60,7 +60,7 @@ from evaluations.evaluator import (
 from evaluations.features_tf import resolve_pb
 from fcdm_common.cli import UserError, non_negative_int, positive_int, str2bool
 from fcdm_common.io import atomic_path, sha256_file
-from train_gen.run_folder import capture_rng, restore_rng
+from fcdm_common.rng import capture_rng, restore_rng
 
 EVAL_PRECISIONS = ("fp32", "bf16")
 FEATURE_BATCH = 64  # images per feature-network call (ADM's Evaluator batch size, evaluate.py's default)
@@ -71,7 +71,6 @@ CACHE_VERSION = 1
 # ---------------------------------------------------------------------------------- flags
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
     """The --eval-* flags of train.py."""
-
     g = parser.add_argument_group("evaluation during training (off unless --eval-every > 0)")
     g.add_argument("--eval-every", type=non_negative_int, default=0,
                    help="evaluate the EMA model every N steps and at the last step, right after that step's "
@@ -128,7 +127,6 @@ class EvalPlan:
 
 
 def _eval_sampler(objective: str, requested: str, num_steps: int) -> str:
-
     if requested == "auto":
         sampler = "ddim" if objective == "diffusion" else resolve_sampler(objective)
     else:
@@ -165,7 +163,6 @@ def plan_from_args(args, data: dict, objective: str) -> Optional[EvalPlan]:
                         f"samples {side}x{side} images; use the reference batch of this resolution")
     pb = weights = None
     if args.eval_backend == "tf":
-
         pb = resolve_pb(args.inception_pb)
         if args.tf_python and not Path(args.tf_python).exists() and not shutil.which(args.tf_python):
             raise UserError(f"--tf-python {args.tf_python}: interpreter not found")
@@ -187,7 +184,6 @@ def plan_from_args(args, data: dict, objective: str) -> Optional[EvalPlan]:
 
 # ---------------------------------------------------------------------------------- reference cache
 def _file_key(path: Optional[str]) -> Optional[dict]:
-
     if path is None:
         return None
     p = Path(path)
@@ -203,7 +199,6 @@ def load_or_build_reference(plan: EvalPlan, fallback_dir: Path, log: Callable[[s
     """Reference pool features and FID statistics: from the cache when its key (reference, backend,
     graph/weights hashes) matches, else computed (as evaluate.py would) and cached. Returns a dict with
     pool, mu, sigma, mu_s, sigma_s and `statistics` ("precomputed" | "computed")."""
-
     key = json.dumps({"version": CACHE_VERSION, "backend": plan.backend, "ref": _file_key(plan.ref_batch),
                       "model": _file_key(plan.inception_pb or plan.inception_weights),
                       "batch_size": FEATURE_BATCH}, sort_keys=True)
@@ -327,17 +322,13 @@ class InTrainingEvaluator:
     # ---- one evaluation
     def _sampling_setup(self):
         if self._setup is None:
-
-            v = self.config.get("vae") or {}
+            # the decoder is the one the run config records, as sample_ddp.py finds it in a checkpoint
             self._setup = setup_from_model(self.ema, self.config, path=self.run_dir / "checkpoints",
-                                           use_ema=True, vae=v.get("vae"), hf_model_name=v.get("hf_model_name"),
-                                           hf_model_dir=v.get("hf_model_dir"), device=self.device)
+                                           use_ema=True, device=self.device)
         return self._setup
 
     def _sample_share(self, step: int) -> np.ndarray:
         """uint8 (n_mine, H, W, 3): the samples r, r + W, ... of this process, all random states restored."""
-
-
         plan = self.plan
         setup = self._sampling_setup()
         mine = list(range(self.rank, plan.num_samples, self.world))
@@ -365,7 +356,6 @@ class InTrainingEvaluator:
 
     def run(self, step: int) -> None:
         """Sample on every process, score on process 0, log; all processes leave together."""
-
         plan = self.plan
         t0 = time.perf_counter()
         self.logger.log(f"evaluation at step {step}: {plan.num_samples} samples ({plan.sampler}, {plan.num_steps} "
@@ -394,7 +384,6 @@ class InTrainingEvaluator:
         self._barrier()
 
     def _score_and_log(self, step: int, parts_dir: Path, t0: float, t_sampled: float) -> None:
-
         plan = self.plan
         setup = self._sampling_setup()
         n, world = plan.num_samples, self.world

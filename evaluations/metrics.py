@@ -130,10 +130,10 @@ def _half(x: np.ndarray) -> np.ndarray:
 #   to float16. The order of that float32 sum is TF's kernel's: it changes with the CPU (cache sizes)
 #   and with the number of intra-op threads (on a 2-core AMD EPYC, TF's own 1- and 2-thread results
 #   differ in about 1 entry in 10^4). So `tf_half_dot_bounds` bounds the result for *any* float32
-#   order, which settles most entries (two thirds at D = 2048); only an entry whose float16 value depends on the order,
-#   and that a radius comparison needs, is computed in one fixed order (`tf_half_dots_exact`: sequential
-#   within blocks along D -- D itself up to 512, else the largest power of two below D, at most 1024 --
-#   block sums added in float32; TF's order on the machine these numbers were first checked on).
+#   order, which settles most entries (two thirds at D = 2048); only an entry whose float16 value depends
+#   on the order, and that a radius comparison needs, is computed in one fixed order (`tf_half_dots_exact`:
+#   sequential within blocks along D -- D itself up to 512, else the largest power of two below D, at most
+#   1024 -- block sums added in float32; TF's order on the machine these numbers were first checked on).
 _EIGEN_HALF_PACKET = 8
 _EIGEN_HALF_LEAF = 200
 
@@ -251,7 +251,7 @@ def _half_dist(norm_u, dots, norm_v):
 class _DistanceBlock:
     """ADM's distance block between rows of u (n, D) and v (m, D), float32 (n, m), resolved lazily.
 
-    float16 (ADM's first pass): `lo` <= TF's distances <= `hi` elementwise (equal almost everywhere);
+    float16 (ADM's first pass): `lo` <= TF's distances <= `hi` elementwise (equal at most entries);
     `resolve(mask)` replaces the masked entries by their values in one fixed float32 summation order
     (`tf_half_dots_exact`), so the callers compute exact order statistics and comparisons, running
     that order only where it can matter. If the block is not finite in float16 it is computed in
@@ -283,7 +283,7 @@ class _DistanceBlock:
         self.lo = self.hi = np.maximum(norm_u - 2.0 * (u32 @ v32.T) + norm_v, 0.0).astype(np.float32)
 
     def resolve(self, mask: np.ndarray) -> None:
-        """Make the entries of `mask` (bool (n, m)) exact: lo == hi == TF's distance there."""
+        """Decide the entries of `mask` (bool (n, m)): lo == hi == the distance in the fixed order there."""
         rows, cols = np.nonzero(mask & (self.lo != self.hi))
         if rows.size:
             dots = tf_half_dots_exact(self.u16, self.v16, rows, cols)

@@ -75,7 +75,6 @@ def offline_hint(name: str, extra: str = "") -> str:
 
 def _hub_offline() -> bool:
     try:
-
         if bool(huggingface_hub.constants.HF_HUB_OFFLINE):
             return True
     except Exception:  # pragma: no cover - very old huggingface_hub
@@ -85,7 +84,6 @@ def _hub_offline() -> bool:
 
 def _hub_reachable(timeout: float = 5.0) -> bool:
     """One TCP connection to the hub endpoint: a fast answer instead of the client's retries."""
-
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     port = url.port or (443 if url.scheme == "https" else 80)
     try:

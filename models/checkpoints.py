@@ -78,7 +78,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", require_
 
 def build_model(config: dict):
     """Build the (randomly initialised) network a config describes."""
-
     try:
         return create_model(config["model"], **config.get("model_kwargs", {}))
     except (ValueError, TypeError) as e:

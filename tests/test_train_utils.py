@@ -1,4 +1,4 @@
-"""train_gen/ema.py and train_gen/run_folder.py against plain references."""
+"""train_gen/ema.py, train_gen/run_folder.py and fcdm_common/rng.py against plain references."""
 from __future__ import annotations
 
 import random
@@ -7,13 +7,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from fcdm_common.rng import capture_rng, restore_rng
 from train_gen.ema import create_ema, update_ema, update_ema_reference
 from train_gen.run_folder import (
-    capture_rng,
     experiment_name,
     list_checkpoints,
     prune_checkpoints,
-    restore_rng,
     truncate_metrics,
 )
 

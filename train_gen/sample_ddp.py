@@ -93,14 +93,12 @@ def content_settings(setup, s: SamplerSettings, args, ckpt_sha256: str) -> dict:
 
 
 def _world_size() -> int:
-
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def sampler_record(setup, s: SamplerSettings, args) -> dict:
     """Sampler details that change the pixels: the diffusers scheduler class and config, dopri5's tolerances
     and (its adaptive steps are shared by a batch) the batching; whether the network was compiled."""
-
     out = {"compile": s.compile}
     if setup.objective_name == "diffusion" and is_scheduler_sampler(s.sampler):
         out["scheduler"] = scheduler_record(build_scheduler(s.sampler, setup.objective))
@@ -112,7 +110,6 @@ def sampler_record(setup, s: SamplerSettings, args) -> dict:
 
 def check_folder(folder: Path, settings: dict) -> str | None:
     """Rank 0: None when the folder is new or was sampled with the same settings (then it is reused)."""
-
     path = folder / SETTINGS_FILE
     if not path.exists():
         if folder.is_dir() and any(folder.glob("*.png")):
@@ -133,7 +130,6 @@ def check_folder(folder: Path, settings: dict) -> str | None:
 
 
 def archive_done(npz: Path, meta: Path, settings: dict, n: int, num_classes: int) -> bool:
-
     if not (npz.is_file() and meta.is_file()):
         return False
     try:
@@ -158,7 +154,6 @@ def main(argv=None) -> None:
 
 
 def _sample(args, info) -> None:
-
     torch.backends.cudnn.benchmark = False  # fixed algorithm choice: same bits on every run
     setup = load_setup(args.ckpt, model_name=args.model, use_ema=args.use_ema, vae=args.vae,
                        hf_model_name=args.hf_model_name, hf_model_dir=args.hf_model_dir, device=info.device)

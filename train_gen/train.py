@@ -43,6 +43,7 @@ from fcdm_common.cli import (
     str2bool,
 )
 from fcdm_common.cpu import tune_cpu_allocator
+from fcdm_common.rng import seed_everything
 from models import MODELS, create_model
 from models.autoencoders import DEFAULT_SCALING_FACTOR, DEFAULT_VAE_ID
 from models.checkpoints import load_checkpoint
@@ -62,7 +63,7 @@ from train_gen.config import (
     run_name_extra,
 )
 from train_gen.ema import SNAPSHOT_DTYPES, sigma_rel_to_gamma
-from train_gen.run_folder import RunLogger, acquire_run_lock, experiment_name, find_resume_checkpoint, seed_everything
+from train_gen.run_folder import RunLogger, acquire_run_lock, experiment_name, find_resume_checkpoint
 from train_gen.step_draws import RNG_SCHEME, BatchPlan
 from train_gen.training_loop import ResumePoint, training_loop
 
@@ -487,7 +488,7 @@ def main(argv=None):
     # the grids' VAE, checked before anything is written (offline: one message, no run folder)
     vae = None
     if args.sample_every > 0:
-        vae = decoder_for_run(config.vae, config.to_dict()["data"], device, load=accelerator.is_main_process,
+        vae = decoder_for_run(config.vae, dataclasses.asdict(config.data), device, load=accelerator.is_main_process,
                               hint=GRID_VAE_HINT)
 
     run_lock = acquire_run_lock(run_dir) if accelerator.is_main_process else None  # freed on exit

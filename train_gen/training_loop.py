@@ -37,6 +37,7 @@ from fcdm_common.images import save_grid, to_uint8
 from fcdm_common.io import atomic_write_text, remove_stale_temps
 from fcdm_common.launchers import process_count_warning
 from fcdm_common.progress import progress
+from fcdm_common.rng import capture_rng, rank_seed, restore_rng, seed_everything
 from models.checkpoints import save_checkpoint
 from preparation.checks import describe_nonfinite
 from train_gen.config import TrainConfig
@@ -45,14 +46,10 @@ from train_gen.loader import TrainLoader
 from train_gen.plot import write_curves
 from train_gen.run_folder import (
     RunLogger,
-    capture_rng,
     checkpoint_path,
     ema_export_path,
     export_ema,
     prune_checkpoints,
-    rank_seed,
-    restore_rng,
-    seed_everything,
     truncate_metrics,
 )
 from train_gen.step_draws import RNG_SCHEME, BatchPlan, StepDraws, take
