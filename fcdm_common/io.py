@@ -7,11 +7,14 @@ file (`.<name>.<8 chars>.tmp`) that `remove_stale_temps` deletes when the progra
 Test hook (fault injection, tests/test_faults.py): with `FCDM_FAULT_KILL_AT="<glob>:<n>"` in the
 environment, the n-th write (1-based, counted per process) whose file name matches the glob SIGKILLs
 the process after the data is in the temp file and before the rename: a deterministic "kill -9 during
-the write". Unset (always, outside the tests) it costs one `is None` test per write.
+the write". `FCDM_FAULT_NOSPACE_AT` (same form) instead raises the OSError of a full disk (ENOSPC) at that
+point, for the programs' "disk full" message. Unset (always, outside the tests) they cost one `is None`
+test per write.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import hashlib
 import os
@@ -22,25 +25,40 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 _FAULT_SPEC = os.environ.get("FCDM_FAULT_KILL_AT")  # test hook, read once: "<basename glob>:<n>"
+_NOSPACE_SPEC = os.environ.get("FCDM_FAULT_NOSPACE_AT")  # test hook, read once: "<basename glob>:<n>"
 _fault_hits = 0
+_nospace_hits = 0
 # temp files we can leave behind: ours (mkstemp below) and safetensors' own (`.tmp` + 6 characters,
 # left by `safetensors.torch.save_file` when killed)
 _OUR_TEMP = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$")
 _SAFETENSORS_TEMP = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")
 
 
+def _selects(spec: str, variable: str, name: str) -> tuple[bool, int]:
+    """(does `name` match the glob of `spec`, the n of `spec`)."""
+    pattern, _, count = spec.rpartition(":")
+    if not pattern or not count.isdigit():
+        raise ValueError(f"{variable} must look like '<glob>:<n>', got {spec!r}")
+    return fnmatch.fnmatchcase(name, pattern), int(count)
+
+
 def fault_point(name: str, before_kill: Optional[Callable[[], object]] = None) -> None:
     """Test hook: SIGKILL this process here if `FCDM_FAULT_KILL_AT` selects this write of `name`
-    (`before_kill` runs first, e.g. to leave half a line in a log). A no-op when the variable is unset."""
+    (`before_kill` runs first, e.g. to leave half a line in a log), or raise ENOSPC if
+    `FCDM_FAULT_NOSPACE_AT` selects it. A no-op when the variables are unset."""
+    global _fault_hits, _nospace_hits
+    if _NOSPACE_SPEC is not None:
+        match, n = _selects(_NOSPACE_SPEC, "FCDM_FAULT_NOSPACE_AT", name)
+        if match:
+            _nospace_hits += 1
+            if _nospace_hits >= n:  # the disk stays full
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
     if _FAULT_SPEC is None:
         return
-    global _fault_hits
-    pattern, _, count = _FAULT_SPEC.rpartition(":")
-    if not pattern or not count.isdigit():
-        raise ValueError(f"FCDM_FAULT_KILL_AT must look like '<glob>:<n>', got {_FAULT_SPEC!r}")
-    if fnmatch.fnmatchcase(name, pattern):
+    match, n = _selects(_FAULT_SPEC, "FCDM_FAULT_KILL_AT", name)
+    if match:
         _fault_hits += 1
-        if _fault_hits == int(count):
+        if _fault_hits == n:
             if before_kill is not None:
                 before_kill()
             os.kill(os.getpid(), signal.SIGKILL)
@@ -86,7 +104,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
-        fault_point(path.name)
+        try:
+            fault_point(path.name)
+        except OSError as e:  # the test hook's full disk: named after the destination, as a real one is
+            raise OSError(e.errno, e.strerror, str(path)) from None
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -108,7 +129,26 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     import torch  # deferred: this module is also imported by the TensorFlow feature process, which has no torch
 
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:  # torch's writer hides a full disk behind "enforce fail ... unexpected pos"
+            raise disk_full_error(tmp, path) or e
+
+
+LOW_SPACE_BYTES = 16 << 20  # a failed write with less free space than this is taken for a full disk
+
+
+def disk_full_error(tmp: Path, path: str | os.PathLike) -> Optional[OSError]:
+    """The ENOSPC error for a write of `path` that failed with a library's own message (torch's
+    "unexpected pos"), when the disk of `tmp` is (nearly) full; None when it is not. Checked while the
+    half-written temp file still takes its space."""
+    try:
+        free = os.statvfs(tmp.parent).f_bavail * os.statvfs(tmp.parent).f_frsize
+    except OSError:
+        return None
+    if free >= LOW_SPACE_BYTES:
+        return None
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
