@@ -25,8 +25,12 @@ MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MASTER_PORT=29500
 NUM_PROCESSES=$((SLURM_NNODES * GPUS_PER_NODE))
 
-# On a time-limit warning, requeue the job; the rerun resumes from the last checkpoint.
-trap 'echo "requeueing"; scontrol requeue "$SLURM_JOB_ID"' USR1
+RUN=fcdm-xl-256                              # fixed run name: the requeue test below knows the folder
+
+# 300 s before the time limit SLURM sends USR1 to this shell (--signal=B:USR1@300): pass it to the
+# training processes on every node; they finish the step, write a checkpoint and <run>/preempted.json,
+# and exit with status 75. Then requeue: the rerun resumes bit-exactly from that checkpoint.
+trap 'echo "time limit near: asking train.py to checkpoint"; srun --overlap --ntasks-per-node=1 pkill -USR1 -f "python[^ ]* -u .*train_gen/train\.py"' USR1
 
 srun --kill-on-bad-exit=1 bash -c "
   . .venv/bin/activate
@@ -35,6 +39,11 @@ srun --kill-on-bad-exit=1 bash -c "
     --machine_rank \$SLURM_NODEID --main_process_ip $MASTER_ADDR --main_process_port $MASTER_PORT \
     train_gen/train.py --model FCDM-XL --zarr-path $STORE --results-dir $RESULTS \
       --global-batch-size 256 --batch-per-gpu $BATCH_PER_GPU --hf-model-dir $VAE_DIR \
-      --ckpt-every 10000 --sample-every 10000
+      --ckpt-every 10000 --sample-every 10000 --exp-name $RUN
 " &
-wait
+wait || true   # returns early when the trap runs
+wait || true   # the training step itself
+if [ -f "$RESULTS/$RUN/preempted.json" ]; then
+  echo "checkpointed after the warning: requeueing"
+  scontrol requeue "$SLURM_JOB_ID"
+fi

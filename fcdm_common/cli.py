@@ -136,8 +136,20 @@ def error_summary(e: BaseException, limit: int = 200) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
+def close_progress_bars() -> None:
+    """Close every open tqdm bar (each ends its line), so a message printed next starts on a line of its own.
+    Looks tqdm up in sys.modules: a program that never drew a bar does not import it."""
+    tqdm_module = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm_module, "tqdm", None), "_instances", ())):  # tqdm's set of live bars
+        try:
+            bar.close()
+        except Exception:  # a bar whose stream is gone: nothing to end
+            pass
+
+
 def fail(message: str) -> NoReturn:
-    """Print `error: message` on stderr and exit with status 2."""
+    """Print `error: message` on stderr (on a line of its own) and exit with status 2."""
+    close_progress_bars()
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
 
@@ -184,6 +196,7 @@ def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str]
             hand_error_to_launcher(message)
         fail(message)
     except KeyboardInterrupt:
+        close_progress_bars()
         print("\ninterrupted (Ctrl-C); finished files were kept, rerun the same command to continue",
               file=sys.stderr, flush=True)
         sys.exit(INTERRUPTED_STATUS)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +32,19 @@ import torch
 from accelerate import Accelerator
 
 from diffusion import check_sampler, create_objective
+from diffusion.sampling import parse_cfg_channels
 from evaluations.in_training import add_eval_args, plan_from_args
 from fcdm_common.cli import (
     HelpFormatter,
     UserError,
     alias_help,
     error_summary,
+    float_in,
     non_negative_int,
+    path_component,
     positive_int,
     run_main,
+    seed_int,
     str2bool,
 )
 from fcdm_common.cpu import tune_cpu_allocator
@@ -63,6 +68,7 @@ from train_gen.config import (
     run_name_extra,
 )
 from train_gen.ema import SNAPSHOT_DTYPES, sigma_rel_to_gamma
+from train_gen.preemption import PREEMPTED_STATUS
 from train_gen.run_folder import RunLogger, acquire_run_lock, experiment_name, find_resume_checkpoint
 from train_gen.step_draws import RNG_SCHEME, BatchPlan
 from train_gen.training_loop import ResumePoint, training_loop
@@ -114,13 +120,6 @@ def sigma_list_arg(value: str) -> list:
     return out
 
 
-def positive_float_arg(value: str) -> float:
-    v = float(value)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}")
-    return v
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
@@ -154,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "store's per-channel statistics (preparation/latent_stats.py adds them to older stores)")
     g = p.add_argument_group("run folder and resume")
     g.add_argument("--results-dir", default="results", help="parent folder of run folders")
-    g.add_argument("--exp-name", default=None, help="run folder name (default: derived from the settings)")
+    g.add_argument("--exp-name", type=path_component, default=None,
+                   help="run folder name, one path component inside --results-dir (default: derived from the settings)")
     g.add_argument("--resume", default=None, help="resume from this checkpoint file instead of the run's newest")
     g.add_argument("--start-over", type=str2bool, default=False,
                    help="train from step 0 when the run folder has checkpoints but none can be read (without it "
@@ -169,12 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--allow-rng-scheme-change", type=str2bool, default=False,
                    help="resume a checkpoint written before per-step random draws anyway (new random streams, "
                         "a different trajectory from the one it started)")
-    g.add_argument("--lr", type=positive_float_arg, default=1e-4, help="AdamW learning rate (constant)")
-    g.add_argument("--weight-decay", type=float, default=TRAJECTORY_DEFAULTS["weight_decay"], help="AdamW weight decay")
+    g.add_argument("--lr", type=float_in(0, lo_open=True), default=1e-4, help="AdamW learning rate (constant), > 0")
+    g.add_argument("--weight-decay", type=float_in(0), default=TRAJECTORY_DEFAULTS["weight_decay"],
+                   help="AdamW weight decay, >= 0")
     g.add_argument("--max-train-steps", type=positive_int, default=None,
                    help=f"total optimizer steps (default: --epochs, else {PAPER_STEPS})")
     g.add_argument("--epochs", type=positive_int, default=None, help="train this many passes over the data")
-    g.add_argument("--ema-decay", type=float, default=TRAJECTORY_DEFAULTS["ema_decay"], help="EMA decay per step")
+    g.add_argument("--ema-decay", type=float_in(0, 1), default=TRAJECTORY_DEFAULTS["ema_decay"],
+                   help="EMA decay per step, in [0, 1] (0: the EMA is the model; 1: it stays the initial weights)")
     g.add_argument("--posthoc-ema-snapshot-every", type=non_negative_int, default=0,
                    help="also track EDM2 power-function EMAs and save snapshots of them every N steps into "
                         "<run>/posthoc_ema/ for train_gen/reconstruct_ema.py (0: off)")
@@ -187,15 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-checkpointing", type=ckpt_mode_arg, default="none",
                    help="activation checkpointing: none, selective (keep matmul/conv outputs) or full")
     g.add_argument("--compile", type=str2bool, default=False, help="torch.compile the model's blocks")
-    g.add_argument("--grad-clip", type=float, default=TRAJECTORY_DEFAULTS["grad_clip"],
-                   help="clip the global gradient norm to this (0: off)")
+    g.add_argument("--grad-clip", type=float_in(0), default=TRAJECTORY_DEFAULTS["grad_clip"],
+                   help="clip the global gradient norm to this, >= 0 (0: off)")
     g.add_argument("--optimizer-impl", choices=("auto", "fused", "foreach"), default="auto",
                    help="AdamW kernel: fused (skips bad steps on the device) or foreach (one sync per step); "
                         "auto: fused")
     g.add_argument("--max-bad-steps", type=positive_int, default=50,
                    help="stop after this many consecutive steps with non-finite loss or gradients")
-    g.add_argument("--seed", type=int, default=0,
-                   help="global seed (model init, data order; per-rank streams derive from it)")
+    g.add_argument("--seed", type=seed_int, default=0,
+                   help="global seed, 0 .. 2**32-1 (model init, data order; per-rank streams derive from it)")
     g.add_argument("--tf32", type=str2bool, default=True, help="allow TF32 matmuls/convolutions on CUDA")
     g = p.add_argument_group("logging, checkpoints and sample grids")
     g.add_argument("--log-every", type=positive_int, default=100, help="reduce and log metrics every N steps")
@@ -206,14 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also keep checkpoints whose step is a multiple of M (0: none)")
     g.add_argument("--sample-every", type=non_negative_int, default=10_000,
                    help="draw the EMA sample grid every N steps and at the end (0: never)")
-    g.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale of the grids (1: off)")
-    g.add_argument("--cfg-channels", default="all", help="guided channels of the grids: all, or k (DiT: 3)")
+    g.add_argument("--cfg-scale", type=float_in(0), default=4.0,
+                   help="classifier-free guidance scale of the grids, >= 0 (1: off)")
+    g.add_argument("--cfg-channels", default="all",
+                   help="guided channels of the grids: all, or k in 1..latent channels (DiT: 3)")
     g.add_argument("--grid-sampler", default="auto",
                    help="grid sampler: any --sampler of sample.py (diffusion: ddpm, ddim, dpm++2m, unipc, ..., "
                         "diffusers:<Class>; flow: euler, heun, sde, dopri5); auto: ddim / euler")
-    g.add_argument("--grid-steps", type=positive_int, default=50, help="sampling steps of the grids")
+    g.add_argument("--grid-steps", type=positive_int, default=50,
+                   help="sampling steps of the grids (diffusion: at most its 1000 training steps)")
     g.add_argument("--grid-cols", type=positive_int, default=8, help="samples per class row of the grid")
-    g.add_argument("--grid-seed", type=int, default=0, help="seed of the fixed grid noise")
+    g.add_argument("--grid-seed", type=seed_int, default=0, help="seed of the fixed grid noise, 0 .. 2**32-1")
     g.add_argument("--vae", choices=("sd", "none"), default=None,
                    help="decoder of the grids (default: the VAE recorded with the data)")
     g.add_argument("--hf-model-dir", default=None,
@@ -442,6 +447,16 @@ def check_flags(args, objective_name: str) -> str:
     return grid_sampler
 
 
+def check_grid_flags(args, objective, data: DataConfig) -> None:
+    """Grid flags that depend on the objective and the data: --grid-steps within a diffusion model's
+    training steps, --cfg-channels within the latent channels (both checked again when the grid is drawn)."""
+    total = getattr(objective, "original_num_steps", None)  # None for flow matching: any step count
+    if args.sample_every > 0 and total is not None and args.grid_steps > total:
+        raise UserError(f"--grid-steps {args.grid_steps} exceeds the {total} steps of the diffusion; "
+                        f"use at most {total}")
+    parse_cfg_channels(args.cfg_channels, data.latent_shape[0])
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     grid_sampler = check_flags(args, args.objective)
@@ -476,6 +491,7 @@ def main(argv=None):
         objective = create_objective(args.objective, **args.objective_kwargs)
     except (TypeError, ValueError) as e:
         raise UserError(f"bad --objective-kwargs {json.dumps(args.objective_kwargs)}: {e}") from None
+    check_grid_flags(args, objective, data)
     steps_per_epoch = plan.steps_per_epoch(len(dataset))
     max_steps = args.max_train_steps or (args.epochs * steps_per_epoch if args.epochs else PAPER_STEPS)
     optimizer_impl = args.optimizer_impl
@@ -494,10 +510,12 @@ def main(argv=None):
     run_lock = acquire_run_lock(run_dir) if accelerator.is_main_process else None  # freed on exit
     logger = RunLogger(run_dir, enabled=accelerator.is_main_process)
     resume = find_resume_point(args, config, run_dir, logger, accelerator.is_main_process)
-    training_loop(config, model=model, dataset=dataset, objective=objective, accelerator=accelerator, plan=plan,
-                  logger=logger, resume=resume, vae=vae, eval_plan=eval_plan)
+    preempted = training_loop(config, model=model, dataset=dataset, objective=objective, accelerator=accelerator,
+                              plan=plan, logger=logger, resume=resume, vae=vae, eval_plan=eval_plan)
     if run_lock is not None:
         run_lock.release()
+    if preempted:
+        sys.exit(PREEMPTED_STATUS)  # after the checkpoint; a requeue script tests it (train_gen/preemption.py)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ chosen. One optimizer step (`train_step`) draws its random values for the whole 
   `--log-every` steps only.
 
 Checkpoints hold everything a bitwise-exact resume needs: model, EMA, optimizer, step, every random
-state of every process, the data position and the counters (train_gen/run_folder.py).
+state of every process, the data position and the counters (train_gen/run_folder.py). On SIGTERM or
+SIGUSR1 (a cluster's warning before it kills the job) the loop finishes the step, checkpoints and
+returns "preempted" (train_gen/preemption.py).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 
 import diffusion
-from diffusion.sampling import SamplerSettings
+from diffusion.sampling import SamplerSettings, parse_cfg_channels
 from evaluations.in_training import InTrainingEvaluator
 from fcdm_common.cli import UserError
 from fcdm_common.distributed import all_gather_object
@@ -44,6 +46,7 @@ from train_gen.config import TrainConfig
 from train_gen.ema import PowerEMA, create_ema, remove_snapshots_after, save_posthoc_snapshots, update_ema
 from train_gen.loader import TrainLoader
 from train_gen.plot import write_curves
+from train_gen.preemption import PREEMPTED_STATUS, PreemptionWatch, take_marker, write_marker
 from train_gen.run_folder import (
     RunLogger,
     checkpoint_path,
@@ -95,6 +98,7 @@ class TrainState:
     step: int = 0  # optimizer steps taken
     skipped_total: int = 0  # non-finite steps skipped up to the last log step
     unreadable: list = field(default_factory=list)  # checkpoint files found unreadable (pruning ignores them)
+    named_nonfinite: set = field(default_factory=set)  # dataset items already named in the log as NaN/inf
 
 
 class Meter:
@@ -310,9 +314,8 @@ def grid_labels(num_classes: int, cols: int) -> list:
 def grid_sampler_settings(config: TrainConfig) -> SamplerSettings:
     """How the training grids are drawn (--grid-sampler, --grid-steps, --cfg-scale, --cfg-channels)."""
     log = config.log
-    cfg_channels = int(log.cfg_channels) if str(log.cfg_channels).isdigit() else log.cfg_channels
     return SamplerSettings(sampler=log.grid_sampler, num_steps=log.grid_steps, cfg_scale=log.cfg_scale,
-                           cfg_channels=cfg_channels)
+                           cfg_channels=parse_cfg_channels(log.cfg_channels, config.data.latent_shape[0]))
 
 
 @torch.no_grad()
@@ -370,10 +373,30 @@ def log_window(meter: Meter, state: TrainState, config: TrainConfig, accelerator
     logger.log(f"step {step:07d} loss {record['loss']:.4f} mse {record['mse']:.4f} grad_norm "
                f"{record['grad_norm']:.3f} steps/s {sps:.2f} img/s {record['images_per_sec']:.1f}"
                + (f" skipped {record['skipped_steps']}" if record["skipped_steps"] else ""))
+    if record["skipped_steps"]:
+        name_nonfinite_items(state, config, loader, logger, step)
     bar.set_postfix(loss=f"{record['loss']:.4f}", steps_per_s=f"{sps:.2f}")
     if config.log.report_to != "none":
         accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=step)
     meter.reset()
+
+
+def name_nonfinite_items(state: TrainState, config: TrainConfig, loader: TrainLoader, logger: RunLogger,
+                         step: int) -> None:
+    """Name, once each, the dataset items with NaN/inf inputs in the batches up to `step` (a collective: every
+    rank calls it after a window with skipped steps). Their batches are skipped every epoch, so the log
+    says which item (index, and file for the .npy layout) to remove or re-extract."""
+    records = {s: v for r in all_gather_object(loader.nonfinite_items(step)) for s, v in r.items()}
+    new = sorted({int(i) for v in records.values() for i in v} - state.named_nonfinite)
+    if not new:
+        return
+    state.named_nonfinite.update(new)
+    files = getattr(loader.dataset, "files", None)  # the legacy .npy layout: one file per item
+    source = config.data.zarr_path or config.data.feature_path
+    names = [f"{i} ({files[i]})" if files is not None else str(i) for i in new[:20]]
+    more = f" and {len(new) - 20} more" if len(new) > 20 else ""
+    logger.log(f"WARNING: dataset item(s) {', '.join(names)}{more} of {source} hold NaN or inf; every batch that "
+               "contains one is skipped (each epoch): re-extract the data or remove these items")
 
 
 def check_bad_streak(meter: Meter, config: TrainConfig, loader: TrainLoader, step: int) -> None:
@@ -394,8 +417,16 @@ def check_bad_streak(meter: Meter, config: TrainConfig, loader: TrainLoader, ste
 
 # ---------------------------------------------------------------------------------- the loop
 def training_loop(config: TrainConfig, *, model: torch.nn.Module, dataset, objective, accelerator, plan: BatchPlan,
-                  logger: RunLogger, resume: ResumePoint, vae, eval_plan) -> None:
-    """Train from the resume point to config.train.max_train_steps."""
+                  logger: RunLogger, resume: ResumePoint, vae, eval_plan) -> bool:
+    """Train from the resume point to config.train.max_train_steps; True when a preemption signal stopped
+    the run early (after a checkpoint: rerun to resume)."""
+    with PreemptionWatch(plan.world_size, accelerator.device) as watch:
+        return _train(config, model=model, dataset=dataset, objective=objective, accelerator=accelerator, plan=plan,
+                      logger=logger, resume=resume, vae=vae, eval_plan=eval_plan, watch=watch)
+
+
+def _train(config: TrainConfig, *, model: torch.nn.Module, dataset, objective, accelerator, plan: BatchPlan,
+           logger: RunLogger, resume: ResumePoint, vae, eval_plan, watch: PreemptionWatch) -> bool:
     t, log = config.train, config.log
     run_dir, device, is_main = Path(config.run.run_dir), accelerator.device, accelerator.is_main_process
     state = setup_state(config, model, accelerator)
@@ -412,6 +443,9 @@ def training_loop(config: TrainConfig, *, model: torch.nn.Module, dataset, objec
     start_step = state.step
     if is_main:
         prepare_run_folder(run_dir, config, start_step)
+        if (marker := take_marker(run_dir)) is not None:
+            logger.log(f"resuming after a preemption (checkpoint of step {marker.get('step', '?')}, "
+                       f"signal {marker.get('signal', '?')})")
     if log.report_to != "none":
         accelerator.init_trackers(config.run.exp_name, config=flat_config(config.to_dict()),
                                   init_kwargs={"wandb": {"name": config.run.exp_name, "dir": str(run_dir)}}
@@ -439,24 +473,29 @@ def training_loop(config: TrainConfig, *, model: torch.nn.Module, dataset, objec
                                     on_record=lambda: write_curves(run_dir, logger.log)) if eval_plan else None
     if evaluator:
         evaluator.start(start_step)  # reference features; an evaluation a kill left pending
-    run_steps(state, config, ddp_model, objective, accelerator, plan, step_draws, loader, meter, logger, vae,
-              evaluator, save)
+    preempted = run_steps(state, config, ddp_model, objective, accelerator, plan, step_draws, loader, meter, logger,
+                          vae, evaluator, save, watch)
     if is_main:
         write_curves(run_dir, logger.log)
-    if state.step == start_step:
+    if preempted:
+        logger.log(f"preempted ({watch.received or 'signal on another process'}): checkpoint of step {state.step} "
+                   f"saved; exiting with status {PREEMPTED_STATUS}; rerun the same command to resume")
+    elif state.step == start_step:
         logger.log(f"nothing to do: the run is already at step {state.step} >= --max-train-steps {t.max_train_steps}")
     else:
         logger.log(f"done: {state.step} steps, {state.skipped_total} skipped; checkpoints in {run_dir / 'checkpoints'}")
     if log.report_to != "none":
         accelerator.end_training()
     accelerator.wait_for_everyone()
+    return preempted
 
 
 def run_steps(state: TrainState, config: TrainConfig, ddp_model, objective, accelerator, plan: BatchPlan,
               step_draws: StepDraws, loader: TrainLoader, meter: Meter, logger: RunLogger, vae, evaluator,
-              save) -> None:
+              save, watch: Optional[PreemptionWatch] = None) -> bool:
     """The optimizer steps from state.step to the last, with what happens after each: logs, the bad-step
-    guard, post-hoc EMA snapshots, checkpoints (`save`), grids and evaluations (excluded from steps/s)."""
+    guard, post-hoc EMA snapshots, checkpoints (`save`), grids and evaluations (excluded from steps/s).
+    True when `watch` asked to stop early: the step's checkpoint and the preemption marker are written."""
     t, log = config.train, config.log
     run_dir, device, is_main = Path(config.run.run_dir), accelerator.device, accelerator.is_main_process
     max_steps = t.max_train_steps
@@ -491,4 +530,12 @@ def run_steps(state: TrainState, config: TrainConfig, ddp_model, objective, acce
         if evaluator:
             evaluator.maybe_run(step, save)  # after the checkpoint of this step; excluded from steps/s
         paused += time.perf_counter() - pause_start
+        if watch is not None and step < max_steps and watch.due(step):
+            bar.close()
+            if step % log.ckpt_every:  # not saved above
+                save(step)
+            if is_main:
+                write_marker(run_dir, step, watch.received)
+            return True
     bar.close()
+    return False

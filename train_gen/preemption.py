@@ -1,0 +1,98 @@
+"""Preemption: a checkpoint on a cluster's warning signal, then a status a requeue script can test.
+
+SLURM warns a job before killing it (at the time limit, or on preemption with a grace time):
+`--signal=USR1@300` sends SIGUSR1 300 s ahead, and SIGTERM arrives KillWait seconds before SIGKILL.
+While training, `PreemptionWatch` turns SIGTERM and SIGUSR1 into a request that the loop honours at
+the next step boundary: every process finishes the current optimizer step, they agree on the step,
+write one checkpoint (the usual collective one, so the resume is bitwise exact), the main process
+writes `<run>/preempted.json` ({"step", "signal", "time"}), and every process exits with
+`PREEMPTED_STATUS` (75, EX_TEMPFAIL: "try again"). Rerunning the same command resumes; the marker is
+removed when it does. docs/training.md shows the SLURM lines.
+
+Agreement: a signal may reach the processes at slightly different times, so with several processes
+they compare flags (one all-reduce of one number) every `POLL_EVERY` steps, always at the same steps;
+with one process the flag is read after every step (no collective).
+"""
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from fcdm_common.io import atomic_write_text
+
+PREEMPTED_STATUS = 75  # exit status after a preemption checkpoint (EX_TEMPFAIL of sysexits.h)
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")  # the warnings of SLURM (and of most schedulers)
+POLL_EVERY = 10  # steps between the flag comparisons of a multi-process run
+MARKER = "preempted.json"  # in the run folder: the step of the preemption checkpoint
+
+
+class PreemptionWatch:
+    """Catch PREEMPT_SIGNALS while training (a context manager: the previous handlers come back on exit).
+
+    `due(step)` is True once every process agrees that a signal arrived; all processes call it after
+    every step, in step order."""
+
+    def __init__(self, world_size: int, device: torch.device, poll_every: int = POLL_EVERY):
+        self.world_size = world_size  # processes of the run
+        self.device = device  # where the flag lives for the all-reduce (NCCL needs a CUDA tensor)
+        self.poll_every = poll_every  # steps between comparisons when world_size > 1
+        self.received: Optional[str] = None  # name of the first signal caught, or None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "PreemptionWatch":
+        for name in PREEMPT_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                try:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+                except ValueError:  # not the main thread (e.g. a test harness): no handler
+                    pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+
+    def due(self, step: int) -> bool:
+        """After `step`: should the run checkpoint and stop now? Identical on every process."""
+        if self.world_size == 1:
+            return self.received is not None
+        if step % self.poll_every:
+            return False
+        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+
+def write_marker(run_dir: Path, step: int, received: Optional[str]) -> Path:
+    """Main process: `<run>/preempted.json`, for requeue scripts and for the log of the resumed run."""
+    path = Path(run_dir) / MARKER
+    atomic_write_text(path, json.dumps({"step": int(step), "signal": received or "another process's",
+                                        "time": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+    return path
+
+
+def take_marker(run_dir: Path) -> Optional[dict]:
+    """Main process, when a run starts: remove `<run>/preempted.json` and return what it held (None when
+    there is none; {} when it was unreadable)."""
+    path = Path(run_dir) / MARKER
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+        info = info if isinstance(info, dict) else {}
+    except (OSError, ValueError):
+        info = {}
+    path.unlink(missing_ok=True)
+    return info
