@@ -7,10 +7,8 @@ every path refuses the same files with the same message naming them.
   latents: silent zeros), and a damaged one raises whatever its codec raises (checksum ValueError,
   blosc RuntimeError, JSON errors in the array metadata); inside this block every failure becomes one
   `UserError` naming the store and the fix.
-* `check_chunk_files(path, array)`: empty chunk files (zarr never writes one) and, for arrays whose
-  fill value is no valid data (labels: -1), missing ones, found with one stat per shard file when a
-  store is opened. zarr skips writing an all-fill-value chunk, so a missing latents shard (fill 0)
-  cannot be told from zeros.
+* Missing or empty shard files (which zarr would also read as the fill value) are found when a store
+  is opened by `preparation.store.check_shard_files`, which knows the layout: every shard file is written.
 * `load_latent_file(path)`, `load_label_file(path)`: the legacy per-image files, checked.
 * `check_finite(array, path)`: a latent file holding NaN or inf is refused, naming the file.
 * `check_label_gaps(labels, names, source)`: without a class list the number of classes is max
@@ -24,10 +22,7 @@ every path refuses the same files with the same message naming them.
 from __future__ import annotations
 
 import contextlib
-import itertools
-import math
 import os
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -124,22 +119,3 @@ def describe_nonfinite(records: dict, source: str, limit: int = 8) -> str | None
     return (f"the input latents themselves are not finite: dataset item(s) {shown} of {source} hold NaN or inf "
             f"(first seen at step {steps[0] + 1}, in {len(steps)} batch(es)); the data is the cause, not the "
             "optimisation: re-extract the data or remove these items")
-
-
-def check_chunk_files(path: str | os.PathLike, array, allow_missing: bool = False) -> None:
-    """UserError when a chunk (shard) file of a zarr v3 `array` of the store at `path` is empty, or missing
-    (unless `allow_missing`: chunks equal to the fill value are not written)."""
-    shape = array.shape
-    grid = array.metadata.chunk_grid.chunk_shape  # the stored objects: shards where the array is sharded
-    counts = [math.ceil(n / c) for n, c in zip(shape, grid)]
-    folder = Path(path) / array.path
-    for coords in itertools.product(*(range(n) for n in counts)):
-        key = array.metadata.encode_chunk_key(coords)
-        f = folder / key
-        try:
-            size = f.stat().st_size
-        except FileNotFoundError:
-            size = None
-        if size == 0 or (size is None and not allow_missing):
-            state = "missing" if size is None else "empty (0 bytes)"
-            raise UserError(f"zarr store {path} is damaged (chunk file {f} is {state}); {FIX}")

@@ -16,7 +16,10 @@ each shard and combined when the store completes (preparation/statistics.py).
 Work is split into shards of --shard-size images (= zarr shard files); shard k goes to rank
 k % world_size, so no two processes write one file. Finished shards are recorded in the store and
 skipped when the same command is rerun after an interruption; the result equals an uninterrupted
-run. Layout: docs/data.md.
+run. A kill at any moment, store creation included, leaves something the rerun finishes (the store is
+created under a temporary name and renamed into place; rank 0 removes what killed runs left, see
+preparation/store.py), and shards recorded as done whose files have gone missing are encoded again.
+Layout: docs/data.md.
 """
 from __future__ import annotations
 
@@ -31,7 +34,17 @@ import torch
 import zarr
 from PIL import Image
 
-from fcdm_common.cli import HelpFormatter, UserError, alias_help, non_negative_int, positive_int, run_main, str2bool
+from fcdm_common.cli import (
+    HelpFormatter,
+    UserError,
+    alias_help,
+    float_in,
+    non_negative_int,
+    positive_int,
+    run_main,
+    seed_int,
+    str2bool,
+)
 from fcdm_common.distributed import barrier, cleanup, init_distributed
 from fcdm_common.images import center_crop_arr, pil_to_tensor
 from fcdm_common.progress import progress
@@ -113,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "config); 'none': pixel space (identity, used by the demo)")
     p.add_argument("--vae-class", choices=tuple(SUPPORTED_CLASSES), default=None,
                    help="diffusers class of the VAE (default: the config's _class_name)")
-    p.add_argument("--vae-shift-factor", type=float, default=None,
+    p.add_argument("--vae-shift-factor", type=float_in(), default=None,
                    help="latent shift: z = (latent - shift) * scale (default: the config's shift_factor, else 0)")
     p.add_argument("--vae-latent-channels", type=positive_int, default=None,
                    help="latent channels (default: the config's latent_channels)")
@@ -124,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"cache, else downloaded (default {DEFAULT_HF_MODEL})")
     p.add_argument("--hf-model-dir", default=None,
                    help="local VAE snapshot folder (loaded with local_files_only; see download_snapshot.py)")
-    p.add_argument("--vae-scaling-factor", type=float, default=None,
+    p.add_argument("--vae-scaling-factor", type=float_in(0, lo_open=True), default=None,
                    help="latent scaling factor stored with the data (default: the config's scaling_factor; "
                         "0.18215 for SD-VAE)")
     p.add_argument("--vae-dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
@@ -140,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per zarr shard = per work unit (default 1024); part of the store settings")
     p.add_argument("--chunk-size", type=positive_int, default=zstore.DEFAULT_CHUNK_SIZE,
                    help="images per compressed chunk inside a shard (divides --shard-size; default 64)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the posterior samples in --store sample")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the posterior samples in --store sample")
     p.add_argument("--overwrite", type=str2bool, nargs="?", const=True, default=False,
                    help="replace a store at --zarr-path that was made with other settings (e.g. after images "
                         "were added or removed); a store with the same settings is resumed as usual")
@@ -246,26 +259,34 @@ def _run(args, rank, world, device, say):
         vae_class=props["vae_class"], shift_factor=shift)
 
     state = zstore.check_existing(args.zarr_path, settings, overwrite=args.overwrite)
-    if state == "complete":
+    # every rank decides alike whether there is work (shards whose files were deleted are redone)
+    missing = zstore.shards_to_repair(args.zarr_path) if state in ("complete", "incomplete") else []
+    if state == "complete" and not missing:
+        if rank == 0:
+            zstore.remove_leftovers(args.zarr_path)  # the other ranks only return
         say(f"{args.zarr_path} is already complete ({count} images); nothing to do")
         if rank == 0 and not zstore_has_stats(args.zarr_path):
             say(f"it has no per-channel latent statistics; add them with "
                 f"'python preparation/latent_stats.py {args.zarr_path}'")
         return
     barrier()
-    if rank == 0 and state == "replace":
-        zstore.remove_store(args.zarr_path)
-        say(f"--overwrite: deleted {args.zarr_path}, which was made with other settings")
-    if rank == 0 and state in ("absent", "replace"):
-        zstore.create_store(args.zarr_path, settings, extra_attrs={
-            "source": str(Path(args.data_path)), "downsample": down, "latent_channels": channels,
-            "hf_model_name": None if args.vae == "none" or args.hf_model_dir else args.hf_model_name,
-            "hf_model_dir": (None if args.vae == "none" or not args.hf_model_dir
-                             else str(Path(args.hf_model_dir).resolve()))})
-        say(f"created {args.zarr_path}")
+    if rank == 0:  # the only writer until the next barrier
+        zstore.remove_leftovers(args.zarr_path)  # of killed runs: creation folders, zarr's .partial files
+        if state in ("absent", "replace"):
+            zstore.create_store(args.zarr_path, settings, extra_attrs={
+                "source": str(Path(args.data_path)), "downsample": down, "latent_channels": channels,
+                "hf_model_name": None if args.vae == "none" or args.hf_model_dir else args.hf_model_name,
+                "hf_model_dir": (None if args.vae == "none" or not args.hf_model_dir
+                                 else str(Path(args.hf_model_dir).resolve()))})
+            say(f"--overwrite: deleted {args.zarr_path}, which was made with other settings, and created it anew"
+                if state == "replace" else f"created {args.zarr_path}")
+        if missing:
+            zstore.reset_shards(zstore.open_store(args.zarr_path), missing)
+            say(f"{args.zarr_path}: the files of {zstore.describe_shards(missing, count, args.shard_size)} are "
+                "missing; encoding them again")
     barrier()
 
-    group = zarr.open_group(str(args.zarr_path), mode="r+")
+    group = zstore.open_store(args.zarr_path)
     done = zstore.done_shards(group)
     n_shards = len(done)
     mine = [k for k in range(rank, n_shards, world) if not done[k]]

@@ -16,7 +16,6 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import zarr
 
 from fcdm_common.cli import UserError, non_negative_int, run_main
 from fcdm_common.distributed import barrier, cleanup, init_distributed
@@ -28,7 +27,7 @@ from preparation.statistics import (
     store_stats_from_rows,
     write_shard_sums,
 )
-from preparation.store import STORE_FORMAT
+from preparation.store import STORE_FORMAT, check_shard_files, open_store, remove_leftovers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +43,7 @@ def _open(path: Path, mode: str):
     if not (path / "zarr.json").is_file():
         raise UserError(f"{path} is not a zarr latent store (no zarr.json)")
     try:
-        group = zarr.open_group(str(path), mode=mode)
+        group = open_store(path, mode)
         attrs = dict(group.attrs)
     except Exception as e:
         raise UserError(f"cannot open the store {path}: {e}") from None
@@ -53,6 +52,7 @@ def _open(path: Path, mode: str):
     if not attrs.get("complete"):
         raise UserError(f"{path} is incomplete; finish it by rerunning its extract_features.py command "
                         "(which records the statistics itself)")
+    check_shard_files(path, group)  # statistics of missing shards would be those of zeros
     return group, attrs
 
 
@@ -69,7 +69,8 @@ def main(argv=None):
             return
         count, shard, C = int(attrs["count"]), int(attrs["shard_size"]), int(attrs["latent_shape"][0])
         n_shards = -(-count // shard)
-        if rank == 0:
+        if rank == 0:  # the only writer until the barrier
+            remove_leftovers(path)  # zarr's .partial files of a killed run
             group, _ = _open(path, "r+")
             if args.recompute:
                 for name in ("stat_sums", "stat_done"):

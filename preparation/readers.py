@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +28,10 @@ import torch
 import zarr
 
 from fcdm_common.cli import UserError
+from fcdm_common.io import fault_point
 from fcdm_common.progress import progress as tqdm
-from preparation.checks import check_chunk_files, check_label_gaps, damaged_store, load_label_file, load_latent_file
-from preparation.store import STORE_FORMAT
+from preparation.checks import check_label_gaps, damaged_store, load_label_file, load_latent_file
+from preparation.store import STORE_FORMAT, check_shard_files
 
 _GRAIN = 32768  # elements per op slice (torch's at::internal::GRAIN_SIZE)
 
@@ -59,6 +61,36 @@ def _num_classes(labels: np.ndarray, class_names, source: str) -> int:
         raise UserError(f"{source}: labels must lie in [0, {n - 1}] but range over [{lo}, {hi}]; "
                         "the labels do not match the class list - re-extract the data")
     return n
+
+
+def remove_stale_cache_temps(store: Path, held: Path | None = None) -> list[Path]:
+    """Delete the half-written mmap caches (`.<store>.cache-<id>.npy.<pid>.tmp`, each as big as the data set)
+    that killed processes left beside `store`; returns them.
+
+    A cache is written only by the process holding the flock of its `<cache>.lock`, and the kernel drops that
+    lock when the process dies. The caller holds the lock of the cache `held`, so a temp of it is stale; the
+    lock of any other is tried without waiting, and a temp whose lock is taken by a live writer (a training
+    run of the same store on this node) is kept. Process ids are not used: ranks on other nodes of a shared
+    file system, and a restarted container, reuse them."""
+    pattern = re.compile(rf"^\.(?P<cache>{re.escape(store.name)}\.cache-[0-9a-f]+\.npy)\.\d+\.tmp$")
+    removed = []
+    for p in sorted(store.parent.iterdir()):
+        m = pattern.match(p.name)
+        if not m or not p.is_file():
+            continue
+        if held is not None and m.group("cache") == held.name:
+            p.unlink(missing_ok=True)
+            removed.append(p)
+            continue
+        with open(store.parent / f"{m.group('cache')}.lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its writer is alive
+            p.unlink(missing_ok=True)
+            removed.append(p)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return removed
 
 
 class ZarrLatentDataset:
@@ -95,8 +127,7 @@ class ZarrLatentDataset:
         count = int(info["count"])
         with damaged_store(self.path):
             latents = group["latents"]
-            check_chunk_files(self.path, latents, allow_missing=True)  # zarr reads an empty file as zeros
-            check_chunk_files(self.path, group["labels"])
+            check_shard_files(self.path, group)  # zarr reads a missing or empty shard file as zeros
             labels = np.asarray(group["labels"][:], dtype=np.int64)
         if latents.shape[0] != count or labels.shape[0] != count:
             raise UserError(f"{self.path}: {latents.shape[0]} latents and {labels.shape[0]} labels but "
@@ -138,16 +169,22 @@ class ZarrLatentDataset:
         array = self._zarr_array()
         with open(str(target) + ".lock", "w") as lock:  # one writer per node; the others wait
             fcntl.flock(lock, fcntl.LOCK_EX)
+            remove_stale_cache_temps(self.path, held=target)
             if not target.exists():
                 tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=array.dtype, shape=array.shape)
-                step = int(self.info.get("shard_size", 1024))
-                for start in tqdm(range(0, array.shape[0], step), desc=f"decompressing to {target.name}",
-                                  unit="shard", disable=array.shape[0] <= 16 * step):
-                    out[start:start + step] = array[start:start + step]
-                out.flush()
-                del out
-                os.replace(tmp, target)
+                try:
+                    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=array.dtype, shape=array.shape)
+                    step = int(self.info.get("shard_size", 1024))
+                    for start in tqdm(range(0, array.shape[0], step), desc=f"decompressing to {target.name}",
+                                      unit="shard", disable=array.shape[0] <= 16 * step):
+                        out[start:start + step] = array[start:start + step]
+                    out.flush()
+                    del out
+                    fault_point(target.name)  # test hook (fcdm_common/io.py): a kill before the rename
+                    os.replace(tmp, target)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)  # a full disk or Ctrl-C leaves no copy of the whole data set
+                    raise
             fcntl.flock(lock, fcntl.LOCK_UN)
         memory = np.load(target, mmap_mode="r")
         if memory.shape != tuple(array.shape):

@@ -4,7 +4,9 @@ The original FCDM/DiT pipeline wrote one `.npy` per image: `--feature-path` hold
 samples ((1, C, H, W), (C, H, W), or (2, C, H, W) with both orientations) and `--label-path` a
 label `.npy` with the same file name. Files are taken in sorted name order. The result is a
 "sample" store (docs/data.md) with 1 or 2 orientations, written shard by shard with the same
-done markers as extraction, so an interrupted conversion resumes.
+done markers as extraction, so an interrupted conversion resumes: a kill at any moment leaves
+something the same command finishes (docs/data.md), and shards whose files went missing are converted
+again. `--overwrite` replaces a store made with other settings; one with the same settings is resumed.
 
     python preparation/save_zarr.py --feature-path features/ --label-path labels/ --zarr-path out.zarr
 """
@@ -14,9 +16,8 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import zarr
 
-from fcdm_common.cli import HelpFormatter, UserError, positive_int, run_main
+from fcdm_common.cli import HelpFormatter, UserError, float_in, positive_int, run_main, str2bool
 from fcdm_common.progress import progress as tqdm
 from models.autoencoders import DEFAULT_SCALING_FACTOR, DEFAULT_VAE_ID
 from preparation import store as zstore
@@ -25,8 +26,9 @@ from preparation.checks import check_label_gaps, load_label_file, load_latent_fi
 
 def convert(feature_path, label_path, zarr_path, image_size: int | None = None, vae: str = DEFAULT_VAE_ID,
             scaling_factor: float = DEFAULT_SCALING_FACTOR, shard_size: int = zstore.DEFAULT_SHARD_SIZE,
-            chunk_size: int = zstore.DEFAULT_CHUNK_SIZE, progress: bool = True) -> Path:
-    """Write the store; returns its path. Raises UserError on bad input."""
+            chunk_size: int = zstore.DEFAULT_CHUNK_SIZE, progress: bool = True, overwrite: bool = False) -> Path:
+    """Write the store; returns its path. Raises UserError on bad input. `overwrite`: replace a store at
+    `zarr_path` made with other settings (one with the same settings is resumed)."""
     feature_path, label_path, zarr_path = Path(feature_path), Path(label_path), Path(zarr_path)
     for folder, flag in ((feature_path, "--feature-path"), (label_path, "--label-path")):
         if not folder.is_dir():
@@ -51,13 +53,22 @@ def convert(feature_path, label_path, zarr_path, image_size: int | None = None, 
         image_size=image_size if image_size is not None else latent_shape[-1] * 8, vae=vae,
         scaling_factor=scaling_factor, store="sample", count=len(names), latent_shape=latent_shape,
         orientations=orientations, class_names=None, shard_size=shard_size, chunk_size=chunk_size, seed=None)
-    state = zstore.check_existing(zarr_path, settings, what="--zarr-path")
-    if state == "complete":
+    state = zstore.check_existing(zarr_path, settings, what="--zarr-path", overwrite=overwrite)
+    # shards recorded as done whose files were deleted are converted again
+    missing = zstore.shards_to_repair(zarr_path) if state in ("complete", "incomplete") else []
+    zstore.remove_leftovers(zarr_path)  # of killed runs: creation folders, zarr's .partial files
+    if state == "complete" and not missing:
         print(f"{zarr_path} is already complete ({len(names)} items); nothing to do")
         return zarr_path
-    if state == "absent":
+    if state in ("absent", "replace"):
         zstore.create_store(zarr_path, settings, extra_attrs={"source": str(feature_path)})
-    group = zarr.open_group(str(zarr_path), mode="r+")
+        if state == "replace":
+            print(f"--overwrite: deleted {zarr_path}, which was made with other settings, and created it anew")
+    group = zstore.open_store(zarr_path)
+    if missing:
+        zstore.reset_shards(group, missing)
+        print(f"{zarr_path}: the files of {zstore.describe_shards(missing, len(names), shard_size)} are missing; "
+              "converting them again")
     done = zstore.done_shards(group)
     todo = [k for k in range(len(done)) if not done[k]]
     for k in tqdm(todo, desc="converting", unit="shard", disable=not progress):
@@ -86,14 +97,17 @@ def main(argv=None):
     p.add_argument("--image-size", type=positive_int, default=None,
                    help="pixel size the latents came from (default: 8 x latent width)")
     p.add_argument("--vae", default=DEFAULT_VAE_ID, help=f"VAE id stored with the data (default {DEFAULT_VAE_ID})")
-    p.add_argument("--vae-scaling-factor", type=float, default=DEFAULT_SCALING_FACTOR,
+    p.add_argument("--vae-scaling-factor", type=float_in(0, lo_open=True), default=DEFAULT_SCALING_FACTOR,
                    help=f"scaling factor the latents were multiplied by (default {DEFAULT_SCALING_FACTOR})")
     p.add_argument("--shard-size", type=positive_int, default=zstore.DEFAULT_SHARD_SIZE, help="images per shard")
     p.add_argument("--chunk-size", type=positive_int, default=zstore.DEFAULT_CHUNK_SIZE,
                    help="images per compressed chunk (divides --shard-size)")
+    p.add_argument("--overwrite", type=str2bool, nargs="?", const=True, default=False,
+                   help="replace a store at --zarr-path that was made with other settings (e.g. after files were "
+                        "added or removed); a store with the same settings is resumed as usual")
     args = p.parse_args(argv)
     out = convert(args.feature_path, args.label_path, args.zarr_path, args.image_size, args.vae,
-                  args.vae_scaling_factor, args.shard_size, args.chunk_size)
+                  args.vae_scaling_factor, args.shard_size, args.chunk_size, overwrite=args.overwrite)
     print(f"wrote {out}")
 
 

@@ -5,18 +5,41 @@ work unit of `shard_size` images, so the processes of a multi-GPU extraction nev
 file. The bool array `done` (one chunk per shard) records finished shards: a rerun skips them and
 a shard whose process died half-way is simply rewritten. The group attribute `complete` becomes
 true only after every shard is done, so readers never mistake a half-written store for data.
+
+Kills. zarr writes every file through a temp file (`<name>.<32 hex>.partial`, renamed into place), and
+rewrites the root `zarr.json` many times while a store is created. So the empty store (every attribute and
+array) is built under the sibling name `.<name>.creating-<pid>` and renamed into place in one step
+(`create_store`); a store being replaced is first renamed to `.<name>.removing-<pid>` and deleted from
+there (`remove_store`). A kill at any moment therefore leaves either no store (and a creation folder), or a
+complete empty store, or a store with some shards done; `remove_leftovers` (called by the writers' rank 0
+before anything is written) deletes the stale creation/removal folders beside the store and the stale
+`.partial` files inside it, and the same command finishes the store.
+
+Missing shard files. A complete store has one file per shard of `latents` and `labels` (shards are written
+with zarr's `write_empty_chunks`, so an all-zero shard is a file too); `missing_shards` finds the absent or
+empty ones with one stat per shard, readers refuse such a store (`check_shard_files`), and a rerun of the
+command that made it re-encodes exactly those shards (`reset_shards`).
+
+Test hook: every write through `open_store`/`create_store` passes `fcdm_common.io.fault_point` first, named
+`store-meta/<key>` for metadata (`zarr.json`) and `store-data/<key>` for chunk files; a kill there leaves the
+half-written `.partial` file zarr would leave. The steps of creation and removal are `store-meta/<step>`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import re
 import shutil
+import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
+from zarr.storage import LocalStore
 
 from fcdm_common.cli import UserError
 from fcdm_common.io import fault_point
@@ -31,6 +54,47 @@ SETTING_KEYS = ("image_size", "vae", "scaling_factor", "store", "count", "latent
 DEFAULT_SHARD_SIZE = 1024  # images per shard file = per work unit of one process
 DEFAULT_CHUNK_SIZE = 64  # images per compressed inner chunk
 ADDED_SETTING_KEYS = ("vae_class", "shift_factor")  # settings a store may lack (not compared when absent)
+PARTIAL_FILE = re.compile(r"\.[0-9a-f]{32}\.partial$")  # zarr LocalStore's temp file: <name>.<uuid4 hex>.partial
+WORK_KINDS = ("creating", "removing")  # sibling folders .<name>.<kind>-<pid> of create_store / remove_store
+REBUILD = ("rerun the command that made it (preparation/extract_features.py, or preparation/save_zarr.py for a "
+           "converted store) with the same arguments: it re-encodes the missing shards")
+
+
+class HookedLocalStore(LocalStore):
+    """zarr's LocalStore with the fault-injection hook of fcdm_common/io.py before every write, and the
+    target's name (not zarr's `.partial` temp file) in the OSError of a failed write."""
+
+    async def set(self, key: str, value) -> None:
+        with self.hooked(key, value):
+            await super().set(key, value)
+
+    async def set_if_not_exists(self, key: str, value) -> None:  # zarr: the metadata of parent groups
+        with self.hooked(key, value):
+            await super().set_if_not_exists(key, value)
+
+    @contextlib.contextmanager
+    def hooked(self, key: str, value):
+        target = self.root / key
+        kind = "store-meta" if key.rsplit("/", 1)[-1] == "zarr.json" else "store-data"
+        try:
+            fault_point(f"{kind}/{key}", before_kill=lambda: leave_partial(target, value))
+            yield
+        except OSError as e:  # zarr's message names its temp file (or the hook's name): name the target
+            if e.errno is None:
+                raise
+            raise OSError(e.errno, e.strerror, str(target)) from None
+
+
+def leave_partial(target: Path, value) -> None:
+    """What a kill in the middle of zarr's write of `target` leaves: half of the bytes in its temp file."""
+    data = bytes(value.as_buffer_like())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.with_suffix(f".{uuid.uuid4().hex}.partial").write_bytes(data[:len(data) // 2])
+
+
+def open_store(path: str | os.PathLike, mode: str = "r+"):
+    """The zarr group at `path` for the writers ("r" or "r+"), through `HookedLocalStore`."""
+    return zarr.open_group(store=HookedLocalStore(str(path), read_only=mode == "r"), mode=mode)
 
 
 def latent_array_shape(count: int, mode: str, orientations: int, latent_shape) -> tuple[int, ...]:
@@ -73,30 +137,47 @@ def describe_mismatch(existing: dict, wanted: dict) -> str | None:
     return None
 
 
+def only_partials(path: Path) -> bool:
+    """True for a folder that holds nothing but zarr `.partial` files (a creation killed at its first write)."""
+    return path.is_dir() and all(p.is_file() and PARTIAL_FILE.search(p.name) for p in path.iterdir())
+
+
+def interrupted_creation(attrs: dict, arrays: set) -> bool:
+    """A store whose creation was interrupted (by the writer before `create_store` became one rename, which
+    set the attributes one by one, "complete" last, then created the arrays): nothing was encoded in it."""
+    return ("complete" not in attrs or not {"latents", "labels", "done"} <= arrays
+            or ("stat_sums" in arrays) != ("stat_done" in arrays))
+
+
 def check_existing(path: str | os.PathLike, settings: dict, what: str = "--zarr-path",
                    overwrite: bool | None = None) -> str:
     """'absent', 'incomplete' or 'complete' for a store at `path` made with `settings`; UserError otherwise.
 
+    'absent' also stands for an empty folder and an interrupted creation (which `create_store` replaces).
     overwrite: None when the program has no --overwrite flag; False: the mismatch message offers it;
-    True: a store made with other settings is reported as 'replace' (the caller deletes it with
-    `remove_store` and starts over) instead of refused."""
+    True: a store made with other settings is reported as 'replace' (the caller replaces it with
+    `create_store`) instead of refused."""
     path = Path(path)
     if not path.exists():
         return "absent"
     if not (path / "zarr.json").is_file():
-        if path.is_dir() and not any(path.iterdir()):
+        if path.is_dir() and only_partials(path):
             return "absent"
         raise UserError(f"{what} {path} exists but is not a zarr store; choose a new output path")
     try:
-        group = zarr.open_group(str(path), mode="r")
-        attrs = dict(group.attrs)
-        arrays = set(group.array_keys())
+        with warnings.catch_warnings():  # a killed write's .partial file (removed before writing) is no member
+            warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy")
+            group = zarr.open_group(str(path), mode="r")
+            attrs = dict(group.attrs)
+            arrays = set(group.array_keys())
     except Exception as e:
         raise UserError(f"{what} {path} is a damaged zarr store ({e}); delete it and rerun") from None
     if not attrs and not arrays:
         return "absent"  # a group whose creation was interrupted before anything was recorded
     if attrs.get("format") != STORE_FORMAT:
         raise UserError(f"{what} {path} is a zarr group but not an FCDM latent store; choose a new output path")
+    if not attrs.get("complete") and interrupted_creation(attrs, arrays):
+        return "absent"
     diff = describe_mismatch(attrs, settings)
     if diff is not None and overwrite:
         return "replace"
@@ -110,34 +191,123 @@ def check_existing(path: str | os.PathLike, settings: dict, what: str = "--zarr-
         raise UserError(f"the store {path} was made with other settings: {diff}; {fix}")
     if attrs.get("complete"):
         return "complete"
-    if not {"latents", "labels", "done"} <= arrays:
-        return "absent"  # creation was interrupted: nothing was encoded yet, start over
     return "incomplete"
 
 
-def remove_store(path: str | os.PathLike) -> None:
-    """Delete an FCDM latent store (refuses anything else, so a wrong path is never wiped)."""
-    path = Path(path)
+def store_attrs(path: Path) -> dict | None:
+    """Attributes of the zarr group at `path` read from its zarr.json; None when there is none or it is unreadable."""
     try:
-        attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+        meta = json.loads((path / "zarr.json").read_text())
     except (OSError, ValueError):
-        attrs = {}
-    if attrs.get("format") != STORE_FORMAT:
+        return None
+    return meta.get("attributes", {}) if isinstance(meta, dict) else None
+
+
+def replaceable(path: Path) -> bool:
+    """Whether `path` may be deleted to make room for a store: an FCDM latent store, an empty zarr group,
+    or a creation killed at its first write. Anything else is never deleted."""
+    if only_partials(path):
+        return True
+    attrs = store_attrs(path)
+    if attrs is None:
+        return False
+    if attrs.get("format") == STORE_FORMAT:
+        return True
+    return not attrs and not any(p.is_dir() for p in path.iterdir())  # a group with no attributes, no arrays
+
+
+def work_folder(path: Path, kind: str) -> Path:
+    return path.parent / f".{path.name}.{kind}-{os.getpid()}"
+
+
+def remove_leftovers(path: str | os.PathLike) -> list[Path]:
+    """Delete what killed writers of the store at `path` left: `.<name>.creating-<pid>` and
+    `.<name>.removing-<pid>` folders beside it, and zarr's `.partial` files inside it. Returns them.
+
+    Only the writers' rank 0 calls it, before any process writes (the command's other processes wait at a
+    barrier), so none of these can belong to a live write of this store. A creation folder is only deleted
+    when it is recognisably one (`replaceable`)."""
+    path = Path(path)
+    removed: list[Path] = []
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.({'|'.join(WORK_KINDS)})-\d+$")
+    if path.parent.is_dir():
+        for p in path.parent.iterdir():
+            m = pattern.match(p.name)
+            if not m or not p.is_dir() or p.is_symlink():
+                continue
+            if m.group(1) == "creating" and not (replaceable(p) or not any(p.iterdir())):
+                continue
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    if path.is_dir():
+        for root, _, files in os.walk(path):
+            for name in files:
+                if PARTIAL_FILE.search(name):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(root, name))
+                        removed.append(Path(root) / name)
+    return removed
+
+
+def remove_store(path: str | os.PathLike) -> None:
+    """Delete an FCDM latent store (refuses anything else, so a wrong path is never wiped). It is renamed to
+    `.<name>.removing-<pid>` first, so a kill during the deletion leaves no half-deleted store under its name
+    (`remove_leftovers` finishes the deletion)."""
+    path = Path(path)
+    if store_attrs(path) is None or store_attrs(path).get("format") != STORE_FORMAT:
         raise UserError(f"{path} is not an FCDM latent store; refusing to delete it")
-    shutil.rmtree(path)
+    discard(path)
+
+
+def discard(path: Path) -> None:
+    """Rename `path` aside (one step), then delete it."""
+    aside = work_folder(path, "removing")
+    os.rename(path, aside)
+    fault_point("store-meta/removing")
+    shutil.rmtree(aside)
 
 
 def create_store(path: str | os.PathLike, settings: dict, extra_attrs: dict | None = None):
-    """Create an empty store (overwriting anything at `path`) and return the zarr group."""
+    """Create an empty store at `path` and return the zarr group (opened with `open_store`).
+
+    It is built under `.<name>.creating-<pid>` and renamed into place in one step. Something already at
+    `path` is replaced if it is an empty folder, an FCDM latent store or an interrupted creation
+    (`replaceable`; the caller decides, e.g. with check_existing), and refused otherwise."""
+    path = Path(path)
+    if path.exists() and not (path.is_dir() and not path.is_symlink()
+                              and (not any(path.iterdir()) or replaceable(path))):
+        raise UserError(f"{path} exists and is not an FCDM latent store; choose a new output path")
+    work = work_folder(path, "creating")
+    try:
+        if work.exists():
+            shutil.rmtree(work)
+        build_empty_store(work, settings, extra_attrs)
+        fault_point("store-meta/created")  # the whole empty store is in the creation folder
+        if path.exists():
+            if any(path.iterdir()):
+                discard(path)
+            else:
+                path.rmdir()
+        os.rename(work, path)
+    except BaseException as e:  # an error or Ctrl-C (a kill leaves the folder to remove_leftovers)
+        shutil.rmtree(work, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno is not None:  # a read-only folder, a full disk: name the store
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
+    fault_point("store-meta/renamed")
+    return open_store(path)
+
+
+def build_empty_store(work: Path, settings: dict, extra_attrs: dict | None) -> None:
+    """Every attribute (in one write) and array of an empty store, in the new folder `work`."""
     count, shard, chunk = settings["count"], settings["shard_size"], settings["chunk_size"]
     shape = latent_array_shape(count, settings["store"], settings["orientations"], settings["latent_shape"])
-    group = zarr.open_group(str(path), mode="w", zarr_format=3)
     compressor = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
     attrs = {"format": STORE_FORMAT, "format_version": STORE_FORMAT_VERSION, **settings,
              "latents_axes": ("N, orientation, moment(mean,std), C, H, W" if settings["store"] == "moments"
                               else "N, orientation, C, H, W"),
              **(extra_attrs or {}), "complete": False}
-    group.attrs.update(attrs)  # attributes first: an interrupted creation is recognised and redone
+    group = zarr.create_group(store=HookedLocalStore(str(work)), zarr_format=3, attributes=attrs)
     group.create_array("latents", shape=shape, dtype=latent_dtype(settings["store"]),
                        chunks=(min(chunk, shard), *shape[1:]), shards=(shard, *shape[1:]),
                        compressors=compressor, fill_value=0)
@@ -145,7 +315,6 @@ def create_store(path: str | os.PathLike, settings: dict, extra_attrs: dict | No
                        fill_value=-1)
     group.create_array("done", shape=(num_shards(count, shard),), dtype="bool", chunks=(1,), fill_value=False)
     ensure_stats_arrays(group, num_shards(count, shard), settings["latent_shape"][0])
-    return group
 
 
 def num_shards(count: int, shard_size: int) -> int:
@@ -161,28 +330,92 @@ def done_shards(group) -> np.ndarray:
     return np.asarray(group["done"][:], dtype=bool)
 
 
+def missing_shards(path: str | os.PathLike, group, shards=None) -> list[int]:
+    """Shards (of `shards`, default all) whose `latents` or `labels` file is missing or empty: one stat per
+    file (ImageNet: 2 x 1252). Such a shard reads as zeros and -1 labels, since zarr returns the fill value
+    for an absent file."""
+    attrs = group.attrs
+    n = num_shards(int(attrs["count"]), int(attrs["shard_size"]))
+    found = []
+    arrays = [group["latents"], group["labels"]]
+    for k in range(n) if shards is None else shards:
+        for array in arrays:
+            coords = (k,) + (0,) * (len(array.shape) - 1)  # latents: one shard per k; labels: one chunk per k
+            f = Path(path) / array.path / array.metadata.encode_chunk_key(coords)
+            try:
+                empty = f.stat().st_size == 0
+            except FileNotFoundError:
+                empty = True
+            if empty:
+                found.append(k)
+                break
+    return found
+
+
+def shards_to_repair(path: str | os.PathLike) -> list[int]:
+    """Shards of the store at `path` recorded as done whose latents or labels file is missing or empty
+    (deleted, lost): the writers encode them again (`reset_shards`)."""
+    group = open_store(path, "r")
+    done = done_shards(group)
+    return missing_shards(path, group, [k for k in range(len(done)) if done[k]])
+
+
+def describe_shards(shards: list[int], count: int, shard_size: int, limit: int = 4) -> str:
+    """'shard 3 (images 192..255), ...' for a message."""
+    parts = []
+    for k in shards[:limit]:
+        start, end = shard_range(k, count, shard_size)
+        parts.append(f"shard {k} (images {start}..{end - 1})")
+    more = f" and {len(shards) - limit} more" if len(shards) > limit else ""
+    return ", ".join(parts) + more
+
+
+def check_shard_files(path: str | os.PathLike, group) -> None:
+    """UserError naming the store, the images whose shard files are missing or empty, and the fix."""
+    missing = missing_shards(path, group)
+    if missing:
+        attrs = group.attrs
+        what = describe_shards(missing, int(attrs["count"]), int(attrs["shard_size"]))
+        raise UserError(f"zarr store {path} is damaged: the latents or labels file of {len(missing)} shard(s) is "
+                        f"missing or empty ({what}), which would train on zeros; {REBUILD}")
+
+
+def reset_shards(group, shards: list[int]) -> None:
+    """Mark `shards` (whose files are missing) not done, and the store incomplete, so they are encoded again."""
+    if not shards:
+        return
+    group.update_attributes({"complete": False})  # first: readers refuse the store while it is repaired
+    for k in shards:
+        if "stat_done" in set(group.array_keys()):
+            group["stat_done"][k] = False
+        group["done"][k] = False
+
+
 def write_shard(group, k: int, latents: np.ndarray, labels: np.ndarray) -> None:
     """Write shard k's latents, labels and per-channel sums (preparation.statistics), then mark it done
-    (the marker goes last)."""
+    (the marker goes last). Every file is written even when it equals the fill value, so a complete store
+    has every shard file (`missing_shards`)."""
     attrs = dict(group.attrs)
     count, shard = attrs["count"], attrs["shard_size"]
     start, end = shard_range(k, count, shard)
     if latents.shape[0] != end - start or labels.shape[0] != end - start:
         raise ValueError(f"shard {k} expects {end - start} items, got {latents.shape[0]} / {labels.shape[0]}")
+    every = {"write_empty_chunks": True}
     values = latents.astype(group["latents"].dtype, copy=False)  # statistics of exactly what is stored
     if "stat_sums" in set(group.array_keys()):
         write_shard_sums(group, k, shard_sums(values, attrs["store"], attrs["scaling_factor"],
                                               attrs.get("shift_factor", 0.0)))
-    group["latents"][start:end] = values
+    group["latents"].with_config(every)[start:end] = values
     fault_point("store-shard")  # test hook (fcdm_common/io.py): a kill between the data and its marker
-    group["labels"][start:end] = labels.astype(np.int64, copy=False)
+    group["labels"].with_config(every)[start:end] = labels.astype(np.int64, copy=False)
     group["done"][k] = True
 
 
 def mark_complete(group) -> None:
-    """Set the completion attribute once every shard is done."""
+    """Set the completion attribute (with the statistics, in one write) once every shard is done."""
     if not done_shards(group).all():
         raise RuntimeError("mark_complete called before every shard was written")
+    attrs = {"complete": True}
     if "stat_sums" in set(group.array_keys()):
-        group.attrs[STATS_ATTR] = store_stats_from_rows(group)  # before `complete`: readers see both or neither
-    group.attrs["complete"] = True
+        attrs = {STATS_ATTR: store_stats_from_rows(group), **attrs}  # readers see both or neither
+    group.update_attributes(attrs)
