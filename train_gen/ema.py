@@ -18,20 +18,25 @@ theta_tau after step tau by (tau^(gamma+1) - (tau-1)^(gamma+1)) / T^(gamma+1): t
 width (standard deviation / T) is sigma_rel = (gamma+1)^(1/2) / ((gamma+2) (gamma+3)^(1/2)).
 Snapshots of the averages saved during training are combined afterwards into the average of any
 other (sigma_rel, T): `posthoc_coefficients` solves the least-squares fit of the target profile by
-the snapshots' profiles from their closed-form inner products (`profile_dot`).
+the snapshots' profiles from their closed-form inner products (`profile_dot`), constrained to
+coefficients summing to one (a weight average; `weight_average_fit`), over the steps up to the newest
+snapshot at or before T (`_fit_system`: a T between snapshots gives the average as of that snapshot).
 
 The classic EMA (`update_ema`, started as a copy of theta_0) after T steps weighs theta_tau by
 (1 - beta) beta^(T - tau) for tau >= 1 and theta_0 by beta^T. In the same continuous convention its
 profile is q(s) = lam beta^(T - s) on [0, T], lam = -ln beta: the integral of q over (tau-1, tau] is
 exactly the weight of theta_tau, as for the power profiles. theta_0 (weight beta^T) is in no
-power average (beta_1 = 0), so only the part q is fitted: `classic_ema_coefficients` uses the inner
-products of q with the power profiles (`exp_profile_dot`, one 1-D quadrature each, no closed form),
-and the reconstruction is faithful only once beta^T is negligible (`classic_ema_initial_weight`).
+power average (beta_1 = 0), so only the part q is fitted, normalised (its integral is 1 - beta^T):
+`classic_ema_coefficients` uses the inner products of q with the power profiles (`exp_profile_dot`,
+one 1-D quadrature each, no closed form), and the reconstruction is faithful only once beta^T is
+negligible (`classic_ema_initial_weight`).
 """
 from __future__ import annotations
 
 import copy
 import math
+import os
+import re
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
@@ -42,7 +47,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from scipy.integrate import quad
 
-from fcdm_common.io import save_safetensors
+from fcdm_common.cli import error_summary
+from fcdm_common.io import remove_stale_temps, save_safetensors
 
 
 def _pairs(ema: nn.Module, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -168,27 +174,73 @@ def _gram(ts: Sequence[float], gammas: Sequence[float]) -> np.ndarray:
     return np.array([[profile_dot(ts[i], gammas[i], ts[j], gammas[j]) for j in range(n)] for i in range(n)])
 
 
-def posthoc_coefficients(snap_steps: Sequence[float], snap_gammas: Sequence[float], target_step: float,
-                         target_gamma: float) -> np.ndarray:
-    """Least-squares weights x of the snapshots: sum_i x_i p_i is the closest (in L2) to the target profile.
-    Normal equations A x = b with A_ij = <p_i, p_j>, b_i = <p_i, p_target>, solved by lstsq (float64)."""
-    scale = float(target_step)  # profiles are scale-free; work in units of the target step
+def weight_average_fit(A: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The x minimising ||sum_i x_i p_i - p||^2 = x^T A x - 2 b^T x + <p, p> subject to sum_i x_i = 1
+    (A_ij = <p_i, p_j>, b_i = <p_i, p>, p a density: see `_fit_system`).
+
+    The constraint: every profile integrates to one, so sum_i x_i is the integral of the fitted profile,
+    and the reconstruction sum_i x_i snapshot_i multiplies every weight of the network by it: a weight
+    average needs exactly 1. The unconstrained least-squares minimiser A^+ b does not preserve the
+    integral (an untracked width: 1 +- 1e-4). Lagrange (KKT): A x + mu 1 = b, 1^T x = 1, so
+    x = A^+ b - mu A^+ 1 with mu = (1^T A^+ b - 1) / (1^T A^+ 1) (A^+: the least-squares pseudo-inverse,
+    as EDM2's lstsq). A is positive semi-definite and a null vector v has sum_i v_i p_i = 0, hence
+    1^T v = 0: the constraint holds to rounding even when A is near-singular, and 1^T A^+ 1 > 0."""
+    n = len(b)
+    sol = np.linalg.lstsq(A, np.column_stack([b, np.ones(n)]), rcond=None)[0]
+    free, ones = sol[:, 0], sol[:, 1]
+    return free - (free.sum() - 1.0) / ones.sum() * ones
+
+
+def _fit_system(snap_steps: Sequence[float], snap_gammas: Sequence[float], target) -> tuple:
+    """(A, b, <p, p>) of the fit of `target` (EMATarget) by the snapshots, all at steps <= target.step.
+
+    The fit runs over [0, T'], T' = the newest snapshot step (<= T = target.step): every snapshot profile
+    is zero after T', so the target's part on (T', T] (the weights after T', in no snapshot) is out of
+    reach whatever the coefficients. Fitting the whole target there fits only its part on [0, T'], whose
+    integral is its mass there - (T'/T)^(gamma+1) for a power target, 0.378 for T' = 9216, T = 9728,
+    sigma_rel 0.05: the coefficients summed to that and scaled the network by it. The target is a weight
+    average, so its part on [0, T'] is taken normalised (the target's average of the weights up to T',
+    those the snapshots hold): for a power profile p_T restricted to [0, T'] that is exactly p_T' of the
+    same gamma, for the classic profile q_T (memoryless) q_T' / (1 - decay^T'), its share decay^T' of
+    theta_0 (in no snapshot: beta_1 = 0) left out. A target between snapshots is therefore the average
+    as of the newest snapshot before it. Units of T' (profiles are scale-free: A, b, <p, p> ~ 1/T')."""
+    target = EMATarget(*target)
+    if (target.gamma is None) == (target.decay is None):
+        raise ValueError(f"an EMA target needs exactly one of gamma and decay, got {target}")
+    if not len(snap_steps) or any(float(t) > float(target.step) for t in snap_steps):
+        raise ValueError(f"need snapshots at or before the target step {target.step} (later ones average later "
+                         "weights and cannot be used)")
+    scale = max(float(t) for t in snap_steps)  # T'
     ts = [float(t) / scale for t in snap_steps]
     A = _gram(ts, snap_gammas)
-    b = np.array([profile_dot(ts[i], snap_gammas[i], 1.0, target_gamma) for i in range(len(ts))])
-    return np.linalg.lstsq(A, b, rcond=None)[0]
+    if target.decay is None:
+        b = np.array([profile_dot(t, g, 1.0, target.gamma) for t, g in zip(ts, snap_gammas)])
+        pp = profile_dot(1.0, target.gamma, 1.0, target.gamma)
+    else:  # q_T' / (1 - decay^T') in units of T': rate r = lam T' on [0, 1]
+        rate = -math.log(target.decay) * scale
+        mass = -math.expm1(-rate)  # 1 - decay^T'
+        b = np.array([exp_profile_dot(float(t), g, scale, target.decay) * scale / mass
+                      for t, g in zip(snap_steps, snap_gammas)])
+        pp = (rate / 2) / math.tanh(rate / 2)  # (r/2) (1 - e^(-2r)) / (1 - e^(-r))^2
+    return A, b, pp
+
+
+def posthoc_coefficients(snap_steps: Sequence[float], snap_gammas: Sequence[float], target_step: float,
+                         target_gamma: float) -> np.ndarray:
+    """Weights x of the snapshots (all at steps <= target_step), summing to one, whose combined profile
+    sum_i x_i p_i is the closest in L2 to the power profile of `target_gamma` at `target_step`
+    (`_fit_system`: up to the newest snapshot step; `weight_average_fit`; float64)."""
+    A, b, _ = _fit_system(snap_steps, snap_gammas, EMATarget(target_step, gamma=target_gamma))
+    return weight_average_fit(A, b)
 
 
 def classic_ema_coefficients(snap_steps: Sequence[float], snap_gammas: Sequence[float], target_step: int,
                              decay: float) -> np.ndarray:
-    """As `posthoc_coefficients` for the classic EMA with `decay` after `target_step` steps (its profile
-    q; the weight decay^T of theta_0 is left out, see `classic_ema_initial_weight`)."""
-    scale = float(target_step)
-    ts = [float(t) / scale for t in snap_steps]
-    A = _gram(ts, snap_gammas)
-    # in units of the target step q's rate is lam * T; b scales as 1/T like A
-    b = np.array([exp_profile_dot(float(t), g, scale, decay) * scale for t, g in zip(snap_steps, snap_gammas)])
-    return np.linalg.lstsq(A, b, rcond=None)[0]
+    """As `posthoc_coefficients` for the classic EMA with `decay` after `target_step` steps: the fit of its
+    profile normalised over the snapshots' steps (its share decay^T of theta_0, in no snapshot, is left
+    out, the rest scaled by 1 / (1 - decay^T); see `classic_ema_initial_weight`)."""
+    A, b, _ = _fit_system(snap_steps, snap_gammas, EMATarget(target_step, decay=decay))
+    return weight_average_fit(A, b)
 
 
 class EMATarget(NamedTuple):
@@ -200,13 +252,17 @@ class EMATarget(NamedTuple):
 
 
 def target_coefficients(snap_steps: Sequence[float], snap_gammas: Sequence[float], target) -> np.ndarray:
-    """Least-squares snapshot weights for an `EMATarget` (or a (step, gamma) pair)."""
-    target = EMATarget(*target)
-    if (target.gamma is None) == (target.decay is None):
-        raise ValueError(f"an EMA target needs exactly one of gamma and decay, got {target}")
-    if target.decay is not None:
-        return classic_ema_coefficients(snap_steps, snap_gammas, target.step, target.decay)
-    return posthoc_coefficients(snap_steps, snap_gammas, target.step, target.gamma)
+    """Snapshot weights (summing to one) for an `EMATarget` (or a (step, gamma) pair)."""
+    A, b, _ = _fit_system(snap_steps, snap_gammas, target)
+    return weight_average_fit(A, b)
+
+
+def fit_error(snap_steps: Sequence[float], snap_gammas: Sequence[float], target, coefs: Sequence[float]) -> float:
+    """Relative L2 error ||sum_i x_i p_i - p|| / ||p|| of the combination `coefs` for `target` (p as fitted
+by `_fit_system`; 0: exact, e.g. a tracked profile; large for a width far outside the tracked ones)."""
+    A, b, pp = _fit_system(snap_steps, snap_gammas, target)
+    x = np.asarray(coefs, dtype=np.float64)
+    return math.sqrt(max(float(x @ A @ x - 2 * x @ b + pp), 0.0) / pp)
 
 
 def power_weights(step: int, gamma: float) -> np.ndarray:
@@ -260,6 +316,8 @@ class PowerEMA:
 # ---------------------------------------------------------------------------------- snapshots
 POSTHOC_DIR = "posthoc_ema"  # snapshot folder inside the run folder
 SNAPSHOT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SNAPSHOT_RE = re.compile(r"^(?P<step>\d{7,})-sigma(?P<sigma>\d+\.\d+)\.safetensors$")  # snapshot_path's names
+DAMAGED_SUFFIX = ".damaged"  # an unreadable snapshot is renamed <name>.damaged (set aside, never deleted)
 
 
 def snapshot_path(run_dir, step: int, sigma_rel: float):
@@ -267,14 +325,17 @@ def snapshot_path(run_dir, step: int, sigma_rel: float):
 
 
 def save_posthoc_snapshots(power_ema: PowerEMA, model: nn.Module, run_dir, step: int, dtype: str = "fp16",
-                           metadata: Optional[dict] = None) -> list:
+                           metadata: Optional[dict] = None, missing_only: bool = False) -> list:
     """Write every tracked average as <run>/posthoc_ema/<step>-sigma<s>.safetensors in `dtype`
-    (float entries; the rest as they are), atomically. Returns the paths."""
+    (float entries; the rest as they are), atomically (`missing_only`: only those without a file).
+    Returns the paths written."""
     paths = []
     for i, (sigma, gamma) in enumerate(zip(power_ema.sigma_rels, power_ema.gammas)):
+        path = snapshot_path(run_dir, step, sigma)
+        if missing_only and path.exists():
+            continue
         state = {k: (v.to(SNAPSHOT_DTYPES[dtype]) if v.dtype.is_floating_point else v)
                  for k, v in power_ema.full_state(i, model).items()}
-        path = snapshot_path(run_dir, step, sigma)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_safetensors(state, path, metadata={**(metadata or {}), "step": step, "sigma_rel": repr(sigma),
                                                 "gamma": repr(gamma), "dtype": dtype})
@@ -282,33 +343,104 @@ def save_posthoc_snapshots(power_ema: PowerEMA, model: nn.Module, run_dir, step:
     return paths
 
 
-def list_posthoc_snapshots(run_dir) -> list[dict]:
-    """Snapshots of a run, oldest first: dicts with path, step, sigma_rel, gamma (from the file metadata)."""
-    found = []
-    folder = Path(run_dir) / POSTHOC_DIR
-    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+def read_snapshot_info(path: Path) -> Optional[dict]:
+    """{path, step, gamma, sigma_rel} of a snapshot from its header; None for a readable safetensors file
+    that is no snapshot (no such metadata). A damaged file (empty, truncated - safetensors checks that the
+    header covers the whole file -, not safetensors, bad metadata) raises ValueError with the reason."""
+    try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        if not {"step", "gamma", "sigma_rel"} <= set(meta):
+    except Exception as e:  # noqa: BLE001 - a damaged file raises anything (SafetensorError, OSError, ...)
+        raise ValueError(error_summary(e)) from None
+    if not {"step", "gamma", "sigma_rel"} <= set(meta):
+        if SNAPSHOT_RE.match(path.name):
+            raise ValueError("no step/gamma/sigma_rel metadata")
+        return None
+    try:
+        info = {"path": path, "step": int(meta["step"]), "gamma": float(meta["gamma"]),
+                "sigma_rel": float(meta["sigma_rel"])}
+    except ValueError:
+        raise ValueError(f"unreadable metadata step={meta['step']!r} gamma={meta['gamma']!r}") from None
+    if not (info["step"] > 0 and math.isfinite(info["gamma"]) and info["gamma"] >= 0):
+        raise ValueError(f"impossible metadata step={meta['step']!r} gamma={meta['gamma']!r}")
+    return info
+
+
+def scan_posthoc_snapshots(run_dir) -> tuple[list[dict], list[dict]]:
+    """(snapshots, damaged) of a run folder. snapshots: dicts with path, step, sigma_rel, gamma (from the
+    file metadata), oldest first; damaged: dicts with path, reason and step (from the file name; None if
+    the name is not a snapshot's) of the *.safetensors files that cannot be read."""
+    found, damaged = [], []
+    folder = Path(run_dir) / POSTHOC_DIR
+    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        try:
+            info = read_snapshot_info(path)
+        except ValueError as e:
+            m = SNAPSHOT_RE.match(path.name)
+            damaged.append({"path": path, "reason": str(e), "step": int(m.group("step")) if m else None})
             continue
-        found.append({"path": path, "step": int(meta["step"]), "gamma": float(meta["gamma"]),
-                      "sigma_rel": float(meta["sigma_rel"])})
-    return sorted(found, key=lambda s: (s["step"], s["sigma_rel"]))
+        if info is not None:
+            found.append(info)
+    return sorted(found, key=lambda s: (s["step"], s["sigma_rel"])), damaged
 
 
-def remove_snapshots_after(run_dir, step: int) -> list:
-    """Delete snapshots newer than `step` (work lost by a kill, redone after resume)."""
-    removed = [s["path"] for s in list_posthoc_snapshots(run_dir) if s["step"] > step]
+def list_posthoc_snapshots(run_dir) -> list[dict]:
+    """The readable snapshots of a run, oldest first (`scan_posthoc_snapshots` also names the damaged ones)."""
+    return scan_posthoc_snapshots(run_dir)[0]
+
+
+def remove_snapshots_after(run_dir, step: int, log=print) -> list:
+    """Start of training (resuming at `step`, rank 0, under the run lock): delete the temp files of killed
+    snapshot writes (a whole snapshot each), set every damaged snapshot aside as <name>.damaged with a
+    warning (it is redone when training passes its step again; one of the resume step itself by
+    `redo_resume_snapshots`), and delete the snapshots newer than `step` (work lost by a kill, redone
+    after resume). Returns the deleted snapshots."""
+    folder = Path(run_dir) / POSTHOC_DIR
+    remove_stale_temps(folder)
+    snapshots, damaged = scan_posthoc_snapshots(run_dir)
+    for d in damaged:
+        aside = d["path"].with_name(d["path"].name + DAMAGED_SUFFIX)
+        os.replace(d["path"], aside)
+        if d["step"] is None or d["step"] > step:
+            redo = "it is redone when training passes its step again"
+        elif d["step"] == step:
+            redo = f"it is rewritten from the checkpoint of step {step}"
+        else:
+            redo = (f"its step {d['step']} is before the resume step {step}, so it is not redone (only a resume "
+                    f"from a checkpoint at or before step {d['step']} would); reconstruct_ema.py uses the others")
+        log(f"WARNING: post-hoc EMA snapshot {d['path']} is damaged ({d['reason']}); set aside as {aside.name}: "
+            f"{redo}")
+    removed = [s["path"] for s in snapshots if s["step"] > step]
     for p in removed:
         p.unlink()
     return removed
 
 
+def redo_resume_snapshots(power_ema: Optional[PowerEMA], model: nn.Module, run_dir, step: int, every: int,
+                          dtype: str = "fp16", metadata: Optional[dict] = None, log=print) -> list:
+    """Resuming at `step` with `power_ema` restored from the checkpoint of `step`: write the snapshots of
+    `step` that are missing (set aside as damaged by `remove_snapshots_after`, or deleted) when `step` is
+    a snapshot step (a multiple of `every`) or one was set aside. The same averages, hence the same
+    bytes as the uninterrupted run's. Returns the paths written."""
+    if power_ema is None or step <= 0 or power_ema.t != step or every <= 0:
+        return []
+    paths = [snapshot_path(run_dir, step, s) for s in power_ema.sigma_rels]
+    set_aside = any(p.with_name(p.name + DAMAGED_SUFFIX).exists() for p in paths)
+    if all(p.exists() for p in paths) or not (step % every == 0 or set_aside):
+        return []
+    written = save_posthoc_snapshots(power_ema, model, run_dir, step, dtype, metadata, missing_only=True)
+    for p in written:
+        log(f"rewrote the missing post-hoc EMA snapshot {p} from the checkpoint of step {step}")
+    return written
+
+
 @torch.no_grad()
 def reconstruct_from_snapshots(snapshots: Sequence[dict], targets: Sequence[tuple], log=lambda m: None) -> list:
     """float32 state_dicts of the EMAs `targets` (power: (step, gamma) or EMATarget(step, gamma=g); classic:
-    EMATarget(step, decay=beta)) combined from `snapshots` (list_posthoc_snapshots entries with step <=
-    the target's step), reading each file once. Returns one (state_dict, coefficients) per target."""
+    EMATarget(step, decay=beta)) combined from `snapshots` (list_posthoc_snapshots entries; those after a
+    target's step are not used for it), reading each file once. Returns one (state_dict, coefficients)
+    per target, the coefficients (one per snapshot, summing to one) as `target_coefficients`. A file
+    that cannot be read raises ValueError naming it."""
     coefs = []
     for target in targets:
         t_step = EMATarget(*target).step
@@ -325,13 +457,19 @@ def reconstruct_from_snapshots(snapshots: Sequence[dict], targets: Sequence[tupl
         if not any(c[i] != 0 for c in coefs):
             continue
         log(f"reading snapshot {snap['path'].name} ({i + 1}/{len(snapshots)})")
-        state = load_file(str(snap["path"]))
+        try:
+            state = load_file(str(snap["path"]))
+        except Exception as e:  # noqa: BLE001 - damaged or removed since it was listed
+            raise ValueError(f"cannot read the post-hoc EMA snapshot {snap['path']} ({error_summary(e)})") from None
         for j, c in enumerate(coefs):
             if c[i] == 0:
                 continue
             if outs[j] is None:
                 outs[j] = {k: (torch.zeros_like(v, dtype=torch.float32) if v.dtype.is_floating_point else v.clone())
                            for k, v in state.items()}
+            if state.keys() != outs[j].keys() or any(v.shape != outs[j][k].shape for k, v in state.items()):
+                raise ValueError(f"the post-hoc EMA snapshot {snap['path']} holds other tensors than the snapshots "
+                                 "before it (another model?)")
             for k, v in state.items():
                 if v.dtype.is_floating_point:
                     outs[j][k].add_(v.float(), alpha=float(c[i]))

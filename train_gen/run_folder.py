@@ -11,13 +11,11 @@ The random states a checkpoint holds are captured and restored by fcdm_common/rn
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
 import os
 import re
-import socket
 import time
 from pathlib import Path
 from typing import Iterable, Optional
@@ -26,6 +24,7 @@ from tqdm import tqdm
 
 from fcdm_common.cli import UserError
 from fcdm_common.io import atomic_write_text, fault_point, save_safetensors
+from fcdm_common.locks import FolderLock, lock_folder
 from models.checkpoints import load_checkpoint
 
 CKPT_RE = re.compile(r"^(\d{7,})\.pt$")  # checkpoints/<step, 7+ digits>.pt
@@ -113,6 +112,24 @@ def prune_checkpoints(ckpt_dir: str | os.PathLike, keep_last: int, keep_every: i
     return removed
 
 
+def prune_on_start(ckpt_dir: str | os.PathLike, keep_last: int, keep_every: int,
+                   resume_path: Optional[str | os.PathLike], unreadable: Iterable = (), log=print) -> list[Path]:
+    """Start of training (rank 0, under the run lock, after the resume checkpoint's export is complete):
+    the pruning a save was killed before (a save writes the checkpoint, its EMA export, then prunes), which
+    otherwise only the next save would do - never, when the run had already reached its last step.
+    The rule of `prune_checkpoints`, applied only when the run resumes from its newest readable checkpoint
+    `resume_path` (which is then kept); a --resume of another file leaves pruning to the next save."""
+    bad = {Path(p).name for p in unreadable}
+    readable = [p for _, p in list_checkpoints(ckpt_dir) if p.name not in bad]
+    if resume_path is None or not readable or Path(resume_path).resolve() != readable[-1].resolve():
+        return []
+    removed = prune_checkpoints(ckpt_dir, keep_last, keep_every, unreadable=unreadable)
+    if removed:
+        log(f"removed {len(removed)} old checkpoint files an interrupted save had left (--keep-last {keep_last}, "
+            f"--keep-every {keep_every}): {', '.join(p.name for p in removed)}")
+    return removed
+
+
 def ema_export_path(ckpt_path: str | os.PathLike) -> Path:
     """<run>/checkpoints/<step>-ema.safetensors beside <step>.pt."""
     ckpt_path = Path(ckpt_path)
@@ -180,55 +197,10 @@ def truncate_metrics(path: str | os.PathLike, max_step: int) -> None:
 
 # ---------------------------------------------------------------------------------- the run lock
 LOCK_NAME = "run.lock"
-_held: dict = {}  # resolved lock path -> RunLock held by this process
 
 
-class RunLock:
-    """A held lock; `release()` (or the process ending) frees it."""
-
-    def __init__(self, path: Path, fd: Optional[int]):
-        self.path = path  # the lock file
-        self.fd = fd  # open descriptor carrying the flock (None: the file system has no locks)
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor drops the flock
-            self.fd = None
-        _held.pop(str(self.path.resolve()), None)
-
-
-def acquire_run_lock(run_dir: str | os.PathLike, what: str = "trainer", log=print) -> RunLock:
-    """Lock `run_dir` for this process or raise UserError naming the process that holds it. A lock this
-    same process still holds (a previous in-process call that raised) is released and taken again."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LOCK_NAME
-    previous = _held.get(str(path.resolve()))
-    if previous is not None:
-        previous.release()
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        try:
-            holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-        except (OSError, ValueError):
-            holder = {}
-        os.close(fd)
-        who = (f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
-               if holder else "another process")
-        raise UserError(f"run folder {run_dir} is in use by another {what} ({who}); wait for it to finish or stop "
-                        f"it, or pass another --exp-name / --results-dir (the lock {path} is freed when its "
-                        "holder exits, also on kill -9)") from None
-    except OSError as e:  # e.g. ENOLCK: a file system without lock support
-        log(f"WARNING: cannot lock {path} ({e}); make sure no other {what} uses this run folder")
-        os.close(fd)
-        lock = RunLock(path, None)
-        return lock
-    info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                       "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, info, 0)
-    lock = RunLock(path, fd)
-    _held[str(path.resolve())] = lock
-    return lock
+def acquire_run_lock(run_dir: str | os.PathLike, what: str = "trainer", log=print) -> FolderLock:
+    """Lock `run_dir` for this process (fcdm_common/locks.py) or raise UserError naming the process that
+    holds it."""
+    return lock_folder(run_dir, LOCK_NAME, label=f"run folder {run_dir}", what=what, log=log, reentrant=True,
+                       fix="wait for it to finish or stop it, or pass another --exp-name / --results-dir")

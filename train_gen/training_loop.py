@@ -43,7 +43,14 @@ from fcdm_common.rng import capture_rng, rank_seed, restore_rng, seed_everything
 from models.checkpoints import save_checkpoint
 from preparation.checks import describe_nonfinite
 from train_gen.config import TrainConfig
-from train_gen.ema import PowerEMA, create_ema, remove_snapshots_after, save_posthoc_snapshots, update_ema
+from train_gen.ema import (
+    PowerEMA,
+    create_ema,
+    redo_resume_snapshots,
+    remove_snapshots_after,
+    save_posthoc_snapshots,
+    update_ema,
+)
 from train_gen.loader import TrainLoader
 from train_gen.plot import write_curves
 from train_gen.preemption import PREEMPTED_STATUS, PreemptionWatch, take_marker, write_marker
@@ -53,6 +60,7 @@ from train_gen.run_folder import (
     ema_export_path,
     export_ema,
     prune_checkpoints,
+    prune_on_start,
     truncate_metrics,
 )
 from train_gen.step_draws import RNG_SCHEME, BatchPlan, StepDraws, take
@@ -243,16 +251,16 @@ def restore_state(state: TrainState, resume: ResumePoint, config: TrainConfig, p
     resume.ckpt = None
 
 
-def prepare_run_folder(run_dir: Path, config: TrainConfig, start_step: int) -> None:
+def prepare_run_folder(run_dir: Path, config: TrainConfig, start_step: int, log=print) -> None:
     """Main process: folders, temp files of killed writes removed, config.json, and the metrics and post-hoc
-    EMA snapshots of work lost after `start_step` dropped."""
+    EMA snapshots of work lost after `start_step` dropped (damaged snapshots set aside, with a warning)."""
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     (run_dir / "samples").mkdir(parents=True, exist_ok=True)
     for folder in (run_dir, run_dir / "checkpoints", run_dir / "samples"):
         remove_stale_temps(folder)
     atomic_write_text(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
     truncate_metrics(run_dir / "metrics.jsonl", start_step)
-    remove_snapshots_after(run_dir, start_step)
+    remove_snapshots_after(run_dir, start_step, log=log)
 
 
 def flat_config(d: dict, prefix: str = "") -> dict:
@@ -442,7 +450,12 @@ def _train(config: TrainConfig, *, model: torch.nn.Module, dataset, objective, a
     ddp_model = accelerator.prepare_model(state.model, device_placement=False) if plan.world_size > 1 else state.model
     start_step = state.step
     if is_main:
-        prepare_run_folder(run_dir, config, start_step)
+        prepare_run_folder(run_dir, config, start_step, log=logger.log)
+        # what a kill left undone: the pruning after a save, the snapshots of the resume step
+        prune_on_start(run_dir / "checkpoints", log.keep_last, log.keep_every, resume.path, state.unreadable,
+                       logger.log)
+        redo_resume_snapshots(state.power_ema, state.model, run_dir, start_step, t.posthoc_ema.snapshot_every,
+                              t.posthoc_ema.dtype, metadata={"config": json.dumps(config.to_dict())}, log=logger.log)
         if (marker := take_marker(run_dir)) is not None:
             logger.log(f"resuming after a preemption (checkpoint of step {marker.get('step', '?')}, "
                        f"signal {marker.get('signal', '?')})")
