@@ -87,7 +87,7 @@ def _device_copy(device: str):
     return copy
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(formatter_class=HelpFormatter,
                                 description="Measure latents/s of the training data loader on CPU.")
     p.add_argument("--store", default=None, help="existing store to read (default: build a random one in a temp dir)")
@@ -102,7 +102,11 @@ def main(argv=None):
                    help="also copy every batch to this device as train.py does (cuda: pinned memory, "
                         "non-blocking), so the rate is latents/s arriving on the GPU (default: none)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the rates as JSON here")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args.device == "cuda":
         if not torch.cuda.is_available():
             raise UserError("--device cuda requested but torch.cuda.is_available() is False")

@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import resource
 import statistics
 from dataclasses import dataclass, field
@@ -63,7 +62,9 @@ import torch.nn.functional as F
 
 from benchmarks.bench_sampling import format_sampling, sampling_benchmark
 from benchmarks.common import environment, peak_memory, resolve_latent, setup_device, timed
-from fcdm_common.cli import HelpFormatter, UserError, non_negative_int, positive_int, run_main
+from diffusion.sampling import CFG_SCALE_HELP, cfg_scale_arg
+from fcdm_common.cli import HelpFormatter, UserError, float_in, non_negative_int, positive_int, run_main, seed_int
+from fcdm_common.io import atomic_write_text
 from models import MODELS, create_model
 from models.fcdm import FCDM
 from models.fcdm_reference import FCDMReference, GRNReference
@@ -448,7 +449,7 @@ def _variant_list(value: str) -> list:
     return out
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", default="FCDM-XL", help="registered model name (default: FCDM-XL)")
     p.add_argument("--model-kwargs", default=None,
@@ -469,8 +470,8 @@ def parse_args(argv=None):
     p.add_argument("--sampler", default="dpm++2m",
                    help="--mode sample: sampler of sample.py (default dpm++2m; ddpm, ddim, unipc, diffusers:<Class>)")
     p.add_argument("--sampling-steps", type=positive_int, default=20, help="--mode sample: sampler steps (default 20)")
-    p.add_argument("--cfg-scale", type=float, default=4.0,
-                   help="--mode sample: guidance scale (default 4.0: two network rows per image; 1: no guidance)")
+    p.add_argument("--cfg-scale", type=cfg_scale_arg, default=4.0,
+                   help=f"--mode sample: guidance scale, {CFG_SCALE_HELP} (default 4.0: two network rows per image)")
     p.add_argument("--sample-batches", type=positive_int, nargs="+", default=[64, 256],
                    help="--mode sample: images per sampling loop, one measurement each (default 64 256)")
     p.add_argument("--checkpointing", choices=("none", "selective", "full"), default="none",
@@ -493,7 +494,7 @@ def parse_args(argv=None):
                         "separated, each CKPT or CKPT+compile with CKPT none|selective|full, e.g. "
                         "'selective,full,none+compile'; with --compare-baseline each gets its speedup over the "
                         "baseline. Every variant holds its own weights, AdamW state and EMA on the device")
-    p.add_argument("--peak-tflops", type=float, default=None,
+    p.add_argument("--peak-tflops", type=float_in(0.0, lo_open=True), default=None,
                    help="peak dense TFLOPs of the device at --dtype, for model-FLOPs utilisation")
     p.add_argument("--warmup", type=non_negative_int, default=2, help="untimed iterations per variant (default: 2)")
     p.add_argument("--repeats", type=positive_int, default=5,
@@ -503,13 +504,15 @@ def parse_args(argv=None):
                    help="CPU only, process-wide (all variants alike): 'tuned' keeps freed memory in glibc's heap "
                         "(fcdm_common.cpu, what train/sample do on CPU); 'default' leaves malloc as it is, to "
                         "measure that setting in a second run (default: tuned)")
-    p.add_argument("--seed", type=int, default=0, help="seed for weights and inputs (default: 0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed for weights and inputs, 0..2**32-1 (default: 0)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the full report (incl. raw times) here")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     if args.baseline and args.compare_baseline:
         raise UserError("--baseline and --compare-baseline are exclusive (the comparison includes the baseline)")
-    if args.peak_tflops is not None and args.peak_tflops <= 0:
-        raise UserError("--peak-tflops must be positive")
     return args
 
 
@@ -525,11 +528,7 @@ def main(argv=None):
         report = run_benchmark(args)
         print(format_report(report))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(report, fh, indent=2)
-        os.replace(tmp, args.json)
+        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
     return report
 
 

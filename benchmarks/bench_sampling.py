@@ -42,6 +42,9 @@ def sampling_benchmark(args) -> dict:
         diffusion.check_sampler("diffusion", args.sampler)
     except ValueError as e:
         raise UserError(f"--sampler {args.sampler}: {e}") from None
+    if args.sampling_steps > objective.original_num_steps:
+        raise UserError(f"--sampling-steps {args.sampling_steps} exceeds the {objective.original_num_steps} "
+                        "diffusion steps of the model")
     latent = resolve_latent(args, model.in_channels)
     network = compiled_network(model, device.type) if args.compile else model
     autocast = torch.bfloat16 if args.dtype == "bf16" else None

@@ -60,7 +60,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run by path from the shell script: the repo root is on PYTHONPATH already
     sys.path.insert(0, str(REPO))
 
-from fcdm_common.cli import UserError, run_main  # noqa: E402
+from fcdm_common.cli import UserError, float_in, positive_int, run_main  # noqa: E402
 from fcdm_common.io import atomic_write_text  # noqa: E402
 from fcdm_common.processes import kill_processes_with_env  # noqa: E402
 
@@ -781,11 +781,11 @@ WORKERS = {"env": worker_env, "profile": worker_profile, "vae": worker_vae, "e2e
 
 
 # ---------------------------------------------------------------------------------------------- main
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None,
                    help="folder of gpu_results.jsonl, gpu_log.txt, gpu_profile.txt (default: $OUT, else ./gpu_out)")
-    p.add_argument("--budget-s", type=float, default=450.0,
+    p.add_argument("--budget-s", type=float_in(0.0, lo_open=True), default=450.0,
                    help="wall-clock budget of the whole suite in seconds; steps that no longer fit are skipped "
                         "and a running one is stopped at the budget (default: 450, for an 8-minute slot)")
     p.add_argument("--dry-run", action="store_true",
@@ -799,20 +799,21 @@ def parse_args(argv=None):
     p.add_argument("--worker", choices=tuple(WORKERS), default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help=argparse.SUPPRESS)
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
-    p.add_argument("--matmul-n", type=int, default=8192, help=argparse.SUPPRESS)
+    p.add_argument("--matmul-n", type=positive_int, default=8192, help=argparse.SUPPRESS)
     p.add_argument("--model", default="FCDM-XL", help=argparse.SUPPRESS)
     p.add_argument("--model-kwargs", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--latent-size", type=int, default=32, help=argparse.SUPPRESS)
-    p.add_argument("--batch-size", type=int, default=256, help=argparse.SUPPRESS)
+    p.add_argument("--latent-size", type=positive_int, default=32, help=argparse.SUPPRESS)
+    p.add_argument("--batch-size", type=positive_int, default=256, help=argparse.SUPPRESS)
     p.add_argument("--table", default=None, help=argparse.SUPPRESS)
     p.add_argument("--vae-widths", default="128,256,512,512", help=argparse.SUPPRESS)
-    p.add_argument("--vae-layers", type=int, default=2, help=argparse.SUPPRESS)
-    p.add_argument("--vae-image", type=int, default=256, help=argparse.SUPPRESS)
-    p.add_argument("--repeats", type=int, default=3, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.budget_s <= 0:
-        raise UserError("--budget-s must be positive")
-    return args
+    p.add_argument("--vae-layers", type=positive_int, default=2, help=argparse.SUPPRESS)
+    p.add_argument("--vae-image", type=positive_int, default=256, help=argparse.SUPPRESS)
+    p.add_argument("--repeats", type=positive_int, default=3, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 STEP_ORDER = ("env", "cuda_tests", "train256", "profile256", "train512", "forward", "e2e", "compile256", "sampling",

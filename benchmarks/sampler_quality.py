@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from diffusion.sampling import SamplerSettings, generate, load_setup
+from diffusion.sampling import CFG_SCALE_HELP, SamplerSettings, cfg_scale_arg, generate, load_setup
 from evaluations.evaluator import evaluate
-from fcdm_common.cli import HelpFormatter, UserError, positive_int, run_main
+from fcdm_common.cli import HelpFormatter, UserError, non_negative_int, positive_int, run_main, seed_int
 from fcdm_common.io import atomic_write_text
 from train_gen import sample_ddp
 
@@ -48,13 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samplers", nargs="+", required=True, metavar="SAMPLER:STEPS",
                    help="entries to compare, e.g. ddpm:250 dpm++2m:20 diffusers:DEISMultistepScheduler:20")
     p.add_argument("--num-samples", type=positive_int, default=1000, help="samples per entry (default 1000)")
-    p.add_argument("--cfg-scale", type=float, default=2.0, help="guidance scale of every entry (default 2.0)")
+    p.add_argument("--cfg-scale", type=cfg_scale_arg, default=2.0,
+                   help=f"guidance scale of every entry, {CFG_SCALE_HELP} (default 2.0)")
     p.add_argument("--batch-size", type=positive_int, default=250,
                    help="--per-proc-batch-size and --forward-batch of sample_ddp.py (default 250)")
-    p.add_argument("--seed", type=int, default=0, help="--seed of every entry (default 0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="--seed of every entry, 0..2**32-1 (default 0)")
     p.add_argument("--device", default="cpu", help="sampling device (default cpu)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0: torch's default)")
-    p.add_argument("--timing-rounds", type=int, default=0,
+    p.add_argument("--threads", type=non_negative_int, default=1,
+                   help="torch CPU threads (default 1; 0: torch's default)")
+    p.add_argument("--timing-rounds", type=non_negative_int, default=0,
                    help="interleaved timing rounds after the quality runs (default 0: none)")
     p.add_argument("--timing-samples", type=positive_int, default=100, help="samples per timed call (default 100)")
     p.add_argument("--skip-quality", action="store_true", help="only the interleaved timing (needs --timing-rounds)")
@@ -67,8 +69,6 @@ def main(argv=None) -> dict:
     for path in (args.ckpt, args.ref_batch):
         if not Path(path).is_file():
             raise UserError(f"{path} does not exist")
-
-
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     out_dir = Path(args.out_dir)

@@ -13,6 +13,7 @@ evaluated with the null label in the SAME forward call as the conditional batch.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Tuple, Union
 
 import torch
@@ -30,6 +31,8 @@ class GuidedModel:
         self.cfg_channels = cfg_channels            # "all" or k: guide the first k prediction channels
         self.guidance_interval = guidance_interval  # (lo, hi) in noise-level fraction, None = everywhere
         self.noise_level_fn = noise_level_fn        # t (as the model sees it) -> noise level in [0, 1]
+        if not math.isfinite(self.cfg_scale):  # nan/inf would turn every image into NaN (a black grid)
+            raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale!r}")
         if not (cfg_channels == "all" or (isinstance(cfg_channels, int) and cfg_channels > 0)):
             raise ValueError(f"cfg_channels must be 'all' or a positive int, got {cfg_channels!r}")
         if guidance_interval is not None:

@@ -17,6 +17,7 @@ Writing PNGs and ADM archives is evaluations/archives.py.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ import torch
 import diffusion
 from diffusion import DIFFUSION_SAMPLERS, FLOW_SAMPLERS, check_sampler  # one list of samplers, in diffusion/
 from diffusion.compiled import compiled_network
-from fcdm_common.cli import UserError, positive_int, str2bool
+from fcdm_common.cli import UserError, float_in, non_negative_int, positive_int, str2bool
 from fcdm_common.cpu import tune_cpu_allocator
 from fcdm_common.images import to_uint8
 from models.checkpoints import load_checkpoint, model_from_checkpoint
@@ -41,7 +42,8 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 __all__ = [
     "DIFFUSION_SAMPLERS", "FLOW_SAMPLERS", "DIT_SAMPLE_LABELS", "SamplingSetup", "FixedBatchModel",
     "add_sampler_args", "SamplerSettings", "resolve_sampler", "parse_cfg_channels", "sample_seed",
-    "sample_generator", "sample_labels", "load_setup", "generate", "decode_to_uint8",
+    "sample_generator", "sample_labels", "load_setup", "generate", "decode_to_uint8", "CFG_SCALE_MAX",
+    "cfg_scale_arg", "ddim_eta_arg", "tolerance_arg", "guidance_level_arg", "OrderedInterval", "check_num_steps",
 ]
 
 
@@ -77,6 +79,33 @@ def sample_labels(global_seed: int, indices: Iterable[int], num_classes: int, mo
 
 
 # ----------------------------------------------------------------------------- command-line flags
+# Guidance: guided = uncond + s * (cond - uncond) (diffusion/guidance.py). s = 1 is the conditional model, s = 0
+# the unconditional one, 0 < s < 1 between them, s > 1 guidance; s < 0 would push every sample away from its
+# own class, which no sampler here is meant for, and s in the hundreds only saturates the images (float32
+# overflow to a black grid beyond that), so the scale is a finite number in [0, CFG_SCALE_MAX].
+CFG_SCALE_MAX = 100.0
+CFG_SCALE_HELP = (f"in [0, {CFG_SCALE_MAX:g}]: 1 = no guidance (one conditional pass), 0 = the unconditional model, "
+                  "> 1 = guidance")
+cfg_scale_arg = float_in(0.0, CFG_SCALE_MAX)  # argparse `type=` of every guidance-scale flag
+# DDIM's eta scales the noise of each step; above 1 the coefficient sqrt(1 - abar_prev - sigma^2) of the
+# predicted noise can go negative under the root (NaN images): eta in [0, 1] (1 = DDPM-like noise)
+ddim_eta_arg = float_in(0.0, 1.0)
+tolerance_arg = float_in(0.0, lo_open=True)  # dopri5's atol/rtol: finite and > 0
+guidance_level_arg = float_in(0.0, 1.0)  # one end of --guidance-interval: a noise level (0 = data, 1 = noise)
+
+
+class OrderedInterval(argparse.Action):
+    """argparse action of a `nargs=2` (LO, HI) flag whose values its `type` checked one by one: also LO <= HI
+    (else argparse's usage line and exit status 2). Stores a tuple."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        lo, hi = values
+        if lo > hi:
+            raise argparse.ArgumentError(self, f"LO {lo:g} is above HI {hi:g}; give the lower noise level first "
+                                               "(0 = data, 1 = noise)")
+        setattr(namespace, self.dest, (lo, hi))
+
+
 def add_sampler_args(parser, cfg_scale_default: float = 1.0, forward_batch_default: int = 64) -> None:
     """The sampler, guidance, precision and VAE flags both sampling scripts share."""
     g = parser.add_argument_group("sampler")
@@ -90,23 +119,26 @@ def add_sampler_args(parser, cfg_scale_default: float = 1.0, forward_batch_defau
                    help="diffusion checkpoints: true = DDPM (ancestral), false = DDIM; kept from the original README")
     g.add_argument("--num-sampling-steps", type=positive_int, default=250,
                    help="sampling steps (DDPM/DDIM respacing, diffusers inference steps, ODE steps or SDE model "
-                        "calls; unused by dopri5)")
-    g.add_argument("--atol", type=float, default=1e-6, help="dopri5: absolute tolerance (SiT: 1e-6)")
-    g.add_argument("--rtol", type=float, default=1e-3, help="dopri5: relative tolerance (SiT: 1e-3)")
+                        "calls; unused by dopri5): >= 1, at most the checkpoint's diffusion steps T (1000) for "
+                        "diffusion checkpoints, >= 2 for the flow sde sampler")
+    g.add_argument("--atol", type=tolerance_arg, default=1e-6, help="dopri5: absolute tolerance, > 0 (SiT: 1e-6)")
+    g.add_argument("--rtol", type=tolerance_arg, default=1e-3, help="dopri5: relative tolerance, > 0 (SiT: 1e-3)")
     g.add_argument("--compile", type=str2bool, default=False, metavar="BOOL",
                    help="torch.compile the network at the fixed --forward-batch shape (CUDA: mode "
                         "max-autotune-no-cudagraphs); the first batch pays the compile time")
-    g.add_argument("--ddim-eta", type=float, default=0.0, help="DDIM eta (0 = deterministic DDIM)")
-    g.add_argument("--cfg-scale", type=float, default=cfg_scale_default,
-                   help="classifier-free guidance scale s (1 = no guidance, a single conditional pass)")
+    g.add_argument("--ddim-eta", type=ddim_eta_arg, default=0.0,
+                   help="DDIM eta in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like noise)")
+    g.add_argument("--cfg-scale", type=cfg_scale_arg, default=cfg_scale_default,
+                   help=f"classifier-free guidance scale s {CFG_SCALE_HELP}")
     g.add_argument("--cfg-channels", default="all",
                    help="guide 'all' prediction channels (default) or only the first K (3 = DiT / original FCDM)")
-    g.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="apply guidance only at noise levels in [LO, HI] (0 = data, 1 = noise; "
+    g.add_argument("--guidance-interval", type=guidance_level_arg, nargs=2, default=None, metavar=("LO", "HI"),
+                   action=OrderedInterval,
+                   help="apply guidance only at noise levels in [LO, HI], 0 <= LO <= HI <= 1 (0 = data, 1 = noise; "
                         "Kynkaanniemi et al. 2024)")
     g.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
                    help="network precision: fp32, or bf16 autocast (sampler math stays float32)")
-    g.add_argument("--forward-batch", type=int, default=forward_batch_default,
+    g.add_argument("--forward-batch", type=non_negative_int, default=forward_batch_default,
                    help="rows per network/VAE call; batches are split and padded to exactly this many rows so the "
                         "images do not depend on the batch size or process count (0 = no padding, fastest)")
     g.add_argument("--use-ema", type=str2bool, default=True, metavar="BOOL",
@@ -118,6 +150,21 @@ def add_sampler_args(parser, cfg_scale_default: float = 1.0, forward_batch_defau
                         "'none' = pixel-space model")
     v.add_argument("--hf-model-name", default=None, help="Hugging Face repository of the VAE (downloads if needed)")
     v.add_argument("--hf-model-dir", default=None, help="local snapshot folder of the VAE (wins over --hf-model-name)")
+
+
+def check_num_steps(objective, sampler: str, num_steps: int, flag: str = "--num-sampling-steps") -> None:
+    """UserError when `num_steps` does not fit the sampler and the checkpoint's objective: a diffusion model
+    has T training steps (1000), and every diffusion sampler (respaced DDPM/DDIM, diffusers schedulers) picks
+    its steps among them, so more than T is refused; flow samplers integrate a continuous time and take any
+    count (the SDE sampler at least 2)."""
+    if num_steps < 1:
+        raise UserError(f"{flag} must be >= 1, got {num_steps}")
+    total = getattr(objective, "original_num_steps", None)
+    if total is not None and sampler != "dopri5" and num_steps > total:
+        raise UserError(f"{flag} {num_steps} exceeds the checkpoint's {total} diffusion steps; "
+                        f"a diffusion sampler takes at most {total}")
+    if sampler == "sde" and num_steps < 2:
+        raise UserError(f"the SDE sampler needs {flag} >= 2")
 
 
 def resolve_sampler(objective: str, sampler: Optional[str] = None, ddpm: Optional[bool] = None) -> str:
@@ -180,24 +227,22 @@ class SamplerSettings:
     def from_args(cls, args, setup: "SamplingSetup") -> "SamplerSettings":
         """Validated settings from parsed `add_sampler_args` flags (UserError on bad values)."""
         sampler = resolve_sampler(setup.objective_name, args.sampler, args.ddpm)
-        if sampler == "sde" and args.num_sampling_steps < 2:
-            raise UserError("the SDE sampler needs --num-sampling-steps >= 2")
+        check_num_steps(setup.objective, sampler, int(args.num_sampling_steps))
         interval = None
-        if args.guidance_interval is not None:
+        if args.guidance_interval is not None:  # the flag's type and action checked it; a caller's namespace too
             lo, hi = (float(v) for v in args.guidance_interval)
             if not 0.0 <= lo <= hi <= 1.0:
                 raise UserError(f"--guidance-interval {lo} {hi} must satisfy 0 <= LO <= HI <= 1")
             interval = (lo, hi)
         if args.forward_batch < 0:
             raise UserError(f"--forward-batch must be >= 0, got {args.forward_batch}")
-        if not np.isfinite(args.cfg_scale):
-            raise UserError(f"--cfg-scale must be a finite number, got {args.cfg_scale}")
-        if sampler == "dopri5" and not (args.atol > 0 and args.rtol > 0):
-            raise UserError(f"--atol and --rtol must be > 0, got {args.atol} and {args.rtol}")
-        if sampler not in ("dopri5", "ddpm", "ddim") and setup.objective_name == "diffusion":
-            if args.num_sampling_steps > setup.objective.original_num_steps:
-                raise UserError(f"--num-sampling-steps {args.num_sampling_steps} exceeds the checkpoint's "
-                                f"{setup.objective.original_num_steps} diffusion steps")
+        if not (np.isfinite(args.cfg_scale) and 0.0 <= args.cfg_scale <= CFG_SCALE_MAX):
+            raise UserError(f"--cfg-scale must be a finite number in [0, {CFG_SCALE_MAX:g}], got {args.cfg_scale}")
+        if not (np.isfinite(args.ddim_eta) and 0.0 <= args.ddim_eta <= 1.0):
+            raise UserError(f"--ddim-eta must be in [0, 1], got {args.ddim_eta}")
+        if sampler == "dopri5" and not (np.isfinite(args.atol) and np.isfinite(args.rtol)
+                                        and args.atol > 0 and args.rtol > 0):
+            raise UserError(f"--atol and --rtol must be finite and > 0, got {args.atol} and {args.rtol}")
         return cls(sampler=sampler, num_steps=int(args.num_sampling_steps), cfg_scale=float(args.cfg_scale),
                    cfg_channels=parse_cfg_channels(args.cfg_channels, setup.latent_shape[0]),
                    guidance_interval=interval, ddim_eta=float(args.ddim_eta), precision=args.precision,

@@ -14,7 +14,6 @@ from typing import Iterable, Optional, Tuple, Union
 
 import numpy as np
 import PIL
-import torch
 from PIL import Image
 
 from fcdm_common.cli import UserError
@@ -107,6 +106,8 @@ def validate_npz(path, num_samples: Optional[int] = None, num_classes: Optional[
 
 def package_versions() -> dict:
     """Versions that matter for reproducing an archive."""
+    import torch  # deferred: its only use here; evaluate.py and make_reference.py import this module without torch
+
     out = {"torch": torch.__version__, "numpy": np.__version__, "pillow": PIL.__version__}
     try:
         out["fcdm"] = metadata.version("fcdm")

@@ -109,12 +109,27 @@ def iter_images(path: str | Path, batch_size: int) -> Iterator[np.ndarray]:
             yield np.frombuffer(data, dtype=dtype).reshape((count, *shape[1:]))
 
 
+def load_array(z, key: str, path: str | Path, fix: str) -> np.ndarray:
+    """`z[key]` of an open npz; an array of Python objects (which np.load never unpickles: allow_pickle is
+    off, so a file cannot run code) or an unreadable member is a UserError naming the file, the key and `fix`."""
+    try:
+        return z[key]
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise UserError(f"{path}: '{key}' is an array of Python objects (dtype object), which is never loaded "
+                            f"(it could run code); {fix}") from None
+        raise UserError(f"{path}: cannot read '{key}' ({e}); {fix}") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path}: cannot read '{key}' ({type(e).__name__}: {e}); {fix}") from None
+
+
 def read_labels(path: str | Path, num_images: int) -> Optional[np.ndarray]:
     """`arr_1` class labels (N,) int64 if the archive has them, else None."""
     with np.load(str(path)) as z:
         if "arr_1" not in z.files:
             return None
-        labels = z["arr_1"]
+        labels = load_array(z, "arr_1", path, "save the labels as integers: np.savez(path, arr_0=images, "
+                                              "arr_1=np.asarray(labels, dtype=np.int64))")
     if labels.shape != (num_images,) or not np.issubdtype(labels.dtype, np.integer):
         raise UserError(f"{path}: arr_1 has shape {labels.shape} and dtype {labels.dtype}, "
                         f"expected int labels of shape ({num_images},)")
@@ -131,7 +146,13 @@ def read_ref_stats(path: str | Path, pool_dim: int, spatial_dim: int) -> Optiona
         if len(present) != len(STAT_KEYS):
             raise UserError(f"{path}: has {present} but not all of {list(STAT_KEYS)}; "
                             f"store all four statistics or none")
-        stats = {k: np.asarray(z[k], dtype=np.float64) for k in STAT_KEYS}
+        fix = "store the statistics as float arrays (np.savez(path, ..., mu=mu.astype(np.float64), ...))"
+        stats = {}
+        for k in STAT_KEYS:
+            value = load_array(z, k, path, fix)
+            if not (np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)):
+                raise UserError(f"{path}: '{k}' has dtype {value.dtype}, expected floats; {fix}")
+            stats[k] = np.asarray(value, dtype=np.float64)
     expected = {"mu": (pool_dim,), "sigma": (pool_dim, pool_dim), "mu_s": (spatial_dim,),
                 "sigma_s": (spatial_dim, spatial_dim)}
     for key, shape in expected.items():

@@ -132,7 +132,7 @@ def extract(pb_path: str, image_paths: Sequence[str], out_paths: Sequence[str], 
                          tf_version=np.array(net.tf.__version__))
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(formatter_class=HelpFormatter,
                                      description="Inception features of ADM batches with the TF graph "
                                                  "(run by evaluations/evaluator.py in a subprocess).")
@@ -141,7 +141,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--out", nargs="+", required=True, help="one output .npz per --images file")
     parser.add_argument("--forward-batch", "--batch-size", dest="forward_batch", type=positive_int, default=BATCH_SIZE,
                         help=alias_help("images per graph run (ADM: 64)", "--batch-size"))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
     if len(args.images) != len(args.out):
         raise UserError("--images and --out need the same number of paths")
     extract(resolve_pb(args.inception_pb), args.images, args.out, args.forward_batch)

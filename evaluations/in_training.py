@@ -46,7 +46,17 @@ import torch
 from accelerate.utils import broadcast_object_list
 from tqdm import tqdm
 
-from diffusion.sampling import SamplerSettings, generate, resolve_sampler, sample_labels, setup_from_model
+from diffusion import create_objective
+from diffusion.sampling import (
+    CFG_SCALE_HELP,
+    SamplerSettings,
+    cfg_scale_arg,
+    check_num_steps,
+    generate,
+    resolve_sampler,
+    sample_labels,
+    setup_from_model,
+)
 from evaluations.archives import write_npz
 from evaluations.batches import inspect_batch, read_ref_stats
 from evaluations.evaluator import (
@@ -58,8 +68,8 @@ from evaluations.evaluator import (
     reference_statistics,
 )
 from evaluations.features_tf import resolve_pb
-from fcdm_common.cli import UserError, non_negative_int, positive_int, str2bool
-from fcdm_common.io import atomic_path, sha256_file
+from fcdm_common.cli import UserError, non_negative_int, positive_int, seed_int, str2bool
+from fcdm_common.io import atomic_path, remove_stale_temps, sha256_file
 from fcdm_common.rng import capture_rng, restore_rng
 
 EVAL_PRECISIONS = ("fp32", "bf16")
@@ -79,10 +89,12 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-sampler", default="auto",
                    help="sampler of the evaluation samples: any name sample_ddp.py --sampler takes for this "
                         "objective; auto: ddim (diffusion) or the flow default (sde)")
-    g.add_argument("--eval-steps", type=positive_int, default=50, help="sampling steps of the evaluation samples")
-    g.add_argument("--eval-cfg-scale", type=float, default=1.0,
-                   help="classifier-free guidance scale of the evaluation samples (1: off)")
-    g.add_argument("--eval-seed", type=int, default=0, help="global seed of the samples (sample_ddp.py --seed)")
+    g.add_argument("--eval-steps", type=positive_int, default=50,
+                   help="sampling steps of the evaluation samples (diffusion: at most the model's T = 1000 steps)")
+    g.add_argument("--eval-cfg-scale", type=cfg_scale_arg, default=1.0,
+                   help=f"classifier-free guidance scale of the evaluation samples, {CFG_SCALE_HELP}")
+    g.add_argument("--eval-seed", type=seed_int, default=0,
+                   help="global seed of the samples, 0..2**32-1 (sample_ddp.py --seed)")
     g.add_argument("--eval-batch-size", type=positive_int, default=64,
                    help="samples per sampler batch and rows per network call on each process (= sample_ddp.py "
                         "--per-proc-batch-size B --forward-batch B); as with --forward-batch, another value can "
@@ -126,7 +138,7 @@ class EvalPlan:
                 "eval_backend": self.backend, "ref_batch": self.ref_batch}
 
 
-def _eval_sampler(objective: str, requested: str, num_steps: int) -> str:
+def _eval_sampler(objective: str, requested: str, num_steps: int, objective_kwargs: Optional[dict] = None) -> str:
     if requested == "auto":
         sampler = "ddim" if objective == "diffusion" else resolve_sampler(objective)
     else:
@@ -134,7 +146,13 @@ def _eval_sampler(objective: str, requested: str, num_steps: int) -> str:
             sampler = resolve_sampler(objective, requested)
         except UserError as e:
             raise UserError(str(e).replace("--sampler", "--eval-sampler")) from None
-    if sampler == "sde" and num_steps < 2:
+    try:
+        obj = create_objective(objective, **(objective_kwargs or {}))
+    except (ValueError, TypeError):
+        obj = None  # bad --objective-kwargs: train.py reports them itself
+    if obj is not None:
+        check_num_steps(obj, sampler, num_steps, flag="--eval-steps")
+    elif sampler == "sde" and num_steps < 2:
         raise UserError("the SDE sampler needs --eval-steps >= 2")
     return sampler
 
@@ -146,9 +164,9 @@ def plan_from_args(args, data: dict, objective: str) -> Optional[EvalPlan]:
     if not args.eval_every:
         return None
 
-    sampler = _eval_sampler(objective, args.eval_sampler, args.eval_steps)
-    if not np.isfinite(args.eval_cfg_scale):
-        raise UserError(f"--eval-cfg-scale must be a finite number, got {args.eval_cfg_scale}")
+    sampler = _eval_sampler(objective, args.eval_sampler, args.eval_steps, getattr(args, "objective_kwargs", None))
+    if not np.isfinite(args.eval_cfg_scale) or args.eval_cfg_scale < 0:
+        raise UserError(f"--eval-cfg-scale must be a finite number >= 0, got {args.eval_cfg_scale}")
     if args.eval_samples < 4:
         raise UserError(f"--eval-samples {args.eval_samples}: precision/recall need more than 3 samples")
     if not args.ref_batch:
@@ -161,6 +179,7 @@ def plan_from_args(args, data: dict, objective: str) -> Optional[EvalPlan]:
     if tuple(info.shape[1:3]) != (side, side):
         raise UserError(f"--ref-batch {args.ref_batch} holds {info.shape[1]}x{info.shape[2]} images but the model "
                         f"samples {side}x{side} images; use the reference batch of this resolution")
+    read_ref_stats(args.ref_batch, *FEATURE_DIMS[args.eval_backend])  # mu/sigma: readable, right shapes, finite
     pb = weights = None
     if args.eval_backend == "tf":
         pb = resolve_pb(args.inception_pb)
@@ -215,6 +234,11 @@ def load_or_build_reference(plan: EvalPlan, fallback_dir: Path, log: Callable[[s
             continue
     pool_dim, spatial_dim = FEATURE_DIMS[plan.backend]
     stats = read_ref_stats(plan.ref_batch, pool_dim, spatial_dim)
+    for path in candidates:  # temp files of a cache write that was killed (a kill leaves `.<cache>.XXXXXXXX.tmp`)
+        try:
+            remove_stale_temps(path.parent, names=[path.name])
+        except OSError:
+            pass  # a read-only folder holds no temp of ours
     log(f"evaluation: computing {plan.backend} features of the reference batch {plan.ref_batch} (once; cached)")
     t0 = time.perf_counter()
     (feats,) = compute_features(plan.backend, [plan.ref_batch], plan.inception_pb, plan.inception_weights,
@@ -297,6 +321,7 @@ class InTrainingEvaluator:
         logged, and the evaluation of `step` if a kill left it pending (its checkpoint was just loaded)."""
         error = None
         if self.is_main:
+            self._remove_stale_parts()
             try:
                 self.reference = load_or_build_reference(self.plan, self.run_dir / "eval", self.logger.log)
             except UserError as e:
@@ -318,6 +343,19 @@ class InTrainingEvaluator:
         if save is not None and not self._is_checkpoint_step(step):
             save(step)
         self.run(step)
+
+    def _remove_stale_parts(self) -> None:
+        """Process 0 at start, before any evaluation (the run lock keeps other trainers out): the per-process
+        sample shares (`eval/.parts-<step>/`) and temp files that killed evaluations left behind."""
+        eval_dir = self.run_dir / "eval"
+        if not eval_dir.is_dir():
+            return
+        stale = [p for p in eval_dir.glob(".parts-*") if p.is_dir()]
+        for p in stale:
+            shutil.rmtree(p, ignore_errors=True)
+        stale += remove_stale_temps(eval_dir)
+        if stale:
+            self.logger.log(f"evaluation: removed {len(stale)} leftover(s) of interrupted evaluations in {eval_dir}")
 
     # ---- one evaluation
     def _sampling_setup(self):

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -27,8 +29,8 @@ from PIL import Image
 
 from evaluations import metrics
 from evaluations.evaluator import BACKENDS, compute_features
-from fcdm_common.cli import HelpFormatter, UserError, alias_help, non_negative_int, positive_int, run_main
-from fcdm_common.io import atomic_path
+from fcdm_common.cli import HelpFormatter, UserError, alias_help, positive_int, run_main, seed_int
+from fcdm_common.io import atomic_path, check_writable, remove_stale_temps
 from fcdm_common.progress import progress as tqdm
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
@@ -66,6 +68,27 @@ def list_image_folder(data_path: str) -> Tuple[List[Tuple[str, int]], List[str]]
     return items, classes
 
 
+def work_dir_prefix(out_path: Path) -> str:
+    """Prefix of the work folder (the images as an npz for the feature network) beside `out_path`."""
+    return f".make_reference_{out_path.name}."
+
+
+def remove_stale_work(out_path: Path) -> list:
+    """Delete what a killed run writing `out_path` left beside it: its work folders
+    (`.make_reference_<out name>.XXXXXXXX/`, and `.make_reference_XXXXXXXX/` of versions that did not name
+    them after the output) and the temp file of its output. Returns them."""
+    folder = out_path.parent
+    if not folder.is_dir():
+        return []
+    ours = re.compile(rf"^{re.escape(work_dir_prefix(out_path))}[A-Za-z0-9_]{{8}}$")
+    unnamed = re.compile(r"^\.make_reference_[a-z0-9_]{8}$")
+    stale = [p for p in folder.iterdir()
+             if (ours.match(p.name) or unnamed.match(p.name)) and p.is_dir() and not p.is_symlink()]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale + remove_stale_temps(folder, names=[out_path.name])
+
+
 def make_reference(
     data_path: str,
     out: str,
@@ -87,6 +110,10 @@ def make_reference(
         raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "digits" and image_size % 8 != 0:
         raise UserError(f"--image-size {image_size}: the digits backend needs a multiple of 8")
+    check_writable(out)  # a read-only folder fails now, not after reading the images
+    stale = remove_stale_work(Path(out))
+    if stale:
+        print(f"removed {len(stale)} leftover(s) of an interrupted run beside {out}", flush=True)
     items, classes = list_image_folder(data_path)
     if num_images is not None and num_images < len(items):
         keep = np.sort(np.random.default_rng(seed).choice(len(items), size=num_images, replace=False))
@@ -106,7 +133,7 @@ def make_reference(
 
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".make_reference_", dir=out_path.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=work_dir_prefix(out_path), dir=out_path.parent) as tmp:
         images_npz = str(Path(tmp) / "images.npz")
         np.savez(images_npz, arr_0=images)
         print(f"computing {backend} features")
@@ -121,7 +148,7 @@ def make_reference(
     return {"path": str(out_path), "num_images": len(items), "classes": classes}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(formatter_class=HelpFormatter,
                                 description="Build an ADM-style reference batch (images + FID statistics) "
                                             "from an ImageFolder.")
@@ -132,7 +159,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--num-images", type=positive_int, default=None,
                    help="use a seeded random subset of this many images (default: all; ADM's ImageNet "
                         "reference batches hold 10,000)")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the --num-images subset")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the --num-images subset, 0..2**32-1")
     p.add_argument("--inception-pb", default=None, help="tf backend: classify_image_graph_def.pb "
                                                           "(default: $FCDM_INCEPTION_PB)")
     p.add_argument("--inception-weights", default=None, help="torch backend: inception_v3 state_dict file")
@@ -140,7 +167,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--device", default=None, help="torch backend: device (default cuda if available)")
     p.add_argument("--forward-batch", "--batch-size", dest="forward_batch", type=positive_int, default=64,
                    help=alias_help("images per feature-network call", "--batch-size"))
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
     make_reference(args.data_path, args.out, args.image_size, args.backend, args.num_images, args.seed,
                    args.inception_pb, args.inception_weights, args.tf_python, args.device, args.forward_batch)
 

@@ -197,8 +197,9 @@ def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str]
         fail(message)
     except KeyboardInterrupt:
         close_progress_bars()
-        print("\ninterrupted (Ctrl-C); finished files were kept, rerun the same command to continue",
-              file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every worker gets Ctrl-C: rank 0 says it
+            print("\ninterrupted (Ctrl-C); finished files were kept, rerun the same command to continue",
+                  file=sys.stderr, flush=True)
         sys.exit(INTERRUPTED_STATUS)
 
 

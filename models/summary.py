@@ -109,7 +109,7 @@ def format_table(rows: Sequence[dict], resolutions: Sequence[int]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--models", nargs="+", default=None,
                         help="registered model names (default: every registered model except demo presets)")
@@ -118,7 +118,11 @@ def main(argv=None):
     parser.add_argument("--latents", nargs="+", type=latent_shape, default=None, metavar="CxHxW",
                         help="instead: GFLOPs on these latent shapes, e.g. 32x8x8 (DC-AE f32c32 at 256) "
                              "16x32x32 (16-channel SD3/FLUX-style VAE at 256)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     names = args.models or [n for n in MODELS if not n.endswith("digits")]
     for n in names:
         if n not in MODELS:

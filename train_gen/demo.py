@@ -30,7 +30,16 @@ from pathlib import Path
 
 import numpy as np
 
-from fcdm_common.cli import HelpFormatter, UserError, alias_help, non_negative_int, positive_int, run_main
+from diffusion.sampling import CFG_SCALE_HELP, cfg_scale_arg
+from fcdm_common.cli import (
+    HelpFormatter,
+    UserError,
+    alias_help,
+    float_in,
+    non_negative_int,
+    positive_int,
+    run_main,
+)
 from fcdm_common.images import save_grid
 from fcdm_common.io import atomic_write_text
 
@@ -80,20 +89,23 @@ def class_grid(npz_path: Path, out: Path, num_classes: int, cols: int, zoom: int
     save_grid(tiles, out, nrow=cols)
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default="results/demo", help="output folder (default results/demo)")
     p.add_argument("--quick", action="store_true", help="reduced run for tests/CI: few steps and samples")
     p.add_argument("--train-steps", type=positive_int, default=None, help="training steps (default: 1500; quick: 6)")
     p.add_argument("--global-batch-size", "--batch-size", dest="global_batch_size", type=positive_int, default=None,
                    help=alias_help("training batch (default 128; quick: 16)", "--batch-size"))
-    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default 2e-3: a short run)")
-    p.add_argument("--ema-decay", type=float, default=0.995, help="EMA decay (default 0.995: a short run)")
+    p.add_argument("--lr", type=float_in(0.0, 1.0, lo_open=True), default=2e-3,
+                   help="AdamW learning rate in (0, 1] (default 2e-3: a short run)")
+    p.add_argument("--ema-decay", type=float_in(0.0, 1.0), default=0.995,
+                   help="EMA decay in [0, 1] (default 0.995: a short run)")
     p.add_argument("--num-samples", type=positive_int, default=None,
                    help="class-balanced samples to draw and score (default 1000; quick: 20)")
     p.add_argument("--sampling-steps", type=positive_int, default=None, help="sampler steps (default 100; quick: 4)")
     p.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim"), help="diffusion sampler (default ddpm)")
-    p.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale (default 2.0)")
+    p.add_argument("--cfg-scale", type=cfg_scale_arg, default=2.0,
+                   help=f"classifier-free guidance scale {CFG_SCALE_HELP} (default 2.0)")
     p.add_argument("--eval-every", type=non_negative_int, default=None,
                    help="evaluate during training every N steps (default 500; quick: 3; 0: off)")
     p.add_argument("--eval-samples", type=positive_int, default=None,
@@ -103,10 +115,14 @@ def main(argv=None):
     p.add_argument("--threads", type=non_negative_int, default=1,
                    help="torch (OpenMP) threads per program (default 1: the demo's tensors are tiny, and more "
                         "threads than free cores make OpenMP spin; 0: leave torch's default)")
-    p.add_argument("--min-accuracy", type=float, default=None,
-                   help="exit with status 1 if the samples' class accuracy is below this (default: 0.90 for the "
-                        "full demo, no check for --quick)")
-    args = p.parse_args(argv)
+    p.add_argument("--min-accuracy", type=float_in(0.0, 1.0), default=None,
+                   help="exit with status 1 if the samples' class accuracy (in [0, 1]) is below this (default: 0.90 "
+                        "for the full demo, no check for --quick)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
 
     preset = QUICK if args.quick else FULL
     steps = args.train_steps or preset["steps"]

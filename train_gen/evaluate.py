@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 from evaluations.evaluator import add_backend_args, evaluate, format_metrics
 from fcdm_common.cli import HelpFormatter, alias_help, positive_int, run_main
-from fcdm_common.io import atomic_write_text
+from fcdm_common.io import atomic_write_text, check_writable, remove_stale_temps
 
 
 def _json_ready(obj):
@@ -53,19 +53,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def output_paths(args) -> tuple:
+    """(--output-fid or None, the JSON path or None: --output-json, else beside --output-fid)."""
+    json_path = args.output_json
+    if json_path is None and args.output_fid is not None:
+        json_path = str(Path(args.output_fid).with_suffix(".json"))
+        if json_path == str(Path(args.output_fid)):
+            json_path = args.output_fid + ".json"
+    return args.output_fid, json_path
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
+    fid_path, json_path = output_paths(args)
+    for path in filter(None, (fid_path, json_path)):
+        check_writable(path)  # a read-only folder fails now, not after the features are computed
+        remove_stale_temps(Path(path).parent, names=[Path(path).name])  # `.<name>.XXXXXXXX.tmp` of a killed write
     result = evaluate(args.sample_batch, args.ref_batch, backend=args.backend, inception_pb=args.inception_pb,
                       inception_weights=args.inception_weights, tf_python=args.tf_python, device=args.device,
                       batch_size=args.forward_batch)
     text = format_metrics(result)
     print(text, end="", flush=True)
     payload = json.dumps(_json_ready(result), indent=2, sort_keys=False) + "\n"
-    json_path = args.output_json
-    if json_path is None and args.output_fid is not None:
-        json_path = str(Path(args.output_fid).with_suffix(".json"))
-        if json_path == str(Path(args.output_fid)):
-            json_path = args.output_fid + ".json"
     if args.output_fid is not None:
         atomic_write_text(args.output_fid, text)
         print(f"wrote {args.output_fid}")

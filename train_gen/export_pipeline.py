@@ -14,16 +14,19 @@ Only diffusion (epsilon) checkpoints export; flow-matching checkpoints are refus
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 from diffusion.pipeline import FCDMNetwork, FCDMPipeline
-from diffusion.sampling import load_setup
+from diffusion.sampling import CFG_SCALE_HELP, cfg_scale_arg, check_num_steps, load_setup
 from diffusion.schedulers import build_scheduler, is_scheduler_sampler
-from fcdm_common.cli import HelpFormatter, UserError, alias_help, run_main, str2bool
-from fcdm_common.io import atomic_write_text
+from fcdm_common.cli import HelpFormatter, UserError, alias_help, positive_int, run_main, str2bool
+from fcdm_common.io import atomic_write_text, check_writable, disk_full_error
 from models.checkpoints import load_checkpoint
 
 CITATION = """@inproceedings{kwon2026fcdm,
@@ -49,10 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", "--scheduler", dest="sampler", default="dpm++2m", help=alias_help(
         "default scheduler of the pipeline: a --sampler name of sample.py that is diffusers-driven "
         "(dpm++2m, dpm++2m-karras, unipc, euler, heun) or diffusers:<Class> (default dpm++2m)", "--scheduler"))
-    p.add_argument("--num-sampling-steps", "--num-inference-steps", dest="num_sampling_steps", type=int, default=25,
-                   help=alias_help("steps the model card recommends (default 25)", "--num-inference-steps"))
-    p.add_argument("--cfg-scale", "--guidance-scale", dest="cfg_scale", type=float, default=4.0,
-                   help=alias_help("guidance scale the model card shows (default 4.0)", "--guidance-scale"))
+    p.add_argument("--num-sampling-steps", "--num-inference-steps", dest="num_sampling_steps", type=positive_int,
+                   default=25, help=alias_help("steps the model card recommends, at most the checkpoint's diffusion "
+                                               "steps T (default 25)", "--num-inference-steps"))
+    p.add_argument("--cfg-scale", "--guidance-scale", dest="cfg_scale", type=cfg_scale_arg, default=4.0,
+                   help=alias_help(f"guidance scale the model card shows, {CFG_SCALE_HELP} (default 4.0)",
+                                   "--guidance-scale"))
     p.add_argument("--license", default="apache-2.0", help="license tag of the model card (default apache-2.0)")
     return p
 
@@ -113,19 +118,48 @@ Upload: `huggingface-cli upload YOUR_NAME/REPO {Path(args.out).name}`.
 """
 
 
+def remove_stale_exports(out: Path) -> list:
+    """Delete the half-written pipeline folders (`.<out name>.XXXXXXXX/`, mkdtemp's names) that a killed
+    export of `out` left beside it; returns them."""
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.[A-Za-z0-9_]{{8}}$")
+    if not out.parent.is_dir():
+        return []
+    stale = [p for p in out.parent.iterdir() if pattern.match(p.name) and p.is_dir() and not p.is_symlink()]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
+def save_pipeline(pipe, folder: Path, out: Path) -> None:
+    """`pipe.save_pretrained(folder)`; a full disk, which safetensors' writer reports as its own error (not an
+    OSError), becomes the OSError ENOSPC run_main prints as one line."""
+    try:
+        pipe.save_pretrained(folder, safe_serialization=True)
+    except OSError:
+        raise
+    except Exception as e:
+        text = str(e)
+        if "os error 28" in text.lower() or "no space left" in text.lower() or "StorageFull" in text:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out)) from None
+        raise disk_full_error(folder / "model_index.json", out) or e
+
+
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not an empty folder; pass a new --out")
-    if args.num_sampling_steps < 1:
-        raise UserError(f"--num-sampling-steps must be >= 1, got {args.num_sampling_steps}")
+    check_writable(out)  # a read-only folder fails now, not after loading the checkpoint
+    stale = remove_stale_exports(out)
+    if stale:
+        print(f"removed {len(stale)} half-written export folder(s) left by an interrupted run", flush=True)
     setup = load_setup(args.ckpt, use_ema=args.use_ema, vae=args.vae, hf_model_name=args.hf_model_name,
                        hf_model_dir=args.hf_model_dir, device="cpu")
     if setup.objective_name != "diffusion":
         raise UserError(f"{args.ckpt} is a {setup.objective_name} checkpoint; FCDMPipeline exports diffusion "
                         "(epsilon) checkpoints only")
+    check_num_steps(setup.objective, args.sampler, args.num_sampling_steps)
     if not is_scheduler_sampler(args.sampler):
         raise UserError(f"--sampler {args.sampler} is not diffusers-driven; use dpm++2m, dpm++2m-karras, unipc, "
                         "euler, heun or diffusers:<SchedulerClassName>")
@@ -149,7 +183,7 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # written whole, then renamed
     try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        save_pipeline(pipe, tmp, out)
         atomic_write_text(tmp / "README.md", model_card(setup, args, step))
         if out.exists():
             out.rmdir()

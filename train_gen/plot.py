@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-from fcdm_common.cli import UserError, run_main
+from fcdm_common.cli import UserError, float_in, int_in, run_main
 from fcdm_common.io import atomic_path
 
 TRAIN_SERIES = (  # (record key, panel title)
@@ -199,7 +199,7 @@ def write_curves(run_dir, log: Callable[[str], None] = print) -> Optional[Path]:
         return None
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders of train_gen/train.py")
@@ -207,14 +207,14 @@ def main(argv=None):
     p.add_argument("--names", default=None,
                    help="comma-separated legend names, one per RUN_DIR (default: folder names)")
     p.add_argument("--x", choices=("steps", "images"), default="steps", help="x axis: optimizer steps or images seen")
-    p.add_argument("--smooth", type=float, default=0.6,
-                   help="loss smoothing weight in [0, 1) (TensorBoard's debiased EMA; 0: none)")
-    p.add_argument("--dpi", type=int, default=100, help="resolution of the PNG")
-    args = p.parse_args(argv)
-    if not 0.0 <= args.smooth < 1.0:
-        raise UserError(f"--smooth must be in [0, 1), got {args.smooth}")
-    if args.dpi < 10:
-        raise UserError(f"--dpi must be >= 10, got {args.dpi}")
+    p.add_argument("--smooth", type=float_in(0.0, 1.0, hi_open=True), default=0.6,
+                   help="loss smoothing weight in [0, 1) (TensorBoard's debiased EMA; 0: none; default 0.6)")
+    p.add_argument("--dpi", type=int_in(10, 1000), default=100, help="resolution of the PNG, 10..1000 (default 100)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     names = [n.strip() for n in args.names.split(",")] if args.names else None
     fig = plot_runs(args.run_dirs, args.out, names=names, x=args.x, smoothing=args.smooth, dpi=args.dpi)
     panels = [ax.get_title() for ax in fig.axes if ax.get_title()]  # secondary (top) axes have no title

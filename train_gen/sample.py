@@ -17,8 +17,9 @@ import torch
 
 from diffusion.sampling import DIT_SAMPLE_LABELS, SamplerSettings, add_sampler_args, generate, load_setup
 from evaluations.archives import write_png
-from fcdm_common.cli import HelpFormatter, UserError, run_main
+from fcdm_common.cli import HelpFormatter, UserError, non_negative_int, positive_int, run_main, seed_int
 from fcdm_common.images import save_grid
+from fcdm_common.io import check_writable
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,12 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint written by train_gen/train.py or models.convert_official, or a plain DiT state "
                         "dict (e.g. DiT-XL-2-256x256.pt, with --model DiT-XL/2)")
     p.add_argument("--model", default=None, help="optional: the model name the checkpoint must hold")
-    p.add_argument("--class-labels", type=int, nargs="+", default=None,
-                   help="labels to sample, one image each (default: DiT's 8 classes for 1000-class models, "
-                        "else every class up to 8)")
-    p.add_argument("--seed", type=int, default=0, help="seed; image k depends on (seed, k) only")
+    p.add_argument("--class-labels", type=non_negative_int, nargs="+", default=None,
+                   help="labels to sample, one image each, in 0..num_classes-1 of the checkpoint (default: DiT's 8 "
+                        "classes for 1000-class models, else every class up to 8)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed in 0..2**32-1; image k depends on (seed, k) only")
     p.add_argument("--out", default="sample.png", help="grid PNG to write")
-    p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: about sqrt(N), max 8)")
+    p.add_argument("--nrow", type=positive_int, default=None,
+                   help="images per grid row, >= 1 (default: about sqrt(N), max 8)")
     p.add_argument("--save-individual", default=None, metavar="DIR",
                    help="also write each image as DIR/NNNNNN_label.png")
     add_sampler_args(p, cfg_scale_default=4.0, forward_batch_default=0)
@@ -42,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    for path in (args.out, *([Path(args.save_individual) / "x.png"] if args.save_individual else [])):
+        check_writable(path)  # a read-only folder fails now, not after sampling
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     setup = load_setup(args.ckpt, model_name=args.model, use_ema=args.use_ema, vae=args.vae,

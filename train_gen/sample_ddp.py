@@ -9,11 +9,15 @@ whatever the number of processes and --per-proc-batch-size. Process r draws the 
 and writes `NNNNNN.png` into a folder named from the settings; rerunning the same command after an
 interruption keeps every PNG that decodes and only samples the rest. Rank 0 then writes
 `<folder>-<N>.npz` (arr_0 uint8 NxHxWx3, arr_1 int64 labels) and `<folder>-<N>.json` (checkpoint hash,
-sampler, guidance, seed, versions) beside the folder, both atomically.
+sampler, guidance, seed, versions) beside the folder, both atomically. While it runs, rank 0 holds a lock
+on the folder (`sample.lock`, an flock the system frees when the process ends, kill -9 included), so a
+second run of the same command waits for nothing and stops with one message instead of deleting the
+first one's files.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
@@ -28,11 +32,22 @@ from diffusion.sampling import SamplerSettings, add_sampler_args, generate, load
 from diffusion.schedulers import build_scheduler, is_scheduler_sampler, scheduler_record
 from evaluations.archives import package_versions, read_png, validate_npz, write_json, write_npz, write_png
 from fcdm_common import distributed as dist_utils
-from fcdm_common.cli import HelpFormatter, UserError, alias_help, run_main, str2bool
+from fcdm_common.cli import (
+    HelpFormatter,
+    UserError,
+    alias_help,
+    positive_int,
+    run_main,
+    seed_int,
+    storage_error_message,
+    str2bool,
+)
 from fcdm_common.io import remove_stale_temps, sha256_file
+from fcdm_common.locks import FolderLock, lock_folder
 from fcdm_common.progress import progress as tqdm
 
 SETTINGS_FILE = "settings.json"  # inside the PNG folder: what its images were sampled with
+LOCK_FILE = "sample.lock"  # inside the PNG folder: rank 0 of the run writing it holds an flock on it
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,10 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="optional: the model name the checkpoint must hold (e.g. FCDM-XL); read from the checkpoint")
     p.add_argument("--sample-dir", default="samples", help="folder for the PNG folder, the .npz and its .json")
-    p.add_argument("--num-fid-samples", type=int, default=50_000, help="number of images in the archive")
-    p.add_argument("--per-proc-batch-size", type=int, default=64, help="samples per sampler batch on each process")
-    p.add_argument("--seed", "--global-seed", dest="seed", type=int, default=0,
-                   help=alias_help("seed; sample i depends on (seed, i) only", "--global-seed"))
+    p.add_argument("--num-fid-samples", type=positive_int, default=50_000, help="number of images in the archive")
+    p.add_argument("--per-proc-batch-size", type=positive_int, default=64,
+                   help="samples per sampler batch on each process")
+    p.add_argument("--seed", "--global-seed", dest="seed", type=seed_int, default=0,
+                   help=alias_help("seed in 0..2**32-1; sample i depends on (seed, i) only", "--global-seed"))
     p.add_argument("--label-sampling", choices=("random", "balanced"), default="random",
                    help="random: uniform labels drawn per sample; balanced: label i %% num_classes")
     p.add_argument("--keep-pngs", type=str2bool, default=True, metavar="BOOL",
@@ -129,6 +145,30 @@ def check_folder(folder: Path, settings: dict) -> str | None:
     return None
 
 
+def lock_sample_folder(folder: Path) -> FolderLock:
+    """Lock the PNG folder for this run or raise UserError naming the run that holds it. Two runs of one
+    command would otherwise share the folder: the second deletes the first one's temp files as "stale", and
+    the first deletes the folder under the second (--keep-pngs false)."""
+    return lock_folder(folder, LOCK_FILE, label=str(folder), what="sample_ddp.py run",
+                       fix="wait for it to finish (the same command then finds its archive), or pass another "
+                           "--sample-dir")
+
+
+def remove_folder(folder: Path) -> None:
+    """Delete the PNG folder (--keep-pngs false) while its lock is still held: the lock file goes last, and a
+    file system that keeps a stand-in of an open deleted file (NFS's .nfsXXXX) leaves an empty folder."""
+    for p in folder.iterdir():
+        if p.name == LOCK_FILE:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+    (folder / LOCK_FILE).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
 def archive_done(npz: Path, meta: Path, settings: dict, n: int, num_classes: int) -> bool:
     if not (npz.is_file() and meta.is_file()):
         return False
@@ -142,15 +182,36 @@ def archive_done(npz: Path, meta: Path, settings: dict, n: int, num_classes: int
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    if args.num_fid_samples <= 0:
-        raise UserError(f"--num-fid-samples must be > 0, got {args.num_fid_samples}")
-    if args.per_proc_batch_size <= 0:
-        raise UserError(f"--per-proc-batch-size must be > 0, got {args.per_proc_batch_size}")
     info = dist_utils.init_distributed(args.device)
     try:
         _sample(args, info)
     finally:
         dist_utils.cleanup()
+
+
+def _prepare(setup, s: SamplerSettings, args, folder: Path, npz_path: Path, meta_path: Path, n: int):
+    """Rank 0, before the others start: hash the checkpoint, lock and check the folder and decide whether
+    anything is left to do. Returns (lock or None, state for the broadcast)."""
+    sha = sha256_file(setup.ckpt_path)
+    settings = content_settings(setup, s, args, sha)
+    if archive_done(npz_path, meta_path, settings, n, setup.num_classes):
+        return None, {"done": True}
+    created = not folder.exists()
+    lock = lock_sample_folder(folder)
+    try:
+        if archive_done(npz_path, meta_path, settings, n, setup.num_classes):  # a run we waited on finished it
+            if created and not args.keep_pngs:
+                remove_folder(folder)
+            lock.release()
+            return None, {"done": True}
+        # temp files of a killed run (no other run writes here: we hold the lock)
+        stale = remove_stale_temps(folder) + remove_stale_temps(folder.parent, names=[npz_path.name, meta_path.name])
+        if stale:
+            print(f"removed {len(stale)} temp file(s) left by an interrupted run", flush=True)
+        return lock, {"done": False, "problem": check_folder(folder, settings), "settings": settings}
+    except BaseException:
+        lock.release()
+        raise
 
 
 def _sample(args, info) -> None:
@@ -164,22 +225,24 @@ def _sample(args, info) -> None:
     folder = sample_dir / name
     npz_path, meta_path = sample_dir / f"{name}-{n}.npz", sample_dir / f"{name}-{n}.json"
 
-    # rank 0 hashes the checkpoint, checks/creates the folder and decides whether anything is left to do
-    state = None
-    if info.is_main:  # temp files of a killed run first (the other ranks wait for the broadcast below)
-        stale = remove_stale_temps(folder) + remove_stale_temps(sample_dir, names=[npz_path.name, meta_path.name])
-        if stale:
-            print(f"removed {len(stale)} temp file(s) left by an interrupted run", flush=True)
-        sha = sha256_file(setup.ckpt_path)
-        settings = content_settings(setup, s, args, sha)
-        if archive_done(npz_path, meta_path, settings, n, setup.num_classes):
-            state = {"done": True}
-        else:
-            try:
-                problem = check_folder(folder, settings)
-            except OSError as e:
-                problem = f"cannot create {folder}: {e}"
-            state = {"done": False, "problem": problem, "settings": settings}
+    # rank 0 prepares the folder; its errors travel in the broadcast, so every rank stops with them
+    state, lock = None, None
+    if info.is_main:
+        try:
+            lock, state = _prepare(setup, s, args, folder, npz_path, meta_path, n)
+        except UserError as e:
+            state = {"done": False, "problem": str(e)}
+        except OSError as e:  # a read-only or full --sample-dir: one message on every rank
+            state = {"done": False, "problem": storage_error_message(e) or f"cannot prepare {folder}: {e}"}
+    try:
+        _sample_locked(args, info, setup, s, state, folder, npz_path, meta_path)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _sample_locked(args, info, setup, s: SamplerSettings, state, folder: Path, npz_path: Path, meta_path: Path) -> None:
+    n = args.num_fid_samples
     state = dist_utils.broadcast_object(state)
     if state["done"]:
         if info.is_main:
@@ -238,7 +301,7 @@ def _sample(args, info) -> None:
         "world_size": info.world_size, "per_proc_batch_size": args.per_proc_batch_size,
     })
     if not args.keep_pngs:
-        shutil.rmtree(folder)
+        remove_folder(folder)
     print(f"wrote {npz_path} ({n} images {image_shape}, labels {args.label_sampling}) and {meta_path.name} "
           f"in {time.time() - t0:.1f}s", flush=True)
 

@@ -32,7 +32,7 @@ import torch
 from accelerate import Accelerator
 
 from diffusion import check_sampler, create_objective
-from diffusion.sampling import parse_cfg_channels
+from diffusion.sampling import CFG_SCALE_MAX, cfg_scale_arg, parse_cfg_channels
 from evaluations.in_training import add_eval_args, plan_from_args
 from fcdm_common.cli import (
     HelpFormatter,
@@ -208,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also keep checkpoints whose step is a multiple of M (0: none)")
     g.add_argument("--sample-every", type=non_negative_int, default=10_000,
                    help="draw the EMA sample grid every N steps and at the end (0: never)")
-    g.add_argument("--cfg-scale", type=float_in(0), default=4.0,
-                   help="classifier-free guidance scale of the grids, >= 0 (1: off)")
+    g.add_argument("--cfg-scale", type=cfg_scale_arg, default=4.0,
+                   help=f"classifier-free guidance scale of the grids, in [0, {CFG_SCALE_MAX:g}] (1: off)")
     g.add_argument("--cfg-channels", default="all",
                    help="guided channels of the grids: all, or k in 1..latent channels (DiT: 3)")
     g.add_argument("--grid-sampler", default="auto",
