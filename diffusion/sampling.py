@@ -94,6 +94,14 @@ tolerance_arg = float_in(0.0, lo_open=True)  # dopri5's atol/rtol: finite and > 
 guidance_level_arg = float_in(0.0, 1.0)  # one end of --guidance-interval: a noise level (0 = data, 1 = noise)
 
 
+def checked_value(flag: str, arg_type, value):
+    """`value` if the argparse `type=` of `flag` accepts it (as the command line would), else UserError."""
+    try:
+        return arg_type(value)
+    except argparse.ArgumentTypeError as e:
+        raise UserError(f"{flag}: {e}") from None
+
+
 class OrderedInterval(argparse.Action):
     """argparse action of a `nargs=2` (LO, HI) flag whose values its `type` checked one by one: also LO <= HI
     (else argparse's usage line and exit status 2). Stores a tuple."""
@@ -152,7 +160,8 @@ def add_sampler_args(parser, cfg_scale_default: float = 1.0, forward_batch_defau
     v.add_argument("--hf-model-dir", default=None, help="local snapshot folder of the VAE (wins over --hf-model-name)")
 
 
-def check_num_steps(objective, sampler: str, num_steps: int, flag: str = "--num-sampling-steps") -> None:
+def check_num_steps(objective, sampler: str, num_steps: int, flag: str = "--num-sampling-steps",
+                    whose: str = "the checkpoint's") -> None:
     """UserError when `num_steps` does not fit the sampler and the checkpoint's objective: a diffusion model
     has T training steps (1000), and every diffusion sampler (respaced DDPM/DDIM, diffusers schedulers) picks
     its steps among them, so more than T is refused; flow samplers integrate a continuous time and take any
@@ -161,7 +170,7 @@ def check_num_steps(objective, sampler: str, num_steps: int, flag: str = "--num-
         raise UserError(f"{flag} must be >= 1, got {num_steps}")
     total = getattr(objective, "original_num_steps", None)
     if total is not None and sampler != "dopri5" and num_steps > total:
-        raise UserError(f"{flag} {num_steps} exceeds the checkpoint's {total} diffusion steps; "
+        raise UserError(f"{flag} {num_steps} exceeds {whose} {total} diffusion steps; "
                         f"a diffusion sampler takes at most {total}")
     if sampler == "sde" and num_steps < 2:
         raise UserError(f"the SDE sampler needs {flag} >= 2")
@@ -236,13 +245,12 @@ class SamplerSettings:
             interval = (lo, hi)
         if args.forward_batch < 0:
             raise UserError(f"--forward-batch must be >= 0, got {args.forward_batch}")
-        if not (np.isfinite(args.cfg_scale) and 0.0 <= args.cfg_scale <= CFG_SCALE_MAX):
-            raise UserError(f"--cfg-scale must be a finite number in [0, {CFG_SCALE_MAX:g}], got {args.cfg_scale}")
-        if not (np.isfinite(args.ddim_eta) and 0.0 <= args.ddim_eta <= 1.0):
-            raise UserError(f"--ddim-eta must be in [0, 1], got {args.ddim_eta}")
-        if sampler == "dopri5" and not (np.isfinite(args.atol) and np.isfinite(args.rtol)
-                                        and args.atol > 0 and args.rtol > 0):
-            raise UserError(f"--atol and --rtol must be finite and > 0, got {args.atol} and {args.rtol}")
+        # the flags' own types, again for a caller's namespace that did not come through argparse
+        checked_value("--cfg-scale", cfg_scale_arg, args.cfg_scale)
+        checked_value("--ddim-eta", ddim_eta_arg, args.ddim_eta)
+        if sampler == "dopri5":
+            checked_value("--atol", tolerance_arg, args.atol)
+            checked_value("--rtol", tolerance_arg, args.rtol)
         return cls(sampler=sampler, num_steps=int(args.num_sampling_steps), cfg_scale=float(args.cfg_scale),
                    cfg_channels=parse_cfg_channels(args.cfg_channels, setup.latent_shape[0]),
                    guidance_interval=interval, ddim_eta=float(args.ddim_eta), precision=args.precision,

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -69,7 +70,7 @@ from evaluations.evaluator import (
 )
 from evaluations.features_tf import resolve_pb
 from fcdm_common.cli import UserError, non_negative_int, positive_int, seed_int, str2bool
-from fcdm_common.io import atomic_path, remove_stale_temps, sha256_file
+from fcdm_common.io import atomic_path, remove_stale_dirs, remove_stale_temps, sha256_file
 from fcdm_common.rng import capture_rng, restore_rng
 
 EVAL_PRECISIONS = ("fp32", "bf16")
@@ -348,12 +349,7 @@ class InTrainingEvaluator:
         """Process 0 at start, before any evaluation (the run lock keeps other trainers out): the per-process
         sample shares (`eval/.parts-<step>/`) and temp files that killed evaluations left behind."""
         eval_dir = self.run_dir / "eval"
-        if not eval_dir.is_dir():
-            return
-        stale = [p for p in eval_dir.glob(".parts-*") if p.is_dir()]
-        for p in stale:
-            shutil.rmtree(p, ignore_errors=True)
-        stale += remove_stale_temps(eval_dir)
+        stale = remove_stale_dirs(eval_dir, re.compile(r"\.parts-.*")) + remove_stale_temps(eval_dir)
         if stale:
             self.logger.log(f"evaluation: removed {len(stale)} leftover(s) of interrupted evaluations in {eval_dir}")
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -30,7 +29,7 @@ from PIL import Image
 from evaluations import metrics
 from evaluations.evaluator import BACKENDS, compute_features
 from fcdm_common.cli import HelpFormatter, UserError, alias_help, positive_int, run_main, seed_int
-from fcdm_common.io import atomic_path, check_writable, remove_stale_temps
+from fcdm_common.io import atomic_path, check_writable, remove_stale_dirs, remove_stale_temps
 from fcdm_common.progress import progress as tqdm
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
@@ -78,15 +77,8 @@ def remove_stale_work(out_path: Path) -> list:
     (`.make_reference_<out name>.XXXXXXXX/`, and `.make_reference_XXXXXXXX/` of versions that did not name
     them after the output) and the temp file of its output. Returns them."""
     folder = out_path.parent
-    if not folder.is_dir():
-        return []
-    ours = re.compile(rf"^{re.escape(work_dir_prefix(out_path))}[A-Za-z0-9_]{{8}}$")
-    unnamed = re.compile(r"^\.make_reference_[a-z0-9_]{8}$")
-    stale = [p for p in folder.iterdir()
-             if (ours.match(p.name) or unnamed.match(p.name)) and p.is_dir() and not p.is_symlink()]
-    for p in stale:
-        shutil.rmtree(p, ignore_errors=True)
-    return stale + remove_stale_temps(folder, names=[out_path.name])
+    work = re.compile(rf"{re.escape(work_dir_prefix(out_path))}[A-Za-z0-9_]{{8}}|\.make_reference_[a-z0-9_]{{8}}")
+    return remove_stale_dirs(folder, work) + remove_stale_temps(folder, names=[out_path.name])
 
 
 def make_reference(

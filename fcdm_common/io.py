@@ -19,6 +19,7 @@ import fnmatch
 import hashlib
 import os
 import re
+import shutil
 import signal
 import tempfile
 from pathlib import Path
@@ -80,6 +81,19 @@ def remove_stale_temps(folder: str | os.PathLike, names: Optional[list] = None) 
                 p.unlink()
                 removed.append(p)
     return removed
+
+
+def remove_stale_dirs(folder: str | os.PathLike, pattern: "re.Pattern[str]") -> list[Path]:
+    """Delete the folders in `folder` whose whole names match `pattern`: work folders (mkdtemp's) that a
+    killed program left. Symlinks are never followed or deleted. Call it only when no other process
+    writes there (as `remove_stale_temps`)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
 
 
 def _umask() -> int:

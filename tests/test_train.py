@@ -30,14 +30,17 @@ TINY = ["--model", "FCDM-digits", "--hidden-size", "16", "--depths", "1,1,1,1,1"
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
-def make_store(path, n=64, C=3, H=8, classes=4, seed=0, nan=False):
-    """n items of class prototypes + small noise (a learnable fixed data set), both orientations."""
+def make_store(path, n=64, C=3, H=8, classes=4, seed=0, nan=False, nan_items=()):
+    """n items of class prototypes + small noise (a learnable fixed data set), both orientations; `nan`: every
+    value NaN, `nan_items`: one NaN in each of those items."""
     rng = np.random.default_rng(seed)
     protos = rng.uniform(-1, 1, size=(classes, C, H, H)).astype(np.float32)
     labels = np.arange(n) % classes
     x = protos[labels] + 0.05 * rng.standard_normal((n, C, H, H)).astype(np.float32)
     if nan:
         x[:] = np.nan
+    for i in nan_items:
+        x[i, 0, 0, 0] = np.nan
     settings = make_settings(image_size=H, vae="none", scaling_factor=1.0, store="sample", count=n,
                              latent_shape=(C, H, H), orientations=2, class_names=[str(i) for i in range(classes)],
                              shard_size=n, chunk_size=n, seed=None)

@@ -16,34 +16,15 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from fcdm_common.cli import run_main
 from helpers import kill_processes_with_env, one_thread  # noqa: F401  (one_thread: fixture)
-from preparation.store import create_store, make_settings, mark_complete, write_shard
-from test_train import ENV, TINY, TRAIN, assert_same_state, metrics, run_train
+from test_train import ENV, TINY, TRAIN, assert_same_state, make_store, metrics, run_train
 from train_gen.preemption import MARKER, PREEMPTED_STATUS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def make_store(path, n=64, C=3, H=8, classes=4, nan_items=()):
-    """test_train.make_store's data, with NaN in the items `nan_items`."""
-    rng = np.random.default_rng(0)
-    protos = rng.uniform(-1, 1, size=(classes, C, H, H)).astype(np.float32)
-    labels = np.arange(n) % classes
-    x = protos[labels] + 0.05 * rng.standard_normal((n, C, H, H)).astype(np.float32)
-    for i in nan_items:
-        x[i, 0, 0, 0] = np.nan
-    settings = make_settings(image_size=H, vae="none", scaling_factor=1.0, store="sample", count=n,
-                             latent_shape=(C, H, H), orientations=2, class_names=[str(i) for i in range(classes)],
-                             shard_size=n, chunk_size=n, seed=None)
-    group = create_store(path, settings)
-    write_shard(group, 0, np.stack([x, x[..., ::-1]], axis=1), labels)
-    mark_complete(group)
-    return Path(path)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +59,7 @@ def test_bad_flag_values_exit_2_before_anything_is_written(store, tmp_path, caps
 @pytest.mark.parametrize("extra,message", [
     (["--cfg-channels", "99"], "--cfg-channels 99 is out of range"),
     (["--cfg-channels", "two"], "--cfg-channels must be 'all' or a channel count"),
-    (["--grid-steps", "5000"], "--grid-steps 5000 exceeds the 1000 steps"),
+    (["--grid-steps", "5000"], "--grid-steps 5000 exceeds the run's 1000 diffusion steps"),
 ])
 def test_grid_flags_checked_against_model_and_data(store, tmp_path, capsys, extra, message):
     code, err = exit_of(TINY + ["--zarr-path", store, "--results-dir", tmp_path / "r", "--max-train-steps", 2]
@@ -182,18 +163,30 @@ def test_storage_errors_and_ctrl_c_in_run_main(capsys):
         run_main(raises(FileNotFoundError(errno.ENOENT, "No such file", "/y")), [])
 
 
-def test_ctrl_c_during_training_prints_one_line(store, tmp_path):
-    args = TINY + ["--zarr-path", store, "--results-dir", tmp_path, "--exp-name", "c", "--max-train-steps", 100000,
+def long_run_args(store, results, name) -> list:
+    """A run far longer than any test waits, logging every 5 steps, no checkpoint before the end."""
+    return TINY + ["--zarr-path", store, "--results-dir", results, "--exp-name", name, "--max-train-steps", 100000,
                    "--log-every", 5, "--ckpt-every", 100000, "--sample-every", 0]
+
+
+def signal_after_first_log(args, run_folder: Path, sig) -> subprocess.Popen:
+    """Start train.py with `args`, send `sig` once its first metrics are logged, and wait for it to exit;
+    the finished process (returncode, and stderr in `.err`)."""
     proc = subprocess.Popen([sys.executable, TRAIN, *map(str, args)], env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: (tmp_path / "c" / "metrics.jsonl").is_file(), proc)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        wait_for(lambda: (run_folder / "metrics.jsonl").is_file(), proc)
+        proc.send_signal(sig)
+        _, proc.err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
+    return proc
+
+
+def test_ctrl_c_during_training_prints_one_line(store, tmp_path):
+    proc = signal_after_first_log(long_run_args(store, tmp_path, "c"), tmp_path / "c", signal.SIGINT)
+    err = proc.err
     assert proc.returncode == 130 and "Traceback" not in err and "interrupted (Ctrl-C)" in err, err[-2000:]
 
 
@@ -207,18 +200,9 @@ def wait_for(condition, proc, timeout=120.0) -> None:
 
 
 def test_sigterm_checkpoints_exits_75_and_the_rerun_resumes_bitwise(store, tmp_path):
-    args = TINY + ["--zarr-path", store, "--results-dir", tmp_path, "--exp-name", "p", "--max-train-steps", 100000,
-                   "--log-every", 5, "--ckpt-every", 100000, "--sample-every", 0]
-    proc = subprocess.Popen([sys.executable, TRAIN, *map(str, args)], env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: (tmp_path / "p" / "metrics.jsonl").is_file(), proc)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == PREEMPTED_STATUS, err[-2000:]
+    args = long_run_args(store, tmp_path, "p")
+    proc = signal_after_first_log(args, tmp_path / "p", signal.SIGTERM)
+    assert proc.returncode == PREEMPTED_STATUS, proc.err[-2000:]
     rd = tmp_path / "p"
     marker = json.loads((rd / MARKER).read_text())
     step = marker["step"]
@@ -262,8 +246,7 @@ def test_sigusr1_to_one_of_two_processes_stops_both_at_one_step(store, tmp_path)
     signalled here; both write the one checkpoint of that step and exit 75 (torchrun then reports them)."""
     tag = uuid.uuid4().hex
     env = dict(ENV, FCDM_TEST_TORCHRUN=tag)
-    args = TINY + ["--zarr-path", store, "--results-dir", tmp_path, "--exp-name", "p2", "--max-train-steps", 100000,
-                   "--log-every", 5, "--ckpt-every", 100000, "--sample-every", 0]
+    args = long_run_args(store, tmp_path, "p2")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN,
            *map(str, args)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -26,7 +26,7 @@ from diffusion.pipeline import FCDMNetwork, FCDMPipeline
 from diffusion.sampling import CFG_SCALE_HELP, cfg_scale_arg, check_num_steps, load_setup
 from diffusion.schedulers import build_scheduler, is_scheduler_sampler
 from fcdm_common.cli import HelpFormatter, UserError, alias_help, positive_int, run_main, str2bool
-from fcdm_common.io import atomic_write_text, check_writable, disk_full_error
+from fcdm_common.io import atomic_write_text, check_writable, disk_full_error, remove_stale_dirs
 from models.checkpoints import load_checkpoint
 
 CITATION = """@inproceedings{kwon2026fcdm,
@@ -121,13 +121,7 @@ Upload: `huggingface-cli upload YOUR_NAME/REPO {Path(args.out).name}`.
 def remove_stale_exports(out: Path) -> list:
     """Delete the half-written pipeline folders (`.<out name>.XXXXXXXX/`, mkdtemp's names) that a killed
     export of `out` left beside it; returns them."""
-    pattern = re.compile(rf"^\.{re.escape(out.name)}\.[A-Za-z0-9_]{{8}}$")
-    if not out.parent.is_dir():
-        return []
-    stale = [p for p in out.parent.iterdir() if pattern.match(p.name) and p.is_dir() and not p.is_symlink()]
-    for p in stale:
-        shutil.rmtree(p, ignore_errors=True)
-    return stale
+    return remove_stale_dirs(out.parent, re.compile(rf"\.{re.escape(out.name)}\.[A-Za-z0-9_]{{8}}"))
 
 
 def save_pipeline(pipe, folder: Path, out: Path) -> None:

@@ -32,7 +32,7 @@ import torch
 from accelerate import Accelerator
 
 from diffusion import check_sampler, create_objective
-from diffusion.sampling import CFG_SCALE_MAX, cfg_scale_arg, parse_cfg_channels
+from diffusion.sampling import CFG_SCALE_MAX, cfg_scale_arg, check_num_steps, parse_cfg_channels
 from evaluations.in_training import add_eval_args, plan_from_args
 from fcdm_common.cli import (
     HelpFormatter,
@@ -447,13 +447,12 @@ def check_flags(args, objective_name: str) -> str:
     return grid_sampler
 
 
-def check_grid_flags(args, objective, data: DataConfig) -> None:
-    """Grid flags that depend on the objective and the data: --grid-steps within a diffusion model's
-    training steps, --cfg-channels within the latent channels (both checked again when the grid is drawn)."""
-    total = getattr(objective, "original_num_steps", None)  # None for flow matching: any step count
-    if args.sample_every > 0 and total is not None and args.grid_steps > total:
-        raise UserError(f"--grid-steps {args.grid_steps} exceeds the {total} steps of the diffusion; "
-                        f"use at most {total}")
+def check_grid_flags(args, objective, grid_sampler: str, data: DataConfig) -> None:
+    """Grid flags that depend on the objective and the data: --grid-steps within what the grid sampler takes
+    (a diffusion model's training steps at most), --cfg-channels within the latent channels (both checked
+    again when the grid is drawn)."""
+    if args.sample_every > 0:
+        check_num_steps(objective, grid_sampler, args.grid_steps, flag="--grid-steps", whose="the run's")
     parse_cfg_channels(args.cfg_channels, data.latent_shape[0])
 
 
@@ -491,7 +490,7 @@ def main(argv=None):
         objective = create_objective(args.objective, **args.objective_kwargs)
     except (TypeError, ValueError) as e:
         raise UserError(f"bad --objective-kwargs {json.dumps(args.objective_kwargs)}: {e}") from None
-    check_grid_flags(args, objective, data)
+    check_grid_flags(args, objective, grid_sampler, data)
     steps_per_epoch = plan.steps_per_epoch(len(dataset))
     max_steps = args.max_train_steps or (args.epochs * steps_per_epoch if args.epochs else PAPER_STEPS)
     optimizer_impl = args.optimizer_impl
