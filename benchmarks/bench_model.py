@@ -62,7 +62,7 @@ import torch.nn.functional as F
 
 from benchmarks.bench_sampling import format_sampling, sampling_benchmark
 from benchmarks.common import environment, peak_memory, resolve_latent, setup_device, timed
-from diffusion.sampling import CFG_SCALE_HELP, cfg_scale_arg
+from diffusion.guidance import CFG_SCALE_HELP, cfg_scale_arg
 from fcdm_common.cli import HelpFormatter, UserError, float_in, non_negative_int, positive_int, run_main, seed_int
 from fcdm_common.io import atomic_write_text
 from models import MODELS, create_model

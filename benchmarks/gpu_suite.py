@@ -482,9 +482,9 @@ def step_e2e(suite: Suite) -> dict:
     """The real programs one after another, as a user runs them on one GPU, each with its wall time:
     digits upscaled to ImageNet's size as an ImageFolder, a random AutoencoderKL of SD-VAE's shape and a
     random Inception (no downloads), extract_features.py, make_reference.py (torch backend),
-    `accelerate launch train.py` in bf16 with a sample grid, `torchrun sample_ddp.py` (DDIM, guidance) and
-    evaluate.py (torch backend). The numbers of the metrics mean nothing (random networks); the wall
-    times and that every stage runs do."""
+    `accelerate launch train.py` in bf16 with a sample grid, `torchrun sample_ddp.py` (DDIM, guidance),
+    evaluate.py (torch backend) and sample_ddp.py with autoguidance. The numbers of the metrics mean nothing
+    (random networks); the wall times and that every stage runs do."""
     s = suite.sizes
     root = suite.work / "e2e"
     images, assets, store, runs = root / "images", root / "assets", root / "store.zarr", root / "runs"
@@ -546,6 +546,15 @@ def step_e2e(suite: Suite) -> dict:
                         root / "ref.npz", "--backend", "torch", "--inception-weights",
                         assets / "inception.safetensors", "--device", device, "--output-json", root / "eval.json"])
         out["metrics"] = json.loads((root / "eval.json").read_text()).get("metrics")
+        # autoguidance through the same program (the run's checkpoint guiding itself: the code path and its
+        # wall time next to the "sample" stage's classifier-free guidance; a real guide is an earlier checkpoint)
+        go("sample_autoguidance", [py, REPO / "train_gen" / "sample_ddp.py", "--ckpt", ckpts[-1], "--guide-ckpt",
+                                   ckpts[-1], "--sample-dir", root / "samples_ag", "--num-fid-samples", s.e2e_samples,
+                                   "--sampler", "ddim", "--num-sampling-steps", s.e2e_sampling_steps, "--cfg-scale",
+                                   1.5, "--per-proc-batch-size", min(256, s.e2e_samples), "--forward-batch",
+                                   min(256, s.e2e_samples), "--precision", "bf16", "--label-sampling", "balanced",
+                                   "--keep-pngs", "false", "--device", device, "--hf-model-dir", assets / "vae"],
+           env=env)
     except RuntimeError as e:
         out |= {"status": "failed", "error": str(e)}
     out["total_seconds"] = round(sum(v["seconds"] for v in out["stages"].values()), 2)

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from diffusion.sampling import CFG_SCALE_HELP, SamplerSettings, cfg_scale_arg, generate, load_setup
+from diffusion.guidance import CFG_SCALE_HELP, cfg_scale_arg
+from diffusion.sampling import SamplerSettings, generate, load_setup
 from evaluations.evaluator import evaluate
 from fcdm_common.cli import HelpFormatter, UserError, non_negative_int, positive_int, run_main, seed_int
 from fcdm_common.io import atomic_write_text

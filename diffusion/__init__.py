@@ -3,8 +3,8 @@
 - `create_diffusion(...)`: DiT's constructor and signature (iDDPM objective, respacing, DDPM/DDIM).
 - `create_flow(...)`: the flow-matching objective of the paper's Appendix E (SiT conventions).
 - `create_objective("diffusion" | "flow", **kwargs)`: pick either by name (`--objective`).
-- `sample(model, noise, y, ...)`: one entry point for every sampler, with classifier-free guidance,
-  a guidance interval and per-sample random generators.
+- `sample(model, noise, y, ...)`: one entry point for every sampler, with classifier-free guidance or
+  autoguidance, a guidance interval, the flow time shift and per-sample random generators.
 
 Both objective objects share the training interface
 `t = obj.sample_timesteps(B, device, generator); losses = obj.training_losses(model, x, t, dict(y=y))`.
@@ -108,15 +108,18 @@ def sample(model: Callable, noise: torch.Tensor, y: torch.Tensor, *, objective, 
            cfg_scale: float = 1.0, cfg_channels: Union[str, int] = "all",
            guidance_interval: Optional[Tuple[float, float]] = None, null_label: int, ddim_eta: float = 0.0,
            progress: bool = False, generators: Generators = None, atol: float = 1e-6, rtol: float = 1e-3,
-           stats: Optional[dict] = None) -> torch.Tensor:
+           stats: Optional[dict] = None, guide: Optional[Callable] = None,
+           time_shift: Optional[float] = None) -> torch.Tensor:
     """Draw samples from noise (N, C, H, W) for labels y (N,) and return float32 (N, C, H, W).
 
     model(x, t, y) is the raw network; objective comes from create_diffusion (samplers "ddpm", "ddim",
     respaced to num_steps; "dpm++2m", "unipc", ... and "diffusers:<Class>": a diffusers scheduler with
     num_steps inference steps, see diffusion/schedulers.py) or create_flow ("euler", "heun": num_steps ODE
     steps; "sde": num_steps model calls, SiT's Euler-Maruyama; "dopri5": adaptive, atol/rtol, num_steps
-    unused). stats (a dict) receives "nfe", the number of (guided) model calls. Guidance: see `GuidedModel`;
-    guidance_interval=(lo, hi) is in noise-level fraction (diffusion: t / T, flow: 1 - t). generators: None, one
+    unused). stats (a dict) receives "nfe", the number of (guided) model calls. Guidance: see `GuidedModel`
+    (classifier-free, or autoguidance when `guide`, a weaker network called like the model, is given);
+    guidance_interval=(lo, hi) is in noise-level fraction (diffusion: t / T, flow: 1 - t). time_shift: flow
+    only, the shift a of the sampler's time grid (None: the objective's own). generators: None, one
     torch.Generator, or one per sample.
     """
     if num_steps < 1:
@@ -128,8 +131,10 @@ def sample(model: Callable, noise: torch.Tensor, y: torch.Tensor, *, objective, 
     if isinstance(objective, SpacedDiffusion):
         check_sampler("diffusion", sampler)
         total = objective.original_num_steps
+        if time_shift is not None:
+            raise ValueError("time_shift applies to flow matching, not to a diffusion objective")
         guided = GuidedModel(model, cfg_scale, null_label, cfg_channels, guidance_interval,
-                             noise_level_fn=lambda t: t.float() / total)  # t is the ORIGINAL timestep
+                             noise_level_fn=lambda t: t.float() / total, guide=guide)  # t is the ORIGINAL timestep
         if is_scheduler_sampler(sampler):
             learned = objective.model_var_type == gd.ModelVarType.LEARNED_RANGE
             return scheduler_sample_loop(guided, build_scheduler(sampler, objective), noise, num_steps, kwargs,
@@ -146,13 +151,15 @@ def sample(model: Callable, noise: torch.Tensor, y: torch.Tensor, *, objective, 
     if isinstance(objective, FlowMatching):
         check_sampler("flow", sampler)
         guided = GuidedModel(model, cfg_scale, null_label, cfg_channels, guidance_interval,
-                             noise_level_fn=lambda t: 1.0 - t.float())  # t = 1 is data
+                             noise_level_fn=lambda t: 1.0 - t.float(), guide=guide)  # t = 1 is data
         if sampler == "dopri5":
-            return objective.sample_dopri5(guided, noise, model_kwargs=kwargs, atol=atol, rtol=rtol, stats=stats)
+            return objective.sample_dopri5(guided, noise, model_kwargs=kwargs, atol=atol, rtol=rtol, stats=stats,
+                                           time_shift=time_shift)
         if stats is not None:
             stats["nfe"] = stats.get("nfe", 0) + num_steps * (2 if sampler == "heun" else 1)
         if sampler == "sde":
             return objective.sample_sde(guided, noise, num_steps, model_kwargs=kwargs, progress=progress,
-                                        generator=generators)
-        return objective.sample_ode(guided, noise, num_steps, method=sampler, model_kwargs=kwargs, progress=progress)
+                                        generator=generators, time_shift=time_shift)
+        return objective.sample_ode(guided, noise, num_steps, method=sampler, model_kwargs=kwargs, progress=progress,
+                                    time_shift=time_shift)
     raise TypeError(f"objective must come from create_diffusion or create_flow, got {type(objective).__name__}")

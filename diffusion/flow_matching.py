@@ -14,6 +14,11 @@ Transformers", arXiv 2401.08740) with its "Linear" path and velocity prediction:
 - the adaptive ODE sampler is Dormand-Prince 5(4) from torchdiffeq (Chen et al.), with SiT's
   tolerances (atol 1e-6, rtol 1e-3) as defaults; its step sizes are chosen from an error norm over
   the whole batch (as in SiT), so a sample depends on the batch it is integrated with.
+- optional (diffusion/flow_schedules.py): training times from a logit-normal distribution and the
+  resolution shift t' = a t / (1 + (a - 1) t), applied to the drawn training times and to every
+  sampler's time grid (the fixed-step samplers step on the shifted grid; dopri5 integrates
+  dx/du = v(x, t(u)) dt/du in the unshifted time u). The defaults (uniform, a = 1) are the paper's
+  setting and run exactly the code without them.
 
 Step counts: our fixed-step ODE takes num_steps steps on linspace(t0, t1, num_steps + 1); SiT's
 `--num-sampling-steps N` is the number of grid points, i.e. N - 1 steps (our N - 1 matches SiT's N).
@@ -26,6 +31,7 @@ import torch
 
 from fcdm_common.progress import progress as tqdm
 
+from .flow_schedules import check_time_schedule, draw_unit_times, shift_derivative, shift_time, time_grid
 from .gaussian_diffusion import mean_flat
 from .noise import Generators, check_generators, randn_like
 
@@ -34,15 +40,21 @@ class FlowMatching:
     """Linear-interpolant velocity objective and its ODE/SDE samplers."""
 
     def __init__(self, *, train_eps: float = 0.0, sample_eps: float = 0.0, diffusion_norm: float = 1.0,
-                 last_step_size: float = 0.04):
+                 last_step_size: float = 0.04, time_distribution: str = "uniform", logit_mean: float = 0.0,
+                 logit_std: float = 1.0, time_shift: float = 1.0):
         self.train_eps = float(train_eps)            # training t ~ U[train_eps, 1 - train_eps] (SiT: 0 for velocity)
         self.sample_eps = float(sample_eps)          # ODE integrates t from sample_eps to 1 - sample_eps
         self.diffusion_norm = float(diffusion_norm)  # SDE diffusion coefficient w_t = norm * (1 - t)
         self.last_step_size = float(last_step_size)  # size of the final deterministic SDE step
+        self.time_distribution = time_distribution   # training times: "uniform" or "logit-normal"
+        self.logit_mean = float(logit_mean)          # logit-normal: t = sigmoid(logit_mean + logit_std * n)
+        self.logit_std = float(logit_std)
+        self.time_shift = float(time_shift)          # a of t' = a t / (1 + (a - 1) t), training and sampling
         if not 0.0 <= self.train_eps < 0.5 or not 0.0 <= self.sample_eps < 0.5:
             raise ValueError("train_eps and sample_eps must lie in [0, 0.5)")
         if not 0.0 <= self.last_step_size < 1.0:
             raise ValueError("last_step_size must lie in [0, 1)")
+        check_time_schedule(self.time_distribution, self.logit_mean, self.logit_std, self.time_shift)
 
     # ------------------------------------------------------------------ path
     @staticmethod
@@ -55,9 +67,14 @@ class FlowMatching:
         return te * x_start + (1.0 - te) * noise, x_start - noise
 
     def sample_timesteps(self, n: int, device=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """n float32 times uniform in [train_eps, 1 - train_eps]."""
-        u = torch.rand(n, device=device, generator=generator)
-        return self.train_eps + (1.0 - 2.0 * self.train_eps) * u
+        """n float32 training times: u from the time distribution (default uniform), mapped to
+        [train_eps, 1 - train_eps], then shifted by time_shift (a = 1: unshifted)."""
+        u = draw_unit_times(n, self.time_distribution, self.logit_mean, self.logit_std, device, generator)
+        return shift_time(self.train_eps + (1.0 - 2.0 * self.train_eps) * u, self.time_shift)
+
+    def _shift(self, time_shift: Optional[float]) -> float:
+        """The sampling shift: the objective's own (the checkpoint's) unless the caller gives one."""
+        return self.time_shift if time_shift is None else float(time_shift)
 
     def _velocity(self, model: Callable, x: torch.Tensor, t: torch.Tensor, model_kwargs) -> torch.Tensor:
         out = model(x, t, **model_kwargs).float()
@@ -83,9 +100,10 @@ class FlowMatching:
 
     # ------------------------------------------------------------------ ODE samplers
     def sample_ode(self, model, noise, num_steps: int = 50, method: str = "euler", model_kwargs=None,
-                   progress: bool = False) -> torch.Tensor:
+                   progress: bool = False, time_shift: Optional[float] = None) -> torch.Tensor:
         """Integrate dx/dt = v(x, t) from t = sample_eps (noise) to 1 - sample_eps (data) in num_steps
-        equal steps; "euler" uses num_steps model calls, "heun" (trapezoidal predictor-corrector) 2 * num_steps."""
+        steps, equal before the shift; "euler" uses num_steps model calls, "heun" (trapezoidal
+        predictor-corrector) 2 * num_steps. time_shift: None = the objective's."""
         if num_steps < 1:
             raise ValueError("num_steps must be >= 1")
         if method not in ("euler", "heun"):
@@ -93,7 +111,7 @@ class FlowMatching:
         model_kwargs = {} if model_kwargs is None else model_kwargs
         x = noise.float()
         n = x.shape[0]
-        ts = torch.linspace(self.sample_eps, 1.0 - self.sample_eps, num_steps + 1, dtype=torch.float64).tolist()
+        ts = time_grid(self.sample_eps, 1.0 - self.sample_eps, num_steps + 1, self._shift(time_shift))
         for i in tqdm(range(num_steps), desc=f"ODE {method}", disable=not progress):
             t_cur, t_next = ts[i], ts[i + 1]
             dt = t_next - t_cur
@@ -108,15 +126,18 @@ class FlowMatching:
         return x
 
     def sample_dopri5(self, model, noise, model_kwargs=None, atol: float = 1e-6, rtol: float = 1e-3,
-                      stats: Optional[dict] = None) -> torch.Tensor:
+                      stats: Optional[dict] = None, time_shift: Optional[float] = None) -> torch.Tensor:
         """Integrate dx/dt = v(x, t) from t = sample_eps to 1 - sample_eps with adaptive Dormand-Prince 5(4)
-        (torchdiffeq.odeint, method "dopri5"); stats["nfe"] receives the number of model calls."""
+        (torchdiffeq.odeint, method "dopri5"); stats["nfe"] receives the number of model calls. With a
+        shift a != 1 it integrates dx/du = v(x, t(u)) dt/du in the unshifted time u (t(u) = shift(u, a)),
+        so the solver's steps are taken on the shifted scale."""
         # deferred: the dopri5 sampler only
         from torchdiffeq import odeint
 
         if not (atol > 0 and rtol > 0):
             raise ValueError(f"atol and rtol must be > 0, got {atol}, {rtol}")
         model_kwargs = {} if model_kwargs is None else model_kwargs
+        a = self._shift(time_shift)
         x = noise.float()
         n = x.shape[0]
         nfe = 0
@@ -127,8 +148,10 @@ class FlowMatching:
             nonlocal nfe
             nfe += 1
             # the solver's initial-step probe may look past t1: the network only ever sees t in [t0, t1]
-            tt = t.float().clamp(t0, t1).reshape(1).expand(n).to(x_t.device)
-            return self._velocity(model, x_t, tt, model_kwargs)
+            u = t.float().clamp(t0, t1).reshape(1).expand(n).to(x_t.device)
+            if a == 1.0:
+                return self._velocity(model, x_t, u, model_kwargs)
+            return self._velocity(model, x_t, shift_time(u, a), model_kwargs) * shift_derivative(u[0], a)
 
         ts = torch.tensor([t0, t1], dtype=torch.float32, device=x.device)
         with torch.no_grad():  # step_t: the last step lands on t1 instead of overshooting and interpolating
@@ -145,32 +168,42 @@ class FlowMatching:
         return v + w * self.score_from_velocity(v, x, t), w
 
     def sample_sde(self, model, noise, num_steps: int = 250, model_kwargs=None, progress: bool = False,
-                   generator: Generators = None) -> torch.Tensor:
+                   generator: Generators = None, time_shift: Optional[float] = None) -> torch.Tensor:
         """Euler-Maruyama from t = 0 to 1 - last_step_size on num_steps grid points (num_steps - 1 stochastic
-        steps), then one deterministic step of size last_step_size along the SDE drift (SiT's "Mean" last step)."""
+        steps), then one deterministic step to t = 1 along the SDE drift (SiT's "Mean" last step). With a
+        shift a != 1 the grid points are shifted (the last step then runs from shift(1 - last_step_size) to 1)."""
         if num_steps < 2:
             raise ValueError("the SDE sampler needs num_steps >= 2")
         model_kwargs = {} if model_kwargs is None else model_kwargs
+        a = self._shift(time_shift)
         x = noise.float()
         n = x.shape[0]
         check_generators(generator, n)
         t1 = 1.0 - self.last_step_size
-        ts = torch.linspace(self.sample_eps, t1, num_steps, dtype=torch.float64).tolist()
-        dt = ts[1] - ts[0]
-        for t_cur in tqdm(ts[:-1], desc="SDE", disable=not progress):
+        ts = time_grid(self.sample_eps, t1, num_steps, a)
+        if a == 1.0:  # equal steps: one dt, as SiT
+            dts, last_step = [ts[1] - ts[0]] * (num_steps - 1), self.last_step_size
+        else:
+            dts = [t_next - t_cur for t_cur, t_next in zip(ts[:-1], ts[1:])]
+            t1 = shift_time(t1, a)
+            last_step = 1.0 - t1
+        for t_cur, dt in tqdm(list(zip(ts[:-1], dts)), desc="SDE", disable=not progress):
             with torch.no_grad():
                 drift, w = self._sde_drift(model, x, torch.full((n,), t_cur, device=x.device), model_kwargs)
                 dw = randn_like(x, generator) * dt ** 0.5
                 x = x + drift * dt + torch.sqrt(2.0 * w) * dw
-        if self.last_step_size > 0:
+        if last_step > 0:
             with torch.no_grad():
                 drift, _ = self._sde_drift(model, x, torch.full((n,), t1, device=x.device), model_kwargs)
-                x = x + drift * self.last_step_size
+                x = x + drift * last_step
         return x
 
 
 def create_flow(train_eps: float = 0.0, sample_eps: float = 0.0, diffusion_norm: float = 1.0,
-                last_step_size: float = 0.04) -> FlowMatching:
-    """The paper's flow-matching objective (SiT Linear path, velocity prediction, SiT's sampler defaults)."""
+                last_step_size: float = 0.04, time_distribution: str = "uniform", logit_mean: float = 0.0,
+                logit_std: float = 1.0, time_shift: float = 1.0) -> FlowMatching:
+    """The paper's flow-matching objective (SiT Linear path, velocity prediction, SiT's sampler defaults);
+    time_distribution/logit_mean/logit_std/time_shift: see diffusion/flow_schedules.py (defaults: the paper's)."""
     return FlowMatching(train_eps=train_eps, sample_eps=sample_eps, diffusion_norm=diffusion_norm,
-                        last_step_size=last_step_size)
+                        last_step_size=last_step_size, time_distribution=time_distribution, logit_mean=logit_mean,
+                        logit_std=logit_std, time_shift=time_shift)

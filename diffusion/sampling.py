@@ -29,7 +29,20 @@ import torch
 import diffusion
 from diffusion import DIFFUSION_SAMPLERS, FLOW_SAMPLERS, check_sampler  # one list of samplers, in diffusion/
 from diffusion.compiled import compiled_network
-from fcdm_common.cli import UserError, float_in, non_negative_int, positive_int, str2bool
+from diffusion.flow_schedules import TIME_SHIFT_RANGE, time_shift_arg
+from diffusion.guidance import (
+    CFG_SCALE_HELP,
+    GUIDANCE_MODES,
+    Guide,
+    OrderedInterval,
+    cfg_scale_arg,
+    check_guide_fits,
+    guidance_level_arg,
+    guidance_space,
+    parse_cfg_channels,
+    resolve_guidance,
+)
+from fcdm_common.cli import UserError, alias_help, float_in, non_negative_int, positive_int, str2bool
 from fcdm_common.cpu import tune_cpu_allocator
 from fcdm_common.images import to_uint8
 from models.checkpoints import load_checkpoint, model_from_checkpoint
@@ -41,9 +54,9 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 __all__ = [
     "DIFFUSION_SAMPLERS", "FLOW_SAMPLERS", "DIT_SAMPLE_LABELS", "SamplingSetup", "FixedBatchModel",
-    "add_sampler_args", "SamplerSettings", "resolve_sampler", "parse_cfg_channels", "sample_seed",
-    "sample_generator", "sample_labels", "load_setup", "generate", "decode_to_uint8", "CFG_SCALE_MAX",
-    "cfg_scale_arg", "ddim_eta_arg", "tolerance_arg", "guidance_level_arg", "OrderedInterval", "check_num_steps",
+    "add_sampler_args", "SamplerSettings", "resolve_sampler", "sample_seed", "sample_generator", "sample_labels",
+    "load_setup", "load_guide", "generate", "decode_to_uint8", "ddim_eta_arg", "tolerance_arg", "time_shift_arg",
+    "check_num_steps",
 ]
 
 
@@ -79,19 +92,11 @@ def sample_labels(global_seed: int, indices: Iterable[int], num_classes: int, mo
 
 
 # ----------------------------------------------------------------------------- command-line flags
-# Guidance: guided = uncond + s * (cond - uncond) (diffusion/guidance.py). s = 1 is the conditional model, s = 0
-# the unconditional one, 0 < s < 1 between them, s > 1 guidance; s < 0 would push every sample away from its
-# own class, which no sampler here is meant for, and s in the hundreds only saturates the images (float32
-# overflow to a black grid beyond that), so the scale is a finite number in [0, CFG_SCALE_MAX].
-CFG_SCALE_MAX = 100.0
-CFG_SCALE_HELP = (f"in [0, {CFG_SCALE_MAX:g}]: 1 = no guidance (one conditional pass), 0 = the unconditional model, "
-                  "> 1 = guidance")
-cfg_scale_arg = float_in(0.0, CFG_SCALE_MAX)  # argparse `type=` of every guidance-scale flag
+# guidance flags' types (scale, interval, channels): diffusion/guidance.py
 # DDIM's eta scales the noise of each step; above 1 the coefficient sqrt(1 - abar_prev - sigma^2) of the
 # predicted noise can go negative under the root (NaN images): eta in [0, 1] (1 = DDPM-like noise)
 ddim_eta_arg = float_in(0.0, 1.0)
 tolerance_arg = float_in(0.0, lo_open=True)  # dopri5's atol/rtol: finite and > 0
-guidance_level_arg = float_in(0.0, 1.0)  # one end of --guidance-interval: a noise level (0 = data, 1 = noise)
 
 
 def checked_value(flag: str, arg_type, value):
@@ -100,18 +105,6 @@ def checked_value(flag: str, arg_type, value):
         return arg_type(value)
     except argparse.ArgumentTypeError as e:
         raise UserError(f"{flag}: {e}") from None
-
-
-class OrderedInterval(argparse.Action):
-    """argparse action of a `nargs=2` (LO, HI) flag whose values its `type` checked one by one: also LO <= HI
-    (else argparse's usage line and exit status 2). Stores a tuple."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        lo, hi = values
-        if lo > hi:
-            raise argparse.ArgumentError(self, f"LO {lo:g} is above HI {hi:g}; give the lower noise level first "
-                                               "(0 = data, 1 = noise)")
-        setattr(namespace, self.dest, (lo, hi))
 
 
 def add_sampler_args(parser, cfg_scale_default: float = 1.0, forward_batch_default: int = 64) -> None:
@@ -136,8 +129,24 @@ def add_sampler_args(parser, cfg_scale_default: float = 1.0, forward_batch_defau
                         "max-autotune-no-cudagraphs); the first batch pays the compile time")
     g.add_argument("--ddim-eta", type=ddim_eta_arg, default=0.0,
                    help="DDIM eta in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like noise)")
-    g.add_argument("--cfg-scale", type=cfg_scale_arg, default=cfg_scale_default,
-                   help=f"classifier-free guidance scale s {CFG_SCALE_HELP}")
+    g.add_argument("--time-shift", type=time_shift_arg, default=None, metavar="A",
+                   help="flow checkpoints: shift the sampler's time grid, t' = A t / (1 + (A - 1) t) (t = 1 is data; "
+                        "A < 1 spends more steps near noise; SD3's shift s is A = 1/s), A in "
+                        f"[{TIME_SHIFT_RANGE[0]:g}, {TIME_SHIFT_RANGE[1]:g}]; default: the shift the checkpoint "
+                        "was trained with (1 = none)")
+    g = parser.add_argument_group("guidance")
+    g.add_argument("--cfg-scale", "--guidance-scale", dest="cfg_scale", type=cfg_scale_arg, default=cfg_scale_default,
+                   help=alias_help(f"guidance scale w {CFG_SCALE_HELP}; the same scale for either --guidance mode",
+                                   "--guidance-scale"))
+    g.add_argument("--guidance", choices=GUIDANCE_MODES, default=None,
+                   help="cfg: classifier-free guidance (the model without its class); autoguidance: guidance by a "
+                        "weaker model, --guide-ckpt (Karras et al. 2024). Default: autoguidance when --guide-ckpt is "
+                        "given, else cfg")
+    g.add_argument("--guide-ckpt", default=None, metavar="PATH",
+                   help="autoguidance: the guide checkpoint, e.g. an early checkpoint of the same run or a smaller "
+                        "model trained on the same latents (same objective, classes and sample shape)")
+    g.add_argument("--guide-use-ema", type=str2bool, default=True, metavar="BOOL",
+                   help="autoguidance: the guide's EMA weights (default true) or its raw weights (false)")
     g.add_argument("--cfg-channels", default="all",
                    help="guide 'all' prediction channels (default) or only the first K (3 = DiT / original FCDM)")
     g.add_argument("--guidance-interval", type=guidance_level_arg, nargs=2, default=None, metavar=("LO", "HI"),
@@ -196,27 +205,13 @@ def resolve_sampler(objective: str, sampler: Optional[str] = None, ddpm: Optiona
     return "ddpm" if ddpm is None or ddpm else "ddim"
 
 
-def parse_cfg_channels(value: Union[str, int], in_channels: int) -> Union[str, int]:
-    """'all' or an int K in [1, in_channels]."""
-    if value == "all":
-        return "all"
-    try:
-        k = int(value)
-    except (TypeError, ValueError):
-        raise UserError(f"--cfg-channels must be 'all' or a channel count, got {value!r}") from None
-    if not 1 <= k <= in_channels:
-        raise UserError(f"--cfg-channels {k} is out of range for a model with {in_channels} latent channels; "
-                        f"use 'all' or 1..{in_channels}")
-    return k
-
-
 @dataclass(frozen=True)
 class SamplerSettings:
     """How samples are drawn, in one value: sample.py and sample_ddp.py (`from_args`), the training grids, the
     evaluation during training and `generate` all take it."""
     sampler: str  # ddpm, ddim, a diffusers preset or diffusers:<Class> (diffusion); euler, heun, sde, dopri5 (flow)
     num_steps: int  # sampling steps (unused by dopri5)
-    cfg_scale: float = 1.0  # classifier-free guidance scale (1: a single conditional pass)
+    cfg_scale: float = 1.0  # guidance scale w (1: a single conditional pass)
     cfg_channels: Union[str, int] = "all"  # guided prediction channels: "all" or the first k
     guidance_interval: Optional[Tuple[float, float]] = None  # guide only at noise levels in [lo, hi]
     ddim_eta: float = 0.0  # DDIM's eta
@@ -225,12 +220,18 @@ class SamplerSettings:
     atol: float = 1e-6  # dopri5 tolerances
     rtol: float = 1e-3
     compile: bool = False  # torch.compile the network
+    time_shift: Optional[float] = None  # flow: the time grid's shift a (None: the checkpoint's)
+    guidance: str = "cfg"  # "cfg" (the null label) or "autoguidance" (the setup's guide network)
+
+    def __post_init__(self):
+        if self.guidance not in GUIDANCE_MODES:
+            raise ValueError(f"guidance must be one of {', '.join(GUIDANCE_MODES)}, got {self.guidance!r}")
 
     def sample_kwargs(self) -> dict:
-        """The arguments of `diffusion.sample` these settings fix."""
+        """The arguments of `diffusion.sample` these settings fix (the guide network comes from the setup)."""
         return dict(sampler=self.sampler, num_steps=self.num_steps, cfg_scale=self.cfg_scale,
                     cfg_channels=self.cfg_channels, guidance_interval=self.guidance_interval, ddim_eta=self.ddim_eta,
-                    atol=self.atol, rtol=self.rtol)
+                    atol=self.atol, rtol=self.rtol, time_shift=self.time_shift)
 
     @classmethod
     def from_args(cls, args, setup: "SamplingSetup") -> "SamplerSettings":
@@ -251,11 +252,40 @@ class SamplerSettings:
         if sampler == "dopri5":
             checked_value("--atol", tolerance_arg, args.atol)
             checked_value("--rtol", tolerance_arg, args.rtol)
+        guide_ckpt = getattr(args, "guide_ckpt", None)
+        guidance = resolve_guidance(getattr(args, "guidance", None), guide_ckpt)
+        if guidance == "autoguidance" and setup.guide is None:
+            raise UserError(f"--guide-ckpt {guide_ckpt} was not loaded; pass it to load_setup(guide_ckpt=...)")
+        time_shift = getattr(args, "time_shift", None)
+        if time_shift is not None:
+            if setup.objective_name != "flow":
+                raise UserError(f"--time-shift applies to flow checkpoints; {setup.ckpt_path} is a "
+                                f"{setup.objective_name} checkpoint")
+            time_shift = checked_value("--time-shift", time_shift_arg, time_shift)
         return cls(sampler=sampler, num_steps=int(args.num_sampling_steps), cfg_scale=float(args.cfg_scale),
                    cfg_channels=parse_cfg_channels(args.cfg_channels, setup.latent_shape[0]),
                    guidance_interval=interval, ddim_eta=float(args.ddim_eta), precision=args.precision,
                    forward_batch=int(args.forward_batch), atol=float(args.atol), rtol=float(args.rtol),
-                   compile=bool(args.compile))
+                   compile=bool(args.compile), guidance=guidance, time_shift=time_shift)
+
+    def effective_time_shift(self, setup: "SamplingSetup") -> Optional[float]:
+        """The shift the flow samplers use (this override or the checkpoint's); None for diffusion."""
+        if setup.objective_name != "flow":
+            return None
+        return float(self.time_shift) if self.time_shift is not None else float(setup.objective.time_shift)
+
+
+def guidance_text(settings: SamplerSettings, setup: "SamplingSetup") -> str:
+    """How the samples are guided, for log lines: "cfg 4.0", "autoguidance 2.0 by FCDM-S step 10000 (ema)",
+    with the flow time shift when it is not 1."""
+    if settings.guidance == "autoguidance" and setup.guide is not None:
+        g = setup.guide
+        text = (f"autoguidance {settings.cfg_scale} by {g.model_name}"
+                + (f" step {g.step}" if g.step is not None else "") + f" ({'ema' if g.use_ema else 'raw'})")
+    else:
+        text = f"cfg {settings.cfg_scale}"
+    shift = settings.effective_time_shift(setup)
+    return text if shift in (None, 1.0) else f"{text}, time shift {shift:g}"
 
 
 # ----------------------------------------------------------------------------- model, objective, VAE
@@ -274,6 +304,7 @@ class SamplingSetup:
     use_ema: bool  # EMA (True) or raw weights
     vae_settings: dict = field(default_factory=dict)  # vae, hf_model_name, hf_model_dir, scaling_factor
     device: torch.device = torch.device("cpu")  # where sampling runs
+    guide: Optional[Guide] = None  # autoguidance: the weaker model (load_guide), None without one
 
     @property
     def null_label(self) -> int:
@@ -295,8 +326,10 @@ def _latent_shape(config: dict, in_channels: int, downsample: int, path) -> Tupl
 
 
 def load_setup(ckpt_path, *, model_name: Optional[str] = None, use_ema: bool = True, vae: Optional[str] = None,
-               hf_model_name: Optional[str] = None, hf_model_dir: Optional[str] = None, device="cpu") -> SamplingSetup:
-    """Load a checkpoint and rebuild the network, the objective and the VAE decoder, checking they fit."""
+               hf_model_name: Optional[str] = None, hf_model_dir: Optional[str] = None, device="cpu",
+               guide_ckpt: Optional[str] = None, guide_use_ema: bool = True) -> SamplingSetup:
+    """Load a checkpoint and rebuild the network, the objective and the VAE decoder, checking they fit; with
+    `guide_ckpt`, also the autoguidance guide (checked to fit the model, see `load_guide`)."""
     path = Path(ckpt_path)
     device = torch.device(device)
     if device.type == "cpu":
@@ -309,8 +342,34 @@ def load_setup(ckpt_path, *, model_name: Optional[str] = None, use_ema: bool = T
                         f"pass --model {config['model']} or leave --model out")
     model = model_from_checkpoint(ckpt, use_ema=use_ema, path=path).to(device)
     del ckpt
-    return setup_from_model(model, config, path=path, use_ema=use_ema, vae=vae, hf_model_name=hf_model_name,
-                            hf_model_dir=hf_model_dir, device=device)
+    setup = setup_from_model(model, config, path=path, use_ema=use_ema, vae=vae, hf_model_name=hf_model_name,
+                             hf_model_dir=hf_model_dir, device=device)
+    if guide_ckpt is not None:
+        setup.guide = load_guide(guide_ckpt, config, setup.num_classes, setup.latent_shape,
+                                 main=f"the model checkpoint {path}",
+                                 downsample=int(setup.vae.downsample), use_ema=guide_use_ema, device=device)
+    return setup
+
+
+def load_guide(guide_ckpt, main_config: dict, num_classes: int, latent_shape, *, main: str, downsample: int,
+               use_ema: bool = True, device="cpu") -> Guide:
+    """The autoguidance guide of a model (its run config, class count and sample shape; `main` names it in
+    messages): the frozen network of `guide_ckpt` in eval mode on `device`, after checking that it shares the
+    model's objective, latent space, classes and sample shape (one UserError naming both otherwise)."""
+    path = Path(guide_ckpt)
+    if not path.is_file():
+        raise UserError(f"--guide-ckpt {path}: file not found")
+    ckpt = load_checkpoint(path)  # a checkpoint with its run config (a plain DiT state dict records no data)
+    config = ckpt["config"]
+    model = model_from_checkpoint(ckpt, use_ema=use_ema, path=path)
+    step = ckpt.get("step")
+    del ckpt
+    shape = _latent_shape(config, int(model.in_channels), downsample, path)
+    check_guide_fits(guidance_space(main_config, num_classes, latent_shape),
+                     guidance_space(config, int(model.num_classes), shape), main, path)
+    model = model.to(torch.device(device)).eval().requires_grad_(False)
+    return Guide(model=model, path=path, model_name=str(config["model"]), use_ema=use_ema,
+                 step=None if step is None else int(step))
 
 
 def setup_from_model(model: torch.nn.Module, config: dict, *, path, use_ema: bool = True, vae: Optional[str] = None,
@@ -434,9 +493,16 @@ def generate(setup: SamplingSetup, indices: Sequence[int], settings: SamplerSett
     network = compiled_network(setup.model, device.type) if settings.compile else setup.model
     net = counter if counter is not None else FixedBatchModel(
         network, settings.forward_batch, PRECISIONS[settings.precision], device.type)
+    guide = None
+    if settings.guidance == "autoguidance":
+        if setup.guide is None:
+            raise ValueError("autoguidance settings need a setup with a guide (load_setup(guide_ckpt=...))")
+        guide_network = compiled_network(setup.guide.model, device.type) if settings.compile else setup.guide.model
+        guide = FixedBatchModel(guide_network, settings.forward_batch, PRECISIONS[settings.precision], device.type)
     with torch.no_grad():
         latents = diffusion.sample(net, noise, y_t, objective=setup.objective, null_label=setup.null_label,
-                                   progress=progress, generators=gens, stats=stats, **settings.sample_kwargs())
+                                   progress=progress, generators=gens, stats=stats, guide=guide,
+                                   **settings.sample_kwargs())
     if latents.shape[1] != setup.latent_shape[0]:  # learned sigma: the sampler returns only x
         latents = latents[:, :setup.latent_shape[0]]
     return decode_to_uint8(setup.vae, latents, settings.forward_batch), np.asarray(y, dtype=np.int64)

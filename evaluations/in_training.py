@@ -48,10 +48,9 @@ from accelerate.utils import broadcast_object_list
 from tqdm import tqdm
 
 from diffusion import create_objective
+from diffusion.guidance import CFG_SCALE_HELP, GUIDANCE_MODES, Guide, cfg_scale_arg
 from diffusion.sampling import (
-    CFG_SCALE_HELP,
     SamplerSettings,
-    cfg_scale_arg,
     check_num_steps,
     generate,
     resolve_sampler,
@@ -93,7 +92,10 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-steps", type=positive_int, default=50,
                    help="sampling steps of the evaluation samples (diffusion: at most the model's T = 1000 steps)")
     g.add_argument("--eval-cfg-scale", type=cfg_scale_arg, default=1.0,
-                   help=f"classifier-free guidance scale of the evaluation samples, {CFG_SCALE_HELP}")
+                   help=f"guidance scale of the evaluation samples, {CFG_SCALE_HELP}")
+    g.add_argument("--eval-guidance", choices=GUIDANCE_MODES, default=None,
+                   help="guidance of the evaluation samples: cfg, or autoguidance by train.py's --guide-ckpt "
+                        "(default: autoguidance when --guide-ckpt is given, else cfg)")
     g.add_argument("--eval-seed", type=seed_int, default=0,
                    help="global seed of the samples, 0..2**32-1 (sample_ddp.py --seed)")
     g.add_argument("--eval-batch-size", type=positive_int, default=64,
@@ -126,17 +128,19 @@ class EvalPlan:
     inception_weights: Optional[str]  # torch: weights path
     tf_python: Optional[str]  # tf: interpreter
     keep_samples: bool  # keep the archives
+    guidance: str = "cfg"  # "cfg" or "autoguidance" (by train.py's --guide-ckpt)
 
     def sampler_settings(self) -> SamplerSettings:
         """How the evaluation samples are drawn (sample_ddp.py --per-proc-batch-size B --forward-batch B)."""
         return SamplerSettings(sampler=self.sampler, num_steps=self.num_steps, cfg_scale=self.cfg_scale,
-                               precision=self.precision, forward_batch=self.batch_size)
+                               precision=self.precision, forward_batch=self.batch_size, guidance=self.guidance)
 
     def settings(self) -> dict:
-        """What every eval record carries about how it was measured."""
+        """What every eval record carries about how it was measured (the guidance mode when it is autoguidance)."""
         return {"eval_samples": self.num_samples, "eval_sampler": self.sampler, "eval_steps": self.num_steps,
                 "eval_cfg_scale": self.cfg_scale, "eval_seed": self.seed, "eval_precision": self.precision,
-                "eval_backend": self.backend, "ref_batch": self.ref_batch}
+                "eval_backend": self.backend, "ref_batch": self.ref_batch,
+                **({"eval_guidance": self.guidance} if self.guidance != "cfg" else {})}
 
 
 def _eval_sampler(objective: str, requested: str, num_steps: int, objective_kwargs: Optional[dict] = None) -> str:
@@ -168,6 +172,9 @@ def plan_from_args(args, data: dict, objective: str) -> Optional[EvalPlan]:
     sampler = _eval_sampler(objective, args.eval_sampler, args.eval_steps, getattr(args, "objective_kwargs", None))
     if not np.isfinite(args.eval_cfg_scale) or args.eval_cfg_scale < 0:
         raise UserError(f"--eval-cfg-scale must be a finite number >= 0, got {args.eval_cfg_scale}")
+    guidance = getattr(args, "eval_guidance", None) or "cfg"
+    if guidance == "autoguidance" and not getattr(args, "guide_ckpt", None):
+        raise UserError("--eval-guidance autoguidance needs --guide-ckpt PATH, the weaker model that guides")
     if args.eval_samples < 4:
         raise UserError(f"--eval-samples {args.eval_samples}: precision/recall need more than 3 samples")
     if not args.ref_batch:
@@ -199,7 +206,8 @@ def plan_from_args(args, data: dict, objective: str) -> Optional[EvalPlan]:
                     num_steps=int(args.eval_steps), cfg_scale=float(args.eval_cfg_scale), seed=int(args.eval_seed),
                     batch_size=int(args.eval_batch_size), precision=args.eval_precision,
                     ref_batch=str(args.ref_batch), backend=args.eval_backend, inception_pb=pb,
-                    inception_weights=weights, tf_python=args.tf_python, keep_samples=bool(args.eval_keep_samples))
+                    inception_weights=weights, tf_python=args.tf_python, keep_samples=bool(args.eval_keep_samples),
+                    guidance=guidance)
 
 
 # ---------------------------------------------------------------------------------- reference cache
@@ -281,7 +289,8 @@ class InTrainingEvaluator:
     """Runs the evaluations of one training run (every process holds one; process 0 scores and logs)."""
 
     def __init__(self, plan: EvalPlan, *, accelerator, logger, run_dir, config: dict, ema, device,
-                 max_steps: int, ckpt_every: int, on_record: Optional[Callable[[], None]] = None):
+                 max_steps: int, ckpt_every: int, on_record: Optional[Callable[[], None]] = None,
+                 guide: Optional[Guide] = None):
         self.plan = plan
         self.accelerator = accelerator  # accelerate.Accelerator (ranks, barriers, trackers)
         self.logger = logger  # train_gen.run_folder.RunLogger (enabled on process 0 only)
@@ -299,6 +308,7 @@ class InTrainingEvaluator:
         self.logged: set = set()  # steps whose evaluation record is in metrics.jsonl
         self._setup = None  # diffusion.sampling.SamplingSetup around self.ema
         self.on_record = on_record  # called on process 0 after each record is logged (e.g. redraw the curves)
+        self.guide = guide  # autoguidance: the frozen guide network (train.py's --guide-ckpt), else None
 
     # ---- schedule
     def is_eval_step(self, step: int) -> bool:
@@ -359,6 +369,7 @@ class InTrainingEvaluator:
             # the decoder is the one the run config records, as sample_ddp.py finds it in a checkpoint
             self._setup = setup_from_model(self.ema, self.config, path=self.run_dir / "checkpoints",
                                            use_ema=True, device=self.device)
+            self._setup.guide = self.guide
         return self._setup
 
     def _sample_share(self, step: int) -> np.ndarray:
@@ -393,7 +404,7 @@ class InTrainingEvaluator:
         plan = self.plan
         t0 = time.perf_counter()
         self.logger.log(f"evaluation at step {step}: {plan.num_samples} samples ({plan.sampler}, {plan.num_steps} "
-                        f"steps, cfg {plan.cfg_scale:g}) on {self.world} process(es)")
+                        f"steps, {plan.guidance} {plan.cfg_scale:g}) on {self.world} process(es)")
         parts_dir = self.run_dir / "eval" / f".parts-{step:07d}"
         if self.is_main:
             shutil.rmtree(parts_dir, ignore_errors=True)  # a killed evaluation's leftovers
@@ -454,7 +465,7 @@ class InTrainingEvaluator:
                   "eval_metric_seconds": t_end - t_sampled, **({"eval_failed": failed} if failed else {})}
         self.logger.metrics(record)
         shown = " ".join(f"{k} {values[k]:.4f}" for k in METRIC_KEYS if k in values)
-        self.logger.log(f"eval step {step:07d} {shown} ({n} samples, {plan.sampler}-{plan.num_steps}, cfg "
+        self.logger.log(f"eval step {step:07d} {shown} ({n} samples, {plan.sampler}-{plan.num_steps}, {plan.guidance} "
                         f"{plan.cfg_scale:g}, {plan.backend}; sampling {t_sampled - t0:.1f} s, metrics "
                         f"{t_end - t_sampled:.1f} s)")
         if self.accelerator.trackers:

@@ -26,7 +26,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion.sampling import CFG_SCALE_MAX, SamplerSettings, add_sampler_args, load_setup
+from diffusion.guidance import CFG_SCALE_MAX
+from diffusion.sampling import SamplerSettings, add_sampler_args, load_setup
 from evaluations.in_training import add_eval_args
 from fcdm_common.cli import UserError, float_in
 from helpers import one_thread  # noqa: F401  (fixture, used through pytestmark)

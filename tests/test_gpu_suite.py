@@ -25,7 +25,8 @@ def test_dry_run_writes_a_record_per_step(tmp_path):
         assert r["elapsed_s"] >= 0
     # the end-to-end pass ran every real program, bf16 training under accelerate and sampling under torchrun
     e2e = by_step["e2e"]
-    assert list(e2e["stages"]) == ["dataset", "assets", "extract", "reference", "train", "sample", "evaluate"]
+    assert list(e2e["stages"]) == ["dataset", "assets", "extract", "reference", "train", "sample", "evaluate",
+                                    "sample_autoguidance"]
     assert all(st["rc"] == 0 and st["seconds"] > 0 for st in e2e["stages"].values())
     assert "accelerate.commands.launch" in e2e["stages"]["train"]["command"]
     assert "--mixed-precision bf16" in e2e["stages"]["train"]["command"]

@@ -83,13 +83,16 @@ class LogConfig:
     keep_last: int  # keep the newest K checkpoints
     keep_every: int  # also keep every step divisible by M (0: none)
     sample_every: int  # sample grid every N steps and at the end (0: never)
-    cfg_scale: float  # guidance scale of the grids
+    cfg_scale: float  # guidance scale of the grids (either guidance mode)
     cfg_channels: str  # guided channels of the grids: "all" or k
     grid_sampler: str  # sampler of the grids
     grid_steps: int  # sampling steps of the grids
     grid_cols: int  # samples per class row
     grid_seed: int  # seed of the fixed grid noise
     report_to: str  # none, tensorboard or wandb
+    grid_guidance: str = "cfg"  # guidance of the grids: "cfg" or "autoguidance" (by guide_ckpt)
+    guide_ckpt: Optional[str] = None  # autoguidance guide of the grids and evaluations
+    guide_use_ema: bool = True  # the guide's EMA (True) or raw weights
 
 
 @dataclass(frozen=True)

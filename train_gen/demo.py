@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffusion.sampling import CFG_SCALE_HELP, cfg_scale_arg
+from diffusion.guidance import CFG_SCALE_HELP, cfg_scale_arg
 from fcdm_common.cli import (
     HelpFormatter,
     UserError,

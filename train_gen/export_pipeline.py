@@ -22,8 +22,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from diffusion.guidance import CFG_SCALE_HELP, cfg_scale_arg
 from diffusion.pipeline import FCDMNetwork, FCDMPipeline
-from diffusion.sampling import CFG_SCALE_HELP, cfg_scale_arg, check_num_steps, load_setup
+from diffusion.sampling import check_num_steps, load_setup
 from diffusion.schedulers import build_scheduler, is_scheduler_sampler
 from fcdm_common.cli import HelpFormatter, UserError, alias_help, positive_int, run_main, str2bool
 from fcdm_common.io import atomic_write_text, check_writable, disk_full_error, remove_stale_dirs

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from diffusion import create_objective
+from diffusion.guidance import CFG_SCALE_HELP, cfg_scale_arg, parse_cfg_channels
 from diffusion.pipeline import FCDMPipeline
-from diffusion.sampling import CFG_SCALE_HELP, cfg_scale_arg, parse_cfg_channels
 from diffusion.schedulers import build_scheduler
 from evaluations.archives import write_png
 from fcdm_common.cli import HelpFormatter, UserError, alias_help, non_negative_int, positive_int, run_main, seed_int

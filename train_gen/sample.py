@@ -3,6 +3,9 @@ r"""Quick look at a checkpoint: sample a few class labels in one process (CPU or
     python train_gen/sample.py --ckpt results/FCDM-XL-diffusion-imagenet256-bs256-lr1e-4-seed0/checkpoints/0400000.pt \
         --class-labels 207 360 387 974 88 979 417 279 --cfg-scale 4.0 --out grid.png
 
+Autoguidance: add `--guide-ckpt EARLY.pt` (an early checkpoint of the same run, or a smaller model on the same
+latents); --cfg-scale is then the autoguidance weight.
+
 The model, objective and VAE come from the checkpoint's config; the sampler flags are those of
 train_gen/sample_ddp.py. Image k uses the random stream of (--seed, k), the same as sample index k of
 sample_ddp.py with that global seed.
@@ -15,7 +18,14 @@ from pathlib import Path
 
 import torch
 
-from diffusion.sampling import DIT_SAMPLE_LABELS, SamplerSettings, add_sampler_args, generate, load_setup
+from diffusion.sampling import (
+    DIT_SAMPLE_LABELS,
+    SamplerSettings,
+    add_sampler_args,
+    generate,
+    guidance_text,
+    load_setup,
+)
 from evaluations.archives import write_png
 from fcdm_common.cli import HelpFormatter, UserError, non_negative_int, positive_int, run_main, seed_int
 from fcdm_common.images import save_grid
@@ -49,7 +59,8 @@ def main(argv=None) -> None:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     setup = load_setup(args.ckpt, model_name=args.model, use_ema=args.use_ema, vae=args.vae,
-                       hf_model_name=args.hf_model_name, hf_model_dir=args.hf_model_dir, device=device)
+                       hf_model_name=args.hf_model_name, hf_model_dir=args.hf_model_dir, device=device,
+                       guide_ckpt=args.guide_ckpt, guide_use_ema=args.guide_use_ema)
     s = SamplerSettings.from_args(args, setup)
     labels = args.class_labels
     if labels is None:
@@ -63,7 +74,7 @@ def main(argv=None) -> None:
                               stats=stats)
     nrow = args.nrow or min(8, math.ceil(math.sqrt(len(images))))
     save_grid(images, args.out, nrow=nrow)
-    print(f"wrote {args.out} ({len(images)} images, {s.sampler} {s.num_steps} steps, cfg {s.cfg_scale}, "
+    print(f"wrote {args.out} ({len(images)} images, {s.sampler} {s.num_steps} steps, {guidance_text(s, setup)}, "
           f"{stats['nfe']} network evaluations)")
     if args.save_individual:
         folder = Path(args.save_individual)

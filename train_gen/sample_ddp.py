@@ -3,6 +3,8 @@ r"""Sample many images with one or more processes and pack them into one ADM-for
     torchrun --nnodes=1 --nproc_per_node=4 train_gen/sample_ddp.py --model FCDM-XL \
         --num-fid-samples 50000 --ckpt CKPT --sample-dir samples --ddpm True --cfg-scale 1.0
 
+Autoguidance: `--guide-ckpt GUIDE.pt --cfg-scale W` guides with a weaker model (same latents, objective, classes).
+
 Also runs as a plain `python train_gen/sample_ddp.py ...` (one process, CPU or GPU). Sample i is a function
 of (--seed, i) and the settings only (see fcdm_common/sampling.py), so the archive is byte-identical
 whatever the number of processes and --per-proc-batch-size. Process r draws the indices r, r + W, r + 2W, ...
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from diffusion.sampling import SamplerSettings, add_sampler_args, generate, load_setup, sample_labels
+from diffusion.sampling import SamplerSettings, add_sampler_args, generate, guidance_text, load_setup, sample_labels
 from diffusion.schedulers import build_scheduler, is_scheduler_sampler, scheduler_record
 from evaluations.archives import package_versions, read_png, validate_npz, write_json, write_npz, write_png
 from fcdm_common import distributed as dist_utils
@@ -78,8 +80,14 @@ def _fmt(x: float) -> str:
 
 def run_name(setup, s: SamplerSettings, args) -> str:
     """Folder name from the settings that change the pixels."""
-    parts = [setup.model_name, setup.ckpt_path.stem, "ema" if setup.use_ema else "raw",
-             f"{s.sampler}{s.num_steps}", f"cfg{_fmt(s.cfg_scale)}"]
+    parts = [setup.model_name, setup.ckpt_path.stem, "ema" if setup.use_ema else "raw", f"{s.sampler}{s.num_steps}"]
+    if s.guidance == "autoguidance":  # the guide's identity: its model, checkpoint and weights
+        g = setup.guide
+        parts.append(f"ag{_fmt(s.cfg_scale)}-{g.model_name}-{g.path.stem}-{'ema' if g.use_ema else 'raw'}")
+    else:
+        parts.append(f"cfg{_fmt(s.cfg_scale)}")
+    if s.time_shift is not None:
+        parts.append(f"shift{_fmt(s.time_shift)}")
     if s.cfg_scale != 1.0 and s.cfg_channels != "all":
         parts.append(f"ch{s.cfg_channels}")
     if s.cfg_scale != 1.0 and s.guidance_interval is not None:
@@ -93,8 +101,15 @@ def run_name(setup, s: SamplerSettings, args) -> str:
 
 
 def content_settings(setup, s: SamplerSettings, args, ckpt_sha256: str) -> dict:
-    """Everything an image depends on (not the sample count, batch size or process count)."""
+    """Everything an image depends on (not the sample count, batch size or process count). Settings this
+    version added appear only when they are used, so folders sampled before keep matching their command."""
     cfg = setup.config
+    extra = {}
+    if s.guidance == "autoguidance":
+        extra["guidance"] = "autoguidance"
+        extra["guide"] = setup.guide.record(sha256_file(setup.guide.path))
+    if s.time_shift is not None:
+        extra["time_shift"] = s.time_shift
     return {
         "checkpoint_sha256": ckpt_sha256, "model": setup.model_name, "use_ema": setup.use_ema,
         "objective": setup.objective_name, "objective_kwargs": cfg.get("objective_kwargs") or {},
@@ -104,7 +119,7 @@ def content_settings(setup, s: SamplerSettings, args, ckpt_sha256: str) -> dict:
         "precision": s.precision, "forward_batch": s.forward_batch, "label_sampling": args.label_sampling,
         "global_seed": args.seed, "vae": setup.vae_settings, "latent_shape": list(setup.latent_shape),
         "num_classes": setup.num_classes, "device_type": setup.device.type,
-        **sampler_record(setup, s, args),
+        **sampler_record(setup, s, args), **extra,
     }
 
 
@@ -217,7 +232,8 @@ def _prepare(setup, s: SamplerSettings, args, folder: Path, npz_path: Path, meta
 def _sample(args, info) -> None:
     torch.backends.cudnn.benchmark = False  # fixed algorithm choice: same bits on every run
     setup = load_setup(args.ckpt, model_name=args.model, use_ema=args.use_ema, vae=args.vae,
-                       hf_model_name=args.hf_model_name, hf_model_dir=args.hf_model_dir, device=info.device)
+                       hf_model_name=args.hf_model_name, hf_model_dir=args.hf_model_dir, device=info.device,
+                       guide_ckpt=args.guide_ckpt, guide_use_ema=args.guide_use_ema)
     s = SamplerSettings.from_args(args, setup)
     n = args.num_fid_samples
     name = run_name(setup, s, args)
@@ -258,8 +274,9 @@ def _sample_locked(args, info, setup, s: SamplerSettings, state, folder: Path, n
     todo = [i for i in mine if read_png(folder / f"{i:06d}.png", image_shape) is None]
     total_todo = sum(dist_utils.all_gather_object(len(todo)))
     if info.is_main:
-        print(f"sampling {n} images of {setup.model_name} ({s.sampler}, {s.num_steps} steps, cfg {s.cfg_scale}) "
-              f"with {info.world_size} process(es) into {folder}: {n - total_todo} found, {total_todo} to sample",
+        print(f"sampling {n} images of {setup.model_name} ({s.sampler}, {s.num_steps} steps, "
+              f"{guidance_text(s, setup)}) with {info.world_size} process(es) into {folder}: {n - total_todo} found, "
+              f"{total_todo} to sample",
               flush=True)
     bar = tqdm(total=total_todo, unit="img", disable=not info.is_main or total_todo == 0, dynamic_ncols=True)
     b = args.per_proc_batch_size
@@ -297,6 +314,7 @@ def _sample_locked(args, info, setup, s: SamplerSettings, state, folder: Path, n
     write_json(meta_path, {
         "npz": npz_path.name, "npz_sha256": sha256_file(npz_path), "num_samples": n,
         "image_shape": list(image_shape), "checkpoint": str(setup.ckpt_path.resolve()), "settings": settings,
+        **({"guide_checkpoint": str(setup.guide.path.resolve())} if s.guidance == "autoguidance" else {}),
         "versions": package_versions(), "command": " ".join(sys.argv),
         "world_size": info.world_size, "per_proc_batch_size": args.per_proc_batch_size,
     })

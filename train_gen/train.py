@@ -32,7 +32,9 @@ import torch
 from accelerate import Accelerator
 
 from diffusion import check_sampler, create_objective
-from diffusion.sampling import CFG_SCALE_MAX, cfg_scale_arg, check_num_steps, parse_cfg_channels
+from diffusion.flow_schedules import add_time_schedule_args, schedule_objective_kwargs
+from diffusion.guidance import CFG_SCALE_MAX, GUIDANCE_MODES, cfg_scale_arg, parse_cfg_channels
+from diffusion.sampling import check_num_steps, load_guide
 from evaluations.in_training import add_eval_args, plan_from_args
 from fcdm_common.cli import (
     HelpFormatter,
@@ -135,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="iDDPM diffusion with learned sigma (paper) or linear flow matching (Appendix E)")
     g.add_argument("--objective-kwargs", type=json_dict_arg, default={},
                    help="JSON object passed to diffusion.create_objective (e.g. '{\"noise_schedule\": \"linear\"}')")
+    add_time_schedule_args(p)  # --time-distribution, --logit-mean/std, --time-shift (diffusion/flow_schedules.py)
     g = p.add_argument_group("data")
     g.add_argument("--zarr-path", default=None, help="latent store written by preparation/extract_features.py")
     g.add_argument("--feature-path", default=None, help="legacy layout: folder of per-image latent .npy files")
@@ -209,7 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample-every", type=non_negative_int, default=10_000,
                    help="draw the EMA sample grid every N steps and at the end (0: never)")
     g.add_argument("--cfg-scale", type=cfg_scale_arg, default=4.0,
-                   help=f"classifier-free guidance scale of the grids, in [0, {CFG_SCALE_MAX:g}] (1: off)")
+                   help=f"guidance scale of the grids (classifier-free or, with --guide-ckpt, autoguidance), in "
+                        f"[0, {CFG_SCALE_MAX:g}] (1: off)")
+    g.add_argument("--grid-guidance", choices=GUIDANCE_MODES, default=None,
+                   help="guidance of the grids: cfg, or autoguidance by --guide-ckpt (default: autoguidance when "
+                        "--guide-ckpt is given, else cfg)")
+    g.add_argument("--guide-ckpt", default=None, metavar="PATH",
+                   help="autoguidance guide of the grids and evaluations: a checkpoint trained on the same latents, "
+                        "objective and classes (e.g. a smaller or shorter run); checked before anything is written")
+    g.add_argument("--guide-use-ema", type=str2bool, default=True, metavar="BOOL",
+                   help="the guide's EMA weights (default true) or its raw weights")
     g.add_argument("--cfg-channels", default="all",
                    help="guided channels of the grids: all, or k in 1..latent channels (DiT: 3)")
     g.add_argument("--grid-sampler", default="auto",
@@ -363,7 +375,8 @@ def build_config(args, *, model_kwargs: dict, data: DataConfig, grid_sampler: st
         log=LogConfig(log_every=args.log_every, ckpt_every=args.ckpt_every, keep_last=args.keep_last,
                       keep_every=args.keep_every, sample_every=args.sample_every, cfg_scale=args.cfg_scale,
                       cfg_channels=args.cfg_channels, grid_sampler=grid_sampler, grid_steps=args.grid_steps,
-                      grid_cols=args.grid_cols, grid_seed=args.grid_seed, report_to=args.report_to),
+                      grid_cols=args.grid_cols, grid_seed=args.grid_seed, report_to=args.report_to,
+                      grid_guidance=args.grid_guidance, guide_ckpt=args.guide_ckpt, guide_use_ema=args.guide_use_ema),
         run=RunInfo(exp_name=exp_name, run_dir=str(run_dir), world_size=plan.world_size, torch=str(torch.__version__),
                     device=device_type))
 
@@ -428,6 +441,20 @@ def open_training_data(args):
     return (NormalizedDataset(dataset, norm) if norm is not None else dataset), data
 
 
+def resolve_guidance_flags(args) -> None:
+    """--grid-guidance and --eval-guidance resolved in place: autoguidance by default when --guide-ckpt is given;
+    UserError when a mode needs a guide that is missing or the guide is given and used by neither."""
+    guide = args.guide_ckpt
+    for flag, key in (("--grid-guidance", "grid_guidance"), ("--eval-guidance", "eval_guidance")):
+        mode = getattr(args, key) or ("autoguidance" if guide else "cfg")
+        if mode == "autoguidance" and not guide:
+            raise UserError(f"{flag} autoguidance needs --guide-ckpt PATH, the weaker model that guides")
+        setattr(args, key, mode)
+    if guide and "autoguidance" not in (args.grid_guidance, args.eval_guidance):
+        raise UserError("--guide-ckpt is given but --grid-guidance and --eval-guidance are both cfg; "
+                        "leave --guide-ckpt out or use autoguidance for one of them")
+
+
 def check_flags(args, objective_name: str) -> str:
     """Flags that can be checked before any data is read; returns the grid sampler."""
     if args.model not in MODELS:
@@ -458,6 +485,8 @@ def check_grid_flags(args, objective, grid_sampler: str, data: DataConfig) -> No
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    args.objective_kwargs = schedule_objective_kwargs(args, args.objective, args.objective_kwargs)
+    resolve_guidance_flags(args)
     grid_sampler = check_flags(args, args.objective)
     dataset, data = open_training_data(args)
     model_kwargs, user_overrides = resolve_model_kwargs(args, data.latent_shape, data.num_classes)
@@ -500,17 +529,22 @@ def main(argv=None):
                           max_steps=max_steps, mixed_precision=accelerator.mixed_precision,
                           optimizer_impl=optimizer_impl, exp_name=exp_name, run_dir=run_dir, device_type=device.type)
 
-    # the grids' VAE, checked before anything is written (offline: one message, no run folder)
+    # the grids' VAE and the autoguidance guide, checked before anything is written (one message, no run folder)
     vae = None
     if args.sample_every > 0:
         vae = decoder_for_run(config.vae, dataclasses.asdict(config.data), device, load=accelerator.is_main_process,
                               hint=GRID_VAE_HINT)
+    guide = None
+    if args.guide_ckpt:
+        guide = load_guide(args.guide_ckpt, config.to_dict(), data.num_classes, data.latent_shape,
+                           main=f"the run {run_dir}", downsample=data.downsample, use_ema=args.guide_use_ema,
+                           device=device)
 
     run_lock = acquire_run_lock(run_dir) if accelerator.is_main_process else None  # freed on exit
     logger = RunLogger(run_dir, enabled=accelerator.is_main_process)
     resume = find_resume_point(args, config, run_dir, logger, accelerator.is_main_process)
     preempted = training_loop(config, model=model, dataset=dataset, objective=objective, accelerator=accelerator,
-                              plan=plan, logger=logger, resume=resume, vae=vae, eval_plan=eval_plan)
+                              plan=plan, logger=logger, resume=resume, vae=vae, eval_plan=eval_plan, guide=guide)
     if run_lock is not None:
         run_lock.release()
     if preempted:

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 import diffusion
-from diffusion.sampling import SamplerSettings, parse_cfg_channels
+from diffusion.guidance import Guide, parse_cfg_channels
+from diffusion.sampling import SamplerSettings
 from evaluations.in_training import InTrainingEvaluator
 from fcdm_common.cli import UserError
 from fcdm_common.distributed import all_gather_object
@@ -320,15 +321,19 @@ def grid_labels(num_classes: int, cols: int) -> list:
 
 
 def grid_sampler_settings(config: TrainConfig) -> SamplerSettings:
-    """How the training grids are drawn (--grid-sampler, --grid-steps, --cfg-scale, --cfg-channels)."""
+    """How the training grids are drawn (--grid-sampler, --grid-steps, --cfg-scale, --cfg-channels,
+    --grid-guidance)."""
     log = config.log
     return SamplerSettings(sampler=log.grid_sampler, num_steps=log.grid_steps, cfg_scale=log.cfg_scale,
-                           cfg_channels=parse_cfg_channels(log.cfg_channels, config.data.latent_shape[0]))
+                           cfg_channels=parse_cfg_channels(log.cfg_channels, config.data.latent_shape[0]),
+                           guidance=log.grid_guidance)
 
 
 @torch.no_grad()
-def draw_grid(ema, config: TrainConfig, vae, device, path: Path, autocast, step: Optional[int] = None) -> None:
-    """Sample the fixed grid with the EMA model and save it as PNG (the caller keeps training's RNG apart)."""
+def draw_grid(ema, config: TrainConfig, vae, device, path: Path, autocast, step: Optional[int] = None,
+              guide: Optional[Guide] = None) -> None:
+    """Sample the fixed grid with the EMA model (guided by `guide` under --grid-guidance autoguidance) and save
+    it as PNG (the caller keeps training's RNG apart)."""
     log = config.log
     C, H, W = config.data.latent_shape
     labels = grid_labels(config.model_kwargs["num_classes"], log.grid_cols)
@@ -338,24 +343,29 @@ def draw_grid(ema, config: TrainConfig, vae, device, path: Path, autocast, step:
     y = torch.tensor(labels, device=device)
     objective = diffusion.create_objective(config.objective, **config.objective_kwargs)
     settings = grid_sampler_settings(config)
+    if settings.guidance == "autoguidance" and guide is None:
+        raise ValueError("--grid-guidance autoguidance needs the guide network")
     with autocast():
         z = diffusion.sample(ema, noise, y, objective=objective, null_label=config.model_kwargs["num_classes"],
-                             generators=sampler_gen, **settings.sample_kwargs())
+                             generators=sampler_gen, guide=guide.model if settings.guidance == "autoguidance" else None,
+                             **settings.sample_kwargs())
     images = torch.cat([vae.decode(z[i:i + 32].float()) for i in range(0, len(z), 32)])
     save_grid(to_uint8(images), path, nrow=log.grid_cols,
               metadata={"step": step, "sampler": log.grid_sampler, "sampling_steps": log.grid_steps,
-                        "cfg_scale": log.cfg_scale, "model": config.model})
+                        "cfg_scale": log.cfg_scale, "model": config.model,
+                        **({"guidance": "autoguidance", "guide": log.guide_ckpt}
+                           if settings.guidance == "autoguidance" else {})})
 
 
-def save_training_grid(state: TrainState, config: TrainConfig, vae, accelerator, logger: RunLogger,
-                       step: int) -> None:
+def save_training_grid(state: TrainState, config: TrainConfig, vae, guide: Optional[Guide], accelerator,
+                       logger: RunLogger, step: int) -> None:
     """Main process: the EMA grid of `step` into <run>/samples/, every random stream of training untouched."""
     if not accelerator.is_main_process or vae is None:
         return
     device = accelerator.device
     path = Path(config.run.run_dir) / "samples" / f"{step:07d}.png"
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        draw_grid(state.ema, config, vae, device, path, accelerator.autocast, step=step)
+        draw_grid(state.ema, config, vae, device, path, accelerator.autocast, step=step, guide=guide)
     logger.log(f"saved sample grid {path}")
 
 
@@ -425,16 +435,18 @@ def check_bad_streak(meter: Meter, config: TrainConfig, loader: TrainLoader, ste
 
 # ---------------------------------------------------------------------------------- the loop
 def training_loop(config: TrainConfig, *, model: torch.nn.Module, dataset, objective, accelerator, plan: BatchPlan,
-                  logger: RunLogger, resume: ResumePoint, vae, eval_plan) -> bool:
+                  logger: RunLogger, resume: ResumePoint, vae, eval_plan, guide: Optional[Guide] = None) -> bool:
     """Train from the resume point to config.train.max_train_steps; True when a preemption signal stopped
-    the run early (after a checkpoint: rerun to resume)."""
+    the run early (after a checkpoint: rerun to resume). `guide`: the autoguidance guide of the grids and
+    evaluations (--guide-ckpt), frozen."""
     with PreemptionWatch(plan.world_size, accelerator.device) as watch:
         return _train(config, model=model, dataset=dataset, objective=objective, accelerator=accelerator, plan=plan,
-                      logger=logger, resume=resume, vae=vae, eval_plan=eval_plan, watch=watch)
+                      logger=logger, resume=resume, vae=vae, eval_plan=eval_plan, watch=watch, guide=guide)
 
 
 def _train(config: TrainConfig, *, model: torch.nn.Module, dataset, objective, accelerator, plan: BatchPlan,
-           logger: RunLogger, resume: ResumePoint, vae, eval_plan, watch: PreemptionWatch) -> bool:
+           logger: RunLogger, resume: ResumePoint, vae, eval_plan, watch: PreemptionWatch,
+           guide: Optional[Guide]) -> bool:
     t, log = config.train, config.log
     run_dir, device, is_main = Path(config.run.run_dir), accelerator.device, accelerator.is_main_process
     state = setup_state(config, model, accelerator)
@@ -473,21 +485,27 @@ def _train(config: TrainConfig, *, model: torch.nn.Module, dataset, objective, a
                f"run folder {run_dir}; steps {start_step} -> {t.max_train_steps}")
     if is_main and (launch_warning := process_count_warning(plan.world_size)):
         logger.log(launch_warning)
+    if guide is not None:
+        logger.log(f"autoguidance guide of the grids/evaluations: {guide.model_name} from {guide.path}"
+                   + (f" (step {guide.step})" if guide.step is not None else "")
+                   + f", {'EMA' if guide.use_ema else 'raw'} weights")
     loader = TrainLoader(dataset, plan, seed=t.seed, start_step=start_step, num_workers=t.num_workers,
                          pin_memory=device.type == "cuda")
     meter = Meter(device)
     save = partial(save_training_checkpoint, state, config, accelerator, loader, meter, logger)  # save(step)
+    grid = partial(save_training_grid, state, config, vae, guide, accelerator, logger)  # grid(step)
     if start_step and log.sample_every and (start_step % log.sample_every == 0 or start_step == t.max_train_steps) \
             and not (run_dir / "samples" / f"{start_step:07d}.png").exists():
-        save_training_grid(state, config, vae, accelerator, logger, start_step)  # killed between checkpoint and grid
+        grid(start_step)  # killed between checkpoint and grid
     evaluator = InTrainingEvaluator(eval_plan, accelerator=accelerator, logger=logger, run_dir=run_dir,
                                     config=config.to_dict(), ema=state.ema, device=device,
                                     max_steps=t.max_train_steps, ckpt_every=log.ckpt_every,
-                                    on_record=lambda: write_curves(run_dir, logger.log)) if eval_plan else None
+                                    on_record=lambda: write_curves(run_dir, logger.log), guide=guide) \
+        if eval_plan else None
     if evaluator:
         evaluator.start(start_step)  # reference features; an evaluation a kill left pending
     preempted = run_steps(state, config, ddp_model, objective, accelerator, plan, step_draws, loader, meter, logger,
-                          vae, evaluator, save, watch)
+                          grid, evaluator, save, watch)
     if is_main:
         write_curves(run_dir, logger.log)
     if preempted:
@@ -504,10 +522,11 @@ def _train(config: TrainConfig, *, model: torch.nn.Module, dataset, objective, a
 
 
 def run_steps(state: TrainState, config: TrainConfig, ddp_model, objective, accelerator, plan: BatchPlan,
-              step_draws: StepDraws, loader: TrainLoader, meter: Meter, logger: RunLogger, vae, evaluator,
+              step_draws: StepDraws, loader: TrainLoader, meter: Meter, logger: RunLogger, grid, evaluator,
               save, watch: Optional[PreemptionWatch] = None) -> bool:
     """The optimizer steps from state.step to the last, with what happens after each: logs, the bad-step
-    guard, post-hoc EMA snapshots, checkpoints (`save`), grids and evaluations (excluded from steps/s).
+    guard, post-hoc EMA snapshots, checkpoints (`save(step)`), grids (`grid(step)`) and evaluations (excluded
+    from steps/s).
     True when `watch` asked to stop early: the step's checkpoint and the preemption marker are written."""
     t, log = config.train, config.log
     run_dir, device, is_main = Path(config.run.run_dir), accelerator.device, accelerator.is_main_process
@@ -539,7 +558,7 @@ def run_steps(state: TrainState, config: TrainConfig, ddp_model, objective, acce
         if step % log.ckpt_every == 0 or step == max_steps:
             save(step)
         if log.sample_every > 0 and (step % log.sample_every == 0 or step == max_steps):
-            save_training_grid(state, config, vae, accelerator, logger, step)
+            grid(step)
         if evaluator:
             evaluator.maybe_run(step, save)  # after the checkpoint of this step; excluded from steps/s
         paused += time.perf_counter() - pause_start
