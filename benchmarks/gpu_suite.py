@@ -17,6 +17,11 @@ the whole call still returns what was measured) and everything it prints to OUT/
      profile256  torch.profiler of one optimized training step: top kernels and ops (OUT/gpu_profile.txt)
      train512    FCDM-XL at 64x64x4, batch 256 (halved until it fits), selective and full checkpointing
   4 forward      forward throughput at batch 64, FCDM-XL vs DiT-XL/2 in one process, bf16 and TF32
+  3 repa         the cost of representation alignment: FCDM-XL training step at 32x32x4, batch 32 (halved
+                 after an out-of-memory), bf16, with alignment (site enc1, projector width 2048, a frozen
+                 encoder of DINOv2-B/14's architecture with random weights at 224) against without,
+                 interleaved in one process (bench_repa.py): median step times, the ratio with/without and
+                 the encoder forward pass's share
      e2e         the real programs as a user runs them, each with its wall time: extract_features.py with a
                  random SD-VAE-shaped AutoencoderKL on 256x256 digits, make_reference.py, `accelerate
                  launch train.py` in bf16 (FCDM-S, 300 steps, a grid), `torchrun sample_ddp.py`, evaluate.py
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import platform
@@ -66,6 +72,7 @@ from fcdm_common.processes import kill_processes_with_env  # noqa: E402
 
 BENCH_MODEL = REPO / "benchmarks" / "bench_model.py"
 BENCH_DATA = REPO / "benchmarks" / "bench_data.py"
+BENCH_REPA = REPO / "benchmarks" / "bench_repa.py"
 NOMINAL_PEAK_TFLOPS = 989.0  # H100/H200 SXM dense bf16, the vendor's figure
 MEASURED_PEAK_TFLOPS = 790.0  # what an 8192^3 bf16 matmul reached on this project's H200 (used if env fails)
 RUN_TAG = "FCDM_GPU_SUITE_RUN"  # environment tag of every command the suite runs (to find what it left behind)
@@ -106,6 +113,11 @@ class Sizes:
     e2e_samples: int  # samples drawn by sample_ddp.py under torchrun
     e2e_sampling_steps: int  # DDIM steps
     e2e_ref_images: int  # images of the reference batch
+    repa_batch: int  # batch of the alignment-cost step (halved after an out-of-memory, down to a quarter)
+    repa_encoder: str  # bench_repa.py --encoder: dinov2-b (DINOv2-B/14's architecture) or tiny
+    repa_site: str  # the aligned site (enc1: 16x16 at 32x32 latents, DINOv2-B/14's grid at 224)
+    repa_projector_width: int  # hidden width of the projector (REPA: 2048)
+    repa_repeats: int  # timed steps per variant (interleaved; median)
 
 
 GPU = Sizes(device="cuda", model="FCDM-XL", model_kwargs=None, dit="DiT-XL/2", latent256=32, latent512=64,
@@ -114,14 +126,16 @@ GPU = Sizes(device="cuda", model="FCDM-XL", model_kwargs=None, dit="DiT-XL/2", l
             loader_batch=256, loader_steps=40, matmul_n=8192, forward_dtypes=("bf16", "fp32"),
             ckpt512=("selective", "full"), test_timeout_s=150, e2e_upscale=32, e2e_model="FCDM-S",
             e2e_model_kwargs=None, e2e_steps=300, e2e_batch=64, e2e_samples=256, e2e_sampling_steps=50,
-            e2e_ref_images=1797)
+            e2e_ref_images=1797, repa_batch=32, repa_encoder="dinov2-b", repa_site="enc1", repa_projector_width=2048,
+            repa_repeats=10)
 # one dtype / mode where the GPU run loops over two: the same code, fewer processes
 DRY = Sizes(device="cpu", model="FCDM-S", model_kwargs=TINY_FCDM, dit="DiT-S/2", latent256=8, latent512=16,
             train_batch=2, forward_batch=2, sample_batch=2, warmup=0, repeats=1, compile=False,
             vae_widths=(32, 32, 32, 32), vae_layers=1, vae_image=32, vae_batch=2, loader_count=64,
             loader_batch=8, loader_steps=2, matmul_n=64, forward_dtypes=("bf16",), ckpt512=("selective",),
             test_timeout_s=60, e2e_upscale=4, e2e_model="FCDM-S", e2e_model_kwargs=TINY_FCDM, e2e_steps=4,
-            e2e_batch=8, e2e_samples=16, e2e_sampling_steps=3, e2e_ref_images=16)
+            e2e_batch=8, e2e_samples=16, e2e_sampling_steps=3, e2e_ref_images=16, repa_batch=2, repa_encoder="tiny",
+            repa_site="enc0", repa_projector_width=64, repa_repeats=1)  # TINY_FCDM has 2 levels: no enc1
 
 
 class Skip(Exception):
@@ -447,6 +461,54 @@ def step_forward(suite: Suite) -> dict:
     return out
 
 
+def step_repa(suite: Suite) -> dict:
+    """Representation alignment's cost (bench_repa.py): the training step with alignment against without, in
+    one process, at the batch that fits (halved after an out-of-memory, down to a quarter)."""
+    s = suite.sizes
+    missing = [m for m in ("timm", "torchvision", "safetensors") if importlib.util.find_spec(m) is None]
+    if missing:  # the frozen encoder is a timm ViT (timm imports torchvision)
+        raise Skip(f"{', '.join(missing)} not installed here: bench_repa.py builds its encoder with timm (add the "
+                   "wheels to benchmarks/gpu_wheels.txt for a machine without them)")
+    tried: List[dict] = []
+    batch = s.repa_batch
+    while True:
+        path = suite.work / f"repa_b{batch}.json"
+        cmd = [sys.executable, BENCH_REPA, *suite.model_args(), "--latent-size", s.latent256, "--batch", batch,
+               "--precision", "bf16", "--encoder", s.repa_encoder, "--site", s.repa_site, "--projector-width",
+               s.repa_projector_width, "--device", s.device, "--warmup", s.warmup, "--repeats", s.repa_repeats,
+               "--json", path]
+        res = suite.run(cmd, timeout_s=150)
+        command = " ".join(shlex.quote(str(c)) for c in cmd)
+        tried.append({"batch": batch, "command": command, "rc": res["rc"], "timed_out": res["timed_out"],
+                      "oom": _oom(res)})
+        if res["rc"] == 0 and path.is_file():
+            report = json.loads(path.read_text())
+            return {"batch": batch, "command": command, "attempts": tried, **_repa_summary(report)}
+        if not tried[-1]["oom"] or batch // 2 < max(1, s.repa_batch // 4) or suite.remaining() < 40:
+            break
+        batch //= 2
+        suite.log(f"  out of memory: trying batch {batch}")
+    return {"status": "timeout" if tried[-1]["timed_out"] else "failed", "attempts": tried, "tail": res["tail"]}
+
+
+def _repa_summary(report: dict) -> dict:
+    """What the suite keeps of a bench_repa.py report: the two step times, the ratio, the encoder's share, memory."""
+    rows = report["results"]
+    out = {"with_ms": rows["with alignment"]["step_ms"], "without_ms": rows["without alignment"]["step_ms"],
+           "ratio_with_over_without": report["ratio_with_over_without"], "extra_ms": report["extra_ms"],
+           "encoder_forward_ms": rows["encoder forward alone"]["ms"],
+           "encoder_share_of_aligned_step": report["encoder_share_of_aligned_step"],
+           "encoder_share_of_extra": report["encoder_share_of_extra"], "checks": report["checks"],
+           "encoder": report["encoder"], "site_shape": report["repa"]["site_shape"],
+           "projector_params_m": report["projector_params_m"], "model": report["model"],
+           "environment": report["environment"]}
+    for label, key in (("with alignment", "with"), ("without alignment", "without")):
+        if "peak_gib" in rows[label]:
+            out[f"{key}_peak_gib"] = rows[label]["peak_gib"]
+            out[f"{key}_step_gib"] = rows[label]["step_gib"]
+    return out
+
+
 def step_sampling(suite: Suite, extra: List[str]) -> dict:
     s = suite.sizes
     if not has_sample_mode():
@@ -621,7 +683,7 @@ def worker_env(args) -> dict:
            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
            "platform": platform.platform(), "cpu_count": os.cpu_count(),
            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    for dist in ("diffusers", "zarr", "numcodecs", "accelerate", "triton", "numpy", "pytest"):
+    for dist in ("diffusers", "zarr", "numcodecs", "accelerate", "triton", "numpy", "pytest", "timm", "torchvision"):
         try:
             env[f"{dist}_version"] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -825,11 +887,11 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
-STEP_ORDER = ("env", "cuda_tests", "train256", "profile256", "train512", "forward", "e2e", "compile256", "sampling",
-              "latents")
+STEP_ORDER = ("env", "cuda_tests", "train256", "profile256", "train512", "forward", "repa", "e2e", "compile256",
+              "sampling", "latents")
 # a step starts only with this much budget left
 MIN_SECONDS = {"env": 10, "cuda_tests": 30, "train256": 60, "profile256": 30, "train512": 45, "forward": 30,
-               "e2e": 60, "compile256": 60, "sampling": 40, "latents": 25}
+               "repa": 60, "e2e": 60, "compile256": 60, "sampling": 40, "latents": 25}
 
 
 def main(argv=None):
@@ -858,8 +920,9 @@ def main(argv=None):
     suite.log(f"FCDM GPU suite{' (dry run: CPU, tiny sizes)' if args.dry_run else ''}: steps {','.join(steps)}, "
               f"budget {args.budget_s:.0f}s, results in {suite.results}")
     fns = {"env": step_env, "cuda_tests": step_cuda_tests, "train256": step_train256, "profile256": step_profile256,
-           "train512": step_train512, "forward": step_forward, "e2e": step_e2e, "compile256": step_compile256,
-           "sampling": lambda s: step_sampling(s, shlex.split(args.sample_args)), "latents": step_latents}
+           "train512": step_train512, "forward": step_forward, "repa": step_repa, "e2e": step_e2e,
+           "compile256": step_compile256, "sampling": lambda s: step_sampling(s, shlex.split(args.sample_args)),
+           "latents": step_latents}
     for name in steps:
         suite.step(name, fns[name], 0 if args.dry_run else MIN_SECONDS[name])
     suite.log(f"done in {time.perf_counter() - suite.t0:.1f}s: {suite.summary()}; results: {suite.results}")

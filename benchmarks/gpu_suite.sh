@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The one-call GPU suite: environment, CUDA correctness tests, training/forward/sampling/latent speed.
+# The one-call GPU suite: environment, CUDA correctness tests, training/forward/sampling/latent speed,
+# and the cost of representation alignment (the repa step: bench_repa.py; it needs timm and torchvision,
+# which .whl/ does not carry, and is skipped with the reason where they are missing).
 #
 #   bash benchmarks/gpu_suite.sh                  # on a CUDA machine, from the repository root
 #   bash benchmarks/gpu_suite.sh --budget-s 300   # skip the remaining steps after ~300 s

@@ -19,6 +19,7 @@ models/fcdm_reference.py is the same network written plainly in NCHW, for tests 
 """
 from __future__ import annotations
 
+import re
 from functools import partial
 from typing import Optional, Sequence
 
@@ -265,10 +266,68 @@ class FCDM(nn.Module):
             return [torch.where(drop_mask, null, y)] * n_lv
         return [torch.where(drop_mask[i], null, y) for i in range(n_lv)]
 
+    # -- feature sites (representation alignment, train_gen/repa.py) -------------------------------
+    def parse_site(self, site: str) -> tuple:
+        """A place in the U-Net by name, as (stage, level, block): "enc<L>" the end of encoder level L (its
+        skip tensor, before the downsampling), "enc<L>.<B>" the output of block B of that level (0-based),
+        "mid" / "mid.<B>" the middle stage, "dec<L>" / "dec<L>.<B>" decoder level L. Block -1 stands for the
+        level's input (a level without blocks). ValueError, listing the sites, for anything else."""
+        m = re.fullmatch(r"(enc|mid|dec)(\d*)(?:\.(\d+))?", str(site).strip())
+        n = self.num_levels
+        if m is not None:
+            stage, level, block = m.group(1), m.group(2), m.group(3)
+            if stage == "mid" and not level:
+                level = n - 1
+            elif stage != "mid" and level and int(level) < n - 1:
+                level = int(level)
+            else:
+                level = None
+            if level is not None:
+                blocks = self._stage_blocks(stage, int(level))
+                if block is None:
+                    return stage, int(level), len(blocks) - 1
+                if int(block) < len(blocks):
+                    return stage, int(level), int(block)
+        raise ValueError(f"unknown feature site {site!r} for this {n}-level FCDM; sites: {', '.join(self.sites())}")
+
+    def _stage_blocks(self, stage: str, level: int):
+        return {"enc": self.encoder, "dec": self.decoder}[stage][level] if stage != "mid" else self.middle
+
+    def sites(self) -> list:
+        """Every feature site name, in execution order (the level ends first, then their blocks)."""
+        out = []
+        for i in range(self.num_levels - 1):
+            out += [f"enc{i}"] + [f"enc{i}.{b}" for b in range(len(self.encoder[i]))]
+        out += ["mid"] + [f"mid.{b}" for b in range(len(self.middle))]
+        for i in reversed(range(self.num_levels - 1)):
+            out += [f"dec{i}"] + [f"dec{i}.{b}" for b in range(len(self.decoder[i]))]
+        return out
+
+    def site_shape(self, site: str, height: int, width: int) -> tuple:
+        """(channels, height, width) of the features at `site` for latents of height x width: level L runs at
+        1/2^L of the latent side with width hidden_size * 2^L."""
+        _, level, _ = self.parse_site(site)
+        return self.widths[level], height // 2 ** level, width // 2 ** level
+
+    # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                drop_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x (N, C_in, H, W), t (N,), y (N,); `drop_mask` optional (see `level_labels`)."""
+                drop_mask: Optional[torch.Tensor] = None, features_at: Optional[str] = None):
+        """x (N, C_in, H, W), t (N,), y (N,); `drop_mask` optional (see `level_labels`). With `features_at` (a
+        site of `parse_site`) returns (output, the hidden state there (N, H_s, W_s, C_s) channels-last), the
+        same output as without it; representation alignment reads it (train_gen/repa.py)."""
         self._check_inputs(x, t, y)
+        want = self.parse_site(features_at) if features_at is not None else None
+        kept = []  # the hidden state at `want`
+
+        def run_stage(stage: str, level: int, blocks, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            if want == (stage, level, -1):
+                kept.append(h)
+            for b, blk in enumerate(blocks):
+                h = run_block(blk, self.checkpoint_mode, h, c)
+                if want == (stage, level, b):
+                    kept.append(h)
+            return h
+
         n_lv = self.num_levels
         ys = self.level_labels(y, drop_mask)
         conds = [te(t) + ye(yl) for te, ye, yl in zip(self.t_embedders, self.y_embedders, ys)]  # each (N, W_i)
@@ -276,18 +335,16 @@ class FCDM(nn.Module):
         h = self.stem(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)  # (N, H, W, C)
         skips = []
         for i in range(n_lv - 1):
-            for blk in self.encoder[i]:
-                h = run_block(blk, self.checkpoint_mode, h, conds[i])
+            h = run_stage("enc", i, self.encoder[i], h, conds[i])
             skips.append(h)
             h = self.downsamples[i](h)  # (N, H/2, W/2, 2W)
-        for blk in self.middle:
-            h = run_block(blk, self.checkpoint_mode, h, conds[n_lv - 1])
+        h = run_stage("mid", n_lv - 1, self.middle, h, conds[n_lv - 1])
         for i in reversed(range(n_lv - 1)):
             h = self.upsamples[i](h)  # (N, H_i, W_i, W)
             h = self.fuse[i](torch.cat([h, skips[i]], dim=-1))  # 1x1 conv 2W -> W
-            for blk in self.decoder[i]:
-                h = run_block(blk, self.checkpoint_mode, h, conds[i])
-        return self.head(h, conds[0]).contiguous()  # (N, C_out, H, W)
+            h = run_stage("dec", i, self.decoder[i], h, conds[i])
+        out = self.head(h, conds[0]).contiguous()  # (N, C_out, H, W)
+        return (out, kept[0]) if want is not None else out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,6 +13,13 @@ models/autoencoders.py works (class, channels, downsampling, scale and shift fro
 deterministic encoders (AutoencoderDC) store `sample`. Per-channel statistics of z are recorded with
 each shard and combined when the store completes (preparation/statistics.py).
 
+With --repa-image-size S the store also keeps, per item, the clean image the latents come from (the same
+center crop, resized to SxS with PIL's bicubic filter, uint8, original orientation only) for
+representation alignment during training. Rerunning the command that made a store without images, plus
+--repa-image-size S, adds them: shards whose latents are done are only read and resized, not encoded
+again, and the latents stay as they are (the store remains usable for training without images meanwhile).
+A store that has images keeps getting them on a rerun without the flag.
+
 Work is split into shards of --shard-size images (= zarr shard files); shard k goes to rank
 k % world_size, so no two processes write one file. Finished shards are recorded in the store and
 skipped when the same command is rerun after an interruption; the result equals an uninterrupted
@@ -84,12 +91,35 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[st
     return classes, samples
 
 
-class CroppedImages(torch.utils.data.Dataset):
-    """Item i -> (image (3, S, S) in [-1, 1], label, error text or "")."""
+def repa_image_size(value: str) -> int:
+    """argparse `type=` of --repa-image-size: 0 (no images) or a side of at least MIN_IMAGES_SIZE pixels."""
+    expected = f"expected 0 (no images) or an integer >= {zstore.MIN_IMAGES_SIZE}, got {value!r}"
+    try:
+        v = non_negative_int(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(expected) from None
+    if 0 < v < zstore.MIN_IMAGES_SIZE:
+        raise argparse.ArgumentTypeError(expected)
+    return v
 
-    def __init__(self, samples: list[tuple[str, int]], image_size: int):
+
+def small_image(crop: Image.Image, size: int) -> np.ndarray:
+    """The stored image of a center crop: resized to size x size with PIL's bicubic filter (not resized when
+    it already has that size), uint8 (3, size, size)."""
+    if crop.size != (size, size):
+        crop = crop.resize((size, size), resample=Image.BICUBIC)
+    return np.ascontiguousarray(np.asarray(crop.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1))
+
+
+class CroppedImages(torch.utils.data.Dataset):
+    """Item i -> (image (3, S, S) in [-1, 1], label, error text or "", stored image (3, s, s) uint8 or None).
+
+    The stored image (for representation alignment) is made only when `images_size` > 0, from the same crop."""
+
+    def __init__(self, samples: list[tuple[str, int]], image_size: int, images_size: int = 0):
         self.samples = samples  # (path, label) pairs
         self.image_size = image_size  # output side length in pixels
+        self.images_size = images_size  # side of the stored images; 0: none
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -99,17 +129,21 @@ class CroppedImages(torch.utils.data.Dataset):
         try:
             with Image.open(path) as img:
                 img = img.convert("RGB")
-            return pil_to_tensor(center_crop_arr(img, self.image_size)), label, ""
+            crop = center_crop_arr(img, self.image_size)
+            small = small_image(crop, self.images_size) if self.images_size else None
+            return pil_to_tensor(crop), label, "", small
         except Exception as e:  # unreadable file: reported by the main process as one line
             size = self.image_size
-            return torch.zeros(3, size, size), label, f"{path} cannot be read as an image ({type(e).__name__}: {e})"
+            return (torch.zeros(3, size, size), label, f"{path} cannot be read as an image ({type(e).__name__}: {e})",
+                    None)
 
 
 def _collate(items):
     images = torch.stack([it[0] for it in items])  # (B, 3, S, S)
     labels = torch.tensor([it[1] for it in items], dtype=torch.int64)
     errors = [it[2] for it in items if it[2]]
-    return images, labels, errors
+    small = None if errors or items[0][3] is None else np.stack([it[3] for it in items])  # (B, 3, s, s) uint8
+    return images, labels, errors, small
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per zarr shard = per work unit (default 1024); part of the store settings")
     p.add_argument("--chunk-size", type=positive_int, default=zstore.DEFAULT_CHUNK_SIZE,
                    help="images per compressed chunk inside a shard (divides --shard-size; default 64)")
+    p.add_argument("--repa-image-size", type=repa_image_size, default=0,
+                   help="also store each image (the same center crop, resized to SxS with PIL bicubic, uint8) for "
+                        "representation alignment: 224 for DINOv2 at 256x256 images, 448 at 512x512; rerun a "
+                        "finished store's command with it to add the images without re-encoding the latents. "
+                        "Default 0: no images")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the posterior samples in --store sample")
     p.add_argument("--overwrite", type=str2bool, nargs="?", const=True, default=False,
                    help="replace a store at --zarr-path that was made with other settings (e.g. after images "
@@ -187,9 +226,15 @@ def worker_count(requested: int, say) -> int:
     return requested
 
 
-def _add_finished(bar, group, shards: list, shown: int, count: int, shard_size: int) -> int:
-    """Advance `bar` by the images of `shards` marked done since `shown` were counted; the new count."""
+def _finished_shards(group, images: bool) -> np.ndarray:
+    """Shards with nothing left to do: latents done, and images done when the store has an image layer."""
     done = zstore.done_shards(group)
+    return done & zstore.image_done_shards(group) if images else done
+
+
+def _add_finished(bar, group, shards: list, shown: int, count: int, shard_size: int, images: bool = False) -> int:
+    """Advance `bar` by the images of `shards` finished since `shown` were counted; the new count."""
+    done = _finished_shards(group, images)
     n = sum(_shard_len(k, count, shard_size) for k in shards if done[k])
     bar.update(int(n) - shown)
     return int(n)
@@ -259,53 +304,78 @@ def _run(args, rank, world, device, say):
         vae_class=props["vae_class"], shift_factor=shift)
 
     state = zstore.check_existing(args.zarr_path, settings, overwrite=args.overwrite)
+    path = args.zarr_path
+    stored = stored_images(path) if state in ("complete", "incomplete") else None  # (size, complete) or None
+    if args.repa_image_size and stored is not None and stored[0] != args.repa_image_size:
+        if not args.overwrite:
+            raise UserError(f"the store {path} holds images of {stored[0]}x{stored[0]} pixels but this run asks for "
+                            f"--repa-image-size {args.repa_image_size}; choose a new --zarr-path for images of "
+                            f"{args.repa_image_size}x{args.repa_image_size}, or rerun with --overwrite to delete the "
+                            f"store and encode everything (latents included) again")
+        state, stored = "replace", None
+    images_size = args.repa_image_size or (stored[0] if stored else 0)  # a store with images keeps getting them
     # every rank decides alike whether there is work (shards whose files were deleted are redone)
-    missing = zstore.shards_to_repair(args.zarr_path) if state in ("complete", "incomplete") else []
-    if state == "complete" and not missing:
+    missing = zstore.shards_to_repair(path) if state in ("complete", "incomplete") else []
+    missing_images = zstore.image_shards_to_repair(path) if stored else []
+    add_images = bool(images_size) and state in ("complete", "incomplete") and stored is None
+    images_left = bool(stored) and not stored[1]
+    if state == "complete" and not (missing or missing_images or add_images or images_left):
         if rank == 0:
-            zstore.remove_leftovers(args.zarr_path)  # the other ranks only return
-        say(f"{args.zarr_path} is already complete ({count} images); nothing to do")
-        if rank == 0 and not zstore_has_stats(args.zarr_path):
+            zstore.remove_leftovers(path)  # the other ranks only return
+        with_images = f", with their {images_size}x{images_size} images" if images_size else ""
+        say(f"{path} is already complete ({count} images{with_images}); nothing to do")
+        if rank == 0 and not zstore_has_stats(path):
             say(f"it has no per-channel latent statistics; add them with "
-                f"'python preparation/latent_stats.py {args.zarr_path}'")
+                f"'python preparation/latent_stats.py {path}'")
         return
     barrier()
     if rank == 0:  # the only writer until the next barrier
-        zstore.remove_leftovers(args.zarr_path)  # of killed runs: creation folders, zarr's .partial files
+        zstore.remove_leftovers(path)  # of killed runs: creation folders, zarr's .partial files
         if state in ("absent", "replace"):
-            zstore.create_store(args.zarr_path, settings, extra_attrs={
+            zstore.create_store(path, settings, extra_attrs={
                 "source": str(Path(args.data_path)), "downsample": down, "latent_channels": channels,
                 "hf_model_name": None if args.vae == "none" or args.hf_model_dir else args.hf_model_name,
                 "hf_model_dir": (None if args.vae == "none" or not args.hf_model_dir
-                                 else str(Path(args.hf_model_dir).resolve()))})
-            say(f"--overwrite: deleted {args.zarr_path}, which was made with other settings, and created it anew"
-                if state == "replace" else f"created {args.zarr_path}")
+                                 else str(Path(args.hf_model_dir).resolve()))}, images_size=images_size)
+            say(f"--overwrite: deleted {path}, which was made with other settings, and created it anew"
+                if state == "replace" else f"created {path}")
+        if add_images:
+            zstore.add_image_layer(zstore.open_store(path), images_size)
+            say(f"{path}: adding {images_size}x{images_size} images; the latents are kept as they are")
         if missing:
-            zstore.reset_shards(zstore.open_store(args.zarr_path), missing)
-            say(f"{args.zarr_path}: the files of {zstore.describe_shards(missing, count, args.shard_size)} are "
+            zstore.reset_shards(zstore.open_store(path), missing)
+            say(f"{path}: the files of {zstore.describe_shards(missing, count, args.shard_size)} are "
                 "missing; encoding them again")
+        if missing_images:
+            zstore.reset_image_shards(zstore.open_store(path), missing_images)
+            say(f"{path}: the images files of {zstore.describe_shards(missing_images, count, args.shard_size)} "
+                "are missing; storing them again")
     barrier()
 
-    group = zstore.open_store(args.zarr_path)
+    group = zstore.open_store(path)
     done = zstore.done_shards(group)
+    images_done = zstore.image_done_shards(group) if images_size else np.ones_like(done)
+    finished = done & images_done
     n_shards = len(done)
-    mine = [k for k in range(rank, n_shards, world) if not done[k]]
-    say(f"{int(done.sum())}/{n_shards} shards already done; {len(mine)} to encode on rank 0")
+    mine = [k for k in range(rank, n_shards, world) if not finished[k]]
+    only_images = sum(1 for k in mine if done[k])  # their latents are done: read and resized, not encoded
+    say(f"{int(finished.sum())}/{n_shards} shards already done; {len(mine)} to encode on rank 0"
+        + (f" ({only_images} of them images only: their latents are done)" if only_images else ""))
 
     batches, owner = _plan_batches(mine, count, args.shard_size, args.per_proc_batch_size)
     loader = torch.utils.data.DataLoader(
-        CroppedImages(samples, args.image_size), batch_sampler=batches,
+        CroppedImages(samples, args.image_size, images_size), batch_sampler=batches,
         num_workers=worker_count(args.num_workers, say), collate_fn=_collate, pin_memory=device.type == "cuda")
 
     total = sum(len(b) for b in batches)
-    others = [k for k in range(n_shards) if not done[k] and k % world != rank]  # shown in rank 0's bar too
+    others = [k for k in range(n_shards) if not finished[k] and k % world != rank]  # shown in rank 0's bar too
     bar = progress(total=total + sum(_shard_len(k, count, args.shard_size) for k in others),
                    unit="img", desc=f"encoding (all {world} procs)", disable=rank != 0, dynamic_ncols=True)
     others_shown, polled = 0, time.time()
     buf: dict = {}
     written = 0
     t0 = time.time()
-    for (images, labels, errors), k in zip(loader, owner):
+    for (images, labels, errors, small), k in zip(loader, owner):
         if errors:
             bar.close()
             print(file=sys.stderr)  # end the progress-bar line so the error stands on its own line
@@ -313,23 +383,35 @@ def _run(args, rank, world, device, say):
         start, end = zstore.shard_range(k, count, args.shard_size)
         if buf.get("k") != k:
             n = end - start
-            buf = {"k": k, "mean": np.empty((n, 2, *latent_shape), np.float32),
-                   "std": np.empty((n, 2, *latent_shape), np.float32), "labels": np.empty(n, np.int64), "filled": 0}
-        images = images.to(device, non_blocking=True)
-        both = torch.cat([images, images.flip(-1)])  # (2B, 3, S, S): original, then flipped
-        mean, std = vae.encode_moments(both)  # each (2B, C, h, w), unscaled
+            # what shard k needs: its latents (not done yet) and/or its images (layer present, not done yet)
+            buf = {"k": k, "filled": 0, "latents": not done[k], "images": bool(images_size) and not images_done[k]}
+            if buf["latents"]:
+                buf.update(mean=np.empty((n, 2, *latent_shape), np.float32),
+                           std=np.empty((n, 2, *latent_shape), np.float32), labels=np.empty(n, np.int64))
+            if buf["images"]:
+                buf["small"] = np.empty((n, 3, images_size, images_size), np.uint8)
         b = images.shape[0]
         rows = slice(buf["filled"], buf["filled"] + b)
-        buf["mean"][rows] = torch.stack([mean[:b], mean[b:]], 1).cpu().numpy()  # (B, 2, C, h, w)
-        buf["std"][rows] = torch.stack([std[:b], std[b:]], 1).cpu().numpy()
-        buf["labels"][rows] = labels.numpy()
+        if buf["latents"]:
+            images = images.to(device, non_blocking=True)
+            both = torch.cat([images, images.flip(-1)])  # (2B, 3, S, S): original, then flipped
+            mean, std = vae.encode_moments(both)  # each (2B, C, h, w), unscaled
+            buf["mean"][rows] = torch.stack([mean[:b], mean[b:]], 1).cpu().numpy()  # (B, 2, C, h, w)
+            buf["std"][rows] = torch.stack([std[:b], std[b:]], 1).cpu().numpy()
+            buf["labels"][rows] = labels.numpy()
+        if buf["images"]:
+            buf["small"][rows] = small
         buf["filled"] += b
         bar.update(b)
         if others and rank == 0 and time.time() - polled > 2:  # other ranks' finished shards, from the store
-            polled, others_shown = time.time(), _add_finished(bar, group, others, others_shown, count, args.shard_size)
+            polled = time.time()
+            others_shown = _add_finished(bar, group, others, others_shown, count, args.shard_size, bool(images_size))
         if buf["filled"] == end - start:
-            values = _shard_values(buf["mean"], buf["std"], args.store, scaling, args.seed, k, shift)
-            zstore.write_shard(group, k, values, buf["labels"])
+            if buf["latents"]:
+                values = _shard_values(buf["mean"], buf["std"], args.store, scaling, args.seed, k, shift)
+                zstore.write_shard(group, k, values, buf["labels"])
+            if buf["images"]:
+                zstore.write_image_shard(group, k, buf["small"])
             written += 1
             buf = {}
             if args.debug_stop_after_shards is not None and written >= args.debug_stop_after_shards:
@@ -339,14 +421,24 @@ def _run(args, rank, world, device, say):
     bar.close()
     barrier()
     if rank == 0:
+        if images_size and zstore.image_done_shards(group).all() and not group.attrs.get("images_complete"):
+            zstore.mark_images_complete(group)
         if zstore.done_shards(group).all():
-            zstore.mark_complete(group)
+            if not group.attrs.get("complete"):  # (a store completed before only gained images)
+                zstore.mark_complete(group)
             rate = total / max(time.time() - t0, 1e-9)
-            say(f"done: {args.zarr_path} holds {count} images x 2 orientations, latents {latent_shape}, "
-                f"store={args.store} ({rate:.1f} img/s on rank 0)")
+            with_images = f", images {images_size}x{images_size}" if images_size else ""
+            say(f"done: {path} holds {count} images x 2 orientations, latents {latent_shape}, "
+                f"store={args.store}{with_images} ({rate:.1f} img/s on rank 0)")
         else:
-            say(f"{args.zarr_path} is not complete yet; rerun the same command to resume")
+            say(f"{path} is not complete yet; rerun the same command to resume")
 
+
+def stored_images(path) -> tuple[int, bool] | None:
+    """(side, complete) of the image layer of the store at `path`, None when it has none."""
+    group = zstore.open_store(path, "r")
+    size = zstore.images_size_of(group)
+    return None if size is None else (size, bool(group.attrs.get("images_complete")))
 
 if __name__ == "__main__":
     run_main(main)

@@ -14,9 +14,14 @@ scaled draw per image and orientation, the DiT/FCDM paper pipeline. Horizontal f
 augmentation of DiT and the paper) pick the stored flipped orientation instead of flipping the
 latent, which is not equivariant. Which items, orientations and noise seeds a step reads is decided
 by the training loader (train_gen/loader.py).
+
+For representation alignment a zarr store may also hold the clean images the latents were encoded from
+(`--repa-image-size` of extract_features.py; docs/data.md): with `images=True`, `get_batch` returns them too,
+mirrored where the batch uses the flipped orientation, so the image matches its latent.
 """
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import hashlib
 import os
@@ -31,9 +36,18 @@ from fcdm_common.cli import UserError
 from fcdm_common.io import fault_point
 from fcdm_common.progress import progress as tqdm
 from preparation.checks import check_label_gaps, damaged_store, load_label_file, load_latent_file
-from preparation.store import STORE_FORMAT, check_shard_files
+from preparation.store import STORE_FORMAT, check_image_shard_files, check_shard_files
+
+try:  # zarr's event-loop runner (not public API): many chunks fetched concurrently in one call
+    from zarr.core.sync import sync as zarr_sync
+except ImportError:  # another zarr version: the plain (slower) selection in _read_image_rows
+    zarr_sync = None
 
 _GRAIN = 32768  # elements per op slice (torch's at::internal::GRAIN_SIZE)
+IMAGES_MEMORY_FRACTION = 0.1  # images are kept in RAM only below this share of the available memory
+ADD_IMAGES = ("rerun preparation/extract_features.py with the arguments that made the store plus --repa-image-size S "
+              "(224 for DINOv2 at 256x256 images, 448 at 512x512): it adds the images to the store without "
+              "re-encoding the latents")
 
 
 def _available_memory_bytes() -> int:
@@ -94,9 +108,16 @@ def remove_stale_cache_temps(store: Path, held: Path | None = None) -> list[Path
 
 
 class ZarrLatentDataset:
-    """Reader of a complete latent store; `get_batch` reads one batch with one selection."""
+    """Reader of a complete latent store; `get_batch` reads one batch with one selection.
 
-    def __init__(self, path: str | os.PathLike, cache: str = "auto", hflip: bool = True):
+    images=True also returns each item's clean image (the store's image layer, which must be complete and have
+    every shard file). Where they are read from: RAM when the latents' cache resolved to "memory" (by choice or
+    by "auto") and the images of all local processes (size x LOCAL_WORLD_SIZE) take less than 10% of the memory
+    available after the latents were loaded; otherwise one zarr call per batch, which reads the batch's images
+    concurrently and decompresses one chunk per image (each image is its own chunk). They are never copied to
+    an mmap cache: at ImageNet scale they are hundreds of GB (docs/data.md)."""
+
+    def __init__(self, path: str | os.PathLike, cache: str = "auto", hflip: bool = True, images: bool = False):
         self.path = Path(path)  # store folder
         if cache not in ("auto", "memory", "mmap", "none"):
             raise UserError(f"cache must be auto, memory, mmap or none, got {cache!r}")
@@ -138,24 +159,59 @@ class ZarrLatentDataset:
         self._memory: np.ndarray | None = None
         self._array = None
         self._array_pid = None
+        size = info.get("images_size")
+        self.images_size = int(size) if size else None  # side of the stored images; None: the store has none
+        self.return_images = bool(images)  # get_batch returns (x, y, images)
+        self.images_nbytes = 0  # size of the decompressed images (when returned)
+        self._images_memory: np.ndarray | None = None
+        self._images = None
+        self._images_pid = None
+        if self.return_images:
+            self._check_images(group, count)
+
+    def _check_images(self, group, count: int) -> None:
+        """UserError unless the store holds a complete image layer with every shard file."""
+        if self.images_size is None:
+            raise UserError(f"representation alignment needs the images of the store {self.path}, which has none; "
+                            f"{ADD_IMAGES}")
+        if not self.info.get("images_complete", False):
+            raise UserError(f"the images of the store {self.path} are incomplete (their extraction was interrupted); "
+                            f"rerun the same preparation/extract_features.py command (with --repa-image-size "
+                            f"{self.images_size}) to finish them")
+        with damaged_store(self.path):
+            images = group["images"]
+            check_image_shard_files(self.path, group)  # zarr reads a missing or empty shard file as black
+        want = (count, 3, self.images_size, self.images_size)
+        if tuple(images.shape) != want or images.dtype != np.uint8:
+            raise UserError(f"{self.path}: the images array is {images.dtype} {tuple(images.shape)}, not uint8 "
+                            f"{want}; the store is damaged - re-extract it")
+        self.images_nbytes = int(np.prod(want))
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def prepare(self, local_world_size: int | None = None) -> None:
         """Load the latents into RAM when cache is "memory" (or "auto" and they fit); reads are
-        then a numpy gather. Otherwise every batch is one zarr selection."""
+        then a numpy gather. Otherwise every batch is one zarr selection. The images (images=True) join
+        them in RAM when the cache is "memory" and they are small (class docstring)."""
         if self._memory is not None or self.cache == "none":
             return
         mode = self.cache
+        local = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         if mode == "auto":
-            local = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             mode = "memory" if self.nbytes * local <= 0.6 * _available_memory_bytes() else "mmap"
         with damaged_store(self.path):
             if mode == "memory":
                 self._memory = np.asarray(self._zarr_array()[:])
             else:
                 self._memory = self._mmap_cache()
+            if (self.return_images and mode == "memory"
+                    and self.images_nbytes * local < IMAGES_MEMORY_FRACTION * _available_memory_bytes()):
+                self._images_memory = np.asarray(self._images_array()[:])
+
+    @property
+    def images_in_memory(self) -> bool:
+        return self._images_memory is not None
 
     def cache_file(self) -> Path:
         """Raw decompressed copy used by cache="mmap": <store>.cache-<id>.npy, id from the store's metadata."""
@@ -202,6 +258,47 @@ class ZarrLatentDataset:
             self._array_pid = os.getpid()
         return self._array
 
+    def _images_array(self):
+        # as _zarr_array: one handle per process
+        if self._images is None or self._images_pid != os.getpid():
+            self._images = zarr.open_group(str(self.path), mode="r")["images"]
+            self._images_pid = os.getpid()
+        return self._images
+
+    def _read_image_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Images `rows` (sorted, unique) as (n, 3, S, S) uint8, in one call on zarr's event loop that reads
+        them concurrently, each a basic selection of one image (= one inner chunk of its shard).
+
+        Not `oindex[rows]`: on a sharded array zarr 3.1 turns an integer selection into per-element
+        coordinates inside each shard (an index array as large as the images), about 30-60 images/s at 224
+        against about 1,250/s this way (2-core machine, docs/data.md)."""
+        handle = self._images_array()
+        array = getattr(handle, "_async_array", None)
+        if zarr_sync is None or array is None:
+            return np.asarray(handle.oindex[rows])
+
+        async def gather():
+            return await asyncio.gather(*(array.getitem(slice(int(r), int(r) + 1)) for r in rows))
+
+        return np.concatenate([np.asarray(part) for part in zarr_sync(gather())])
+
+    def read_images(self, indices: np.ndarray, orient: np.ndarray) -> torch.Tensor:
+        """Images of items `indices` (B, 3, S, S) uint8, mirrored along the width where `orient` is 1 (the
+        store keeps the original orientation only; the bicubic resize is symmetric, so the mirror of the stored
+        image is the resized flipped crop up to rounding, at most 1 grey level)."""
+        if self._images_memory is not None:
+            block = self._images_memory[indices]
+        else:
+            uniq, inverse = np.unique(indices, return_inverse=True)
+            with damaged_store(self.path):
+                block = self._read_image_rows(uniq)  # one zarr call for the whole batch
+            block = block[inverse.reshape(-1)]
+        out = torch.from_numpy(np.ascontiguousarray(block))
+        flip = torch.from_numpy(np.asarray(orient) == 1)
+        if flip.any():
+            out[flip] = out[flip].flip(-1)
+        return out
+
     def read(self, indices: np.ndarray, orient: np.ndarray) -> np.ndarray:
         """Stored values of items `indices` in orientation `orient`: (B, 2, C, H, W) moments or (B, C, H, W)."""
         if self._memory is not None:
@@ -215,11 +312,18 @@ class ZarrLatentDataset:
         return block[rows, orient]
 
     def get_batch(self, indices: np.ndarray, rng: np.random.Generator | None, orient: np.ndarray | None = None,
-                  noise_seeds: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Model-ready scaled latents (B, C, H, W) float32 and labels (B,) int64. `orient` (B,) and
-        `noise_seeds` (B,) (one posterior-noise seed per item) are drawn from `rng` when not given."""
+                  noise_seeds: np.ndarray | None = None) -> tuple[torch.Tensor, ...]:
+        """Model-ready scaled latents (B, C, H, W) float32 and labels (B,) int64, and with images=True the
+        clean images (B, 3, S, S) uint8 in the orientation of each latent. `orient` (B,) and `noise_seeds`
+        (B,) (one posterior-noise seed per item) are drawn from `rng` when not given."""
         if orient is None:
             orient = rng.integers(0, self.orientations if self.hflip else 1, size=len(indices))
+        x, y = self._latents_and_labels(indices, orient, rng, noise_seeds)
+        if self.return_images:
+            return x, y, self.read_images(indices, orient)
+        return x, y
+
+    def _latents_and_labels(self, indices, orient, rng, noise_seeds) -> tuple[torch.Tensor, torch.Tensor]:
         values = torch.from_numpy(np.ascontiguousarray(self.read(indices, orient)))
         if self.mode != "moments":
             return values.float(), torch.from_numpy(self.labels[indices])  # scaled samples (B, C, H, W)
@@ -280,6 +384,7 @@ class LegacyNpyDataset:
         self.latent_shape = tuple(first.shape[1:])
         self.num_classes = _num_classes(labels, None, str(self.label_path))
         self.mode = "sample"
+        self.images_size = None  # this layout cannot hold images
         self.info = {"format": "legacy-npy", "store": "sample", "count": len(self.files),
                      "latent_shape": list(self.latent_shape), "orientations": self.orientations,
                      "class_names": None, "feature_path": str(self.feature_path), "label_path": str(self.label_path)}
@@ -303,19 +408,27 @@ class LegacyNpyDataset:
         return torch.from_numpy(x), torch.from_numpy(self.labels[indices])
 
 
-def open_dataset(zarr_path=None, feature_path=None, label_path=None, cache: str = "auto", hflip: bool = True):
+def open_dataset(zarr_path=None, feature_path=None, label_path=None, cache: str = "auto", hflip: bool = True,
+                 images: bool = False):
     """Open the training data: a zarr store (`zarr_path`) or the legacy .npy folders.
 
     cache: "auto" | "memory" | "mmap" | "none" (zarr stores only, see ZarrLatentDataset).
     `hflip=False` trains on the original orientation only (data where a mirror image is not a valid
     sample, such as digits); by default each item picks one of its stored orientations at random.
+    `images=True` (representation alignment): batches are (x, y, images) from a zarr store with images.
     """
     if zarr_path is not None:
         if feature_path is not None or label_path is not None:
             raise UserError("give either --zarr-path or --feature-path/--label-path, not both")
-        return ZarrLatentDataset(zarr_path, cache=cache, hflip=hflip)
+        return ZarrLatentDataset(zarr_path, cache=cache, hflip=hflip, images=images)
     if feature_path is None or label_path is None:
         raise UserError("no training data: give --zarr-path STORE, or --feature-path DIR and --label-path DIR")
+    if images:
+        raise UserError(f"representation alignment needs a zarr store with images, and --feature-path {feature_path} "
+                        "is the .npy layout, which holds none; extract a store from the image folder with "
+                        "'python preparation/extract_features.py --data-path IMAGEFOLDER --zarr-path STORE "
+                        "--repa-image-size S' (224 for DINOv2 at 256x256 images, 448 at 512x512) and train on it "
+                        "with --zarr-path STORE")
     return LegacyNpyDataset(feature_path, label_path, hflip=hflip)
 
 

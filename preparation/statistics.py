@@ -138,7 +138,9 @@ class NormalizedDataset:
         return getattr(self.dataset, name)
 
     def get_batch(self, indices, rng, **draws):
-        x, y = self.dataset.get_batch(indices, rng, **draws)  # draws: orient, noise_seeds (TrainLoader)
-        return self.norm.normalize(x), y
+        """The wrapped batch with its latents normalised; the labels and any further outputs (the images of
+        representation alignment) are passed through unchanged."""
+        x, *rest = self.dataset.get_batch(indices, rng, **draws)  # draws: orient, noise_seeds (TrainLoader)
+        return (self.norm.normalize(x), *rest)
 
 

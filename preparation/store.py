@@ -20,6 +20,15 @@ with zarr's `write_empty_chunks`, so an all-zero shard is a file too); `missing_
 empty ones with one stat per shard, readers refuse such a store (`check_shard_files`), and a rerun of the
 command that made it re-encodes exactly those shards (`reset_shards`).
 
+Images (optional, for representation alignment). `images` holds, per item, the clean image the latents were
+encoded from (the center crop, resized to `images_size`), uint8 (N, 3, S, S), original orientation only (the
+flipped orientation is its mirror); `images_done` (one chunk per shard) records finished shards like `done`,
+and the attribute `images_complete` becomes true once all are. The layer is not a setting (SETTING_KEYS): a
+store without it opens, resumes and compares as before, and it can be added to an existing store
+(`add_image_layer`: both arrays first, then the attributes in one write, so a kill leaves either no layer or
+an empty one). Its shard files are checked like the latents' (`missing_shards(..., IMAGE_FILES)`), but only by
+the readers that ask for images.
+
 Test hook: every write through `open_store`/`create_store` passes `fcdm_common.io.fault_point` first, named
 `store-meta/<key>` for metadata (`zarr.json`) and `store-data/<key>` for chunk files; a kill there leaves the
 half-written `.partial` file zarr would leave. The steps of creation and removal are `store-meta/<step>`.
@@ -56,6 +65,11 @@ DEFAULT_CHUNK_SIZE = 64  # images per compressed inner chunk
 ADDED_SETTING_KEYS = ("vae_class", "shift_factor")  # settings a store may lack (not compared when absent)
 PARTIAL_FILE = re.compile(r"\.[0-9a-f]{32}\.partial$")  # zarr LocalStore's temp file: <name>.<uuid4 hex>.partial
 WORK_KINDS = ("creating", "removing")  # sibling folders .<name>.<kind>-<pid> of create_store / remove_store
+LATENT_FILES = ("latents", "labels")  # arrays with one file per shard that every reader needs
+IMAGE_FILES = ("images",)  # the image layer's array with one file per shard
+MIN_IMAGES_SIZE = 8  # smallest side of stored images (--repa-image-size)
+IMAGES_AXES = ("N, RGB, H, W: uint8 center crop resized to images_size, original orientation only "
+               "(orientation 1 is its mirror along W)")
 REBUILD = ("rerun the command that made it (preparation/extract_features.py, or preparation/save_zarr.py for a "
            "converted store) with the same arguments: it re-encodes the missing shards")
 
@@ -149,6 +163,15 @@ def interrupted_creation(attrs: dict, arrays: set) -> bool:
             or ("stat_sums" in arrays) != ("stat_done" in arrays))
 
 
+@contextlib.contextmanager
+def quiet_partials():
+    """Listing a store's members: a killed write's .partial file (removed before writing) is no member, and zarr
+    need not warn about it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy")
+        yield
+
+
 def check_existing(path: str | os.PathLike, settings: dict, what: str = "--zarr-path",
                    overwrite: bool | None = None) -> str:
     """'absent', 'incomplete' or 'complete' for a store at `path` made with `settings`; UserError otherwise.
@@ -165,8 +188,7 @@ def check_existing(path: str | os.PathLike, settings: dict, what: str = "--zarr-
             return "absent"
         raise UserError(f"{what} {path} exists but is not a zarr store; choose a new output path")
     try:
-        with warnings.catch_warnings():  # a killed write's .partial file (removed before writing) is no member
-            warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy")
+        with quiet_partials():
             group = zarr.open_group(str(path), mode="r")
             attrs = dict(group.attrs)
             arrays = set(group.array_keys())
@@ -267,12 +289,13 @@ def discard(path: Path) -> None:
     shutil.rmtree(aside)
 
 
-def create_store(path: str | os.PathLike, settings: dict, extra_attrs: dict | None = None):
+def create_store(path: str | os.PathLike, settings: dict, extra_attrs: dict | None = None, images_size: int = 0):
     """Create an empty store at `path` and return the zarr group (opened with `open_store`).
 
     It is built under `.<name>.creating-<pid>` and renamed into place in one step. Something already at
     `path` is replaced if it is an empty folder, an FCDM latent store or an interrupted creation
-    (`replaceable`; the caller decides, e.g. with check_existing), and refused otherwise."""
+    (`replaceable`; the caller decides, e.g. with check_existing), and refused otherwise. `images_size` > 0
+    adds the image layer (`images`, `images_done` and its attributes) in the same step."""
     path = Path(path)
     if path.exists() and not (path.is_dir() and not path.is_symlink()
                               and (not any(path.iterdir()) or replaceable(path))):
@@ -281,7 +304,7 @@ def create_store(path: str | os.PathLike, settings: dict, extra_attrs: dict | No
     try:
         if work.exists():
             shutil.rmtree(work)
-        build_empty_store(work, settings, extra_attrs)
+        build_empty_store(work, settings, extra_attrs, images_size)
         fault_point("store-meta/created")  # the whole empty store is in the creation folder
         if path.exists():
             if any(path.iterdir()):
@@ -298,15 +321,16 @@ def create_store(path: str | os.PathLike, settings: dict, extra_attrs: dict | No
     return open_store(path)
 
 
-def build_empty_store(work: Path, settings: dict, extra_attrs: dict | None) -> None:
-    """Every attribute (in one write) and array of an empty store, in the new folder `work`."""
+def build_empty_store(work: Path, settings: dict, extra_attrs: dict | None, images_size: int = 0) -> None:
+    """Every attribute (in one write) and array of an empty store, in the new folder `work`; with the image
+    layer when `images_size` > 0."""
     count, shard, chunk = settings["count"], settings["shard_size"], settings["chunk_size"]
     shape = latent_array_shape(count, settings["store"], settings["orientations"], settings["latent_shape"])
     compressor = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
     attrs = {"format": STORE_FORMAT, "format_version": STORE_FORMAT_VERSION, **settings,
              "latents_axes": ("N, orientation, moment(mean,std), C, H, W" if settings["store"] == "moments"
                               else "N, orientation, C, H, W"),
-             **(extra_attrs or {}), "complete": False}
+             **(extra_attrs or {}), **(image_layer_attrs(images_size) if images_size else {}), "complete": False}
     group = zarr.create_group(store=HookedLocalStore(str(work)), zarr_format=3, attributes=attrs)
     group.create_array("latents", shape=shape, dtype=latent_dtype(settings["store"]),
                        chunks=(min(chunk, shard), *shape[1:]), shards=(shard, *shape[1:]),
@@ -315,6 +339,51 @@ def build_empty_store(work: Path, settings: dict, extra_attrs: dict | None) -> N
                        fill_value=-1)
     group.create_array("done", shape=(num_shards(count, shard),), dtype="bool", chunks=(1,), fill_value=False)
     ensure_stats_arrays(group, num_shards(count, shard), settings["latent_shape"][0])
+    if images_size:
+        create_image_arrays(group, count, shard, images_size)
+
+
+def image_layer_attrs(size: int) -> dict:
+    """The group attributes of an (empty) image layer of side `size`."""
+    return {"images_size": int(size), "images_axes": IMAGES_AXES, "images_complete": False}
+
+
+def create_image_arrays(group, count: int, shard_size: int, size: int, overwrite: bool = False) -> None:
+    """`images` (N, 3, S, S) uint8, one shard file per shard of the latents and one compressed chunk per
+    image (a random read decompresses only that image), and `images_done` (one bool chunk per shard)."""
+    # bitshuffle as the latents: measured on photos it compresses uint8 pixels a little better than byte
+    # shuffle (which is a no-op for 1-byte items); see docs/data.md for the numbers
+    compressor = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+    group.create_array("images", shape=(count, 3, size, size), dtype="uint8", chunks=(1, 3, size, size),
+                       shards=(shard_size, 3, size, size), compressors=compressor, fill_value=0, overwrite=overwrite)
+    group.create_array("images_done", shape=(num_shards(count, shard_size),), dtype="bool", chunks=(1,),
+                       fill_value=False, overwrite=overwrite)
+
+
+def images_size_of(group) -> int | None:
+    """Side of the store's images; None when it has no image layer: no `images_size` attribute (an addition
+    interrupted before its attributes were written, whose arrays hold nothing, counts as none), or one of the
+    layer's arrays is gone (`add_image_layer` makes it again)."""
+    size = group.attrs.get("images_size")
+    if not size:
+        return None
+    with quiet_partials():
+        arrays = set(group.array_keys())
+    return int(size) if {"images", "images_done"} <= arrays else None
+
+
+def add_image_layer(group, size: int) -> None:
+    """Add an empty image layer to an existing store that has none (complete or not; `images_size_of`).
+
+    The arrays are created first (replacing the empty ones of an interrupted addition), then the attributes
+    in one write of the group's zarr.json: a kill before that write leaves a store without the layer, whose
+    stray arrays the next addition replaces; after it, an empty layer that the writers fill. The latents,
+    labels, `done` and `complete` are not touched, so training without images goes on reading the store."""
+    attrs = dict(group.attrs)
+    with quiet_partials():
+        stray = bool({"images", "images_done"} & set(group.array_keys()))
+    create_image_arrays(group, int(attrs["count"]), int(attrs["shard_size"]), size, overwrite=stray)
+    group.update_attributes(image_layer_attrs(size))
 
 
 def num_shards(count: int, shard_size: int) -> int:
@@ -330,17 +399,17 @@ def done_shards(group) -> np.ndarray:
     return np.asarray(group["done"][:], dtype=bool)
 
 
-def missing_shards(path: str | os.PathLike, group, shards=None) -> list[int]:
-    """Shards (of `shards`, default all) whose `latents` or `labels` file is missing or empty: one stat per
-    file (ImageNet: 2 x 1252). Such a shard reads as zeros and -1 labels, since zarr returns the fill value
-    for an absent file."""
+def missing_shards(path: str | os.PathLike, group, shards=None, names: tuple = LATENT_FILES) -> list[int]:
+    """Shards (of `shards`, default all) whose file of any array in `names` (default `latents` and `labels`;
+    IMAGE_FILES for the images) is missing or empty: one stat per file (ImageNet: 2 x 1252). Such a shard
+    reads as zeros and -1 labels, since zarr returns the fill value for an absent file."""
     attrs = group.attrs
     n = num_shards(int(attrs["count"]), int(attrs["shard_size"]))
     found = []
-    arrays = [group["latents"], group["labels"]]
+    arrays = [group[name] for name in names]
     for k in range(n) if shards is None else shards:
         for array in arrays:
-            coords = (k,) + (0,) * (len(array.shape) - 1)  # latents: one shard per k; labels: one chunk per k
+            coords = (k,) + (0,) * (len(array.shape) - 1)  # latents, images: one shard per k; labels: one chunk
             f = Path(path) / array.path / array.metadata.encode_chunk_key(coords)
             try:
                 empty = f.stat().st_size == 0
@@ -358,6 +427,16 @@ def shards_to_repair(path: str | os.PathLike) -> list[int]:
     group = open_store(path, "r")
     done = done_shards(group)
     return missing_shards(path, group, [k for k in range(len(done)) if done[k]])
+
+
+def image_shards_to_repair(path: str | os.PathLike) -> list[int]:
+    """Shards of the store at `path` whose images are recorded as done but whose `images` file is missing or
+    empty: the writers store those images again (`reset_image_shards`). [] for a store without images."""
+    group = open_store(path, "r")
+    if images_size_of(group) is None:
+        return []
+    done = image_done_shards(group)
+    return missing_shards(path, group, [k for k in range(len(done)) if done[k]], IMAGE_FILES)
 
 
 def describe_shards(shards: list[int], count: int, shard_size: int, limit: int = 4) -> str:
@@ -380,6 +459,18 @@ def check_shard_files(path: str | os.PathLike, group) -> None:
                         f"missing or empty ({what}), which would train on zeros; {REBUILD}")
 
 
+def check_image_shard_files(path: str | os.PathLike, group) -> None:
+    """UserError naming the store, the images whose shard files are missing or empty, and the fix."""
+    missing = missing_shards(path, group, names=IMAGE_FILES)
+    if missing:
+        attrs = group.attrs
+        what = describe_shards(missing, int(attrs["count"]), int(attrs["shard_size"]))
+        raise UserError(f"zarr store {path} is damaged: the images file of {len(missing)} shard(s) is missing or "
+                        f"empty ({what}), which would align to black images; rerun "
+                        f"preparation/extract_features.py with the same arguments (and --repa-image-size "
+                        f"{attrs['images_size']}): it stores those images again without re-encoding the latents")
+
+
 def reset_shards(group, shards: list[int]) -> None:
     """Mark `shards` (whose files are missing) not done, and the store incomplete, so they are encoded again."""
     if not shards:
@@ -389,6 +480,20 @@ def reset_shards(group, shards: list[int]) -> None:
         if "stat_done" in set(group.array_keys()):
             group["stat_done"][k] = False
         group["done"][k] = False
+
+
+def reset_image_shards(group, shards: list[int]) -> None:
+    """Mark the images of `shards` (whose files are missing) not done, and the layer incomplete, so they are
+    stored again; the latents are not touched."""
+    if not shards:
+        return
+    group.update_attributes({"images_complete": False})  # first: readers of images refuse the store meanwhile
+    for k in shards:
+        group["images_done"][k] = False
+
+
+def image_done_shards(group) -> np.ndarray:
+    return np.asarray(group["images_done"][:], dtype=bool)
 
 
 def write_shard(group, k: int, latents: np.ndarray, labels: np.ndarray) -> None:
@@ -419,3 +524,24 @@ def mark_complete(group) -> None:
     if "stat_sums" in set(group.array_keys()):
         attrs = {STATS_ATTR: store_stats_from_rows(group), **attrs}  # readers see both or neither
     group.update_attributes(attrs)
+
+
+def write_image_shard(group, k: int, images: np.ndarray) -> None:
+    """Write shard k's images (n, 3, S, S) uint8, then mark them done (the marker goes last). The file is
+    written even when every image is black (the fill value), as `write_shard` does."""
+    attrs = dict(group.attrs)
+    start, end = shard_range(k, attrs["count"], attrs["shard_size"])
+    size = attrs["images_size"]
+    if images.shape != (end - start, 3, size, size) or images.dtype != np.uint8:
+        raise ValueError(f"shard {k} expects uint8 images {(end - start, 3, size, size)}, "
+                         f"got {images.dtype} {images.shape}")
+    group["images"].with_config({"write_empty_chunks": True})[start:end] = images
+    fault_point("store-image-shard")  # test hook (fcdm_common/io.py): a kill between the data and its marker
+    group["images_done"][k] = True
+
+
+def mark_images_complete(group) -> None:
+    """Set `images_complete` once every shard's images are done."""
+    if not image_done_shards(group).all():
+        raise RuntimeError("mark_images_complete called before every shard's images were written")
+    group.update_attributes({"images_complete": True})

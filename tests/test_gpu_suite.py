@@ -46,6 +46,13 @@ def test_dry_run_writes_a_record_per_step(tmp_path):
     assert by_step["train512"]["selective"]["fits_batch"] == 2
     assert by_step["forward"]["bf16"]["ratios"]["forward_speedup_FCDM-S_vs_DiT-S/2"] > 0
     assert by_step["latents"]["vae_encode"]["fp32"]["img_per_s"] > 0
+    # representation alignment's cost: both steps timed in one bench_repa.py process, the aligned one really aligned
+    repa = by_step["repa"]
+    assert repa["with_ms"] > 0 and repa["without_ms"] > 0 and repa["ratio_with_over_without"] > 0
+    assert repa["ratio_with_over_without"] == repa["with_ms"] / repa["without_ms"]
+    assert repa["checks"]["encoder_calls_per_step"] == {"with alignment": 1.0, "without alignment": 0.0}
+    assert repa["checks"]["projector_max_change"] > 0 and repa["encoder"]["kind"] == "tiny"
+    assert repa["batch"] == 2 and "--precision bf16" in repa["command"] and "bench_repa.py" in repa["command"]
     # sampling through the real bench_model.py --mode sample: DPM++ at both batches, and the DDPM loop
     sampling = by_step["sampling"]
     assert set(sampling["eager"]["img_per_s"]) == {"rows.batch64.images_per_s", "rows.batch256.images_per_s"}
@@ -132,6 +139,53 @@ def test_sampling_step_calls_the_sample_mode_when_it_exists(tmp_path, monkeypatc
     assert out["eager"]["img_per_s"] == {"FCDM-S sample.sample_img_per_s": 12.5}
     assert out["compiled"]["hours_for_50k"]["FCDM-S sample.sample_img_per_s"] == 50_000 / 20.0 / 3600
     assert "--num-sampling-steps 2" in out["eager"]["command"]
+
+
+FAKE_REPA_BENCH = '''
+import argparse, json, sys
+p = argparse.ArgumentParser()
+p.add_argument("--batch", type=int)
+p.add_argument("--json")
+args, _ = p.parse_known_args()
+if args.batch > 8:
+    print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 4.00 GiB")
+    sys.exit(1)
+row = lambda ms: {"step_ms": ms, "peak_gib": 30.0, "step_gib": 6.0}
+rows = {"with alignment": row(120.0), "without alignment": row(100.0), "encoder forward alone": {"ms": 6.0}}
+json.dump({"results": rows, "ratio_with_over_without": 1.2, "extra_ms": 20.0, "encoder_share_of_aligned_step": 0.05,
+           "encoder_share_of_extra": 0.3, "checks": {}, "encoder": {"kind": "dinov2-b"},
+           "repa": {"site_shape": [1024, 16, 16]}, "projector_params_m": 8.0, "model": {"name": "FCDM-XL"},
+           "environment": {}}, open(args.json, "w"))
+'''
+
+
+def test_repa_step_halves_the_batch_after_an_out_of_memory(tmp_path, monkeypatch):
+    """The repa step against a stand-in bench_repa.py that runs out of memory above batch 8: 32 -> 16 -> 8."""
+    import dataclasses
+
+    fake = tmp_path / "bench_repa.py"
+    fake.write_text(FAKE_REPA_BENCH)
+    monkeypatch.setattr(gpu_suite, "BENCH_REPA", fake)
+    sizes = dataclasses.replace(gpu_suite.DRY, repa_batch=32)
+    out = gpu_suite.step_repa(gpu_suite.Suite(tmp_path / "out", budget_s=120, sizes=sizes, dry_run=True))
+    assert [(a["batch"], a["oom"]) for a in out["attempts"]] == [(32, True), (16, True), (8, False)]
+    assert out["batch"] == 8 and out["ratio_with_over_without"] == 1.2 and out["with_peak_gib"] == 30.0
+    assert out["encoder_forward_ms"] == 6.0 and "status" not in out
+    # below a quarter of the batch it gives up, as a failure with the attempts
+    sizes = dataclasses.replace(gpu_suite.DRY, repa_batch=64)
+    out = gpu_suite.step_repa(gpu_suite.Suite(tmp_path / "out2", budget_s=120, sizes=sizes, dry_run=True))
+    assert out["status"] == "failed" and [a["batch"] for a in out["attempts"]] == [64, 32, 16]
+
+
+def test_repa_step_is_skipped_without_timm(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "timm" else real(name, *a))
+    suite = gpu_suite.Suite(tmp_path, budget_s=60, sizes=gpu_suite.DRY, dry_run=True)
+    suite.step("repa", gpu_suite.step_repa, min_s=0)
+    rec = json.loads((tmp_path / "gpu_results.jsonl").read_text())
+    assert rec["status"] == "skipped" and "timm not installed" in rec["reason"] and not suite.failed()
 
 
 def test_extra_variants_flag():

@@ -96,6 +96,22 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class RepaConfig:
+    """Representation alignment (train_gen/repa.py): the denoiser's features at `site`, projected, pulled towards a
+    frozen vision encoder's patch tokens of the clean image."""
+    encoder: str  # timm architecture of the frozen encoder (e.g. vit_base_patch14_dinov2.lvd142m)
+    encoder_path: str  # its local weights file or snapshot folder
+    encoder_resolution: int  # the encoder's input side in pixels
+    encoder_grid: tuple  # its patch-token grid (rows, columns)
+    encoder_dim: int  # width of its tokens
+    site: str  # where in the denoiser the features are taken (models/fcdm.py parse_site)
+    site_shape: tuple  # (channels, height, width) of the features there
+    weight: float  # lambda: loss = diffusion loss + weight * alignment loss
+    projector_width: int  # hidden width of the 3-layer projector MLP
+    images_size: int  # side of the clean images stored with the latents
+
+
+@dataclass(frozen=True)
 class RunInfo:
     """Where and how this run was started (informational)."""
     exp_name: str  # run folder name
@@ -117,10 +133,15 @@ class TrainConfig:
     train: OptimConfig
     log: LogConfig
     run: RunInfo
+    repa: Optional[RepaConfig] = None  # representation alignment (None: off, and absent from to_dict)
 
     def to_dict(self) -> dict:
-        """Plain JSON values (lists, not tuples): what config.json and every checkpoint hold."""
-        return _plain(dataclasses.asdict(self))
+        """Plain JSON values (lists, not tuples): what config.json and every checkpoint hold. A run without
+        representation alignment records no "repa" section, as before it existed."""
+        d = _plain(dataclasses.asdict(self))
+        if d["repa"] is None:
+            del d["repa"]
+        return d
 
 
 def _plain(value: Any) -> Any:
@@ -131,8 +152,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def run_name_extra(model_overrides: dict, objective_kwargs: dict, settings: dict) -> dict:
+def run_name_extra(model_overrides: dict, objective_kwargs: dict, settings: dict, repa: Optional[dict] = None) -> dict:
     """What the run name's hash covers beyond the spelled-out settings: the user's model overrides, the
-    objective's arguments and every trajectory setting that differs from TRAJECTORY_DEFAULTS."""
+    objective's arguments, every trajectory setting that differs from TRAJECTORY_DEFAULTS and the
+    representation alignment's settings when it is on."""
     changed = {k: v for k, v in settings.items() if k in TRAJECTORY_DEFAULTS and v != TRAJECTORY_DEFAULTS[k]}
-    return {k: v for k, v in (("model", model_overrides), ("objective", objective_kwargs), ("train", changed)) if v}
+    return {k: v for k, v in (("model", model_overrides), ("objective", objective_kwargs), ("train", changed),
+                              ("repa", repa)) if v}

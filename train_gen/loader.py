@@ -69,7 +69,8 @@ class _StepBatches:
 
 
 class TrainLoader:
-    """Infinite deterministic iterator of (x (B, C, H, W) float32 scaled latents, y (B,) int64).
+    """Infinite deterministic iterator of (x (B, C, H, W) float32 scaled latents, y (B,) int64), followed by the
+    clean images (B, 3, S, S) uint8 of the same items and flips when the data set reads them (alignment).
 
     `step` is the step of the next batch; rebuilding with start_step=step resumes exactly.
     """
@@ -138,10 +139,10 @@ class TrainLoader:
                 if before_step is None or s < before_step}
 
     def _produce(self, step: int):
-        x, y = self._batches[step]
-        rows = nonfinite_rows(x)  # on the host, in the worker thread: no device sync in the step
+        batch = self._batches[step]  # (x, y), or (x, y, images) for representation alignment
+        rows = nonfinite_rows(batch[0])  # on the host, in the worker thread: no device sync in the step
         if rows.size and len(self.nonfinite) < 1000:
             self.nonfinite[step] = self._batches.indices(step)[rows]
         if self.pin_memory:
-            x, y = x.pin_memory(), y.pin_memory()
-        return x, y
+            batch = tuple(v.pin_memory() for v in batch)
+        return batch

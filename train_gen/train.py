@@ -26,6 +26,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -65,19 +66,28 @@ from train_gen.config import (
     LogConfig,
     OptimConfig,
     PosthocEMAConfig,
+    RepaConfig,
     RunInfo,
     TrainConfig,
     run_name_extra,
 )
 from train_gen.ema import SNAPSHOT_DTYPES, sigma_rel_to_gamma
 from train_gen.preemption import PREEMPTED_STATUS
+from train_gen.repa import (
+    add_repa_args,
+    build_repa,
+    check_repa_flags,
+    repa_identity,
+    repa_name_settings,
+    repa_requested,
+)
 from train_gen.run_folder import RunLogger, acquire_run_lock, experiment_name, find_resume_checkpoint
 from train_gen.step_draws import RNG_SCHEME, BatchPlan
 from train_gen.training_loop import ResumePoint, training_loop
 
 CKPT_MODES = ("none", "selective", "full")
 GRID_VAE_HINT = ", or train without sample grids (--sample-every 0)"
-RESUME_MUST_MATCH = ("model", "model_kwargs", "objective", "objective_kwargs")  # else another run
+RESUME_MUST_MATCH = ("model", "model_kwargs", "objective", "objective_kwargs", "repa")  # else another run
 RESUME_WARN_KEYS = ("global_batch_size", "lr", "seed", "ema_decay", "weight_decay", "mixed_precision", "grad_clip")
 
 
@@ -240,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--report-to", choices=("none", "tensorboard", "wandb"), default="none",
                    help="also send metrics to TensorBoard or Weights & Biases")
     add_eval_args(p)  # --eval-every, --eval-samples, --ref-batch, ... (evaluations/in_training.py)
+    add_repa_args(p)  # --repa-encoder, --repa-site, --repa-weight, ... (train_gen/repa.py)
     return p
 
 
@@ -336,7 +347,7 @@ def check_levels_fit_data(model, name: str, data: DataConfig) -> None:
 
 def check_model_fits_data(model, dataset, data: DataConfig, objective: str, where: str) -> None:
     """One no-grad forward of a real batch item (eval mode: no RNG use) to fail early on shape mismatches."""
-    x, y = dataset.get_batch(np.array([0]), np.random.default_rng(0))
+    x, y = dataset.get_batch(np.array([0]), np.random.default_rng(0))[:2]  # (and the image, with alignment)
     t = torch.zeros(1, dtype=torch.long) if objective == "diffusion" else torch.full((1,), 0.5)
     was_training = model.training
     model.eval()
@@ -357,7 +368,7 @@ def check_model_fits_data(model, dataset, data: DataConfig, objective: str, wher
 
 def build_config(args, *, model_kwargs: dict, data: DataConfig, grid_sampler: str, plan: BatchPlan,
                  max_steps: int, mixed_precision: str, optimizer_impl: str, exp_name: str, run_dir: Path,
-                 device_type: str) -> TrainConfig:
+                 device_type: str, repa: Optional[RepaConfig] = None) -> TrainConfig:
     """The run's one configuration, from the flags and what was resolved from them."""
     return TrainConfig(
         model=args.model, model_kwargs=model_kwargs, objective=args.objective,
@@ -378,7 +389,8 @@ def build_config(args, *, model_kwargs: dict, data: DataConfig, grid_sampler: st
                       grid_cols=args.grid_cols, grid_seed=args.grid_seed, report_to=args.report_to,
                       grid_guidance=args.grid_guidance, guide_ckpt=args.guide_ckpt, guide_use_ema=args.guide_use_ema),
         run=RunInfo(exp_name=exp_name, run_dir=str(run_dir), world_size=plan.world_size, torch=str(torch.__version__),
-                    device=device_type))
+                    device=device_type),
+        repa=repa)
 
 
 # ---------------------------------------------------------------------------------- the resume decision
@@ -401,9 +413,12 @@ def check_resume_compatible(ckpt: dict, path: Path, config: dict, allow_rng_chan
     settings are warned about."""
     old = ckpt["config"]
     for key in RESUME_MUST_MATCH:
-        if old.get(key) != config[key]:
-            raise UserError(f"checkpoint {path} was trained with {key}={json.dumps(old.get(key))}, this "
-                            f"command asks for {json.dumps(config[key])}; use another --exp-name/--results-dir")
+        was, now = old.get(key), config.get(key)
+        if key == "repa":  # the encoder's file may move
+            was, now = repa_identity(was), repa_identity(now)
+        if was != now:
+            raise UserError(f"checkpoint {path} was trained with {key}={json.dumps(was)}, this "
+                            f"command asks for {json.dumps(now)}; use another --exp-name/--results-dir")
     if not same_norm((old.get("data") or {}).get("latent_norm"), config["data"]["latent_norm"]):
         raise UserError(f"checkpoint {path} was trained with latent normalisation "
                         f"{json.dumps((old.get('data') or {}).get('latent_norm', {'mode': 'none'}))}, but the data "
@@ -433,7 +448,7 @@ def find_resume_point(args, config: TrainConfig, run_dir: Path, logger: RunLogge
 def open_training_data(args):
     """The data set (normalised with --latent-norm channel) and its config section."""
     dataset = open_dataset(args.zarr_path, args.feature_path, args.label_path, cache=args.data_cache,
-                           hflip=args.hflip)
+                           hflip=args.hflip, images=repa_requested(args))  # alignment: the clean images too
     if len(dataset) == 0:
         raise UserError("the training data holds no items")
     norm = norm_for_training(dataset, args.latent_norm, args.zarr_path or args.feature_path)
@@ -457,6 +472,7 @@ def resolve_guidance_flags(args) -> None:
 
 def check_flags(args, objective_name: str) -> str:
     """Flags that can be checked before any data is read; returns the grid sampler."""
+    check_repa_flags(args)
     if args.model not in MODELS:
         raise UserError(f"unknown --model {args.model!r}; registered models: {', '.join(sorted(MODELS))}")
     grid_sampler = ("ddim" if objective_name == "diffusion" else "euler") if args.grid_sampler == "auto" \
@@ -494,7 +510,7 @@ def main(argv=None):
 
     exp_name = args.exp_name or experiment_name(
         args.model, args.objective, data.name, args.global_batch_size, args.lr, args.seed,
-        extra=run_name_extra(user_overrides, args.objective_kwargs, vars(args)))
+        extra=run_name_extra(user_overrides, args.objective_kwargs, vars(args), repa_name_settings(args)))
     run_dir = Path(args.results_dir) / exp_name
     accelerator = Accelerator(mixed_precision=args.mixed_precision,
                               log_with=None if args.report_to == "none" else args.report_to,
@@ -515,6 +531,8 @@ def main(argv=None):
     check_levels_fit_data(model, args.model, data)
     check_model_fits_data(model, dataset, data, args.objective,
                           args.zarr_path or f"{args.feature_path} / {args.label_path}")
+    repa_config, repa = build_repa(args, model, data.latent_shape, dataset.images_size, device) \
+        if repa_requested(args) else (None, None)  # the projector's init follows the model's, from --seed
     try:
         objective = create_objective(args.objective, **args.objective_kwargs)
     except (TypeError, ValueError) as e:
@@ -527,7 +545,8 @@ def main(argv=None):
         optimizer_impl = "fused" if device.type in ("cuda", "cpu") else "foreach"
     config = build_config(args, model_kwargs=model_kwargs, data=data, grid_sampler=grid_sampler, plan=plan,
                           max_steps=max_steps, mixed_precision=accelerator.mixed_precision,
-                          optimizer_impl=optimizer_impl, exp_name=exp_name, run_dir=run_dir, device_type=device.type)
+                          optimizer_impl=optimizer_impl, exp_name=exp_name, run_dir=run_dir, device_type=device.type,
+                          repa=repa_config)
 
     # the grids' VAE and the autoguidance guide, checked before anything is written (one message, no run folder)
     vae = None
@@ -544,7 +563,8 @@ def main(argv=None):
     logger = RunLogger(run_dir, enabled=accelerator.is_main_process)
     resume = find_resume_point(args, config, run_dir, logger, accelerator.is_main_process)
     preempted = training_loop(config, model=model, dataset=dataset, objective=objective, accelerator=accelerator,
-                              plan=plan, logger=logger, resume=resume, vae=vae, eval_plan=eval_plan, guide=guide)
+                              plan=plan, logger=logger, resume=resume, vae=vae, eval_plan=eval_plan, guide=guide,
+                              repa=repa)
     if run_lock is not None:
         run_lock.release()
     if preempted:

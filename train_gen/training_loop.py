@@ -55,6 +55,7 @@ from train_gen.ema import (
 from train_gen.loader import TrainLoader
 from train_gen.plot import write_curves
 from train_gen.preemption import PREEMPTED_STATUS, PreemptionWatch, take_marker, write_marker
+from train_gen.repa import Repa, describe_repa
 from train_gen.run_folder import (
     RunLogger,
     checkpoint_path,
@@ -68,15 +69,20 @@ from train_gen.step_draws import RNG_SCHEME, BatchPlan, StepDraws, take
 
 DIT_GRID_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # DiT's sample classes for ImageNet
 METER_KEYS = ("loss", "mse", "vb", "grad_norm", "good", "bad")  # the device-side sums, in reduction order
+REPA_METER_KEYS = ("repa_loss", "repa_cos")  # added with representation alignment
 
 
 # ---------------------------------------------------------------------------------- one step
-def accumulate_gradients(ddp_model, objective, accelerator, x, y, draws: dict, micro_slices: list) -> dict:
+def accumulate_gradients(ddp_model, objective, accelerator, x, y, draws: dict, micro_slices: list,
+                         repa: Optional[Repa] = None, images: Optional[torch.Tensor] = None) -> dict:
     """Forward and backward of this process's share (x, y and `draws` of StepDraws) in the micro-batches
     `micro_slices` (BatchPlan.micro_slices). Each micro-batch's mean loss is divided by their number, so
     the summed gradient is the share's mean (and, after DDP's average over processes, the global batch's
     mean); under DDP the all-reduce runs on the last micro-batch only (no_sync before). Returns the share's
-    mean "loss", "mse" (and "vb") as detached float32 0-dim device tensors; no host synchronisation."""
+    mean "loss", "mse" (and "vb") as detached float32 0-dim device tensors; no host synchronisation.
+    With representation alignment (`repa`, train_gen/repa.py; `ddp_model` then runs `repa.module`) the
+    objective's loss gets + lambda * align against the encoder's tokens of the clean `images`, and the
+    returned "loss" stays the objective's, with "repa_loss" (lambda * align) and "repa_cos" beside it."""
     n = len(micro_slices)
     sums: dict = {}
     for k, rows in enumerate(micro_slices):
@@ -86,7 +92,10 @@ def accumulate_gradients(ddp_model, objective, accelerator, x, y, draws: dict, m
         with contextlib.nullcontext() if sync else ddp_model.no_sync():
             with accelerator.autocast():
                 losses = objective.training_losses(ddp_model, x[rows], d["t"], model_kwargs=kwargs, noise=d["noise"])
-            loss = losses["loss"].mean()
+                if repa is not None:
+                    align = repa.loss(images[rows])  # (b,) float32, of the forward pass just run
+                    losses = {**losses, "repa_loss": repa.weight * align, "repa_cos": -align.detach()}
+            loss = losses["loss"].mean() if repa is None else (losses["loss"] + losses["repa_loss"]).mean()
             accelerator.backward(loss / n if n > 1 else loss)  # fp16: scaled by the GradScaler
         for key, value in losses.items():
             v = value.detach().float().mean()
@@ -98,6 +107,7 @@ def accumulate_gradients(ddp_model, objective, accelerator, x, y, draws: dict, m
 class TrainState:
     """What the loop changes as it runs (and what a checkpoint saves)."""
     model: torch.nn.Module  # the network being trained (not wrapped in DDP)
+    projector: Optional[torch.nn.Module]  # representation alignment's projector (trained, saved, not averaged)
     ema: torch.nn.Module  # its EMA copy
     opt: torch.optim.Optimizer  # AdamW
     params: list  # the trained parameters
@@ -113,8 +123,9 @@ class TrainState:
 class Meter:
     """Device-side sums of one logging window, and the streak of consecutive non-finite steps."""
 
-    def __init__(self, device):
-        self.sums = {k: torch.zeros((), device=device) for k in METER_KEYS}
+    def __init__(self, device, extra: tuple = ()):
+        self.keys = METER_KEYS + tuple(extra)  # extra: per-step means of further losses (REPA_METER_KEYS)
+        self.sums = {k: torch.zeros((), device=device) for k in self.keys}
         self.consec = torch.zeros((), device=device)  # consecutive non-finite steps, as of the last step
         self.max_consec = torch.zeros((), device=device)  # max of `consec` since the last check
 
@@ -126,6 +137,8 @@ class Meter:
         if "vb" in losses:
             s["vb"] += torch.where(bad, 0.0, losses["vb"].detach().float().mean())
         s["grad_norm"] += torch.where(bad, 0.0, grad_norm)
+        for k in self.keys[len(METER_KEYS):]:
+            s[k] += torch.where(bad, 0.0, losses[k].detach().float().mean())
         s["good"] += (~bad).float()
         s["bad"] += bad.float()
         self.consec = torch.where(bad, self.consec + 1, 0.0)
@@ -133,7 +146,7 @@ class Meter:
 
     def reduce(self, accelerator, world: int) -> list:
         """The window's sums over all processes, as Python floats (the one host synchronisation)."""
-        stats = torch.stack([self.sums[k] for k in METER_KEYS])
+        stats = torch.stack([self.sums[k] for k in self.keys])
         stats = accelerator.reduce(stats, reduction="sum") if world > 1 else stats
         return stats.tolist()
 
@@ -149,10 +162,12 @@ class Meter:
 
 
 def train_step(state: TrainState, ddp_model, objective, accelerator, x, y, draws: dict, plan: BatchPlan,
-               config: TrainConfig, meter: Meter) -> dict:
-    """One optimizer step on this process's batch (x, y) with the step's `draws`; returns the losses."""
+               config: TrainConfig, meter: Meter, repa: Optional[Repa] = None,
+               images: Optional[torch.Tensor] = None) -> dict:
+    """One optimizer step on this process's batch (x, y) with the step's `draws` (and, with representation
+    alignment, the clean `images`); returns the losses."""
     opt, params, scaler = state.opt, state.params, state.scaler
-    losses = accumulate_gradients(ddp_model, objective, accelerator, x, y, draws, plan.micro_slices())
+    losses = accumulate_gradients(ddp_model, objective, accelerator, x, y, draws, plan.micro_slices(), repa, images)
     loss = losses["loss"]  # mean over this process's share
     if scaler is not None:
         scaler.unscale_(opt)
@@ -179,8 +194,9 @@ def train_step(state: TrainState, ddp_model, objective, accelerator, x, y, draws
 
 
 # ---------------------------------------------------------------------------------- setting up
-def setup_state(config: TrainConfig, model: torch.nn.Module, accelerator) -> TrainState:
-    """Move the network to the device with its switches, and build the EMA, power EMAs and AdamW."""
+def setup_state(config: TrainConfig, model: torch.nn.Module, accelerator, repa: Optional[Repa] = None) -> TrainState:
+    """Move the network to the device with its switches, and build the EMA, power EMAs and AdamW (over the
+    network's parameters, then the alignment projector's when `repa` is given)."""
     t = config.train
     if hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(t.grad_checkpointing)
@@ -196,9 +212,14 @@ def setup_state(config: TrainConfig, model: torch.nn.Module, accelerator) -> Tra
         else:
             model.compile()
     params = [p for p in model.parameters() if p.requires_grad]
+    projector = None
+    if repa is not None:
+        projector = repa.to(accelerator.device).projector.train()
+        params += list(projector.parameters())  # clipped and stepped with the network's (REPA's release)
     opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
                             fused=t.optimizer_impl == "fused", foreach=t.optimizer_impl == "foreach")
-    return TrainState(model=model, ema=ema, opt=opt, params=params, scaler=accelerator.scaler, power_ema=power_ema)
+    return TrainState(model=model, projector=projector, ema=ema, opt=opt, params=params, scaler=accelerator.scaler,
+                      power_ema=power_ema)
 
 
 def resume_posthoc_ema(power_ema, ckpt: dict, path, start_step: int, log) -> None:
@@ -234,6 +255,11 @@ def restore_state(state: TrainState, resume: ResumePoint, config: TrainConfig, p
     then drop the checkpoint from memory."""
     ckpt, ckpt_file = resume.ckpt, resume.path
     state.model.load_state_dict(ckpt["model"])
+    if state.projector is not None:
+        if "projector" not in ckpt:
+            raise UserError(f"{ckpt_file} holds no alignment projector; it was trained without --repa-*: resume "
+                            "without them, or start a new run (--exp-name)")
+        state.projector.load_state_dict(ckpt["projector"])
     state.ema.load_state_dict(ckpt["ema"])
     state.opt.load_state_dict(ckpt["opt"])
     if state.scaler is not None and ckpt.get("scaler"):
@@ -297,6 +323,8 @@ def save_training_checkpoint(state: TrainState, config: TrainConfig, accelerator
         }
         if state.scaler is not None:
             ckpt["scaler"] = state.scaler.state_dict()
+        if state.projector is not None:  # representation alignment: trained and resumed, never exported
+            ckpt["projector"] = state.projector.state_dict()
         if state.power_ema is not None:
             ckpt["posthoc_ema"] = state.power_ema.state_dict()
         path = checkpoint_path(run_dir / "checkpoints", step)
@@ -380,16 +408,19 @@ def log_window(meter: Meter, state: TrainState, config: TrainConfig, accelerator
     device = accelerator.device
     good = s[4]  # good steps summed over processes: the denominators of the window's means
     mean = [v / good if good > 0 else float("nan") for v in s[:4]]  # loss, mse, vb, grad norm
+    extra = {k: v / good if good > 0 else float("nan") for k, v in zip(meter.keys[len(METER_KEYS):], s[6:])}
     record = {"step": step, "loss": mean[0], "mse": mean[1],
               "vb": mean[2] if config.objective == "diffusion" else None,
               "grad_norm": mean[3], "lr": state.opt.param_groups[0]["lr"],
               "steps_per_sec": sps, "images_per_sec": sps * config.train.global_batch_size,
               "peak_mem_gb": (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None,
               "skipped_steps": int(round(s[5] / world)), "skipped_total": state.skipped_total,
-              "epoch": step // loader.steps_per_epoch, "good_steps": int(s[4] / world)}
+              "epoch": step // loader.steps_per_epoch, "good_steps": int(s[4] / world), **extra}
     logger.metrics(record)
     logger.log(f"step {step:07d} loss {record['loss']:.4f} mse {record['mse']:.4f} grad_norm "
-               f"{record['grad_norm']:.3f} steps/s {sps:.2f} img/s {record['images_per_sec']:.1f}"
+               f"{record['grad_norm']:.3f}"
+               + (f" repa_cos {extra['repa_cos']:.4f}" if "repa_cos" in extra else "")
+               + f" steps/s {sps:.2f} img/s {record['images_per_sec']:.1f}"
                + (f" skipped {record['skipped_steps']}" if record["skipped_steps"] else ""))
     if record["skipped_steps"]:
         name_nonfinite_items(state, config, loader, logger, step)
@@ -435,21 +466,22 @@ def check_bad_streak(meter: Meter, config: TrainConfig, loader: TrainLoader, ste
 
 # ---------------------------------------------------------------------------------- the loop
 def training_loop(config: TrainConfig, *, model: torch.nn.Module, dataset, objective, accelerator, plan: BatchPlan,
-                  logger: RunLogger, resume: ResumePoint, vae, eval_plan, guide: Optional[Guide] = None) -> bool:
+                  logger: RunLogger, resume: ResumePoint, vae, eval_plan, guide: Optional[Guide] = None,
+                  repa: Optional[Repa] = None) -> bool:
     """Train from the resume point to config.train.max_train_steps; True when a preemption signal stopped
     the run early (after a checkpoint: rerun to resume). `guide`: the autoguidance guide of the grids and
-    evaluations (--guide-ckpt), frozen."""
+    evaluations (--guide-ckpt), frozen. `repa`: representation alignment (train_gen/repa.py), or None."""
     with PreemptionWatch(plan.world_size, accelerator.device) as watch:
         return _train(config, model=model, dataset=dataset, objective=objective, accelerator=accelerator, plan=plan,
-                      logger=logger, resume=resume, vae=vae, eval_plan=eval_plan, watch=watch, guide=guide)
+                      logger=logger, resume=resume, vae=vae, eval_plan=eval_plan, watch=watch, guide=guide, repa=repa)
 
 
 def _train(config: TrainConfig, *, model: torch.nn.Module, dataset, objective, accelerator, plan: BatchPlan,
            logger: RunLogger, resume: ResumePoint, vae, eval_plan, watch: PreemptionWatch,
-           guide: Optional[Guide]) -> bool:
+           guide: Optional[Guide], repa: Optional[Repa]) -> bool:
     t, log = config.train, config.log
     run_dir, device, is_main = Path(config.run.run_dir), accelerator.device, accelerator.is_main_process
-    state = setup_state(config, model, accelerator)
+    state = setup_state(config, model, accelerator, repa)
     state.unreadable = resume.unreadable
     # every training draw is a function of (seed, step, sample index) (train_gen/step_draws.py); the global
     # streams are seeded per rank for anything else, and restored on a same-world-size resume
@@ -459,7 +491,8 @@ def _train(config: TrainConfig, *, model: torch.nn.Module, dataset, objective, a
                            float(getattr(state.model, "class_dropout_prob", 0.0)))
     if resume.ckpt is not None:
         restore_state(state, resume, config, plan, run_dir, logger, is_main)
-    ddp_model = accelerator.prepare_model(state.model, device_placement=False) if plan.world_size > 1 else state.model
+    trained = repa.module if repa is not None else state.model  # alignment: the network and its projector
+    ddp_model = accelerator.prepare_model(trained, device_placement=False) if plan.world_size > 1 else trained
     start_step = state.step
     if is_main:
         prepare_run_folder(run_dir, config, start_step, log=logger.log)
@@ -485,13 +518,15 @@ def _train(config: TrainConfig, *, model: torch.nn.Module, dataset, objective, a
                f"run folder {run_dir}; steps {start_step} -> {t.max_train_steps}")
     if is_main and (launch_warning := process_count_warning(plan.world_size)):
         logger.log(launch_warning)
+    if repa is not None:
+        logger.log(describe_repa(repa.config, repa.encoder))
     if guide is not None:
         logger.log(f"autoguidance guide of the grids/evaluations: {guide.model_name} from {guide.path}"
                    + (f" (step {guide.step})" if guide.step is not None else "")
                    + f", {'EMA' if guide.use_ema else 'raw'} weights")
     loader = TrainLoader(dataset, plan, seed=t.seed, start_step=start_step, num_workers=t.num_workers,
                          pin_memory=device.type == "cuda")
-    meter = Meter(device)
+    meter = Meter(device, REPA_METER_KEYS if repa is not None else ())
     save = partial(save_training_checkpoint, state, config, accelerator, loader, meter, logger)  # save(step)
     grid = partial(save_training_grid, state, config, vae, guide, accelerator, logger)  # grid(step)
     if start_step and log.sample_every and (start_step % log.sample_every == 0 or start_step == t.max_train_steps) \
@@ -505,7 +540,7 @@ def _train(config: TrainConfig, *, model: torch.nn.Module, dataset, objective, a
     if evaluator:
         evaluator.start(start_step)  # reference features; an evaluation a kill left pending
     preempted = run_steps(state, config, ddp_model, objective, accelerator, plan, step_draws, loader, meter, logger,
-                          grid, evaluator, save, watch)
+                          grid, evaluator, save, watch, repa)
     if is_main:
         write_curves(run_dir, logger.log)
     if preempted:
@@ -523,7 +558,7 @@ def _train(config: TrainConfig, *, model: torch.nn.Module, dataset, objective, a
 
 def run_steps(state: TrainState, config: TrainConfig, ddp_model, objective, accelerator, plan: BatchPlan,
               step_draws: StepDraws, loader: TrainLoader, meter: Meter, logger: RunLogger, grid, evaluator,
-              save, watch: Optional[PreemptionWatch] = None) -> bool:
+              save, watch: Optional[PreemptionWatch] = None, repa: Optional[Repa] = None) -> bool:
     """The optimizer steps from state.step to the last, with what happens after each: logs, the bad-step
     guard, post-hoc EMA snapshots, checkpoints (`save(step)`), grids (`grid(step)`) and evaluations (excluded
     from steps/s).
@@ -537,10 +572,12 @@ def run_steps(state: TrainState, config: TrainConfig, ddp_model, objective, acce
         torch.cuda.reset_peak_memory_stats(device)
     data_iter = iter(loader)
     while state.step < max_steps:
-        x, y = next(data_iter)
+        x, y, *images = next(data_iter)  # images: [the clean images (B, 3, S, S) uint8] with alignment
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         y = y.to(device, non_blocking=True)
-        train_step(state, ddp_model, objective, accelerator, x, y, step_draws.draw(state.step), plan, config, meter)
+        images = images[0].to(device, non_blocking=True) if images else None
+        train_step(state, ddp_model, objective, accelerator, x, y, step_draws.draw(state.step), plan, config, meter,
+                   repa, images)
         state.step += 1
         step = state.step
         window_steps += 1
