@@ -110,6 +110,9 @@ class Counters:
 
 def resolve_sizes(args, kwargs: dict) -> dict:
     """Latent shape, site shape, encoder resolution and image side, checked before anything is built."""
+    # deferred: models.vision_encoders imports timm (~1.5 s); --help and flag errors do not need it
+    from models.vision_encoders import patch_grid, resolution_for_grid
+
     with torch.device("meta"):
         try:
             probe = create_model(args.model, **kwargs)
@@ -126,10 +129,8 @@ def resolve_sizes(args, kwargs: dict) -> dict:
         site_shape = probe.site_shape(args.site, L, L)
     except ValueError as e:
         raise UserError(f"--site: {e}") from None
-    resolution = args.encoder_resolution or site_shape[1] * PATCH
-    if resolution % PATCH:
-        raise UserError(f"--encoder-resolution {resolution} is not a multiple of the encoder's patch size {PATCH}; "
-                        f"use {resolution // PATCH * PATCH or PATCH} or {(resolution // PATCH + 1) * PATCH}")
+    resolution = args.encoder_resolution or resolution_for_grid(site_shape[1], PATCH)
+    patch_grid(resolution, PATCH)  # UserError naming the nearest valid resolutions
     return {"latent_shape": (probe.in_channels, L, L), "site_shape": tuple(site_shape), "num_classes":
             probe.num_classes, "encoder_resolution": resolution, "image_size": args.image_size or resolution}
 

@@ -74,7 +74,7 @@ def test_bad_settings_are_one_error_line():
         bench_repa.main(TINY + ["--site", "enc7"])
     with pytest.raises(UserError, match="not divisible by 4"):
         bench_repa.main(TINY + ["--latent-size", "6"])
-    with pytest.raises(UserError, match="not a multiple of the encoder's patch size 14; use 42 or 56"):
+    with pytest.raises(UserError, match="not a multiple of its patch size 14; use 42 or 56"):
         bench_repa.main(TINY + ["--encoder-resolution", "50"])
     proc = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--site", "mid.5"], capture_output=True, text=True,
                           timeout=120)

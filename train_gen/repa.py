@@ -157,7 +157,7 @@ def build_repa(args, model: nn.Module, latent_shape, images_size: int, device) -
     """The encoder (loaded from its local file, checked against the site) and a fresh projector. Call it right
     after the model is built, under the same seed, so the projector's initialisation is a function of --seed."""
     # deferred: the encoder loader imports timm (~1.5 s per process); only runs with alignment need it
-    from models.vision_encoders import load_vision_encoder
+    from models.vision_encoders import load_vision_encoder, resolution_for_grid
 
     if not args.repa_encoder_path:
         raise UserError("--repa-encoder needs --repa-encoder-path, the encoder's local weights file or snapshot folder")
@@ -171,10 +171,11 @@ def build_repa(args, model: nn.Module, latent_shape, images_size: int, device) -
     resolution = args.repa_encoder_resolution
     projector_rng = torch.random.get_rng_state()  # loading must not move the stream the projector is drawn from
     encoder = load_vision_encoder(args.repa_encoder, args.repa_encoder_path, resolution=resolution, device=device)
-    if resolution is None and encoder.resolution != site_shape[1] * encoder.patch_size:
+    if resolution is None and encoder.resolution != resolution_for_grid(site_shape[1], encoder.patch_size):
         # default: the resolution whose grid is the site's (one more load, with the position embedding resampled)
         encoder = load_vision_encoder(args.repa_encoder, args.repa_encoder_path,
-                                      resolution=site_shape[1] * encoder.patch_size, device=device)
+                                      resolution=resolution_for_grid(site_shape[1], encoder.patch_size),
+                                      device=device)
     torch.random.set_rng_state(projector_rng)
     config = RepaConfig(encoder=encoder.name, encoder_path=str(args.repa_encoder_path),
                         encoder_resolution=int(encoder.resolution), encoder_grid=tuple(int(v) for v in encoder.grid),
