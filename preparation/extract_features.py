@@ -229,7 +229,7 @@ def worker_count(requested: int, say) -> int:
 def _finished_shards(group, images: bool) -> np.ndarray:
     """Shards with nothing left to do: latents done, and images done when the store has an image layer."""
     done = zstore.done_shards(group)
-    return done & zstore.image_done_shards(group) if images else done
+    return done & zstore.done_shards(group, zstore.IMAGES) if images else done
 
 
 def _add_finished(bar, group, shards: list, shown: int, count: int, shard_size: int, images: bool = False) -> int:
@@ -316,7 +316,7 @@ def _run(args, rank, world, device, say):
     images_size = args.repa_image_size or (stored[0] if stored else 0)  # a store with images keeps getting them
     # every rank decides alike whether there is work (shards whose files were deleted are redone)
     missing = zstore.shards_to_repair(path) if state in ("complete", "incomplete") else []
-    missing_images = zstore.image_shards_to_repair(path) if stored else []
+    missing_images = zstore.shards_to_repair(path, zstore.IMAGES) if stored else []
     add_images = bool(images_size) and state in ("complete", "incomplete") and stored is None
     images_left = bool(stored) and not stored[1]
     if state == "complete" and not (missing or missing_images or add_images or images_left):
@@ -347,14 +347,14 @@ def _run(args, rank, world, device, say):
             say(f"{path}: the files of {zstore.describe_shards(missing, count, args.shard_size)} are "
                 "missing; encoding them again")
         if missing_images:
-            zstore.reset_image_shards(zstore.open_store(path), missing_images)
+            zstore.reset_shards(zstore.open_store(path), missing_images, zstore.IMAGES)
             say(f"{path}: the images files of {zstore.describe_shards(missing_images, count, args.shard_size)} "
                 "are missing; storing them again")
     barrier()
 
     group = zstore.open_store(path)
     done = zstore.done_shards(group)
-    images_done = zstore.image_done_shards(group) if images_size else np.ones_like(done)
+    images_done = zstore.done_shards(group, zstore.IMAGES) if images_size else np.ones_like(done)
     finished = done & images_done
     n_shards = len(done)
     mine = [k for k in range(rank, n_shards, world) if not finished[k]]
@@ -421,7 +421,7 @@ def _run(args, rank, world, device, say):
     bar.close()
     barrier()
     if rank == 0:
-        if images_size and zstore.image_done_shards(group).all() and not group.attrs.get("images_complete"):
+        if images_size and zstore.done_shards(group, zstore.IMAGES).all() and not group.attrs.get("images_complete"):
             zstore.mark_images_complete(group)
         if zstore.done_shards(group).all():
             if not group.attrs.get("complete"):  # (a store completed before only gained images)

@@ -36,7 +36,7 @@ from fcdm_common.cli import UserError
 from fcdm_common.io import fault_point
 from fcdm_common.progress import progress as tqdm
 from preparation.checks import check_label_gaps, damaged_store, load_label_file, load_latent_file
-from preparation.store import STORE_FORMAT, check_image_shard_files, check_shard_files
+from preparation.store import IMAGES, STORE_FORMAT, check_shard_files
 
 try:  # zarr's event-loop runner (not public API): many chunks fetched concurrently in one call
     from zarr.core.sync import sync as zarr_sync
@@ -180,7 +180,7 @@ class ZarrLatentDataset:
                             f"{self.images_size}) to finish them")
         with damaged_store(self.path):
             images = group["images"]
-            check_image_shard_files(self.path, group)  # zarr reads a missing or empty shard file as black
+            check_shard_files(self.path, group, IMAGES)  # zarr reads a missing or empty shard file as black
         want = (count, 3, self.images_size, self.images_size)
         if tuple(images.shape) != want or images.dtype != np.uint8:
             raise UserError(f"{self.path}: the images array is {images.dtype} {tuple(images.shape)}, not uint8 "

@@ -26,8 +26,8 @@ flipped orientation is its mirror); `images_done` (one chunk per shard) records 
 and the attribute `images_complete` becomes true once all are. The layer is not a setting (SETTING_KEYS): a
 store without it opens, resumes and compares as before, and it can be added to an existing store
 (`add_image_layer`: both arrays first, then the attributes in one write, so a kill leaves either no layer or
-an empty one). Its shard files are checked like the latents' (`missing_shards(..., IMAGE_FILES)`), but only by
-the readers that ask for images.
+an empty one). Its shards are checked, repaired and reset like the latents' (the same functions, given the
+`IMAGES` layer instead of `LATENTS`), but only by the readers that ask for images.
 
 Test hook: every write through `open_store`/`create_store` passes `fcdm_common.io.fault_point` first, named
 `store-meta/<key>` for metadata (`zarr.json`) and `store-data/<key>` for chunk files; a kill there leaves the
@@ -43,6 +43,7 @@ import re
 import shutil
 import uuid
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -395,8 +396,27 @@ def shard_range(k: int, count: int, shard_size: int) -> tuple[int, int]:
     return k * shard_size, min(count, (k + 1) * shard_size)
 
 
-def done_shards(group) -> np.ndarray:
-    return np.asarray(group["done"][:], dtype=bool)
+@dataclass(frozen=True)
+class Layer:
+    """The shard bookkeeping of one kind of stored data, which the latents and the images share: the arrays
+    with one file per shard, the per-shard markers (`done` first), the attribute set once every shard is done,
+    and what a damaged store's message says."""
+    files: tuple  # arrays with one file per shard (`missing_shards`)
+    markers: tuple  # bool arrays, one chunk per shard: the first says the shard is done; all are reset with it
+    complete: str  # the group attribute set once every shard is done
+    what: str  # names the files in a message
+    harm: str  # what reading a lost file would do
+    fix: str  # how to repair the store (formatted with the store's attributes)
+
+
+LATENTS = Layer(LATENT_FILES, ("done", "stat_done"), "complete", "latents or labels", "would train on zeros", REBUILD)
+IMAGES = Layer(IMAGE_FILES, ("images_done",), "images_complete", "images", "would align to black images",
+               "rerun preparation/extract_features.py with the same arguments (and --repa-image-size "
+               "{images_size}): it stores those images again without re-encoding the latents")
+
+
+def done_shards(group, layer: Layer = LATENTS) -> np.ndarray:
+    return np.asarray(group[layer.markers[0]][:], dtype=bool)
 
 
 def missing_shards(path: str | os.PathLike, group, shards=None, names: tuple = LATENT_FILES) -> list[int]:
@@ -421,22 +441,14 @@ def missing_shards(path: str | os.PathLike, group, shards=None, names: tuple = L
     return found
 
 
-def shards_to_repair(path: str | os.PathLike) -> list[int]:
-    """Shards of the store at `path` recorded as done whose latents or labels file is missing or empty
-    (deleted, lost): the writers encode them again (`reset_shards`)."""
+def shards_to_repair(path: str | os.PathLike, layer: Layer = LATENTS) -> list[int]:
+    """Shards of the store at `path` recorded as done whose file of any of `layer`'s arrays is missing or empty
+    (deleted, lost): the writers write them again (`reset_shards`). [] for a store without the image layer."""
     group = open_store(path, "r")
-    done = done_shards(group)
-    return missing_shards(path, group, [k for k in range(len(done)) if done[k]])
-
-
-def image_shards_to_repair(path: str | os.PathLike) -> list[int]:
-    """Shards of the store at `path` whose images are recorded as done but whose `images` file is missing or
-    empty: the writers store those images again (`reset_image_shards`). [] for a store without images."""
-    group = open_store(path, "r")
-    if images_size_of(group) is None:
+    if layer is IMAGES and images_size_of(group) is None:
         return []
-    done = image_done_shards(group)
-    return missing_shards(path, group, [k for k in range(len(done)) if done[k]], IMAGE_FILES)
+    done = done_shards(group, layer)
+    return missing_shards(path, group, [k for k in range(len(done)) if done[k]], layer.files)
 
 
 def describe_shards(shards: list[int], count: int, shard_size: int, limit: int = 4) -> str:
@@ -449,51 +461,26 @@ def describe_shards(shards: list[int], count: int, shard_size: int, limit: int =
     return ", ".join(parts) + more
 
 
-def check_shard_files(path: str | os.PathLike, group) -> None:
-    """UserError naming the store, the images whose shard files are missing or empty, and the fix."""
-    missing = missing_shards(path, group)
+def check_shard_files(path: str | os.PathLike, group, layer: Layer = LATENTS) -> None:
+    """UserError naming the store, the images whose shard files of `layer` are missing or empty, and the fix."""
+    missing = missing_shards(path, group, names=layer.files)
     if missing:
-        attrs = group.attrs
+        attrs = dict(group.attrs)
         what = describe_shards(missing, int(attrs["count"]), int(attrs["shard_size"]))
-        raise UserError(f"zarr store {path} is damaged: the latents or labels file of {len(missing)} shard(s) is "
-                        f"missing or empty ({what}), which would train on zeros; {REBUILD}")
+        raise UserError(f"zarr store {path} is damaged: the {layer.what} file of {len(missing)} shard(s) is missing "
+                        f"or empty ({what}), which {layer.harm}; {layer.fix.format(**attrs)}")
 
 
-def check_image_shard_files(path: str | os.PathLike, group) -> None:
-    """UserError naming the store, the images whose shard files are missing or empty, and the fix."""
-    missing = missing_shards(path, group, names=IMAGE_FILES)
-    if missing:
-        attrs = group.attrs
-        what = describe_shards(missing, int(attrs["count"]), int(attrs["shard_size"]))
-        raise UserError(f"zarr store {path} is damaged: the images file of {len(missing)} shard(s) is missing or "
-                        f"empty ({what}), which would align to black images; rerun "
-                        f"preparation/extract_features.py with the same arguments (and --repa-image-size "
-                        f"{attrs['images_size']}): it stores those images again without re-encoding the latents")
-
-
-def reset_shards(group, shards: list[int]) -> None:
-    """Mark `shards` (whose files are missing) not done, and the store incomplete, so they are encoded again."""
+def reset_shards(group, shards: list[int], layer: Layer = LATENTS) -> None:
+    """Mark `shards` (whose files of `layer` are missing) not done, and the layer incomplete, so they are written
+    again; nothing of another layer is touched."""
     if not shards:
         return
-    group.update_attributes({"complete": False})  # first: readers refuse the store while it is repaired
+    group.update_attributes({layer.complete: False})  # first: readers refuse the layer while it is repaired
+    markers = [m for m in layer.markers if m in set(group.array_keys())]
     for k in shards:
-        if "stat_done" in set(group.array_keys()):
-            group["stat_done"][k] = False
-        group["done"][k] = False
-
-
-def reset_image_shards(group, shards: list[int]) -> None:
-    """Mark the images of `shards` (whose files are missing) not done, and the layer incomplete, so they are
-    stored again; the latents are not touched."""
-    if not shards:
-        return
-    group.update_attributes({"images_complete": False})  # first: readers of images refuse the store meanwhile
-    for k in shards:
-        group["images_done"][k] = False
-
-
-def image_done_shards(group) -> np.ndarray:
-    return np.asarray(group["images_done"][:], dtype=bool)
+        for m in markers[::-1]:  # `done` last, as it was set last
+            group[m][k] = False
 
 
 def write_shard(group, k: int, latents: np.ndarray, labels: np.ndarray) -> None:
@@ -542,6 +529,6 @@ def write_image_shard(group, k: int, images: np.ndarray) -> None:
 
 def mark_images_complete(group) -> None:
     """Set `images_complete` once every shard's images are done."""
-    if not image_done_shards(group).all():
+    if not done_shards(group, IMAGES).all():
         raise RuntimeError("mark_images_complete called before every shard's images were written")
     group.update_attributes({"images_complete": True})

@@ -308,7 +308,7 @@ def test_a_missing_image_shard_file_is_refused_by_image_readers_and_stored_again
     shutil.copytree(stores[8], out)
     f = image_file(out, 1)
     f.unlink() if damage == "deleted" else f.write_bytes(b"")
-    assert zstore.image_shards_to_repair(out) == [1] and zstore.shards_to_repair(out) == []
+    assert zstore.shards_to_repair(out, zstore.IMAGES) == [1] and zstore.shards_to_repair(out) == []
     assert len(open_dataset(zarr_path=out)) == 6  # training without images is not affected
     with pytest.raises(UserError) as e:
         open_dataset(zarr_path=out, images=True)
