@@ -15,14 +15,20 @@ Layout (the contract between train.py, sample.py, sample_ddp.py and any user cod
       "rng":    random states (python, numpy, torch CPU, torch CUDA) of the saving process,
       ... anything else train.py needs to resume exactly (data position, counters).
     }
+
+A release export, `<step>-ema.safetensors` (train_gen/run_folder.py's `export_ema`: the EMA weights, with the
+run config and the step as metadata), loads as {"ema", "config", "step"}: whatever samples from a checkpoint
+samples from it too (not training: it has no optimizer state).
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+from safetensors import safe_open
 
 from fcdm_common.cli import UserError, error_summary
 from fcdm_common.io import atomic_torch_save
@@ -47,13 +53,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", require_
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; pass the path of a .pt file written by train_gen/train.py")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a damaged file raises anything (EOFError, KeyError, RuntimeError, ...)
-        raise UserError(
-            f"checkpoint {path} is corrupt or not a torch checkpoint ({error_summary(e)}); "
-            "use an earlier checkpoint of the run"
-        ) from None
+    if path.suffix.lower() == ".safetensors":
+        ckpt = load_ema_export(path, map_location)
+    else:
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a damaged file raises anything (EOFError, KeyError, RuntimeError, ...)
+            raise UserError(
+                f"checkpoint {path} is corrupt or not a torch checkpoint ({error_summary(e)}); "
+                "use an earlier checkpoint of the run"
+            ) from None
     if adapt is not None:
         try:
             ckpt = adapt(ckpt) or ckpt
@@ -74,6 +83,27 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", require_
         raise UserError(f"checkpoint {path} lacks {', '.join(missing)}, so training cannot resume from it; "
                         "it is an export, not a checkpoint written by train_gen/train.py")
     return ckpt
+
+
+def load_ema_export(path: Path, map_location: Any = "cpu") -> dict:
+    """{"ema", "config", "step"} of an `<step>-ema.safetensors` export (see the module docstring); a damaged file,
+    or a safetensors file without the run config in its metadata, raises UserError naming it."""
+    device = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - a damaged file raises the reader's own errors
+        raise UserError(f"checkpoint {path} is corrupt or not a safetensors file ({error_summary(e)}); "
+                        "export it again from its .pt checkpoint (train_gen/train.py writes both)") from None
+    try:
+        config = json.loads(meta["config"])
+        step = int(meta["step"]) if "step" in meta else None
+    except (KeyError, ValueError, TypeError):
+        raise UserError(f"checkpoint {path} is a safetensors file without a run config in its metadata, so the model "
+                        "cannot be rebuilt from it; pass the <step>.pt checkpoint or its <step>-ema.safetensors "
+                        "export written by train_gen/train.py") from None
+    return {"ema": state, "config": config, **({"step": step} if step is not None else {})}
 
 
 def build_model(config: dict):

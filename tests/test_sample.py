@@ -1,4 +1,5 @@
 """train_gen/sample.py (grid + individual images) and the bad inputs of both sampling scripts."""
+import json
 import subprocess
 import sys
 
@@ -41,6 +42,33 @@ def test_grid_and_individual_images(ckpts, tmp_path):
         np.testing.assert_array_equal(np.asarray(Image.open(f)), img)
 
 
+def test_the_ema_export_samples_like_its_checkpoint(ckpts, tmp_path):
+    """<step>-ema.safetensors, the release export train.py writes beside <step>.pt, is accepted wherever a
+    checkpoint is sampled from (sample.py, sample_ddp.py, the autoguidance guide) and gives the same bytes."""
+    from models.checkpoints import load_checkpoint
+    from train_gen.run_folder import export_ema
+
+    for kind in ("diffusion", "flow"):
+        ckpt = load_checkpoint(ckpts[kind])
+        export = export_ema(ckpt["ema"], ckpt["config"], ckpt["step"], ckpts[kind])
+        assert export.name == f"{ckpts[kind].stem}-ema.safetensors"
+        loaded = load_checkpoint(export)
+        assert loaded["config"] == json.loads(json.dumps(ckpt["config"]))  # train.py's configs are JSON already
+        assert loaded["step"] == ckpt["step"] and "model" not in loaded
+        assert all(torch.equal(loaded["ema"][k], v) for k, v in ckpt["ema"].items())
+    with pytest.raises(UserError, match="an export, not a checkpoint"):  # it cannot resume training
+        load_checkpoint(export, for_training=True)
+    export = ckpts["root"] / "diff-ema.safetensors"
+    args = ["--class-labels", "3", "1", "--sampler", "ddim", "--num-sampling-steps", "3", "--seed", "5"]
+    for name, path in (("pt", ckpts["diffusion"]), ("st", export)):
+        sample.main(["--ckpt", str(path), *args, "--out", str(tmp_path / f"{name}.png")])
+        sample_ddp.main(["--ckpt", str(path), "--num-fid-samples", "4", "--num-sampling-steps", "3",
+                         "--sample-dir", str(tmp_path / f"ddp-{name}"), "--guide-ckpt", str(path)])
+    assert (tmp_path / "pt.png").read_bytes() == (tmp_path / "st.png").read_bytes()
+    archives = [np.load(next((tmp_path / f"ddp-{n}").glob("*.npz")))["arr_0"] for n in ("pt", "st")]
+    np.testing.assert_array_equal(*archives)
+
+
 def test_bf16_flow_sample_runs_close_to_fp32(ckpts, tmp_path):
     args = ["--ckpt", str(ckpts["flow"]), "--class-labels", "0", "9", "--num-sampling-steps", "4", "--sampler", "euler"]
     sample.main([*args, "--out", str(tmp_path / "fp32.png")])
@@ -61,6 +89,15 @@ def bad_files(ckpts):
                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
                         norm_num_groups=4, layers_per_block=1, sample_size=16)
     vae.save_pretrained(root / "vae4")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(root / "noconfig.safetensors"), metadata={"step": "3"})
+    from models.checkpoints import load_checkpoint
+    from train_gen.run_folder import export_ema
+
+    ckpt = load_checkpoint(root / "diff.pt")
+    export_ema(ckpt["ema"], ckpt["config"], ckpt["step"], root / "diff.pt")  # diff-ema.safetensors
+    (root / "corrupt-ema.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
     return root
 
 
@@ -68,6 +105,9 @@ BAD = {
     "missing checkpoint": (["--ckpt", "{root}/nope.pt"], "does not exist"),
     "corrupt checkpoint": (["--ckpt", "{root}/corrupt.pt"], "corrupt"),
     "no config": (["--ckpt", "{root}/noconfig.pt"], "no run config"),
+    "export without config": (["--ckpt", "{root}/noconfig.safetensors"], "without a run config"),
+    "corrupt export": (["--ckpt", "{root}/corrupt-ema.safetensors"], "corrupt or not a safetensors"),
+    "raw weights of an export": (["--ckpt", "{root}/diff-ema.safetensors", "--use-ema", "false"], "has no 'model'"),
     "model mismatch": (["--ckpt", "{root}/diff.pt", "--model", "FCDM-XL"], "does not match"),
     "vae channels": (["--ckpt", "{root}/diff.pt", "--vae", "sd", "--hf-model-dir", "{root}/vae4"], "latent channels"),
     "sampler for objective": (["--ckpt", "{root}/diff.pt", "--sampler", "sde"], "does not apply"),

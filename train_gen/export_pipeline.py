@@ -42,7 +42,9 @@ CITATION = """@inproceedings{kwon2026fcdm,
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--ckpt", required=True, help="checkpoint written by train_gen/train.py")
+    p.add_argument("--ckpt", required=True,
+                   help="checkpoint written by train_gen/train.py (<step>.pt, or its EMA export "
+                        "<step>-ema.safetensors)")
     p.add_argument("--out", required=True, help="pipeline folder to write (must not exist, or be empty)")
     p.add_argument("--use-ema", type=str2bool, default=True, metavar="BOOL",
                    help="export the EMA weights (default true)")

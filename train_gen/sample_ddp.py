@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
     p.add_argument("--ckpt", required=True,
-                   help="checkpoint written by train_gen/train.py or models.convert_official, or a plain DiT state "
-                        "dict (e.g. DiT-XL-2-256x256.pt, with --model DiT-XL/2)")
+                   help="checkpoint written by train_gen/train.py (<step>.pt, or its EMA export "
+                        "<step>-ema.safetensors) or models.convert_official, or a plain DiT state dict (e.g. "
+                        "DiT-XL-2-256x256.pt, with --model DiT-XL/2)")
     p.add_argument("--model", default=None,
                    help="optional: the model name the checkpoint must hold (e.g. FCDM-XL); read from the checkpoint")
     p.add_argument("--sample-dir", default="samples", help="folder for the PNG folder, the .npz and its .json")
