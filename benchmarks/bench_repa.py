@@ -33,7 +33,6 @@ import argparse
 import json
 import statistics
 import tempfile
-import types
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -42,14 +41,13 @@ import torch
 import torch.nn as nn
 
 from benchmarks.common import environment, peak_memory, setup_device, synchronize, timed
+from benchmarks.option_cost import add_model_args, add_run_args, report_main, train_settings
 from diffusion import create_objective
-from fcdm_common.cli import HelpFormatter, UserError, non_negative_int, positive_int, run_main, seed_int
-from fcdm_common.io import atomic_write_text
+from fcdm_common.cli import HelpFormatter, UserError, positive_int, run_main
 from fcdm_common.progress import progress
-from models import MODELS, create_model
-from train_gen.config import OptimConfig, PosthocEMAConfig
+from models import create_model
 from train_gen.repa import DEFAULT_SITE, DEFAULT_WEIGHT, PROJECTOR_WIDTH, Repa, build_repa
-from train_gen.step_draws import RNG_SCHEME, BatchPlan, StepDraws
+from train_gen.step_draws import BatchPlan, StepDraws
 from train_gen.training_loop import REPA_METER_KEYS, Meter, TrainState, setup_state, train_step
 
 PATCH = 14  # both encoders' patch size (DINOv2's)
@@ -133,18 +131,6 @@ def resolve_sizes(args, kwargs: dict) -> dict:
     patch_grid(resolution, PATCH)  # UserError naming the nearest valid resolutions
     return {"latent_shape": (probe.in_channels, L, L), "site_shape": tuple(site_shape), "num_classes":
             probe.num_classes, "encoder_resolution": resolution, "image_size": args.image_size or resolution}
-
-
-def train_settings(args, mixed_precision: str) -> types.SimpleNamespace:
-    """The `config` that setup_state / train_step read (its `train` section), with train.py's defaults."""
-    b = args.batch
-    optim = OptimConfig(global_batch_size=b, batch_per_process=b, batch_per_gpu=b, grad_accum_steps=1,
-                        rng_scheme=RNG_SCHEME, posthoc_ema=PosthocEMAConfig(0, (), "fp32"), lr=1e-4,
-                        betas=(0.9, 0.999), weight_decay=0.0, max_train_steps=args.warmup + args.repeats + 2,
-                        ema_decay=0.9999, grad_clip=0.0, seed=args.seed, mixed_precision=mixed_precision,
-                        grad_checkpointing=args.grad_checkpointing, compile=False, optimizer_impl="fused",
-                        max_bad_steps=10, num_workers=0, data_cache="none", hflip=False)
-    return types.SimpleNamespace(train=optim)
 
 
 def _median_ms(times: list) -> float:
@@ -308,14 +294,8 @@ def format_report(report: dict) -> str:
 # ---------------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--model", default="FCDM-S", choices=sorted(n for n in MODELS if n.startswith("FCDM")),
-                   metavar="NAME", help="registered FCDM preset (alignment needs feature sites): FCDM-S/B/L/XL, "
-                                        "FCDM-digits")
-    p.add_argument("--model-kwargs", default=None, metavar="JSON",
-                   help='constructor overrides of --model, e.g. \'{"hidden_size": 16, "depths": [1, 1, 1]}\'')
-    p.add_argument("--latent-size", type=positive_int, default=16,
-                   help="latent side (32 for ImageNet 256x256 SD-VAE latents); a multiple of 2^(levels-1)")
-    p.add_argument("--batch", type=positive_int, default=8, help="samples per optimizer step (one micro-batch)")
+    add_model_args(p, model_help="registered FCDM preset (alignment needs feature sites): FCDM-S/B/L/XL, FCDM-digits",
+                   latent_help="latent side (32 for ImageNet 256x256 SD-VAE latents); a multiple of 2^(levels-1)")
     p.add_argument("--site", default=DEFAULT_SITE, metavar="SITE",
                    help="where the denoiser's features are aligned (train.py --repa-site): enc<L>, enc<L>.<B>, mid, "
                         "dec<L>, ...")
@@ -330,36 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "as extract_features.py --repa-image-size 224 stores them; another side adds a resize)")
     p.add_argument("--projector-width", type=positive_int, default=PROJECTOR_WIDTH,
                    help="hidden width of the 3-layer projector MLP (train.py --repa-projector-width)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="fp32, or bf16 autocast (train.py --mixed-precision bf16); TF32 is on for fp32 on CUDA")
     p.add_argument("--objective", choices=("diffusion", "flow"), default="diffusion",
                    help="training objective (diffusion: iDDPM hybrid loss with learned sigma)")
-    p.add_argument("--grad-checkpointing", choices=("none", "selective", "full"), default="none",
-                   help="activation checkpointing of the network (train.py --grad-checkpointing)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="where to run (default: cuda when available)")
-    p.add_argument("--repeats", type=positive_int, default=7,
-                   help="timed steps per variant, interleaved; the medians are reported")
-    p.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps per variant first")
-    p.add_argument("--threads", type=non_negative_int, default=0,
-                   help="torch CPU threads (default: 0, torch's own count); 1 gives the steadiest CPU numbers")
-    p.add_argument("--cpu-allocator", choices=("tuned", "default"), default="tuned",
-                   help="CPU only: 'tuned' keeps freed memory in glibc's heap (what train.py does on CPU), "
-                        "'default' leaves malloc as it is (default: tuned)")
-    p.add_argument("--seed", type=seed_int, default=0,
-                   help="seed of the weights, inputs and step draws, 0..2**32-1 (default: 0)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--json", default=None, metavar="OUT", help="also write the full report (raw times too) here")
+    add_run_args(p, repeats_help="timed steps per variant, interleaved; the medians are reported",
+                 warmup_help="untimed steps per variant first")
     return p
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    report = run_benchmark(args)
-    print(format_report(report))
-    if args.json:
-        atomic_write_text(args.json, json.dumps(report, indent=2, default=str) + "\n")
-    return report
+    return report_main(argv, build_parser(), run_benchmark, format_report)
 
 
 if __name__ == "__main__":
