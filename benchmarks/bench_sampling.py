@@ -4,19 +4,18 @@ One measurement per batch size: `diffusion.sample` from fresh noise with the cho
 classifier-free guidance in the same forward call (2 x batch rows per network call when cfg != 1), the
 network behind `diffusion.sampling.FixedBatchModel` (fixed forward batch = 2 x batch, bf16 autocast
 with --dtype bf16) and, with --compile, `diffusion.compiled.compiled_network` - exactly what
-sample.py / sample_ddp.py run. Warm-up loops (which also pay the compile) are not timed; the median of
---repeats timed loops is reported.
+sample.py / sample_ddp.py run. Warm-up loops (which also pay the compile) are left out of the median of
+--repeats timed loops, and reported apart (warmup_times: the first holds the compilation).
 """
 from __future__ import annotations
 
 import json
 import statistics
-import time
 
 import torch
 
 import diffusion
-from benchmarks.common import environment, resolve_latent, setup_device, synchronize
+from benchmarks.common import environment, resolve_latent, setup_device, timed
 from diffusion.compiled import compile_mode, compiled_network
 from diffusion.sampling import FixedBatchModel
 from fcdm_common.cli import UserError
@@ -63,18 +62,15 @@ def sampling_benchmark(args) -> dict:
                                  num_steps=args.sampling_steps, cfg_scale=args.cfg_scale,
                                  null_label=model.num_classes, generators=gens)
 
+        warmup_times = []  # untimed in the median; the first holds the compilation (what --compile costs once)
         for _ in range(args.warmup):
-            loop()
+            warmup_times.append(timed(loop, device))
         times = []
         for _ in range(args.repeats):
-            synchronize(device)
-            t0 = time.perf_counter()
-            loop()
-            synchronize(device)
-            times.append(time.perf_counter() - t0)
+            times.append(timed(loop, device))
         med = statistics.median(times)
         rows.append(dict(batch=batch, seconds=med, images_per_s=batch / med, network_calls=net.calls,
-                         times=times))
+                         times=times, warmup_times=warmup_times))
         print(f"batch {batch}: {batch / med:.2f} images/s ({med:.3f} s per loop)", flush=True)
     return dict(mode="sample", model=args.model, model_kwargs=kwargs, latent_size=latent, sampler=args.sampler,
                 sampling_steps=args.sampling_steps, cfg_scale=args.cfg_scale, dtype=args.dtype,

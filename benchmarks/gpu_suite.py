@@ -22,13 +22,17 @@ the whole call still returns what was measured) and everything it prints to OUT/
                  encoder of DINOv2-B/14's architecture with random weights at 224) against without,
                  interleaved in one process (bench_repa.py): median step times, the ratio with/without and
                  the encoder forward pass's share
+     flow_times  the cost of the flow time schedules: a training iteration (its draws included) with uniform,
+                 logit-normal and shifted logit-normal times, FCDM-XL at 32x32x4, batch 32, bf16, interleaved in
+                 one process (bench_flow_times.py): ratios to the uniform iteration, the draw alone in microseconds
      e2e         the real programs as a user runs them, each with its wall time: extract_features.py with a
                  random SD-VAE-shaped AutoencoderKL on 256x256 digits, make_reference.py, `accelerate
                  launch train.py` in bf16 (FCDM-S, 300 steps, a grid), `torchrun sample_ddp.py`, evaluate.py
                  (torch backend, a random Inception)
   3 compile256   eager vs compiled blocks, every checkpointing mode, in one process (after the cheap
                  steps: compilation time is the least predictable part)
-  5 sampling     bench_model.py --mode sample (eager and --compile) when that mode exists, else skipped
+  5 sampling     bench_model.py --mode sample: guided DPM++ 20 eager (batch 64, 256), DDPM-250 eager (64), then
+                 --compile at 256 alone (autotuning: the longest cap)
   6 latents      SD-VAE-sized random AutoencoderKL encoding 256x256 images at batch 64 (fp32, bf16);
                  the training loader copying batches to the GPU (bench_data.py --device cuda)
 
@@ -73,6 +77,7 @@ from fcdm_common.processes import kill_processes_with_env  # noqa: E402
 BENCH_MODEL = REPO / "benchmarks" / "bench_model.py"
 BENCH_DATA = REPO / "benchmarks" / "bench_data.py"
 BENCH_REPA = REPO / "benchmarks" / "bench_repa.py"
+BENCH_FLOW_TIMES = REPO / "benchmarks" / "bench_flow_times.py"
 NOMINAL_PEAK_TFLOPS = 989.0  # H100/H200 SXM dense bf16, the vendor's figure
 MEASURED_PEAK_TFLOPS = 790.0  # what an 8192^3 bf16 matmul reached on this project's H200 (used if env fails)
 RUN_TAG = "FCDM_GPU_SUITE_RUN"  # environment tag of every command the suite runs (to find what it left behind)
@@ -118,6 +123,8 @@ class Sizes:
     repa_site: str  # the aligned site (enc1: 16x16 at 32x32 latents, DINOv2-B/14's grid at 224)
     repa_projector_width: int  # hidden width of the projector (REPA: 2048)
     repa_repeats: int  # timed steps per variant (interleaved; median)
+    flow_batch: int  # batch of the flow-schedule step (three networks with AdamW and EMA in one process)
+    flow_repeats: int  # timed iterations per schedule (interleaved; median)
 
 
 GPU = Sizes(device="cuda", model="FCDM-XL", model_kwargs=None, dit="DiT-XL/2", latent256=32, latent512=64,
@@ -127,7 +134,7 @@ GPU = Sizes(device="cuda", model="FCDM-XL", model_kwargs=None, dit="DiT-XL/2", l
             ckpt512=("selective", "full"), test_timeout_s=150, e2e_upscale=32, e2e_model="FCDM-S",
             e2e_model_kwargs=None, e2e_steps=300, e2e_batch=64, e2e_samples=256, e2e_sampling_steps=50,
             e2e_ref_images=1797, repa_batch=32, repa_encoder="dinov2-b", repa_site="enc1", repa_projector_width=2048,
-            repa_repeats=10)
+            repa_repeats=10, flow_batch=32, flow_repeats=7)
 # one dtype / mode where the GPU run loops over two: the same code, fewer processes
 DRY = Sizes(device="cpu", model="FCDM-S", model_kwargs=TINY_FCDM, dit="DiT-S/2", latent256=8, latent512=16,
             train_batch=2, forward_batch=2, sample_batch=2, warmup=0, repeats=1, compile=False,
@@ -135,7 +142,8 @@ DRY = Sizes(device="cpu", model="FCDM-S", model_kwargs=TINY_FCDM, dit="DiT-S/2",
             loader_batch=8, loader_steps=2, matmul_n=64, forward_dtypes=("bf16",), ckpt512=("selective",),
             test_timeout_s=60, e2e_upscale=4, e2e_model="FCDM-S", e2e_model_kwargs=TINY_FCDM, e2e_steps=4,
             e2e_batch=8, e2e_samples=16, e2e_sampling_steps=3, e2e_ref_images=16, repa_batch=2, repa_encoder="tiny",
-            repa_site="enc0", repa_projector_width=64, repa_repeats=1)  # TINY_FCDM has 2 levels: no enc1
+            repa_site="enc0", repa_projector_width=64, repa_repeats=1, flow_batch=2,
+            flow_repeats=1)  # TINY_FCDM has 2 levels: no enc1
 
 
 class Skip(Exception):
@@ -467,28 +475,55 @@ def step_repa(suite: Suite) -> dict:
     s = suite.sizes
     missing = [m for m in ("timm", "torchvision", "safetensors") if importlib.util.find_spec(m) is None]
     if missing:  # the frozen encoder is a timm ViT (timm imports torchvision)
-        raise Skip(f"{', '.join(missing)} not installed here: bench_repa.py builds its encoder with timm (add the "
-                   "wheels to benchmarks/gpu_wheels.txt for a machine without them)")
+        raise Skip(f"{', '.join(missing)} not installed here: bench_repa.py builds its encoder with timm (.whl/ "
+                   "carries timm; torchvision must be the machine's own, matching its torch)")
+    out = _halving_batches(suite, "repa", s.repa_batch, lambda batch, path: [
+        sys.executable, BENCH_REPA, *suite.model_args(), "--latent-size", s.latent256, "--batch", batch, "--precision",
+        "bf16", "--encoder", s.repa_encoder, "--site", s.repa_site, "--projector-width", s.repa_projector_width,
+        "--device", s.device, "--warmup", s.warmup, "--repeats", s.repa_repeats, "--json", path])
+    if "report" not in out:
+        return out
+    report = out.pop("report")
+    return out | _repa_summary(report)
+
+
+def _halving_batches(suite: Suite, tag: str, first: int, command: Callable[[int, Path], list]) -> dict:
+    """Run the benchmark `command(batch, json_path)` at batch `first`, halved after each out-of-memory down to a
+    quarter of it (while 40 s of the budget are left): {batch, command, attempts, report} of the run that wrote its
+    report, else {status: failed/timeout, attempts, tail}."""
     tried: List[dict] = []
-    batch = s.repa_batch
+    batch = first
     while True:
-        path = suite.work / f"repa_b{batch}.json"
-        cmd = [sys.executable, BENCH_REPA, *suite.model_args(), "--latent-size", s.latent256, "--batch", batch,
-               "--precision", "bf16", "--encoder", s.repa_encoder, "--site", s.repa_site, "--projector-width",
-               s.repa_projector_width, "--device", s.device, "--warmup", s.warmup, "--repeats", s.repa_repeats,
-               "--json", path]
+        path = suite.work / f"{tag}_b{batch}.json"
+        cmd = command(batch, path)
         res = suite.run(cmd, timeout_s=150)
-        command = " ".join(shlex.quote(str(c)) for c in cmd)
-        tried.append({"batch": batch, "command": command, "rc": res["rc"], "timed_out": res["timed_out"],
+        line = " ".join(shlex.quote(str(c)) for c in cmd)
+        tried.append({"batch": batch, "command": line, "rc": res["rc"], "timed_out": res["timed_out"],
                       "oom": _oom(res)})
         if res["rc"] == 0 and path.is_file():
-            report = json.loads(path.read_text())
-            return {"batch": batch, "command": command, "attempts": tried, **_repa_summary(report)}
-        if not tried[-1]["oom"] or batch // 2 < max(1, s.repa_batch // 4) or suite.remaining() < 40:
+            return {"batch": batch, "command": line, "attempts": tried, "report": json.loads(path.read_text())}
+        if not tried[-1]["oom"] or batch // 2 < max(1, first // 4) or suite.remaining() < 40:
             break
         batch //= 2
         suite.log(f"  out of memory: trying batch {batch}")
     return {"status": "timeout" if tried[-1]["timed_out"] else "failed", "attempts": tried, "tail": res["tail"]}
+
+
+def step_flow_times(suite: Suite) -> dict:
+    """The flow time schedules' cost (bench_flow_times.py): a training iteration (the step's draws included) with
+    uniform, logit-normal and shifted logit-normal times, interleaved in one process, as ratios to the uniform one."""
+    s = suite.sizes
+    out = _halving_batches(suite, "flow_times", s.flow_batch, lambda batch, path: [
+        sys.executable, BENCH_FLOW_TIMES, *suite.model_args(), "--latent-size", s.latent256, "--batch", batch,
+        "--precision", "bf16", "--device", s.device, "--warmup", s.warmup, "--repeats", s.flow_repeats, "--quiet",
+        "--json", path])
+    if "report" not in out:
+        return out
+    report = out.pop("report")
+    return out | {"step_ms": {k: r["step_ms"] for k, r in report["results"].items()},
+                  "draw_us": {k: r["draw_us"] for k, r in report["results"].items()},
+                  "ratios_to_uniform": report["ratios_to_uniform"], "checks": report["checks"],
+                  "model": report["model"], "environment": report["environment"]}
 
 
 def _repa_summary(report: dict) -> dict:
@@ -516,18 +551,23 @@ def step_sampling(suite: Suite, extra: List[str]) -> dict:
     out = {}
     # bench_model's --mode sample default: DPM++ 2M, 20 steps, guidance 4.0, batches 64 and 256. The paper's
     # guided DDPM-250 loop is one timed loop at batch 64 (at 256 it took more than the step's 90 s on an H200:
-    # 500 network evaluations of 256 images at about 1,400 images/s)
+    # 500 network evaluations of 256 images at about 1,400 images/s). The compiled loop comes last, at batch 256
+    # alone, with a longer cap: --compile autotunes every convolution and matmul shape ("max-autotune-no-
+    # cudagraphs"), and at batches 64 and 256 that alone outlasted 90 s on an H200 (2026-12-04)
     ddpm_steps = 3 if suite.dry_run else 250
-    variants = [("eager", [], {}), *([("compiled", ["--compile"], {})] if s.compile else []),
+    variants = [("eager", [], {}, 90),
                 (f"ddpm{ddpm_steps}_eager", ["--sampler", "ddpm", "--sampling-steps", str(ddpm_steps),
-                                             "--sample-batches", str(s.forward_batch)], {"warmup": 0, "repeats": 1})]
-    for label, flags, counts in variants:
+                                             "--sample-batches", str(s.forward_batch)],
+                 {"warmup": 0, "repeats": 1}, 90),
+                *([("compiled", ["--compile", "--sample-batches", str(s.sample_batch)], {"warmup": 1}, 180)]
+                  if s.compile else [])]
+    for label, flags, counts, cap in variants:
         if suite.remaining() < 30:
             out[label] = {"status": "skipped", "reason": "budget"}
             continue
         b = suite.bench(f"sample_{label}", suite.model_args() + [
             "--latent-size", s.latent256, "--batch-size", s.sample_batch, "--dtype", "bf16", "--mode", "sample",
-            *flags, *extra], timeout_s=90, **counts)
+            *flags, *extra], timeout_s=cap, **counts)
         entry = {"command": b["command"], "rc": b["run"]["rc"]}
         if b["report"] is None:
             entry |= {"status": "timeout" if b["run"]["timed_out"] else "failed", "tail": b["run"]["tail"]}
@@ -862,8 +902,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="CPU, tiny sizes, the same scripts (what CI runs); the pytest step only collects")
     p.add_argument("--steps", default=None,
-                   help="comma-separated subset of steps to run, in the suite's order (default: all): "
-                        + ",".join(STEP_ORDER))
+                   help="comma-separated steps to run, in the order given (most wanted first: the budget skips the "
+                        "last); default: all, in this order: " + ",".join(STEP_ORDER))
     p.add_argument("--sample-args", default="",
                    help="extra flags for bench_model.py --mode sample, as one string (e.g. the sampler and steps)")
     # worker mode (internal: the suite runs itself as a subprocess for steps that need their own process)
@@ -887,11 +927,11 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
-STEP_ORDER = ("env", "cuda_tests", "train256", "profile256", "train512", "forward", "repa", "e2e", "compile256",
-              "sampling", "latents")
+STEP_ORDER = ("env", "cuda_tests", "train256", "profile256", "train512", "forward", "repa", "flow_times", "e2e",
+              "compile256", "sampling", "latents")
 # a step starts only with this much budget left
 MIN_SECONDS = {"env": 10, "cuda_tests": 30, "train256": 60, "profile256": 30, "train512": 45, "forward": 30,
-               "repa": 60, "e2e": 60, "compile256": 60, "sampling": 40, "latents": 25}
+               "repa": 60, "flow_times": 40, "e2e": 60, "compile256": 60, "sampling": 40, "latents": 25}
 
 
 def main(argv=None):
@@ -906,7 +946,8 @@ def main(argv=None):
         unknown = [s for s in steps if s not in STEP_ORDER]
         if unknown:
             raise UserError(f"unknown --steps {unknown}; choose from {','.join(STEP_ORDER)}")
-        steps = tuple(s for s in STEP_ORDER if s in steps)
+        if len(set(steps)) != len(steps):
+            raise UserError(f"--steps names a step twice: {args.steps}")
     sizes = DRY if args.dry_run else GPU
     if not args.dry_run:
         import torch  # deferred: the suite's own process needs torch only for this check
@@ -920,7 +961,8 @@ def main(argv=None):
     suite.log(f"FCDM GPU suite{' (dry run: CPU, tiny sizes)' if args.dry_run else ''}: steps {','.join(steps)}, "
               f"budget {args.budget_s:.0f}s, results in {suite.results}")
     fns = {"env": step_env, "cuda_tests": step_cuda_tests, "train256": step_train256, "profile256": step_profile256,
-           "train512": step_train512, "forward": step_forward, "repa": step_repa, "e2e": step_e2e,
+           "train512": step_train512, "forward": step_forward, "repa": step_repa, "flow_times": step_flow_times,
+           "e2e": step_e2e,
            "compile256": step_compile256, "sampling": lambda s: step_sampling(s, shlex.split(args.sample_args)),
            "latents": step_latents}
     for name in steps:

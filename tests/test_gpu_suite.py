@@ -53,6 +53,12 @@ def test_dry_run_writes_a_record_per_step(tmp_path):
     assert repa["checks"]["encoder_calls_per_step"] == {"with alignment": 1.0, "without alignment": 0.0}
     assert repa["checks"]["projector_max_change"] > 0 and repa["encoder"]["kind"] == "tiny"
     assert repa["batch"] == 2 and "--precision bf16" in repa["command"] and "bench_repa.py" in repa["command"]
+    # the flow time schedules' cost: three schedules timed in one bench_flow_times.py process, really drawn apart
+    flow = by_step["flow_times"]
+    assert set(flow["ratios_to_uniform"]) == {"uniform", "logit-normal", "logit-normal + shift"} == set(flow["step_ms"])
+    assert flow["ratios_to_uniform"]["uniform"] == 1.0 and all(v > 0 for v in flow["step_ms"].values())
+    assert flow["checks"]["shift_closed_form_holds"] and flow["checks"]["logit_normal_differs_from_uniform"]
+    assert flow["batch"] == 2 and "--precision bf16" in flow["command"] and "bench_flow_times.py" in flow["command"]
     # sampling through the real bench_model.py --mode sample: DPM++ at both batches, and the DDPM loop
     sampling = by_step["sampling"]
     assert set(sampling["eager"]["img_per_s"]) == {"rows.batch64.images_per_s", "rows.batch256.images_per_s"}
@@ -73,11 +79,18 @@ def test_a_failed_step_fails_the_suite(tmp_path):
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", tmp_path / "bare"], check=True, timeout=60)
     fake = tmp_path / "bare" / "bin" / "python"  # a Python with the standard library only
     assert subprocess.run([fake, "-c", "import torch"], capture_output=True).returncode != 0
-    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--dry-run", "--steps", "env,compile256"],
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--dry-run", "--steps", "compile256,env"],
                           env=dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=str(fake)), cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "0 ok, 1 failed (env), 1 skipped (compile256)" in proc.stdout
+    # --steps runs in the order given (most wanted first), not the default order
+    recs = [json.loads(line) for line in (tmp_path / "out" / "gpu_results.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == ["compile256", "env"]
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--dry-run", "--steps", "env,env"],
+                          env=dict(os.environ, OUT=str(tmp_path / "out3"), PYTHON=sys.executable), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "names a step twice" in proc.stderr, proc.stderr[-2000:]
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--dry-run", "--steps", "compile256"],
                           env=dict(os.environ, OUT=str(tmp_path / "out2"), PYTHON=sys.executable), cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
@@ -138,6 +151,9 @@ def test_sampling_step_calls_the_sample_mode_when_it_exists(tmp_path, monkeypatc
     out = gpu_suite.step_sampling(suite, ["--num-sampling-steps", "2"])
     assert out["eager"]["img_per_s"] == {"FCDM-S sample.sample_img_per_s": 12.5}
     assert out["compiled"]["hours_for_50k"]["FCDM-S sample.sample_img_per_s"] == 50_000 / 20.0 / 3600
+    # the compiled loop last, at the one sampling batch (autotuning two shapes outlasted its cap on an H200)
+    assert list(out) == ["eager", "ddpm3_eager", "compiled"]
+    assert "--compile --sample-batches 2" in out["compiled"]["command"]
     assert "--num-sampling-steps 2" in out["eager"]["command"]
 
 
