@@ -29,7 +29,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -37,10 +36,10 @@ from dataclasses import dataclass, field
 import torch
 
 from benchmarks.common import environment, setup_device, synchronize, timed
-from benchmarks.option_cost import add_model_args, add_run_args, report_main, train_settings
+from benchmarks.option_cost import add_model_args, add_run_args, probe_model, report_main, train_settings
 from diffusion import create_objective
 from diffusion.flow_schedules import LOGIT_MEAN_MAX, LOGIT_STD_RANGE, shift_time, time_shift_arg
-from fcdm_common.cli import HelpFormatter, UserError, float_in, run_main
+from fcdm_common.cli import HelpFormatter, float_in, run_main
 from fcdm_common.progress import progress
 from models import create_model
 from train_gen.step_draws import BatchPlan, StepDraws
@@ -100,19 +99,8 @@ def run_benchmark(args) -> dict:
     # deferred: accelerate's import is slow and only the measurement needs it (--help and flag errors do not)
     from accelerate import Accelerator
 
-    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
-    if not isinstance(kwargs, dict):
-        raise UserError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
-    kwargs.setdefault("learn_sigma", False)  # what train.py sets for the flow objective
-    with torch.device("meta"):
-        try:
-            probe = create_model(args.model, **kwargs)
-        except (TypeError, ValueError) as e:
-            raise UserError(f"cannot build {args.model} with --model-kwargs {json.dumps(kwargs)}: {e}") from None
-    L, f = args.latent_size, 2 ** (probe.num_levels - 1)
-    if L % f:
-        raise UserError(f"--latent-size {L} is not divisible by {f}, which a {probe.num_levels}-level FCDM needs")
-    latent_shape = (probe.in_channels, L, L)
+    kwargs, probe = probe_model(args, learn_sigma=False)  # the flow objective learns no sigma
+    latent_shape = (probe.in_channels, args.latent_size, args.latent_size)
     device = setup_device(args)
     mixed_precision = "bf16" if args.precision == "bf16" else "no"
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")

@@ -30,7 +30,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -41,7 +40,7 @@ import torch
 import torch.nn as nn
 
 from benchmarks.common import environment, peak_memory, setup_device, synchronize, timed
-from benchmarks.option_cost import add_model_args, add_run_args, report_main, train_settings
+from benchmarks.option_cost import add_model_args, add_run_args, probe_model, report_main, train_settings
 from diffusion import create_objective
 from fcdm_common.cli import HelpFormatter, UserError, positive_int, run_main
 from fcdm_common.progress import progress
@@ -106,23 +105,16 @@ class Counters:
         self.projector += 1
 
 
-def resolve_sizes(args, kwargs: dict) -> dict:
-    """Latent shape, site shape, encoder resolution and image side, checked before anything is built."""
+def resolve_sizes(args, probe: nn.Module) -> dict:
+    """Latent shape, site shape, encoder resolution and image side of the network `probe` (option_cost.probe_model),
+    checked before anything is built."""
     # deferred: models.vision_encoders imports timm (~1.5 s); --help and flag errors do not need it
     from models.vision_encoders import patch_grid, resolution_for_grid
 
-    with torch.device("meta"):
-        try:
-            probe = create_model(args.model, **kwargs)
-        except (TypeError, ValueError) as e:
-            raise UserError(f"cannot build {args.model} with --model-kwargs {json.dumps(kwargs)}: {e}") from None
     if not hasattr(probe, "site_shape"):
         raise UserError(f"representation alignment needs a model with feature sites (FCDM); {args.model} "
                         f"({type(probe).__name__}) has none")
     L = args.latent_size
-    f = 2 ** (probe.num_levels - 1)
-    if L % f:
-        raise UserError(f"--latent-size {L} is not divisible by {f}, which a {probe.num_levels}-level FCDM needs")
     try:
         site_shape = probe.site_shape(args.site, L, L)
     except ValueError as e:
@@ -142,11 +134,8 @@ def run_benchmark(args) -> dict:
     # deferred: accelerate's import is slow and only the measurement needs it (--help and flag errors do not)
     from accelerate import Accelerator
 
-    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
-    if not isinstance(kwargs, dict):
-        raise UserError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
-    kwargs.setdefault("learn_sigma", args.objective == "diffusion")  # what train.py sets for the objective
-    sizes = resolve_sizes(args, kwargs)
+    kwargs, probe = probe_model(args, learn_sigma=args.objective == "diffusion")
+    sizes = resolve_sizes(args, probe)
     device = setup_device(args)
     mixed_precision = "bf16" if args.precision == "bf16" else "no"
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")

@@ -477,20 +477,17 @@ def step_repa(suite: Suite) -> dict:
     if missing:  # the frozen encoder is a timm ViT (timm imports torchvision)
         raise Skip(f"{', '.join(missing)} not installed here: bench_repa.py builds its encoder with timm (.whl/ "
                    "carries timm; torchvision must be the machine's own, matching its torch)")
-    out = _halving_batches(suite, "repa", s.repa_batch, lambda batch, path: [
+    return _halving_batches(suite, "repa", s.repa_batch, lambda batch, path: [
         sys.executable, BENCH_REPA, *suite.model_args(), "--latent-size", s.latent256, "--batch", batch, "--precision",
         "bf16", "--encoder", s.repa_encoder, "--site", s.repa_site, "--projector-width", s.repa_projector_width,
-        "--device", s.device, "--warmup", s.warmup, "--repeats", s.repa_repeats, "--json", path])
-    if "report" not in out:
-        return out
-    report = out.pop("report")
-    return out | _repa_summary(report)
+        "--device", s.device, "--warmup", s.warmup, "--repeats", s.repa_repeats, "--json", path], _repa_summary)
 
 
-def _halving_batches(suite: Suite, tag: str, first: int, command: Callable[[int, Path], list]) -> dict:
+def _halving_batches(suite: Suite, tag: str, first: int, command: Callable[[int, Path], list],
+                     summary: Callable[[dict], dict]) -> dict:
     """Run the benchmark `command(batch, json_path)` at batch `first`, halved after each out-of-memory down to a
-    quarter of it (while 40 s of the budget are left): {batch, command, attempts, report} of the run that wrote its
-    report, else {status: failed/timeout, attempts, tail}."""
+    quarter of it (while 40 s of the budget are left): {batch, command, attempts} and `summary(report)` of the run
+    that wrote its JSON report, else {status: failed/timeout, attempts, tail}."""
     tried: List[dict] = []
     batch = first
     while True:
@@ -501,7 +498,7 @@ def _halving_batches(suite: Suite, tag: str, first: int, command: Callable[[int,
         tried.append({"batch": batch, "command": line, "rc": res["rc"], "timed_out": res["timed_out"],
                       "oom": _oom(res)})
         if res["rc"] == 0 and path.is_file():
-            return {"batch": batch, "command": line, "attempts": tried, "report": json.loads(path.read_text())}
+            return {"batch": batch, "command": line, "attempts": tried, **summary(json.loads(path.read_text()))}
         if not tried[-1]["oom"] or batch // 2 < max(1, first // 4) or suite.remaining() < 40:
             break
         batch //= 2
@@ -513,17 +510,19 @@ def step_flow_times(suite: Suite) -> dict:
     """The flow time schedules' cost (bench_flow_times.py): a training iteration (the step's draws included) with
     uniform, logit-normal and shifted logit-normal times, interleaved in one process, as ratios to the uniform one."""
     s = suite.sizes
-    out = _halving_batches(suite, "flow_times", s.flow_batch, lambda batch, path: [
+    return _halving_batches(suite, "flow_times", s.flow_batch, lambda batch, path: [
         sys.executable, BENCH_FLOW_TIMES, *suite.model_args(), "--latent-size", s.latent256, "--batch", batch,
         "--precision", "bf16", "--device", s.device, "--warmup", s.warmup, "--repeats", s.flow_repeats, "--quiet",
-        "--json", path])
-    if "report" not in out:
-        return out
-    report = out.pop("report")
-    return out | {"step_ms": {k: r["step_ms"] for k, r in report["results"].items()},
-                  "draw_us": {k: r["draw_us"] for k, r in report["results"].items()},
-                  "ratios_to_uniform": report["ratios_to_uniform"], "checks": report["checks"],
-                  "model": report["model"], "environment": report["environment"]}
+        "--json", path], _flow_times_summary)
+
+
+def _flow_times_summary(report: dict) -> dict:
+    """What the suite keeps of a bench_flow_times.py report: step and draw times per schedule, ratios, checks."""
+    rows = report["results"]
+    return {"step_ms": {k: r["step_ms"] for k, r in rows.items()},
+            "draw_us": {k: r["draw_us"] for k, r in rows.items()},
+            "ratios_to_uniform": report["ratios_to_uniform"], "checks": report["checks"], "model": report["model"],
+            "environment": report["environment"]}
 
 
 def _repa_summary(report: dict) -> dict:

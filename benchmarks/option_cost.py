@@ -1,5 +1,6 @@
-"""What the benchmarks of a training option's cost share (bench_repa.py, bench_flow_times.py): the settings of the
-training loop's step they time, their common flags, and their main (run, print the table, write the JSON report).
+"""What the benchmarks of a training option's cost share (bench_repa.py, bench_flow_times.py): the network they
+check before building it, the settings of the training loop's step they time, their common flags, and their main
+(run, print the table, write the JSON report).
 
 Each such benchmark times the training loop's own step (train_gen/training_loop.py) with the option against
 without, in one process; the flags that say which network, how big a batch, where and how long are the same.
@@ -13,9 +14,9 @@ from typing import Callable
 
 import torch
 
-from fcdm_common.cli import non_negative_int, positive_int, seed_int
+from fcdm_common.cli import UserError, non_negative_int, positive_int, seed_int
 from fcdm_common.io import atomic_write_text
-from models import MODELS
+from models import MODELS, create_model
 from train_gen.config import OptimConfig, PosthocEMAConfig
 from train_gen.step_draws import RNG_SCHEME
 
@@ -30,6 +31,25 @@ def train_settings(args, mixed_precision: str) -> types.SimpleNamespace:
                         grad_checkpointing=args.grad_checkpointing, compile=False, optimizer_impl="fused",
                         max_bad_steps=10, num_workers=0, data_cache="none", hflip=False)
     return types.SimpleNamespace(train=optim)
+
+
+def probe_model(args, learn_sigma: bool) -> tuple[dict, torch.nn.Module]:
+    """(constructor kwargs, the network built on the meta device) of --model / --model-kwargs, with `learn_sigma`
+    as train.py sets it for the objective unless given; UserError for kwargs that are no JSON object or do not
+    build, and for a --latent-size the network's levels cannot halve down to its bottleneck."""
+    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    if not isinstance(kwargs, dict):
+        raise UserError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
+    kwargs.setdefault("learn_sigma", learn_sigma)
+    with torch.device("meta"):
+        try:
+            probe = create_model(args.model, **kwargs)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"cannot build {args.model} with --model-kwargs {json.dumps(kwargs)}: {e}") from None
+    L, f = args.latent_size, 2 ** (probe.num_levels - 1)
+    if L % f:
+        raise UserError(f"--latent-size {L} is not divisible by {f}, which a {probe.num_levels}-level FCDM needs")
+    return kwargs, probe
 
 
 def add_model_args(p: argparse.ArgumentParser, model_help: str, latent_help: str) -> None:
