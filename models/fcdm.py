@@ -26,6 +26,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
+from models.kernels import KERNELS
+from models.kernels import load as load_kernels
 from models.layers import (
     GRN,
     Conv3x3,
@@ -33,6 +35,7 @@ from models.layers import (
     Downsample,
     TimestepEmbedder,
     Upsample,
+    functorch_transformed,
     modulate,
     resolve_checkpoint_mode,
     run_block,
@@ -66,9 +69,12 @@ class FCDMBlock(nn.Module):
         self.grn = GRN(hidden)
         self.pwconv2 = nn.Linear(hidden, dim)  # 1x1 conv rW -> W
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 3 * dim))
+        self.fused = None  # the fused forward of models/kernels (FCDM.set_kernels), None: this torch path
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         # x: (N, H, W, C) channels-last activations; c: (N, C) condition of this level
+        if self.fused is not None and not functorch_transformed(x):
+            return self.fused(self, x, c)  # the same block through fused kernels (models/kernels/)
         shift, scale, gate = self.adaLN_modulation(c).chunk(3, dim=-1)  # 3 x (N, C)
         h = modulate(self.norm(self.dwconv(x)), shift, scale)
         h = self.pwconv2(self.grn(self.act(self.pwconv1(h))))  # (N, H, W, C)
@@ -134,6 +140,7 @@ class FCDM(nn.Module):
         self.num_levels = n = (len(depths) + 1) // 2
         self.widths = tuple(hidden_size * 2**i for i in range(n))
         self.checkpoint_mode = "none"
+        self.kernels = "torch"  # the blocks' implementation (set_kernels)
 
         self.stem = nn.Conv2d(in_channels, hidden_size, 3, padding=1)
         self.t_embedders = nn.ModuleList(TimestepEmbedder(w) for w in self.widths)
@@ -207,6 +214,17 @@ class FCDM(nn.Module):
                 m.handwritten_backward = bool(depthwise)
             elif isinstance(m, GRN):
                 m.handwritten_backward = bool(grn)
+
+    def set_kernels(self, kernels: str = "torch") -> None:
+        """The blocks' implementation: "torch" (models/layers.py, the readable reference) or "triton" (the fused
+        kernels of models/kernels: CUDA, or CPU under TRITON_INTERPRET=1). The same function with other rounding;
+        under forward-mode autodiff (torch.func.jvp) the blocks take the torch path either way."""
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+        fused = load_kernels(kernels) if kernels != "torch" else None
+        for blk in self.blocks():
+            blk.fused = fused
+        self.kernels = kernels
 
     def compile_blocks(self, **compile_kwargs) -> None:
         """torch.compile every block in place (static shapes; composes with checkpointing)."""

@@ -34,6 +34,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 CHECKPOINT_MODES = ("none", "selective", "full")
@@ -259,6 +260,15 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return pixel_shuffle_nhwc(self.conv(x))
+
+
+def functorch_transformed(x: torch.Tensor) -> bool:
+    """Whether `x` is seen through a functorch transform (torch.func.jvp, vmap, grad) or forward-mode autodiff
+    is on: code without forward-mode rules (the fused kernels) must then take a differentiable torch path.
+    Always False while torch.compile traces (it traces plain tensors)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.is_functorch_wrapped_tensor(x) or forward_ad._current_level >= 0
 
 
 def _selective_policy(ctx, op, *args, **kwargs):

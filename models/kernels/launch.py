@@ -1,0 +1,148 @@
+"""Launch geometry of the fused block kernels: tile shapes, warps and reduction splits.
+
+Every kernel works on channels-last activations seen as a (pixels, channels) matrix. Two profiles choose
+the tile shapes:
+- "gpu": tiles of a few thousand elements (registers), 4 or 8 warps, per-sample reductions split over
+  pixel ranges until there are enough programs to fill the device;
+- "interpreter": Triton's CPU interpreter (`TRITON_INTERPRET=1`) runs every program and every operation in
+  Python, so its cost is programs x operations: tiles as large as the problem, one split.
+The choice is deterministic (no autotuning), so a run's numbers do not depend on a timing race: resuming
+a run reproduces it bit for bit. `use_profile` overrides the automatic choice (the tests run the gpu
+profile's small tiles under the interpreter, to exercise the loops and masks a GPU run takes).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read by triton.jit when the kernels are defined
+_INTERPRETED = tl.constexpr(INTERPRETER)
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """float32 x in `dtype`, rounded to nearest (ties to even), as the GPU's conversion rounds. Triton's CPU
+    interpreter truncates float32 -> bfloat16 (twice the rounding error), so there the rounding is done on the
+    bits: add 0x7FFF plus the lowest kept bit, drop the low 16 bits (NaN stays NaN)."""
+    if _INTERPRETED and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(x != x, x.to(tl.bfloat16), rounded)
+    else:
+        return x.to(dtype)
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    tile: int  # elements of a (pixels, channels) tile
+    gather: int  # elements of the weight-gradient gather (taps, pixels, channels)
+    channels: int  # widest channel block of the per-channel reductions
+    programs: int  # programs a reduction aims for before it stops splitting the pixels
+
+
+PROFILES = {
+    "gpu": Profile("gpu", tile=4096, gather=4096, channels=64, programs=1024),
+    "interpreter": Profile("interpreter", tile=1 << 20, gather=1 << 22, channels=1 << 12, programs=1),
+}
+_override: list = []
+
+
+@contextlib.contextmanager
+def use_profile(profile):
+    """Run the kernels with the tiles of `profile` (a Profile, or "gpu" / "interpreter") inside the block."""
+    _override.append(PROFILES[profile] if isinstance(profile, str) else profile)
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+def profile() -> Profile:
+    if _override:
+        return _override[-1]
+    return PROFILES["interpreter" if INTERPRETER else "gpu"]
+
+
+def pow2(n: int) -> int:
+    """The smallest power of two >= n (>= 1)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
+
+
+def warps(elements: int) -> int:
+    """Warps of a program whose largest tensor has `elements` elements."""
+    return 8 if elements >= 4096 else 4
+
+
+def accumulator(dtype: torch.dtype):
+    """Triton's accumulation type for `dtype`: float32, or float64 for float64 tensors (gradient checks)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """torch's statistics type for `dtype`: float32, float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True)
+class RowTiles:
+    """Whole-row tiles: `block_p` pixels x every channel (padded to `block_c`), for kernels that need all the
+    channels of a pixel at once (the LayerNorm)."""
+    block_p: int
+    block_c: int
+    num_warps: int
+
+
+def row_tiles(channels: int, pixels: int) -> RowTiles:
+    bc = pow2(channels)
+    bp = max(1, min(profile().tile // bc, pow2(pixels)))
+    return RowTiles(bp, bc, warps(bp * bc))
+
+
+@dataclass(frozen=True)
+class Tiles2D:
+    """(pixels, channels) tiles of an elementwise kernel over the flattened (N*H*W, C) matrix."""
+    block_p: int
+    block_c: int
+    num_warps: int
+
+
+def elementwise_tiles(channels: int, pixels: int) -> Tiles2D:
+    bc = min(pow2(channels), 128 if profile().name == "gpu" else pow2(channels))
+    bp = max(1, min(profile().tile // bc, pow2(pixels)))
+    return Tiles2D(bp, bc, warps(bp * bc))
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """Per-(sample, channel) sums over the pixels: programs over (sample, split, channel block), each looping
+    over `tiles_per_split` tiles of `block_p` pixels of one sample; `splits` partial sums per sample are added
+    by torch afterwards (in a fixed order)."""
+    block_p: int
+    block_c: int
+    splits: int
+    tiles_per_split: int
+    channel_blocks: int
+    num_warps: int
+
+
+def reduction(samples: int, hw: int, channels: int, block_c: int = 0, tile: int = 0) -> Reduction:
+    prof = profile()
+    bc = block_c or min(pow2(channels), prof.channels)
+    bp = max(1, min((tile or prof.tile) // bc, pow2(hw)))
+    tiles = cdiv(hw, bp)
+    cb = cdiv(channels, bc)
+    splits = max(1, min(tiles, cdiv(prof.programs, max(1, samples * cb))))
+    per_split = cdiv(tiles, splits)
+    splits = cdiv(tiles, per_split)  # no empty split
+    return Reduction(bp, bc, splits, per_split, cb, warps(bp * bc))
