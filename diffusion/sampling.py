@@ -47,6 +47,7 @@ from fcdm_common.cpu import tune_cpu_allocator
 from fcdm_common.images import to_uint8
 from models.checkpoints import load_checkpoint, model_from_checkpoint
 from models.dit import dit_checkpoint_from_state_dict
+from models.kernels import KERNELS, KERNELS_HELP, kernels_problem, use_kernels
 from models.latent_space import check_decoder_matches, spec_for_checkpoint, wrap_decoder
 
 DIT_SAMPLE_LABELS = (207, 360, 387, 974, 88, 979, 417, 279)  # the classes of DiT's sample.py grid
@@ -127,6 +128,7 @@ def add_sampler_args(parser, cfg_scale_default: float = 1.0, forward_batch_defau
     g.add_argument("--compile", type=str2bool, default=False, metavar="BOOL",
                    help="torch.compile the network at the fixed --forward-batch shape (CUDA: mode "
                         "max-autotune-no-cudagraphs); the first batch pays the compile time")
+    g.add_argument("--kernels", choices=KERNELS, default="torch", help=KERNELS_HELP)
     g.add_argument("--ddim-eta", type=ddim_eta_arg, default=0.0,
                    help="DDIM eta in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like noise)")
     g.add_argument("--time-shift", type=time_shift_arg, default=None, metavar="A",
@@ -222,6 +224,7 @@ class SamplerSettings:
     compile: bool = False  # torch.compile the network
     time_shift: Optional[float] = None  # flow: the time grid's shift a (None: the checkpoint's)
     guidance: str = "cfg"  # "cfg" (the null label) or "autoguidance" (the setup's guide network)
+    kernels: Optional[str] = None  # the networks' block implementation, torch or triton (None: as they are set)
 
     def __post_init__(self):
         if self.guidance not in GUIDANCE_MODES:
@@ -262,11 +265,15 @@ class SamplerSettings:
                 raise UserError(f"--time-shift applies to flow checkpoints; {setup.ckpt_path} is a "
                                 f"{setup.objective_name} checkpoint")
             time_shift = checked_value("--time-shift", time_shift_arg, time_shift)
+        kernels = getattr(args, "kernels", "torch")
+        for net in [setup.model] + ([setup.guide.model] if guidance == "autoguidance" else []):
+            if problem := kernels_problem(net, kernels, setup.device.type):
+                raise UserError(f"--kernels {kernels}: {problem}")
         return cls(sampler=sampler, num_steps=int(args.num_sampling_steps), cfg_scale=float(args.cfg_scale),
                    cfg_channels=parse_cfg_channels(args.cfg_channels, setup.latent_shape[0]),
                    guidance_interval=interval, ddim_eta=float(args.ddim_eta), precision=args.precision,
                    forward_batch=int(args.forward_batch), atol=float(args.atol), rtol=float(args.rtol),
-                   compile=bool(args.compile), guidance=guidance, time_shift=time_shift)
+                   compile=bool(args.compile), guidance=guidance, time_shift=time_shift, kernels=kernels)
 
     def effective_time_shift(self, setup: "SamplingSetup") -> Optional[float]:
         """The shift the flow samplers use (this override or the checkpoint's); None for diffusion."""
@@ -490,6 +497,8 @@ def generate(setup: SamplingSetup, indices: Sequence[int], settings: SamplerSett
     device = setup.device
     noise = torch.stack([n for _, n in drawn]).to(device)  # (N, C, H, W)
     y_t = torch.tensor(y, dtype=torch.long, device=device)
+    if settings.kernels is not None:  # before compiling: the compiled graph holds them
+        use_kernels(setup.model, settings.kernels, device.type)
     network = compiled_network(setup.model, device.type) if settings.compile else setup.model
     net = counter if counter is not None else FixedBatchModel(
         network, settings.forward_batch, PRECISIONS[settings.precision], device.type)
@@ -497,6 +506,8 @@ def generate(setup: SamplingSetup, indices: Sequence[int], settings: SamplerSett
     if settings.guidance == "autoguidance":
         if setup.guide is None:
             raise ValueError("autoguidance settings need a setup with a guide (load_setup(guide_ckpt=...))")
+        if settings.kernels is not None:
+            use_kernels(setup.guide.model, settings.kernels, device.type)
         guide_network = compiled_network(setup.guide.model, device.type) if settings.compile else setup.guide.model
         guide = FixedBatchModel(guide_network, settings.forward_batch, PRECISIONS[settings.precision], device.type)
     with torch.no_grad():

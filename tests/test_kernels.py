@@ -12,19 +12,34 @@ forward-mode autodiff, and a clear refusal where the kernels cannot run.
 from __future__ import annotations
 
 import copy
+import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from PIL import Image
 
+from fcdm_common.cli import UserError
 from helpers import randomize
 from models import create_model
 from models.fcdm import FCDMBlock
-from models.kernels import dwconv_norm, gate, grn, interpreter, launch, load, unavailable_reason
+from models.kernels import (
+    dwconv_norm,
+    gate,
+    grn,
+    interpreter,
+    kernels_problem,
+    launch,
+    load,
+    unavailable_reason,
+    use_kernels,
+)
 from models.kernels.launch import round_to
 from models.layers import CHECKPOINT_MODES, GRN, DepthwiseConv, modulate
+from train_gen.step_draws import RNG_SCHEME
 
 NO_CUDA = "needs a CUDA GPU (run on one by benchmarks/gpu_suite.sh: pytest -m cuda)"
 NO_INTERPRETER = "CPU tensors need Triton's interpreter (TRITON_INTERPRET=1; tests/conftest.py sets it without a GPU)"
@@ -53,6 +68,18 @@ def assert_close_f64(got, want, what, tol=1e-12):
 
 def grads(out, inputs, weight):
     return torch.autograd.grad(out, inputs, weight)
+
+
+def assert_stage_matches(stage, inputs, want, names, profile):
+    """The fused `stage` against `want`, the torch layers' result for the same float64 inputs, under the tiles of
+    `profile`: the output and the gradient of every input."""
+    with launch.use_profile(profiles()[profile]):
+        got = stage(*inputs)
+        dy = torch.randn_like(want)
+        got_grads = grads(got, inputs, dy)
+    assert_close_f64(got, want, "output")
+    for name, a, b in zip(names, got_grads, grads(want, inputs, dy)):
+        assert_close_f64(a, b, f"d{name}")
 
 
 # ------------------------------------------------------------------------------ stages against torch, float64
@@ -86,14 +113,8 @@ CASES = ([(s, p) for s in SHAPES for p in ("gpu", "interpreter")]
 def test_dwconv_norm_modulate_matches_torch(device, shape, profile):
     n, h, w, c, k = shape
     inputs = dwconv_stage_inputs(n, h, w, c, k, device)
-    want = torch_dwconv_stage(*inputs)
-    with launch.use_profile(profiles()[profile]):
-        got = dwconv_norm.dwconv_norm_modulate(*inputs, 1e-6)
-        dy = torch.randn_like(want)
-        got_grads = grads(got, inputs, dy)
-    assert_close_f64(got, want, "h")
-    for name, a, b in zip(("x", "weight", "bias", "shift", "scale"), got_grads, grads(want, inputs, dy)):
-        assert_close_f64(a, b, f"d{name}")
+    assert_stage_matches(lambda *t: dwconv_norm.dwconv_norm_modulate(*t, 1e-6), inputs, torch_dwconv_stage(*inputs),
+                         ("x", "weight", "bias", "shift", "scale"), profile)
 
 
 def grn_stage_inputs(n, h, w, c, device, seed=0, zero_channel=False):
@@ -121,14 +142,8 @@ GRN_CASES = ([(s, p) for s in ((2, 5, 6, 24), (3, 1, 3, 18), (1, 8, 8, 48)) for 
 @pytest.mark.parametrize("shape,profile", GRN_CASES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v)
 def test_gelu_grn_matches_torch(device, shape, profile):
     inputs = grn_stage_inputs(*shape, device, zero_channel=shape[0] > 1)
-    want = torch_grn_stage(*inputs)
-    with launch.use_profile(profiles()[profile]):
-        got = grn.gelu_grn(*inputs, 1e-6)
-        dy = torch.randn_like(want)
-        got_grads = grads(got, inputs, dy)
-    assert_close_f64(got, want, "r")
-    for name, a, b in zip(("a", "gamma", "beta"), got_grads, grads(want, inputs, dy)):
-        assert_close_f64(a, b, f"d{name}")
+    assert_stage_matches(lambda *t: grn.gelu_grn(*t, 1e-6), inputs, torch_grn_stage(*inputs), ("a", "gamma", "beta"),
+                         profile)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -139,13 +154,7 @@ def test_gated_residual_matches_torch(device, profile):
     gt = torch.randn(3, 10, generator=g, dtype=torch.float64)
     inputs = [t.to(device).requires_grad_(True) for t in (x, gt, o)]
     want = torch.addcmul(inputs[0], inputs[1][:, None, None, :], inputs[2])
-    with launch.use_profile(profiles()[profile]):
-        got = gate.gated_residual(*inputs)
-        dy = torch.randn_like(want)
-        got_grads = grads(got, inputs, dy)
-    assert_close_f64(got, want, "out")
-    for name, a, b in zip(("x", "gate", "o"), got_grads, grads(want, inputs, dy)):
-        assert_close_f64(a, b, f"d{name}")
+    assert_stage_matches(gate.gated_residual, inputs, want, ("x", "gate", "o"), profile)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -193,10 +202,10 @@ def block_pair(dim, kernel_size=7, dtype=torch.float32, device="cpu", seed=0):
     return torch_blk, fused_blk
 
 
-def run_block(blk, x, c, dy, autocast=False):
+def run_block(blk, x, c, dy, autocast=None):
     blk.zero_grad()
     xr, cr = x.clone().requires_grad_(True), c.clone().requires_grad_(True)
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(x.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
         out = blk(xr, cr)
     out.backward(dy.to(out.dtype))
     return [out, xr.grad, cr.grad] + [p.grad for p in blk.parameters()]
@@ -223,17 +232,18 @@ def test_block_float32_matches_torch_path(device, kernel_size, side):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_block_bf16_autocast_no_less_accurate_than_torch_path(device):
-    """Under bf16 autocast both paths round differently; against the float64 block each must be as close as bf16
-    allows (relative error < 2e-2) and the fused path no further than 1.5x the torch path's error."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_block_autocast_no_less_accurate_than_torch_path(device, dtype):
+    """Under bf16 (fp16) autocast both paths round differently; against the float64 block each must be as close as
+    the format allows (relative error < 2e-2) and the fused path no further than 1.5x the torch path's error."""
     torch_blk, fused_blk = block_pair(16, device=device)
     truth = copy.deepcopy(torch_blk).double()
     x, c, dy = block_inputs(2, 6, 5, 16, device)
-    x = x.bfloat16()  # the residual stream of a network under autocast (the stem's bf16 output)
+    x = x.to(dtype)  # the residual stream of a network under autocast (the stem's 16-bit output)
     want = run_block(truth, x.double(), c.double(), dy.double())
-    via_torch = run_block(torch_blk, x, c, dy, autocast=True)
-    via_fused = run_block(fused_blk, x, c, dy, autocast=True)
-    assert via_fused[0].dtype == via_torch[0].dtype == torch.bfloat16
+    via_torch = run_block(torch_blk, x, c, dy, autocast=dtype)
+    via_fused = run_block(fused_blk, x, c, dy, autocast=dtype)
+    assert via_fused[0].dtype == via_torch[0].dtype == dtype
     for name, f, t, w in zip(BLOCK_NAMES, via_fused, via_torch, want):
         ef, et = rel_err(f, w), rel_err(t, w)
         assert ef < 2e-2 and ef <= 1.5 * et + 1e-3, f"{name}: fused {ef:.3g}, torch {et:.3g}"
@@ -311,6 +321,14 @@ def test_forward_mode_autodiff_takes_the_torch_path(device):
     torch.testing.assert_close(tangent, want_tangent, rtol=0, atol=0)
 
 
+def test_only_fcdm_has_fused_kernels():
+    dit = create_model("DiT-S/2", input_size=8, in_channels=3, num_classes=4)
+    assert "DiT has no fused kernels" in kernels_problem(dit, "triton", "cuda")
+    assert kernels_problem(dit, "torch", "cuda") == ""
+    with pytest.raises(ValueError, match="no fused kernels"):
+        use_kernels(dit, "triton", "cuda")
+
+
 def test_unavailable_reasons(monkeypatch):
     assert unavailable_reason("torch", "cpu") == "" and unavailable_reason("torch", "mps") == ""
     assert "unknown kernels" in unavailable_reason("cudnn", "cuda")
@@ -343,3 +361,66 @@ def test_bfloat16_stores_round_to_nearest_even(device):
     want = x.bfloat16()
     same = (y.view(torch.int16) == want.view(torch.int16)) | (y.isnan() & want.isnan())
     assert bool(same.all()), f"{int((~same).sum())} of {x.numel()} conversions differ"
+
+
+# ------------------------------------------------------------------------------ the programs
+def test_train_py_with_triton_kernels_follows_the_torch_run(tmp_path):
+    """train.py --kernels triton (under the interpreter without a GPU): the torch run's losses step by step, the
+    same run name, the choice in config.json and the log, a grid drawn through the fused EMA (no grad)."""
+    from test_train import TINY, make_store, metrics, run, run_dir
+
+    store = make_store(tmp_path / "tiny.zarr")
+    common = TINY + ["--zarr-path", store, "--model-kwargs", '{"kernel_size": 3}', "--global-batch-size", 8,
+                     "--max-train-steps", 3, "--log-every", 1, "--ckpt-every", 3, "--sample-every", 3,
+                     "--grid-steps", 2, "--grid-cols", 1]
+    run(common + ["--results-dir", tmp_path / "torch"])
+    run(common + ["--results-dir", tmp_path / "triton", "--kernels", "triton"])
+    rt, rf = run_dir(tmp_path / "torch"), run_dir(tmp_path / "triton")
+    assert rt.name == rf.name  # rounding, not the method: not in the run name
+    lt, lf = ([r["loss"] for r in metrics(rd)] for rd in (rt, rf))
+    assert len(lt) == len(lf) == 3
+    assert all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(lf, lt)), (lf, lt)
+    assert json.loads((rf / "config.json").read_text())["train"]["kernels"] == "triton"
+    assert "triton kernels" in (rf / "log.txt").read_text()
+    grids = [np.asarray(Image.open(rd / "samples" / "0000003.png"), dtype=np.float64) for rd in (rt, rf)]
+    assert grids[0].std() > 0 and np.abs(grids[0] - grids[1]).mean() < 1.0
+
+
+def test_resume_warns_when_the_kernels_change():
+    from train_gen.train import check_resume_compatible
+
+    config = {"model": "FCDM-S", "model_kwargs": {}, "objective": "flow", "objective_kwargs": {},
+              "data": {"latent_norm": {"mode": "none"}}, "train": {"kernels": "torch"}}
+    ckpt = {"config": dict(config, train={"kernels": "triton"}), "rng_scheme": RNG_SCHEME}
+    said = []
+    check_resume_compatible(ckpt, "ckpt.pt", config, False, said.append)
+    assert said == ["WARNING: kernels changed from triton to torch on resume"]
+    said.clear()
+    check_resume_compatible(dict(ckpt, config=dict(config, train={})), "old.pt", config, False, said.append)
+    assert said == []  # checkpoints from before the option: nothing to say
+
+
+def test_sample_and_sample_ddp_with_triton_kernels(tmp_path):
+    """sample.py and sample_ddp.py --kernels triton: the torch path's images (to a grey level), the choice in the
+    sampling folder's settings, and a folder sampled with the other kernels is not silently mixed."""
+    from test_sample_ddp import make_checkpoint
+    from train_gen import sample, sample_ddp
+
+    ckpt = str(make_checkpoint(tmp_path / "flow.pt", "flow"))
+    grid = ["--ckpt", ckpt, "--class-labels", "1", "--sampler", "euler", "--num-sampling-steps", "1",
+            "--cfg-scale", "2.0"]
+    for kernels in ("torch", "triton"):
+        sample.main(grid + ["--kernels", kernels, "--out", str(tmp_path / f"{kernels}.png")])
+    a, b = (np.asarray(Image.open(tmp_path / f"{k}.png"), dtype=np.float64) for k in ("torch", "triton"))
+    assert a.std() > 0 and np.abs(a - b).mean() < 1.0
+    ddp = ["--ckpt", ckpt, "--num-fid-samples", "2", "--sampler", "euler", "--num-sampling-steps", "1",
+           "--per-proc-batch-size", "2"]
+    sample_ddp.main(ddp + ["--sample-dir", str(tmp_path / "torch")])
+    sample_ddp.main(ddp + ["--sample-dir", str(tmp_path / "triton"), "--kernels", "triton"])
+    (za,), (zb,) = (list((tmp_path / k).glob("*.npz")) for k in ("torch", "triton"))
+    xa, xb = (np.load(z)["arr_0"].astype(np.float64) for z in (za, zb))
+    assert np.abs(xa - xb).mean() < 1.0
+    settings = next((tmp_path / "triton").glob("*/" + sample_ddp.SETTINGS_FILE))
+    assert json.loads(settings.read_text())["kernels"] == "triton"
+    with pytest.raises(UserError, match="kernels"):
+        sample_ddp.main(ddp + ["--sample-dir", str(tmp_path / "triton")])

@@ -73,6 +73,7 @@ class OptimConfig:
     num_workers: int  # loader threads per process
     data_cache: str  # auto, memory, mmap or none
     hflip: bool  # random horizontal flips
+    kernels: str = "torch"  # block implementation: torch or triton (fused kernels); rounding only, not the method
 
 
 @dataclass(frozen=True)

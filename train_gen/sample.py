@@ -76,7 +76,7 @@ def main(argv=None) -> None:
     nrow = args.nrow or min(8, math.ceil(math.sqrt(len(images))))
     save_grid(images, args.out, nrow=nrow)
     print(f"wrote {args.out} ({len(images)} images, {s.sampler} {s.num_steps} steps, {guidance_text(s, setup)}, "
-          f"{stats['nfe']} network evaluations)")
+          f"{stats['nfe']} network evaluations, {s.kernels or 'torch'} kernels)")
     if args.save_individual:
         folder = Path(args.save_individual)
         for k, (img, lab) in enumerate(zip(images, labels)):

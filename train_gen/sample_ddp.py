@@ -130,8 +130,11 @@ def _world_size() -> int:
 
 def sampler_record(setup, s: SamplerSettings, args) -> dict:
     """Sampler details that change the pixels: the diffusers scheduler class and config, dopri5's tolerances
-    and (its adaptive steps are shared by a batch) the batching; whether the network was compiled."""
+    and (its adaptive steps are shared by a batch) the batching; whether the network was compiled, and the block
+    kernels when not the torch path (left out for torch, so folders sampled before the option existed still match)."""
     out = {"compile": s.compile}
+    if s.kernels not in (None, "torch"):
+        out["kernels"] = s.kernels
     if setup.objective_name == "diffusion" and is_scheduler_sampler(s.sampler):
         out["scheduler"] = scheduler_record(build_scheduler(s.sampler, setup.objective))
     if s.sampler == "dopri5":
@@ -276,7 +279,8 @@ def _sample_locked(args, info, setup, s: SamplerSettings, state, folder: Path, n
     total_todo = sum(dist_utils.all_gather_object(len(todo)))
     if info.is_main:
         print(f"sampling {n} images of {setup.model_name} ({s.sampler}, {s.num_steps} steps, "
-              f"{guidance_text(s, setup)}) with {info.world_size} process(es) into {folder}: {n - total_todo} found, "
+              f"{guidance_text(s, setup)}, {s.kernels or 'torch'} kernels) with {info.world_size} process(es) into "
+              f"{folder}: {n - total_todo} found, "
               f"{total_todo} to sample",
               flush=True)
     bar = tqdm(total=total_todo, unit="img", disable=not info.is_main or total_todo == 0, dynamic_ncols=True)

@@ -55,6 +55,7 @@ from fcdm_common.rng import seed_everything
 from models import MODELS, create_model
 from models.autoencoders import DEFAULT_SCALING_FACTOR, DEFAULT_VAE_ID
 from models.checkpoints import load_checkpoint
+from models.kernels import KERNELS, KERNELS_HELP, kernels_problem
 from models.latent_space import NORM_MODES, AutoencoderSpec, decoder_for_run, same_norm, vae_for_data
 from models.registry import INPUT_SIZE_ARGS
 from preparation.readers import open_dataset
@@ -88,7 +89,8 @@ from train_gen.training_loop import ResumePoint, training_loop
 CKPT_MODES = ("none", "selective", "full")
 GRID_VAE_HINT = ", or train without sample grids (--sample-every 0)"
 RESUME_MUST_MATCH = ("model", "model_kwargs", "objective", "objective_kwargs", "repa")  # else another run
-RESUME_WARN_KEYS = ("global_batch_size", "lr", "seed", "ema_decay", "weight_decay", "mixed_precision", "grad_clip")
+RESUME_WARN_KEYS = ("global_batch_size", "lr", "seed", "ema_decay", "weight_decay", "mixed_precision", "grad_clip",
+                    "kernels")
 
 
 # ---------------------------------------------------------------------------------- arguments
@@ -202,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-checkpointing", type=ckpt_mode_arg, default="none",
                    help="activation checkpointing: none, selective (keep matmul/conv outputs) or full")
     g.add_argument("--compile", type=str2bool, default=False, help="torch.compile the model's blocks")
+    g.add_argument("--kernels", choices=KERNELS, default="torch",
+                   help=f"{KERNELS_HELP}. Not part of the run name; may change on resume (with a warning)")
     g.add_argument("--grad-clip", type=float_in(0), default=TRAJECTORY_DEFAULTS["grad_clip"],
                    help="clip the global gradient norm to this, >= 0 (0: off)")
     g.add_argument("--optimizer-impl", choices=("auto", "fused", "foreach"), default="auto",
@@ -380,7 +384,8 @@ def build_config(args, *, model_kwargs: dict, data: DataConfig, grid_sampler: st
                                          sigma_rels=tuple(args.posthoc_ema_sigma_rels), dtype=args.posthoc_ema_dtype),
             lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay, max_train_steps=max_steps,
             ema_decay=args.ema_decay, grad_clip=args.grad_clip, seed=args.seed, mixed_precision=mixed_precision,
-            grad_checkpointing=args.grad_checkpointing, compile=args.compile, optimizer_impl=optimizer_impl,
+            grad_checkpointing=args.grad_checkpointing, compile=args.compile, kernels=args.kernels,
+            optimizer_impl=optimizer_impl,
             max_bad_steps=args.max_bad_steps, num_workers=args.num_workers, data_cache=args.data_cache,
             hflip=args.hflip),
         log=LogConfig(log_every=args.log_every, ckpt_every=args.ckpt_every, keep_last=args.keep_last,
@@ -529,6 +534,8 @@ def main(argv=None):
     seed_everything(args.seed)
     model, model_kwargs = build_model_for_data(args.model, model_kwargs, data)
     check_levels_fit_data(model, args.model, data)
+    if problem := kernels_problem(model, args.kernels, device.type):
+        raise UserError(f"--kernels {args.kernels}: {problem}")
     check_model_fits_data(model, dataset, data, args.objective,
                           args.zarr_path or f"{args.feature_path} / {args.label_path}")
     repa_config, repa = build_repa(args, model, data.latent_shape, dataset.images_size, device) \

@@ -42,6 +42,7 @@ from fcdm_common.launchers import process_count_warning
 from fcdm_common.progress import progress
 from fcdm_common.rng import capture_rng, rank_seed, restore_rng, seed_everything
 from models.checkpoints import save_checkpoint
+from models.kernels import use_kernels
 from preparation.checks import describe_nonfinite
 from train_gen.config import TrainConfig
 from train_gen.ema import (
@@ -203,6 +204,7 @@ def setup_state(config: TrainConfig, model: torch.nn.Module, accelerator, repa: 
     elif t.grad_checkpointing != "none":
         raise UserError(f"--model {config.model} has no set_grad_checkpointing(); use --grad-checkpointing none")
     model = model.to(accelerator.device)  # the network keeps its own (channels-last) activation layout
+    use_kernels(model, t.kernels, accelerator.device.type)  # before the EMA copy: grids and evaluations use them too
     ema = create_ema(model)  # EMA starts as an exact copy (DiT: update_ema(ema, model, decay=0))
     power_ema = PowerEMA(model, t.posthoc_ema.sigma_rels) if t.posthoc_ema.snapshot_every else None
     model.train()
@@ -514,7 +516,7 @@ def _train(config: TrainConfig, *, model: torch.nn.Module, dataset, objective, a
                f"({len(dataset)} items, latents {list(d.latent_shape)}, {d.num_classes} classes); "
                f"{plan.world_size} process(es) x batch {plan.per_process}"
                + (f" ({plan.accumulation} micro-batches of {plan.micro_batch})" if plan.accumulation > 1 else "")
-               + f", precision {t.mixed_precision}, {t.optimizer_impl} AdamW; "
+               + f", precision {t.mixed_precision}, {t.kernels} kernels, {t.optimizer_impl} AdamW; "
                f"run folder {run_dir}; steps {start_step} -> {t.max_train_steps}")
     if is_main and (launch_warning := process_count_warning(plan.world_size)):
         logger.log(launch_warning)

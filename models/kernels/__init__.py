@@ -13,7 +13,6 @@ switched on before the kernels are defined: `TRITON_INTERPRET=1` in the environm
 """
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 from typing import Callable
@@ -42,8 +41,31 @@ def unavailable_reason(kernels: str, device_type: str) -> str:
     return f"the triton kernels run on CUDA GPUs, not on {device_type!r}"
 
 
+def kernels_problem(model, kernels: str, device_type: str) -> str:
+    """Why `model` cannot run with `kernels` on `device_type` ("" when it can): only FCDM has a fused path;
+    "torch" suits every model."""
+    if kernels != "torch" and not hasattr(model, "set_kernels"):
+        return f"{type(model).__name__} has no fused kernels (the triton kernels are FCDM's block)"
+    return unavailable_reason(kernels, device_type)
+
+
+def use_kernels(model, kernels: str, device_type: str) -> None:
+    """Set `model`'s block implementation (FCDM.set_kernels); ValueError saying why when it cannot run."""
+    problem = kernels_problem(model, kernels, device_type)
+    if problem:
+        raise ValueError(problem)
+    if hasattr(model, "set_kernels"):
+        model.set_kernels(kernels)
+
+
+KERNELS_HELP = ("block implementation: torch (the reference) or triton (fused kernels of models/kernels; CUDA, or a "
+                "CPU under TRITON_INTERPRET=1); the same function, other rounding")
+
+
 def load(kernels: str) -> Callable:
     """The fused block forward for `kernels` == "triton" (imports triton and registers the custom ops)."""
     if kernels != "triton":
         raise ValueError(f"no fused block for kernels {kernels!r}")
-    return importlib.import_module("models.kernels.block").fused_block_forward  # defers triton (optional)
+    from models.kernels.block import fused_block_forward  # deferred: triton is optional and costs ~0.2 s to import
+
+    return fused_block_forward

@@ -3,18 +3,18 @@ and the adaLN modulation, on channels-last activations (N, H, W, C):
 
     d = dwconv(x) + bias,   ln = (d - mean_c d) * rstd,   h = ln * (1 + scale_n) + shift_n
 
-Forward (`_forward_kernel`): a program holds `block_p` pixels x all C channels, sums the k*k shifted loads
+Forward (`_dwconv_norm_fwd`): a program holds `block_p` pixels x all C channels, sums the k*k shifted loads
 of x with the tap weights in float32 (taps that fall outside the map read zeros: the same numbers as the
 torch path's cropped kernel), rounds d to the activation dtype as the torch path's convolution does,
 takes the LayerNorm statistics of that d in float32 and writes h. For the backward pass it also keeps d
 and the per-pixel mean and 1/std (skipped under no_grad).
 
 Backward, three kernels:
-- `_norm_backward_kernel`: the LayerNorm and modulation backward per pixel,
+- `_dwconv_norm_bwd`: the LayerNorm and modulation backward per pixel,
       dln = dh * (1 + scale),   dd = rstd * (dln - mean_c dln - ln * mean_c(dln * ln)),
   and the per-(sample, channel) sums d_shift = sum_hw dh, d_scale = sum_hw dh * ln;
-- `_input_grad_kernel`: dx = the 'same' convolution of dd with the spatially flipped kernel;
-- `_weight_grad_kernel`: dw[tap, c] = sum_{n,hw} x[hw + tap] * dd[hw] and dbias = sum dd, per sample and
+- `_dwconv_input_grad`: dx = the 'same' convolution of dd with the spatially flipped kernel;
+- `_dwconv_weight_grad`: dw[tap, c] = sum_{n,hw} x[hw + tap] * dd[hw] and dbias = sum dd, per sample and
   pixel range, gathered as a (taps, pixels, channels) tensor and summed over the pixels.
 Partial sums are added by torch in a fixed order: the results do not depend on scheduling.
 """
@@ -25,12 +25,12 @@ import triton
 import triton.language as tl
 
 from models.kernels import launch
-from models.kernels.launch import round_to
+from models.kernels.launch import reduction_program, round_to
 
 
 # ------------------------------------------------------------------------------------------------ kernels
 @triton.jit
-def _forward_kernel(x_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, h_ptr, d_ptr, mean_ptr, rstd_ptr,
+def _dwconv_norm_fwd(x_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, h_ptr, d_ptr, mean_ptr, rstd_ptr,
                     P, H, W, C, eps,
                     K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, SAVE: tl.constexpr,
                     ACC: tl.constexpr):
@@ -74,14 +74,10 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, h_ptr, d_ptr, mea
 
 
 @triton.jit
-def _norm_backward_kernel(dh_ptr, d_ptr, mean_ptr, rstd_ptr, scale_ptr, dd_ptr, dshift_ptr, dscale_ptr,
+def _dwconv_norm_bwd(dh_ptr, d_ptr, mean_ptr, rstd_ptr, scale_ptr, dd_ptr, dshift_ptr, dscale_ptr,
                           HW, C, SPLITS, TILES_PER_SPLIT,
                           BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
-    pid = tl.program_id(0)
-    n = pid // SPLITS
-    s = pid % SPLITS
-    c = tl.arange(0, BLOCK_C)
-    cm = c < C
+    n, s, ns, c, cm = reduction_program(SPLITS, 1, C, BLOCK_C)
     scale = tl.load(scale_ptr + n.to(tl.int64) * C + c, mask=cm, other=0.0).to(ACC)
     acc_shift = tl.zeros([BLOCK_C], ACC)
     acc_scale = tl.zeros([BLOCK_C], ACC)
@@ -104,13 +100,13 @@ def _norm_backward_kernel(dh_ptr, d_ptr, mean_ptr, rstd_ptr, scale_ptr, dd_ptr, 
         c2 = tl.sum(dln * ln, axis=1) / C
         dd = rstd[:, None] * (dln - c1[:, None] - ln * c2[:, None])
         tl.store(dd_ptr + off, round_to(dd, dd_ptr.dtype.element_ty), mask=m2)
-    out = pid.to(tl.int64) * C + c
+    out = ns.to(tl.int64) * C + c
     tl.store(dshift_ptr + out, acc_shift, mask=cm)
     tl.store(dscale_ptr + out, acc_scale, mask=cm)
 
 
 @triton.jit
-def _input_grad_kernel(dd_ptr, w_ptr, dx_ptr, P, H, W, C,
+def _dwconv_input_grad(dd_ptr, w_ptr, dx_ptr, P, H, W, C,
                        K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     R: tl.constexpr = K // 2
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -136,18 +132,12 @@ def _input_grad_kernel(dd_ptr, w_ptr, dx_ptr, P, H, W, C,
 
 
 @triton.jit
-def _weight_grad_kernel(x_ptr, dd_ptr, dw_ptr, db_ptr, H, W, C, SPLITS, TILES_PER_SPLIT, CBLOCKS,
+def _dwconv_weight_grad(x_ptr, dd_ptr, dw_ptr, db_ptr, H, W, C, SPLITS, TILES_PER_SPLIT, CBLOCKS,
                         K: tl.constexpr, TAPS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
                         ACC: tl.constexpr):
     R: tl.constexpr = K // 2
-    pid = tl.program_id(0)
-    cb = pid % CBLOCKS
-    ns = pid // CBLOCKS  # sample * SPLITS + split
-    n = ns // SPLITS
-    s = ns % SPLITS
+    n, s, ns, c, cm = reduction_program(SPLITS, CBLOCKS, C, BLOCK_C)
     hw = H * W
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
     tap = tl.arange(0, TAPS)
     tm = tap < K * K
     ty = tap // K - R
@@ -194,7 +184,7 @@ def forward(x, weight, bias, shift, scale, eps: float, save: bool):
     if p:
         tiles = launch.row_tiles(c, p)
         grid = (launch.cdiv(p, tiles.block_p),)
-        _forward_kernel[grid](x, _taps_major(weight), bias, shift.contiguous(), scale.contiguous(), h, d, mean,
+        _dwconv_norm_fwd[grid](x, _taps_major(weight), bias, shift.contiguous(), scale.contiguous(), h, d, mean,
                               rstd, p, hgt, wid, c, float(eps), K=k, BLOCK_P=tiles.block_p, BLOCK_C=tiles.block_c,
                               SAVE=bool(save), ACC=launch.accumulator(x.dtype), num_warps=tiles.num_warps)
     return h, d, mean, rstd
@@ -223,15 +213,15 @@ def backward(dh, x, d, mean, rstd, weight, scale):
     dw = x.new_empty((n * wred.splits, k * k, c), dtype=stat)
     db = x.new_empty((n * wred.splits, c), dtype=stat)
     if p:
-        _norm_backward_kernel[(n * red.splits,)](
+        _dwconv_norm_bwd[(n * red.splits,)](
             dh, d, mean, rstd, scale, dd, dshift, dscale, hw, c, red.splits, red.tiles_per_split,
             BLOCK_P=red.block_p, BLOCK_C=rows.block_c, ACC=acc, num_warps=rows.num_warps)
         wt = _taps_major(weight)
-        tiles = launch.elementwise_tiles(c, p)
-        _input_grad_kernel[(launch.cdiv(p, tiles.block_p), launch.cdiv(c, tiles.block_c))](
+        tiles = launch.elementwise_tiles(c, p, tile=2048)  # 4096: 150 registers a thread, one block per SM
+        _dwconv_input_grad[(launch.cdiv(p, tiles.block_p), launch.cdiv(c, tiles.block_c))](
             dd, wt, dx, p, hgt, wid, c, K=k, BLOCK_P=tiles.block_p, BLOCK_C=tiles.block_c, ACC=acc,
             num_warps=tiles.num_warps)
-        _weight_grad_kernel[(n * wred.splits * wred.channel_blocks,)](
+        _dwconv_weight_grad[(n * wred.splits * wred.channel_blocks,)](
             x, dd, dw, db, hgt, wid, c, wred.splits, wred.tiles_per_split, wred.channel_blocks, K=k, TAPS=wtaps,
             BLOCK_P=wred.block_p, BLOCK_C=wred.block_c, ACC=acc, num_warps=launch.warps(wtaps * wred.block_p
                                                                                         * wred.block_c))

@@ -1,6 +1,6 @@
 """The block's gated residual, out = x + gate_n * o, on channels-last x and o (N, H, W, C) with a per-sample
-(N, C) gate. Forward: one pass (`_forward_kernel`). Backward: one pass per (sample, channel block) that
-writes d_o = dout * gate and sums d_gate = sum_hw dout * o (`_backward_kernel`); dx is dout itself.
+(N, C) gate. Forward: one pass (`_gate_fwd`). Backward: one pass per (sample, channel block) that
+writes d_o = dout * gate and sums d_gate = sum_hw dout * o (`_gate_bwd`); dx is dout itself.
 """
 from __future__ import annotations
 
@@ -9,17 +9,13 @@ import triton
 import triton.language as tl
 
 from models.kernels import launch
-from models.kernels.launch import round_to
+from models.kernels.launch import pixel_tile, reduction_program, round_to
 
 
 @triton.jit
-def _forward_kernel(x_ptr, gate_ptr, o_ptr, out_ptr, P, HW, C,
+def _gate_fwd(x_ptr, gate_ptr, o_ptr, out_ptr, P, HW, C,
                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    m2 = (p < P)[:, None] & (c < C)[None, :]
-    off = p.to(tl.int64)[:, None] * C + c[None, :]
-    nc = (p // HW).to(tl.int64)[:, None] * C + c[None, :]
+    off, nc, m2, _ = pixel_tile(P, HW, C, BLOCK_P, BLOCK_C)
     x = tl.load(x_ptr + off, mask=m2, other=0.0).to(ACC)
     o = tl.load(o_ptr + off, mask=m2, other=0.0).to(ACC)
     gate = tl.load(gate_ptr + nc, mask=m2, other=0.0).to(ACC)
@@ -27,15 +23,9 @@ def _forward_kernel(x_ptr, gate_ptr, o_ptr, out_ptr, P, HW, C,
 
 
 @triton.jit
-def _backward_kernel(dout_ptr, gate_ptr, o_ptr, do_ptr, dgate_ptr, HW, C, SPLITS, TILES_PER_SPLIT, CBLOCKS,
+def _gate_bwd(dout_ptr, gate_ptr, o_ptr, do_ptr, dgate_ptr, HW, C, SPLITS, TILES_PER_SPLIT, CBLOCKS,
                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
-    pid = tl.program_id(0)
-    cb = pid % CBLOCKS
-    ns = pid // CBLOCKS
-    n = ns // SPLITS
-    s = ns % SPLITS
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
+    n, s, ns, c, cm = reduction_program(SPLITS, CBLOCKS, C, BLOCK_C)
     gate = tl.load(gate_ptr + n.to(tl.int64) * C + c, mask=cm, other=0.0).to(ACC)
     acc = tl.zeros([BLOCK_C], ACC)
     t0 = s * TILES_PER_SPLIT
@@ -56,7 +46,7 @@ def forward(x: torch.Tensor, gate: torch.Tensor, o: torch.Tensor) -> torch.Tenso
     out = torch.empty_like(x, dtype=torch.promote_types(x.dtype, o.dtype))
     tiles = launch.elementwise_tiles(c, p)
     if p:
-        _forward_kernel[(launch.cdiv(p, tiles.block_p), launch.cdiv(c, tiles.block_c))](
+        _gate_fwd[(launch.cdiv(p, tiles.block_p), launch.cdiv(c, tiles.block_c))](
             x, gate.contiguous(), o, out, p, h * w, c, BLOCK_P=tiles.block_p, BLOCK_C=tiles.block_c,
             ACC=launch.accumulator(out.dtype), num_warps=tiles.num_warps)
     return out
@@ -71,7 +61,7 @@ def backward(dout: torch.Tensor, gate: torch.Tensor, o: torch.Tensor):
     d_o = torch.empty_like(o)
     part = o.new_empty((n, red.splits, c), dtype=launch.stat_dtype(o.dtype))
     if n * hw:
-        _backward_kernel[(n * red.splits * red.channel_blocks,)](
+        _gate_bwd[(n * red.splits * red.channel_blocks,)](
             dout, gate.contiguous(), o, d_o, part, hw, c, red.splits, red.tiles_per_split, red.channel_blocks,
             BLOCK_P=red.block_p, BLOCK_C=red.block_c, ACC=launch.accumulator(o.dtype), num_warps=red.num_warps)
     else:

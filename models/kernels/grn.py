@@ -4,13 +4,13 @@ a (N, H, W, 3C) = the first pointwise convolution's output:
     g = GELU(a) (exact, erf),   ss_nc = sum_hw g^2,   G = sqrt(ss),   N(g) = G / (mean_c G + eps),
     r = g * f + beta  with  f = 1 + gamma * N(g)
 
-Forward: `_stats_kernel` reads a once for ss (GELU recomputed, never stored); torch turns the (N, 3C) sums into
-f (tiny tensors, float32); `_apply_kernel` reads a again and writes r. The torch path instead writes g,
+Forward: `_grn_stats` reads a once for ss (GELU recomputed, never stored); torch turns the (N, 3C) sums into
+f (tiny tensors, float32); `_grn_apply` reads a again and writes r. The torch path instead writes g,
 converts it to float32, squares it and multiplies it back: about three times the bytes.
 
 Backward, with s = sum_hw dr * g and the hand-derived GRN gradient of models/layers.py (`_GRNFunction`):
-`_grad_stats_kernel` reads (dr, a) for s and sum_hw dr; torch forms dgamma, dbeta and
-k = dL/dG / G on (N, 3C); `_grad_apply_kernel` reads (dr, a) again and writes
+`_grn_grad_stats` reads (dr, a) for s and sum_hw dr; torch forms dgamma, dbeta and
+k = dL/dG / G on (N, 3C); `_grn_grad_apply` reads (dr, a) again and writes
     da = GELU'(a) * (dr * f + g * k),   GELU'(a) = Phi(a) + a * phi(a).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from models.kernels import launch
-from models.kernels.launch import round_to
+from models.kernels.launch import pixel_tile, reduction_program, round_to
 
 _TINY = 1e-30  # sums of squares at or below this count as an all-zero channel (models/layers.py)
 _SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
@@ -39,15 +39,9 @@ def _gelu_grad(a):
 
 # ------------------------------------------------------------------------------------------------ kernels
 @triton.jit
-def _stats_kernel(a_ptr, ss_ptr, HW, C, SPLITS, TILES_PER_SPLIT, CBLOCKS,
+def _grn_stats(a_ptr, ss_ptr, HW, C, SPLITS, TILES_PER_SPLIT, CBLOCKS,
                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
-    pid = tl.program_id(0)
-    cb = pid % CBLOCKS
-    ns = pid // CBLOCKS
-    n = ns // SPLITS
-    s = ns % SPLITS
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
+    n, s, ns, c, cm = reduction_program(SPLITS, CBLOCKS, C, BLOCK_C)
     acc = tl.zeros([BLOCK_C], ACC)
     t0 = s * TILES_PER_SPLIT
     for t in range(t0, t0 + TILES_PER_SPLIT):
@@ -60,13 +54,9 @@ def _stats_kernel(a_ptr, ss_ptr, HW, C, SPLITS, TILES_PER_SPLIT, CBLOCKS,
 
 
 @triton.jit
-def _apply_kernel(a_ptr, f_ptr, beta_ptr, r_ptr, P, HW, C,
+def _grn_apply(a_ptr, f_ptr, beta_ptr, r_ptr, P, HW, C,
                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    m2 = (p < P)[:, None] & (c < C)[None, :]
-    off = p.to(tl.int64)[:, None] * C + c[None, :]
-    nc = (p // HW).to(tl.int64)[:, None] * C + c[None, :]
+    off, nc, m2, c = pixel_tile(P, HW, C, BLOCK_P, BLOCK_C)
     a = tl.load(a_ptr + off, mask=m2, other=0.0).to(ACC)
     f = tl.load(f_ptr + nc, mask=m2, other=0.0)
     beta = tl.load(beta_ptr + c, mask=c < C, other=0.0).to(ACC)
@@ -75,15 +65,9 @@ def _apply_kernel(a_ptr, f_ptr, beta_ptr, r_ptr, P, HW, C,
 
 
 @triton.jit
-def _grad_stats_kernel(dr_ptr, a_ptr, s_ptr, sb_ptr, HW, C, SPLITS, TILES_PER_SPLIT, CBLOCKS,
+def _grn_grad_stats(dr_ptr, a_ptr, s_ptr, sb_ptr, HW, C, SPLITS, TILES_PER_SPLIT, CBLOCKS,
                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
-    pid = tl.program_id(0)
-    cb = pid % CBLOCKS
-    ns = pid // CBLOCKS
-    n = ns // SPLITS
-    s = ns % SPLITS
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
+    n, s, ns, c, cm = reduction_program(SPLITS, CBLOCKS, C, BLOCK_C)
     acc_s = tl.zeros([BLOCK_C], ACC)
     acc_b = tl.zeros([BLOCK_C], ACC)
     t0 = s * TILES_PER_SPLIT
@@ -102,13 +86,9 @@ def _grad_stats_kernel(dr_ptr, a_ptr, s_ptr, sb_ptr, HW, C, SPLITS, TILES_PER_SP
 
 
 @triton.jit
-def _grad_apply_kernel(dr_ptr, a_ptr, f_ptr, k_ptr, da_ptr, P, HW, C,
+def _grn_grad_apply(dr_ptr, a_ptr, f_ptr, k_ptr, da_ptr, P, HW, C,
                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    m2 = (p < P)[:, None] & (c < C)[None, :]
-    off = p.to(tl.int64)[:, None] * C + c[None, :]
-    nc = (p // HW).to(tl.int64)[:, None] * C + c[None, :]
+    off, nc, m2, c = pixel_tile(P, HW, C, BLOCK_P, BLOCK_C)
     dr = tl.load(dr_ptr + off, mask=m2, other=0.0).to(ACC)
     a = tl.load(a_ptr + off, mask=m2, other=0.0).to(ACC)
     f = tl.load(f_ptr + nc, mask=m2, other=0.0)
@@ -154,9 +134,9 @@ def forward(a: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float
     """(r, ss): GRN(GELU(a)) of channels-last a (N, H, W, C) in a's dtype, and the (N, C) sums of squares."""
     n, h, w, c = a.shape
     acc = launch.accumulator(a.dtype)
-    (ss,) = _sums(_stats_kernel, [a], 1, n, h * w, c, acc)
+    (ss,) = _sums(_grn_stats, [a], 1, n, h * w, c, acc)
     *_, f = _factor(ss, gamma, eps)
-    r = _elementwise(_apply_kernel, [a, f.contiguous(), beta], torch.empty_like(a), n * h * w, h * w, c, acc)
+    r = _elementwise(_grn_apply, [a, f.contiguous(), beta], torch.empty_like(a), n * h * w, h * w, c, acc)
     return r, ss
 
 
@@ -165,14 +145,14 @@ def backward(dr: torch.Tensor, a: torch.Tensor, ss: torch.Tensor, gamma: torch.T
     n, h, w, c = a.shape
     acc = launch.accumulator(a.dtype)
     dr = dr.contiguous()
-    s, sb = _sums(_grad_stats_kernel, [dr, a], 2, n, h * w, c, acc)
+    s, sb = _sums(_grn_grad_stats, [dr, a], 2, n, h * w, c, acc)
     g, m, nx, f = _factor(ss, gamma, eps)
     d_gamma = (s * nx).sum(0).to(gamma.dtype)
     d_beta = sb.sum(0).to(gamma.dtype)
     q = s * gamma.to(s.dtype)  # dL/dN(g)
     d_g = q / m - (q * g).sum(dim=-1, keepdim=True) / (m * m * c)
     k = torch.where(ss > _TINY, d_g / g, torch.zeros_like(g))
-    da = _elementwise(_grad_apply_kernel, [dr, a, f.contiguous(), k.contiguous()], torch.empty_like(a),
+    da = _elementwise(_grn_grad_apply, [dr, a, f.contiguous(), k.contiguous()], torch.empty_like(a),
                       n * h * w, h * w, c, acc)
     return da, d_gamma, d_beta
 

@@ -64,6 +64,29 @@ def use_profile(profile):
         _override.pop()
 
 
+@triton.jit
+def reduction_program(SPLITS, CBLOCKS, C, BLOCK_C: tl.constexpr):
+    """This program of a per-(sample, channel) reduction (one program axis over sample x split x channel block):
+    its sample n, its split s of the sample's pixels, the row ns = n * SPLITS + s of the partial sums, and its
+    channels with their mask."""
+    pid = tl.program_id(0)
+    ns = pid // CBLOCKS
+    c = (pid % CBLOCKS) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return ns // SPLITS, ns % SPLITS, ns, c, c < C
+
+
+@triton.jit
+def pixel_tile(P, HW, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's tile of the flattened (P = N*H*W, C) activations (program axes: pixel block, channel block):
+    element offsets, offsets into per-(sample, channel) vectors (N, C), the mask, and the channels."""
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (p < P)[:, None] & (c < C)[None, :]
+    off = p.to(tl.int64)[:, None] * C + c[None, :]
+    nc = (p // HW).to(tl.int64)[:, None] * C + c[None, :]
+    return off, nc, mask, c
+
+
 def profile() -> Profile:
     if _override:
         return _override[-1]
@@ -117,9 +140,12 @@ class Tiles2D:
     num_warps: int
 
 
-def elementwise_tiles(channels: int, pixels: int) -> Tiles2D:
-    bc = min(pow2(channels), 128 if profile().name == "gpu" else pow2(channels))
-    bp = max(1, min(profile().tile // bc, pow2(pixels)))
+def elementwise_tiles(channels: int, pixels: int, tile: int = 0) -> Tiles2D:
+    """`tile` (elements) overrides the profile's tile size: a smaller tile for kernels that hold many loads in
+    flight per element (the depthwise input gradient keeps a row of k taps)."""
+    prof = profile()
+    bc = min(pow2(channels), 128 if prof.name == "gpu" else pow2(channels))
+    bp = max(1, min((min(tile, prof.tile) if tile else prof.tile) // bc, pow2(pixels)))
     return Tiles2D(bp, bc, warps(bp * bc))
 
 
