@@ -68,6 +68,7 @@ from fcdm_common.io import atomic_write_text
 from models import MODELS, create_model
 from models.fcdm import FCDM
 from models.fcdm_reference import FCDMReference, GRNReference
+from models.kernels import KERNELS, KERNELS_HELP, use_kernels
 from models.layers import GRN, DepthwiseConv
 from models.summary import count_params, forward_gmacs
 from train_gen.ema import create_ema, update_ema, update_ema_reference
@@ -88,6 +89,8 @@ class Variant:
     ema_impl: str = "foreach"  # foreach | loop
     bf16: bool = False  # bf16 autocast
     compile: bool = False  # torch.compile the blocks
+    compile_net: bool = False  # torch.compile the whole network instead (one graph, as sampling's --compile)
+    kernels: str = "torch"  # optimized FCDM: block implementation, torch or triton (models/kernels)
     handwritten_dw: bool = True  # optimized FCDM: hand-written CPU depthwise backward (else the library's)
     handwritten_grn: bool = True  # optimized FCDM: hand-written GRN backward (else autograd's)
     model: nn.Module = None
@@ -127,7 +130,8 @@ def make_variant(label: str, model_name: str, args, baseline: bool, **overrides)
     if baseline:
         kw = dict(network="reference", checkpointing="full", optimizer_impl="default", ema_impl="loop")
     else:
-        kw = dict(checkpointing=args.checkpointing, bf16=args.dtype == "bf16", compile=args.compile)
+        kw = dict(checkpointing=args.checkpointing, bf16=args.dtype == "bf16", compile=args.compile,
+                  kernels=args.kernels)
     kw.update(overrides)
     return Variant(label, model_name, baseline, **kw)
 
@@ -158,9 +162,15 @@ def prepare_variant(v: Variant, args, device: torch.device, latent: int, kwargs:
         model.set_grad_checkpointing(v.checkpointing)
         if hasattr(model, "set_handwritten_backward"):
             model.set_handwritten_backward(depthwise=v.handwritten_dw, grn=v.handwritten_grn)
+        try:
+            use_kernels(model, v.kernels, device.type)
+        except ValueError as e:
+            raise UserError(f"{v.label}: --kernels {v.kernels}: {e}") from None
     model.train()
     ema = create_ema(model) if args.mode != "forward" else None
-    if v.compile:
+    if v.compile_net:
+        model.compile()
+    elif v.compile:
         if hasattr(model, "compile_blocks"):
             model.compile_blocks()
         else:
@@ -247,12 +257,19 @@ def run_benchmark(args) -> dict:
         ]
         if args.ablate_compile:
             variants.append(make_variant("ablate: optimized, compiled blocks", m, args, False, compile=True))
-    for ckpt, comp in args.extra_variants:  # --extra-variants: more optimized settings, interleaved
-        variants.append(make_variant(f"{args.model} optimized, {ckpt} ckpt{', compiled' if comp else ''}",
-                                     args.model, args, False, checkpointing=ckpt, compile=comp))
+    for ckpt, comp, kernels in args.extra_variants:  # --extra-variants: more optimized settings, interleaved
+        label = {"": "", "blocks": ", compiled", "net": ", compiled network"}[comp]
+        variants.append(make_variant(f"{args.model} optimized, {ckpt} ckpt{label}"
+                                     + (f", {kernels} kernels" if kernels != "torch" else ""),
+                                     args.model, args, False, checkpointing=ckpt, compile=comp == "blocks",
+                                     compile_net=comp == "net", kernels=kernels))
     if args.compare:
         # the compared model is built from its own preset; --model-kwargs apply to --model only
-        variants.append(make_variant(f"{args.compare} optimized", args.compare, args, False))
+        variants.append(make_variant(f"{args.compare} optimized", args.compare, args, False, compile=False,
+                                     kernels="torch"))
+        if args.compare_compile:
+            variants.append(make_variant(f"{args.compare} optimized, compiled", args.compare, args, False,
+                                         compile=True, kernels="torch"))
     for v in variants:
         kw = kwargs if v.model_name == args.model else {}
         v.gmacs, v.params = model_gmacs(v.model_name, kw, latent)
@@ -313,11 +330,19 @@ def run_benchmark(args) -> dict:
             if v.label.startswith("ablate") and "train_step_s" in base:
                 ratios[f"train_speedup_vs_first_row[{v.label}]"] = base["train_step_s"] / v.results["train_step_s"]
     if args.compare:
-        main = next(v for v in variants if v.label == f"{args.model} optimized").results
-        other = variants[-1].results  # MODEL2
+        others = [v for v in variants if v.model_name == args.compare]  # MODEL2, and compiled with --compare-compile
+        mains = [v for v in variants if v.model_name == args.model and not v.baseline
+                 and not v.label.startswith("ablate")]
         for key, label in (("forward_s", "forward"), ("train_step_s", "train")):
-            if key in main:
-                ratios[f"{label}_speedup_{args.model}_vs_{args.compare}"] = other[key] / main[key]
+            if key not in others[0].results:
+                continue
+            best = min(v.results[key] for v in others)  # MODEL2 at its best (eager or compiled)
+            for v in mains:
+                suffix = "" if v.label == f"{args.model} optimized" else f"[{v.label}]"
+                eager = others[0].results[key]
+                ratios[f"{label}_speedup_{args.model}_vs_{args.compare}{suffix}"] = eager / v.results[key]
+                if len(others) > 1:
+                    ratios[f"{label}_speedup_{args.model}_vs_best_{args.compare}{suffix}"] = best / v.results[key]
 
     report = {
         "config": {k: v for k, v in vars(args).items() if k != "json"} | {"latent_size": latent},
@@ -326,6 +351,7 @@ def run_benchmark(args) -> dict:
             v.label: v.results | {
                 "model": v.model_name, "baseline": v.baseline, "network": v.network, "checkpointing": v.checkpointing,
                 "optimizer_impl": v.optimizer_impl, "ema_impl": v.ema_impl, "bf16": v.bf16, "compile": v.compile,
+                "compile_net": v.compile_net, "kernels": v.kernels,
                 "handwritten_dw": v.handwritten_dw, "handwritten_grn": v.handwritten_grn,
             }
             for v in variants
@@ -437,15 +463,23 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+COMPILE_TOKENS = {"compile": "blocks", "compile-net": "net"}  # --extra-variants: what torch.compile wraps
+
+
 def _variant_list(value: str) -> list:
-    """'selective,none+compile' -> [("selective", False), ("none", True)]."""
+    """'selective,none+compile,none+triton+compile-net' -> [("selective", "", "torch"), ("none", "blocks", "torch"),
+    ("none", "net", "triton")]: (checkpointing, compiled: "" | "blocks" | "net", kernels)."""
     out = []
     for item in filter(None, (v.strip() for v in value.split(","))):
-        ckpt, _, extra = item.partition("+")
-        if ckpt not in ("none", "selective", "full") or extra not in ("", "compile"):
+        ckpt, *extras = item.split("+")
+        if ckpt not in ("none", "selective", "full") or not set(extras) <= {*COMPILE_TOKENS, *KERNELS} \
+                or len(set(extras)) != len(extras) or len(set(extras) & set(KERNELS)) > 1 \
+                or len(set(extras) & set(COMPILE_TOKENS)) > 1:
             raise argparse.ArgumentTypeError(
-                f"expected CKPT or CKPT+compile (CKPT: none, selective, full), got {item!r}")
-        out.append((ckpt, extra == "compile"))
+                f"expected CKPT with optional +compile (the blocks) or +compile-net (the whole network) and "
+                f"+torch or +triton kernels (CKPT: none, selective, full), got {item!r}")
+        kernels = next((e for e in extras if e in KERNELS), "torch")
+        out.append((ckpt, next((COMPILE_TOKENS[e] for e in extras if e in COMPILE_TOKENS), ""), kernels))
     return out
 
 
@@ -479,6 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the blocks of the optimized network (--mode sample: the whole network, "
                         "as sample.py --compile)")
+    p.add_argument("--kernels", choices=KERNELS, default="torch",
+                   help=f"optimized FCDM variants: {KERNELS_HELP} (default: torch)")
     p.add_argument("--baseline", action="store_true", help="run the paper-mode baseline instead (FCDM only)")
     p.add_argument("--compare-baseline", action="store_true",
                    help="run baseline and optimized in one process (interleaved) and print the speedup")
@@ -488,12 +524,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablate-compile", action="store_true",
                    help="with --ablate: also a variant with torch.compile'd blocks (slow warm-up on CPU)")
     p.add_argument("--compare", default=None, metavar="MODEL2",
-                   help="also run this registered model (optimized, its own preset) and print the ratio")
+                   help="also run this registered model (optimized, its own preset, torch kernels) and print the "
+                        "ratio of every --model variant to it")
+    p.add_argument("--compare-compile", action="store_true",
+                   help="with --compare: also MODEL2 with torch.compile'd blocks; ratios then also against MODEL2 at "
+                        "its best (the faster of eager and compiled)")
     p.add_argument("--extra-variants", type=_variant_list, default=[], metavar="LIST",
                    help="more optimized variants of --model timed in the same process (interleaved), comma-"
-                        "separated, each CKPT or CKPT+compile with CKPT none|selective|full, e.g. "
-                        "'selective,full,none+compile'; with --compare-baseline each gets its speedup over the "
-                        "baseline. Every variant holds its own weights, AdamW state and EMA on the device")
+                        "separated, each CKPT with optional +compile (the blocks) or +compile-net (the whole network) "
+                        "and +triton (or +torch) kernels, CKPT none|selective|full, e.g. "
+                        "'selective,full,none+compile,none+triton+compile-net'; with --compare-baseline "
+                        "each gets its speedup over the baseline. Every variant holds its own weights, AdamW state "
+                        "and EMA on the device")
     p.add_argument("--peak-tflops", type=float_in(0.0, lo_open=True), default=None,
                    help="peak dense TFLOPs of the device at --dtype, for model-FLOPs utilisation")
     p.add_argument("--warmup", type=non_negative_int, default=2, help="untimed iterations per variant (default: 2)")

@@ -20,6 +20,7 @@ from diffusion.compiled import compile_mode, compiled_network
 from diffusion.sampling import FixedBatchModel
 from fcdm_common.cli import UserError
 from models import MODELS, create_model
+from models.kernels import use_kernels
 
 
 def sampling_benchmark(args) -> dict:
@@ -45,6 +46,10 @@ def sampling_benchmark(args) -> dict:
         raise UserError(f"--sampling-steps {args.sampling_steps} exceeds the {objective.original_num_steps} "
                         "diffusion steps of the model")
     latent = resolve_latent(args, model.in_channels)
+    try:
+        use_kernels(model, args.kernels, device.type)  # before compiling: the compiled graph holds them
+    except ValueError as e:
+        raise UserError(f"--kernels {args.kernels}: {e}") from None
     network = compiled_network(model, device.type) if args.compile else model
     autocast = torch.bfloat16 if args.dtype == "bf16" else None
     rows = []
@@ -75,13 +80,13 @@ def sampling_benchmark(args) -> dict:
     return dict(mode="sample", model=args.model, model_kwargs=kwargs, latent_size=latent, sampler=args.sampler,
                 sampling_steps=args.sampling_steps, cfg_scale=args.cfg_scale, dtype=args.dtype,
                 compile=bool(args.compile), compile_mode=compile_mode(device.type) if args.compile else None,
-                device=str(device), environment=environment(device), rows=rows)
+                kernels=args.kernels, device=str(device), environment=environment(device), rows=rows)
 
 
 def format_sampling(report: dict) -> str:
     head = (f"{report['model']} {report['sampler']} {report['sampling_steps']} steps, cfg {report['cfg_scale']}, "
             f"{report['dtype']}{', compiled (' + report['compile_mode'] + ')' if report['compile'] else ''}, "
-            f"latent {report['latent_size']}, {report['device']}")
+            f"{report.get('kernels', 'torch')} kernels, latent {report['latent_size']}, {report['device']}")
     lines = [head, "| batch | images/s | s per loop |", "|---|---|---|"]
     lines += [f"| {r['batch']} | {r['images_per_s']:.2f} | {r['seconds']:.3f} |" for r in report["rows"]]
     return "\n".join(lines)

@@ -3,16 +3,19 @@ machine (torch, CPU, GPU, load) that goes into each report."""
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import subprocess
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
-from fcdm_common.cli import UserError
+from fcdm_common.cli import UserError, positive_int
 from fcdm_common.cpu import cpu_allocator_state, tune_cpu_allocator
+from models import MODELS, create_model
+from models.fcdm import FCDM
 
 VAE_DOWNSAMPLE = 8  # 4-channel models work on SD-VAE latents: resolution / 8
 
@@ -94,3 +97,32 @@ def peak_memory(fn: Callable[[], None], device: torch.device) -> Optional[int]:
     fn()
     synchronize(device)
     return int(torch.cuda.max_memory_allocated(device))
+
+
+# ---------------------------------------------------------------------------------- the fused block's benchmarks
+def add_block_shape_args(p, batch_help: str) -> None:
+    """--model, --model-kwargs, --latent-size, --batch-size: the FCDM whose blocks a kernel benchmark runs."""
+    p.add_argument("--model", default="FCDM-XL", help="registered FCDM (its widths, levels, kernel size, expansion)")
+    p.add_argument("--model-kwargs", default=None, help="JSON object of constructor overrides for --model")
+    p.add_argument("--latent-size", type=positive_int, default=32, help="latent side (32: ImageNet 256 with SD-VAE)")
+    p.add_argument("--batch-size", type=positive_int, default=256, help=batch_help)
+
+
+def fcdm_on_meta(args) -> Tuple[FCDM, dict]:
+    """The --model network on the meta device and its --model-kwargs; UserError for an unknown or non-FCDM
+    network, bad --model-kwargs, or a --latent-size its levels do not divide."""
+    if args.model not in MODELS:
+        raise UserError(f"unknown model {args.model!r}; registered: {', '.join(sorted(MODELS))}")
+    try:
+        kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+        with torch.device("meta"):
+            model = create_model(args.model, **kwargs)
+    except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise UserError(f"cannot build --model {args.model}" + (f" with --model-kwargs {args.model_kwargs}"
+                                                                 if args.model_kwargs else "") + f": {e}") from None
+    if not isinstance(model, FCDM):
+        raise UserError(f"{args.model} is not an FCDM: only FCDM's block has fused kernels")
+    if args.latent_size % 2 ** (model.num_levels - 1):
+        raise UserError(f"--latent-size {args.latent_size} is not divisible by {2 ** (model.num_levels - 1)} "
+                        f"({model.num_levels} levels)")
+    return model, kwargs

@@ -6,10 +6,14 @@ the whole call still returns what was measured) and everything it prints to OUT/
 
   1 env          GPU name, memory, driver, torch/CUDA/cuDNN versions, bf16 and TF32 settings, and a
                  bf16 matmul rate (8192^3) as this machine's practical peak
-  2 cuda_tests   pytest -m cuda tests/test_cuda.py (fast paths vs models/fcdm_reference.py in fp32,
-                 TF32 and bf16, every checkpointing mode, compiled blocks, fused AdamW's skip of a
-                 non-finite step, the device-side label check, train.py bf16 kill + resume,
-                 sample_ddp.py batch 16 vs 32)
+  2 cuda_tests   pytest -m cuda tests/test_cuda.py tests/test_kernels.py (fast paths vs
+                 models/fcdm_reference.py in fp32, TF32 and bf16, every checkpointing mode, compiled blocks,
+                 fused AdamW's skip of a non-finite step, the device-side label check, train.py bf16 kill +
+                 resume, sample_ddp.py batch 16 vs 32; the fused Triton kernels against the torch path)
+     fused       the fused block (--kernels triton): bench_fused.py (numerics against float64 first, block
+                 times, per-kernel times against their byte and FLOP floors: OUT/gpu_fused_kernels.txt), the
+                 forward at batch 64 against DiT-XL/2 (bf16, TF32), the training step at batch 256 against the
+                 torch path, a profile of one fused step (OUT/gpu_profile_fused.txt), then compiled variants
   3 train256     FCDM-XL training step at 32x32x4, batch 256, bf16: baseline (paper mode) vs optimized
                  with checkpointing none/selective/full in one process (bench_model.py --compare-baseline
                  --extra-variants); MFU against 989 TFLOP/s (nominal dense bf16) and against the
@@ -78,6 +82,8 @@ BENCH_MODEL = REPO / "benchmarks" / "bench_model.py"
 BENCH_DATA = REPO / "benchmarks" / "bench_data.py"
 BENCH_REPA = REPO / "benchmarks" / "bench_repa.py"
 BENCH_FLOW_TIMES = REPO / "benchmarks" / "bench_flow_times.py"
+BENCH_FUSED = REPO / "benchmarks" / "bench_fused.py"
+VECTOR_TFLOPS = 67.0  # H100/H200 SXM float32 without tensor cores, the vendor's figure (the fused kernels' FLOP floor)
 NOMINAL_PEAK_TFLOPS = 989.0  # H100/H200 SXM dense bf16, the vendor's figure
 MEASURED_PEAK_TFLOPS = 790.0  # what an 8192^3 bf16 matmul reached on this project's H200 (used if env fails)
 RUN_TAG = "FCDM_GPU_SUITE_RUN"  # environment tag of every command the suite runs (to find what it left behind)
@@ -279,7 +285,7 @@ class Suite:
         return ["--model", s.model] + (["--model-kwargs", s.model_kwargs] if s.model_kwargs else [])
 
     def bench(self, tag: str, args: List[str], timeout_s: Optional[float] = None, warmup: Optional[int] = None,
-              repeats: Optional[int] = None) -> dict:
+              repeats: Optional[int] = None, env: Optional[dict] = None) -> dict:
         """benchmarks/bench_model.py with `args`; returns its JSON report (plus the run's rc/tail).
         `warmup`/`repeats` override the sizes' counts (long measurements: one timed loop)."""
         path = self.work / f"{tag}.json"
@@ -287,7 +293,7 @@ class Suite:
         repeats = self.sizes.repeats if repeats is None else repeats
         cmd = [sys.executable, BENCH_MODEL, *args, "--device", self.sizes.device, "--warmup", warmup,
                "--repeats", repeats, "--json", path]
-        res = self.run(cmd, timeout_s)
+        res = self.run(cmd, timeout_s, env=env)
         report = json.loads(path.read_text()) if res["rc"] == 0 and path.is_file() else None
         return {"run": res, "report": report, "command": " ".join(shlex.quote(str(c)) for c in cmd)}
 
@@ -316,7 +322,7 @@ def _summary(report: dict, suite: Suite) -> dict:
     for label, r in report["results"].items():
         row = {k: r[k] for k in ("train_steps_per_s", "train_img_per_s", "train_tflops", "train_peak_mem_gib",
                                  "forward_img_per_s", "forward_tflops", "forward_peak_mem_gib", "checkpointing",
-                                 "compile", "bf16") if k in r}
+                                 "compile", "kernels", "bf16") if k in r}
         for mode in ("train", "forward"):
             if f"{mode}_tflops" in r:
                 row[f"{mode}_mfu_nominal_{NOMINAL_PEAK_TFLOPS:.0f}"] = r[f"{mode}_tflops"] / NOMINAL_PEAK_TFLOPS
@@ -325,11 +331,12 @@ def _summary(report: dict, suite: Suite) -> dict:
     return {"rows": rows, "ratios": report["ratios"], "environment": report["environment"]}
 
 
-def _bench_step(suite: Suite, attempts: List[tuple], timeout_s: Optional[float] = None) -> dict:
+def _bench_step(suite: Suite, attempts: List[tuple], timeout_s: Optional[float] = None,
+                env: Optional[dict] = None) -> dict:
     """Try each (tag, args) in turn until one succeeds; the next is tried only after an out-of-memory."""
     tried = []
     for tag, args in attempts:
-        b = suite.bench(tag, args, timeout_s)
+        b = suite.bench(tag, args, timeout_s, env=env)
         tried.append({"tag": tag, "command": b["command"], "rc": b["run"]["rc"], "timed_out": b["run"]["timed_out"],
                       "oom": _oom(b["run"])})
         if b["report"] is not None:
@@ -358,7 +365,7 @@ def step_env(suite: Suite) -> dict:
 def step_cuda_tests(suite: Suite) -> dict:
     junit = suite.work / "cuda_tests.xml"
     cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-m", "cuda",
-           str(REPO / "tests" / "test_cuda.py"), f"--junitxml={junit}"]
+           str(REPO / "tests" / "test_cuda.py"), str(REPO / "tests" / "test_kernels.py"), f"--junitxml={junit}"]
     if suite.dry_run:  # collection only: the CPU cases run in the ordinary test suite
         cmd.insert(4, "--collect-only")
     res = suite.run(cmd, timeout_s=suite.sizes.test_timeout_s)
@@ -369,6 +376,71 @@ def step_cuda_tests(suite: Suite) -> dict:
         out["status"] = "timeout"
     elif res["rc"] not in (0, 5):  # 5: no test collected
         out["status"] = "failed"
+    return out
+
+
+def step_fused(suite: Suite) -> dict:
+    """The fused block (--kernels triton) against the torch path and DiT, in this order, each part's answer kept
+    before the next starts: (1) bench_fused.py, one block per level: numerics against float64 (a failure stops
+    the step), block times and the per-kernel table against the kernels' floors (OUT/gpu_fused_kernels.txt);
+    (2) the forward at batch 64, bf16 and TF32: torch and triton kernels against DiT, in one process each;
+    (3) the training step at batch 256 (halved after an out-of-memory): torch against triton, peak memory;
+    (4) a profile of one fused training step (OUT/gpu_profile_fused.txt); (5) compiled: the forward with compiled
+    blocks of both and of DiT, then with the whole network compiled, then compiled training, the slowest last."""
+    s = suite.sizes
+    env = {"TRITON_INTERPRET": "1"} if suite.dry_run else None  # the dry run's CPU runs the interpreter
+    out = {}
+    table = suite.out / "gpu_fused_kernels.txt"
+    path = suite.work / "fused_blocks.json"
+    res = suite.run([sys.executable, BENCH_FUSED, *suite.model_args(), "--latent-size", s.latent256,
+                     "--batch-size", s.train_batch, "--dtype", "bf16", "--device", s.device, "--warmup", s.warmup,
+                     "--repeats", max(s.repeats, 5 if not suite.dry_run else 1), "--vector-tflops", VECTOR_TFLOPS,
+                     "--copy-gib", 2 if not suite.dry_run else 0.01, "--json", path, "--table", table],
+                    timeout_s=240, env=env)
+    if not path.is_file():
+        return {"status": "timeout" if res["timed_out"] else "failed", "blocks": {"tail": res["tail"]}}
+    out["blocks"] = json.loads(path.read_text()) | {"table_file": table.name}
+    if res["rc"] != 0:  # the numerics check failed: nothing else is worth timing
+        out["status"] = "failed"
+        return out
+    common = suite.model_args() + ["--latent-size", s.latent256]
+    for dtype in s.forward_dtypes:
+        label = "tf32" if dtype == "fp32" else dtype
+        out[f"forward_{label}"] = _bench_step(suite, [(f"fused_forward_{label}", common + [
+            "--batch-size", s.forward_batch, "--dtype", dtype, "--mode", "forward", "--extra-variants", "none+triton",
+            "--compare", s.dit])], timeout_s=90, env=env)
+    attempts, batch = [], s.train_batch
+    while batch >= max(1, s.train_batch // 4):
+        attempts.append((f"fused_train_b{batch}", common + ["--batch-size", batch, "--dtype", "bf16", "--mode", "train",
+                                                            "--extra-variants", "none+triton",
+                                                            "--peak-tflops", NOMINAL_PEAK_TFLOPS]))
+        batch //= 2
+    out["train"] = _bench_step(suite, attempts, timeout_s=150, env=env)
+    fits = int(out["train"]["attempts"][-1]["tag"].rsplit("_b", 1)[1]) if not out["train"].get("status") else None
+    out["train"]["fits_batch"] = fits
+    prof = suite.out / "gpu_profile_fused.txt"
+    res = suite.run([sys.executable, __file__, "--worker", "profile", "--device", s.device, "--model", s.model,
+                     *(["--model-kwargs", s.model_kwargs] if s.model_kwargs else []), "--latent-size", s.latent256,
+                     "--batch-size", fits or s.train_batch, "--kernels", "triton", "--table", prof,
+                     "--json", suite.work / "profile_fused.json"], timeout_s=120, env=env)
+    out["profile"] = json.loads((suite.work / "profile_fused.json").read_text()) | {"table_file": prof.name} \
+        if res["rc"] == 0 else {"status": "timeout" if res["timed_out"] else "failed", "tail": res["tail"]}
+    if not s.compile:
+        out["compiled"] = {"status": "skipped", "reason": "dry run: no compiled variants"}
+        return out
+    forward = common + ["--batch-size", s.forward_batch, "--dtype", "bf16", "--mode", "forward"]
+    out["compiled_forward"] = _bench_step(suite, [("fused_forward_compiled", forward + [
+        "--extra-variants", "none+compile,none+triton,none+triton+compile", "--compare", s.dit, "--compare-compile"])],
+        timeout_s=240)
+    out["compiled_network_forward"] = _bench_step(suite, [("fused_forward_compiled_net", forward + [
+        "--extra-variants", "none+compile-net,none+triton,none+triton+compile-net"])], timeout_s=240) \
+        if suite.remaining() >= 120 else {"status": "skipped", "reason": "budget"}
+    if suite.remaining() < 120:
+        out["compiled_train"] = {"status": "skipped", "reason": "budget"}
+    else:
+        out["compiled_train"] = _bench_step(suite, [("fused_train_compiled", common + [
+            "--batch-size", fits or s.train_batch // 2, "--dtype", "bf16", "--mode", "train", "--extra-variants",
+            "none+compile,none+triton+compile", "--peak-tflops", NOMINAL_PEAK_TFLOPS])], timeout_s=300)
     return out
 
 
@@ -773,7 +845,8 @@ def worker_profile(args) -> dict:
     bargs = bench_model.parse_args(["--model", args.model,
                                     *(["--model-kwargs", args.model_kwargs] if args.model_kwargs else []),
                                     "--latent-size", str(args.latent_size), "--batch-size", str(args.batch_size),
-                                    "--dtype", "bf16", "--device", args.device, "--mode", "train"])
+                                    "--dtype", "bf16", "--device", args.device, "--mode", "train",
+                                    "--kernels", args.kernels])
     device = common.setup_device(bargs)
     v = bench_model.make_variant("profiled", args.model, bargs, False)
     bench_model.prepare_variant(v, bargs, device, args.latent_size, json.loads(args.model_kwargs or "{}"))
@@ -810,7 +883,8 @@ def worker_profile(args) -> dict:
     except (KeyError, AttributeError, ValueError):
         text = events.table(sort_by=sort, row_limit=30)
     lines = [f"one training step: {args.model} latent {args.latent_size} batch {args.batch_size} bf16 "
-             f"checkpointing none, {device} ({torch.cuda.get_device_name(device) if on_gpu else 'cpu'}), "
+             f"checkpointing none, {args.kernels} kernels, {device} "
+             f"({torch.cuda.get_device_name(device) if on_gpu else 'cpu'}), "
              f"torch {torch.__version__}", "", "top kernels by self time:", text, "",
              "aten ops by input shape (inclusive time):"]
     lines += [f"{r['total_ms']:10.2f} ms  x{r['calls']:<5d} {r['op']} {r['shapes']}" for r in op_rows]
@@ -915,6 +989,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latent-size", type=positive_int, default=32, help=argparse.SUPPRESS)
     p.add_argument("--batch-size", type=positive_int, default=256, help=argparse.SUPPRESS)
     p.add_argument("--table", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--kernels", default="torch", help=argparse.SUPPRESS)
     p.add_argument("--vae-widths", default="128,256,512,512", help=argparse.SUPPRESS)
     p.add_argument("--vae-layers", type=positive_int, default=2, help=argparse.SUPPRESS)
     p.add_argument("--vae-image", type=positive_int, default=256, help=argparse.SUPPRESS)
@@ -926,11 +1001,11 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
-STEP_ORDER = ("env", "cuda_tests", "train256", "profile256", "train512", "forward", "repa", "flow_times", "e2e",
-              "compile256", "sampling", "latents")
+STEP_ORDER = ("env", "cuda_tests", "fused", "train256", "profile256", "train512", "forward", "repa", "flow_times",
+              "e2e", "compile256", "sampling", "latents")
 # a step starts only with this much budget left
-MIN_SECONDS = {"env": 10, "cuda_tests": 30, "train256": 60, "profile256": 30, "train512": 45, "forward": 30,
-               "repa": 60, "flow_times": 40, "e2e": 60, "compile256": 60, "sampling": 40, "latents": 25}
+MIN_SECONDS = {"env": 10, "cuda_tests": 30, "fused": 120, "train256": 60, "profile256": 30, "train512": 45,
+               "forward": 30, "repa": 60, "flow_times": 40, "e2e": 60, "compile256": 60, "sampling": 40, "latents": 25}
 
 
 def main(argv=None):
@@ -959,7 +1034,8 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, suite._terminate)
     suite.log(f"FCDM GPU suite{' (dry run: CPU, tiny sizes)' if args.dry_run else ''}: steps {','.join(steps)}, "
               f"budget {args.budget_s:.0f}s, results in {suite.results}")
-    fns = {"env": step_env, "cuda_tests": step_cuda_tests, "train256": step_train256, "profile256": step_profile256,
+    fns = {"env": step_env, "cuda_tests": step_cuda_tests, "fused": step_fused, "train256": step_train256,
+           "profile256": step_profile256,
            "train512": step_train512, "forward": step_forward, "repa": step_repa, "flow_times": step_flow_times,
            "e2e": step_e2e,
            "compile256": step_compile256, "sampling": lambda s: step_sampling(s, shlex.split(args.sample_args)),

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import gpu_suite
+from benchmarks import bench_fused, gpu_suite
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,6 +66,20 @@ def test_dry_run_writes_a_record_per_step(tmp_path):
     assert all(v > 0 for v in sampling["ddpm3_eager"]["hours_for_50k"].values())
     assert by_step["latents"]["loader"]["best_latents_per_s"] > 0
     assert by_step["profile256"]["top_kernels"]
+    # the fused block: numerics and block times per level (bench_fused.py), then triton against torch and DiT
+    fused = by_step["fused"]
+    assert [lv["level"] for lv in fused["blocks"]["levels"]] == [0, 1]  # TINY_FCDM: two levels
+    for lv in fused["blocks"]["levels"]:
+        assert lv["numerics"]["ok"] and lv["times"]["train_triton_ms"] > 0
+        assert [r["kernel"] for r in lv["kernels"]][:10] == list(bench_fused.KERNEL_COST)
+    assert (tmp_path / "gpu_fused_kernels.txt").read_text().startswith("FCDM-S blocks")
+    ratios = fused["forward_bf16"]["ratios"]
+    assert ratios["forward_speedup_FCDM-S_vs_DiT-S/2[FCDM-S optimized, none ckpt, triton kernels]"] > 0
+    assert fused["forward_bf16"]["rows"]["FCDM-S optimized, none ckpt, triton kernels"]["kernels"] == "triton"
+    assert set(fused["train"]["rows"]) == {"FCDM-S optimized", "FCDM-S optimized, none ckpt, triton kernels"}
+    assert fused["train"]["fits_batch"] == 2 and fused["profile"]["top_kernels"]
+    assert "triton kernels" in (tmp_path / "gpu_profile_fused.txt").read_text().splitlines()[0]
+    assert fused["compiled"]["status"] == "skipped"
     assert (tmp_path / "gpu_profile.txt").read_text().startswith("one training step")
     log = (tmp_path / "gpu_log.txt").read_text()
     assert "== train256: ok in" in log
@@ -209,9 +223,10 @@ def test_extra_variants_flag():
 
     from benchmarks import bench_model
 
-    args = bench_model.parse_args(["--extra-variants", "selective, none+compile,full+compile"])
-    assert args.extra_variants == [("selective", False), ("none", True), ("full", True)]
-    for bad in ("some", "none+fast"):
+    args = bench_model.parse_args(["--extra-variants", "selective, none+compile,full+compile,none+triton+compile-net"])
+    assert args.extra_variants == [("selective", "", "torch"), ("none", "blocks", "torch"), ("full", "blocks", "torch"),
+                                   ("none", "net", "triton")]
+    for bad in ("some", "none+fast", "none+triton+torch", "none+compile+compile", "none+compile+compile-net"):
         with pytest.raises(SystemExit):
             bench_model.parse_args(["--extra-variants", bad])
 
