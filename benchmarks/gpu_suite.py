@@ -14,10 +14,10 @@ the whole call still returns what was measured) and everything it prints to OUT/
                  times, per-kernel times against their byte and FLOP floors: OUT/gpu_fused_kernels.txt), the
                  forward at batch 64 against DiT-XL/2 (bf16, TF32), the training step at batch 256 against the
                  torch path, a profile of one fused step (OUT/gpu_profile_fused.txt), then compiled variants
-  3 train256     FCDM-XL training step at 32x32x4, batch 256, bf16: baseline (paper mode) vs optimized
-                 with checkpointing none/selective/full in one process (bench_model.py --compare-baseline
-                 --extra-variants); MFU against 989 TFLOP/s (nominal dense bf16) and against the
-                 measured matmul rate
+  3 train256     FCDM-XL training step at 32x32x4, batch 256, bf16: baseline (paper mode, bf16 autocast as the
+                 release trains) vs optimized with checkpointing none/selective/full in one process
+                 (bench_model.py --compare-baseline --extra-variants); MFU against 989 TFLOP/s (nominal dense
+                 bf16) and against the measured matmul rate
      profile256  torch.profiler of one optimized training step: top kernels and ops (OUT/gpu_profile.txt)
      train512    FCDM-XL at 64x64x4, batch 256 (halved until it fits), selective and full checkpointing
   4 forward      forward throughput at batch 64, FCDM-XL vs DiT-XL/2 in one process, bf16 and TF32

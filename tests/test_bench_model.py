@@ -109,3 +109,19 @@ def test_cpu_allocator_setting_is_reported(tmp_path):
         assert proc.returncode == 0, proc.stderr
         assert json.loads(out.read_text())["environment"]["cpu_allocator"] == setting
         assert f"CPU allocator {setting}" in proc.stdout
+
+
+def test_the_baseline_runs_at_the_precision_of_the_run():
+    """The paper-mode baseline runs as the authors' release trains: bf16 autocast when the run is bf16 (their
+    accelerate setting), so a ratio compares implementations, not precisions; --baseline-tf32 adds the fp32/TF32
+    baseline as a row of its own."""
+    common = ["--model", "FCDM-S", "--model-kwargs", TINY_FCDM, "--latent-size", "4", "--batch-size", "1",
+              "--device", "cpu", "--repeats", "1", "--warmup", "0", "--mode", "train", "--compare-baseline"]
+    report = bench_model.main(common + ["--dtype", "bf16", "--baseline-tf32"])
+    rows = report["results"]
+    assert rows["FCDM-S baseline"]["bf16"] is True and rows["FCDM-S optimized"]["bf16"] is True
+    tf32 = rows["FCDM-S baseline, fp32/TF32"]
+    assert tf32["bf16"] is False and tf32["network"] == "reference" and tf32["checkpointing"] == "full"
+    assert {"train_speedup_vs_baseline", "train_speedup_vs_baseline_tf32"} <= set(report["ratios"])
+    rows = bench_model.main(common + ["--dtype", "fp32", "--baseline-tf32"])["results"]
+    assert set(rows) == {"FCDM-S baseline", "FCDM-S optimized"} and rows["FCDM-S baseline"]["bf16"] is False
