@@ -31,9 +31,9 @@ from models.kernels.launch import reduction_program, round_to
 # ------------------------------------------------------------------------------------------------ kernels
 @triton.jit
 def _dwconv_norm_fwd(x_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, h_ptr, d_ptr, mean_ptr, rstd_ptr,
-                    P, H, W, C, eps,
-                    K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, SAVE: tl.constexpr,
-                    ACC: tl.constexpr):
+                     P, H, W, C, eps,
+                     K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, SAVE: tl.constexpr,
+                     ACC: tl.constexpr):
     R: tl.constexpr = K // 2
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # pixel index in the flattened (N*H*W)
     c = tl.arange(0, BLOCK_C)
@@ -75,8 +75,8 @@ def _dwconv_norm_fwd(x_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, h_ptr, d_ptr, me
 
 @triton.jit
 def _dwconv_norm_bwd(dh_ptr, d_ptr, mean_ptr, rstd_ptr, scale_ptr, dd_ptr, dshift_ptr, dscale_ptr,
-                          HW, C, SPLITS, TILES_PER_SPLIT,
-                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+                     HW, C, SPLITS, TILES_PER_SPLIT,
+                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     n, s, ns, c, cm = reduction_program(SPLITS, 1, C, BLOCK_C)
     scale = tl.load(scale_ptr + n.to(tl.int64) * C + c, mask=cm, other=0.0).to(ACC)
     acc_shift = tl.zeros([BLOCK_C], ACC)
@@ -185,8 +185,8 @@ def forward(x, weight, bias, shift, scale, eps: float, save: bool):
         tiles = launch.row_tiles(c, p)
         grid = (launch.cdiv(p, tiles.block_p),)
         _dwconv_norm_fwd[grid](x, _taps_major(weight), bias, shift.contiguous(), scale.contiguous(), h, d, mean,
-                              rstd, p, hgt, wid, c, float(eps), K=k, BLOCK_P=tiles.block_p, BLOCK_C=tiles.block_c,
-                              SAVE=bool(save), ACC=launch.accumulator(x.dtype), num_warps=tiles.num_warps)
+                               rstd, p, hgt, wid, c, float(eps), K=k, BLOCK_P=tiles.block_p, BLOCK_C=tiles.block_c,
+                               SAVE=bool(save), ACC=launch.accumulator(x.dtype), num_warps=tiles.num_warps)
     return h, d, mean, rstd
 
 
@@ -223,8 +223,8 @@ def backward(dh, x, d, mean, rstd, weight, scale):
             num_warps=tiles.num_warps)
         _dwconv_weight_grad[(n * wred.splits * wred.channel_blocks,)](
             x, dd, dw, db, hgt, wid, c, wred.splits, wred.tiles_per_split, wred.channel_blocks, K=k, TAPS=wtaps,
-            BLOCK_P=wred.block_p, BLOCK_C=wred.block_c, ACC=acc, num_warps=launch.warps(wtaps * wred.block_p
-                                                                                        * wred.block_c))
+            BLOCK_P=wred.block_p, BLOCK_C=wred.block_c, ACC=acc,
+            num_warps=launch.warps(wtaps * wred.block_p * wred.block_c))
     else:
         dshift.zero_(), dscale.zero_(), dw.zero_(), db.zero_()
     d_weight = dw.sum(0).t().reshape(weight.shape).to(weight.dtype)

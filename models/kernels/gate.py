@@ -14,7 +14,7 @@ from models.kernels.launch import pixel_tile, reduction_program, round_to
 
 @triton.jit
 def _gate_fwd(x_ptr, gate_ptr, o_ptr, out_ptr, P, HW, C,
-                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     off, nc, m2, _ = pixel_tile(P, HW, C, BLOCK_P, BLOCK_C)
     x = tl.load(x_ptr + off, mask=m2, other=0.0).to(ACC)
     o = tl.load(o_ptr + off, mask=m2, other=0.0).to(ACC)
@@ -24,7 +24,7 @@ def _gate_fwd(x_ptr, gate_ptr, o_ptr, out_ptr, P, HW, C,
 
 @triton.jit
 def _gate_bwd(dout_ptr, gate_ptr, o_ptr, do_ptr, dgate_ptr, HW, C, SPLITS, TILES_PER_SPLIT, CBLOCKS,
-                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     n, s, ns, c, cm = reduction_program(SPLITS, CBLOCKS, C, BLOCK_C)
     gate = tl.load(gate_ptr + n.to(tl.int64) * C + c, mask=cm, other=0.0).to(ACC)
     acc = tl.zeros([BLOCK_C], ACC)

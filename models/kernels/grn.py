@@ -40,7 +40,7 @@ def _gelu_grad(a):
 # ------------------------------------------------------------------------------------------------ kernels
 @triton.jit
 def _grn_stats(a_ptr, ss_ptr, HW, C, SPLITS, TILES_PER_SPLIT, CBLOCKS,
-                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     n, s, ns, c, cm = reduction_program(SPLITS, CBLOCKS, C, BLOCK_C)
     acc = tl.zeros([BLOCK_C], ACC)
     t0 = s * TILES_PER_SPLIT
@@ -55,7 +55,7 @@ def _grn_stats(a_ptr, ss_ptr, HW, C, SPLITS, TILES_PER_SPLIT, CBLOCKS,
 
 @triton.jit
 def _grn_apply(a_ptr, f_ptr, beta_ptr, r_ptr, P, HW, C,
-                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     off, nc, m2, c = pixel_tile(P, HW, C, BLOCK_P, BLOCK_C)
     a = tl.load(a_ptr + off, mask=m2, other=0.0).to(ACC)
     f = tl.load(f_ptr + nc, mask=m2, other=0.0)
@@ -66,7 +66,7 @@ def _grn_apply(a_ptr, f_ptr, beta_ptr, r_ptr, P, HW, C,
 
 @triton.jit
 def _grn_grad_stats(dr_ptr, a_ptr, s_ptr, sb_ptr, HW, C, SPLITS, TILES_PER_SPLIT, CBLOCKS,
-                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     n, s, ns, c, cm = reduction_program(SPLITS, CBLOCKS, C, BLOCK_C)
     acc_s = tl.zeros([BLOCK_C], ACC)
     acc_b = tl.zeros([BLOCK_C], ACC)
@@ -87,7 +87,7 @@ def _grn_grad_stats(dr_ptr, a_ptr, s_ptr, sb_ptr, HW, C, SPLITS, TILES_PER_SPLIT
 
 @triton.jit
 def _grn_grad_apply(dr_ptr, a_ptr, f_ptr, k_ptr, da_ptr, P, HW, C,
-                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     off, nc, m2, c = pixel_tile(P, HW, C, BLOCK_P, BLOCK_C)
     dr = tl.load(dr_ptr + off, mask=m2, other=0.0).to(ACC)
     a = tl.load(a_ptr + off, mask=m2, other=0.0).to(ACC)
