@@ -173,7 +173,7 @@ def copy_bandwidth_gbs(device, gib: float) -> float:
 
 def profile_kernels(fused, width, side, args, device, autocast, bandwidth_gbs) -> List[dict]:
     """Device time per fused kernel in a profiled forward + backward, against its bytes and FLOPs."""
-    from torch.profiler import ProfilerActivity, profile  # deferred: only the CUDA path profiles
+    from torch.profiler import ProfilerActivity, profile  # deferred: loaded only once a level is profiled
 
     act = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     x = torch.randn(args.batch_size, side, side, width, device=device, dtype=act)
