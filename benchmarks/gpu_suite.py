@@ -331,6 +331,21 @@ def _summary(report: dict, suite: Suite) -> dict:
     return {"rows": rows, "ratios": report["ratios"], "environment": report["environment"]}
 
 
+def _batch_attempts(tag: str, first: int, smallest: int, args: Callable[[int], list]) -> List[tuple]:
+    """(tag_b<batch>, args(batch)) for batch = first, first/2, ... down to `smallest`: _bench_step's attempts when an
+    out-of-memory halves the batch."""
+    attempts, batch = [], first
+    while batch >= max(1, smallest):
+        attempts.append((f"{tag}_b{batch}", args(batch)))
+        batch //= 2
+    return attempts
+
+
+def _fits_batch(result: dict) -> Optional[int]:
+    """The batch of the attempt that succeeded (None when none did) in a _bench_step over _batch_attempts."""
+    return None if result.get("status") else int(re.search(r"_b(\d+)$", result["attempts"][-1]["tag"]).group(1))
+
+
 def _bench_step(suite: Suite, attempts: List[tuple], timeout_s: Optional[float] = None,
                 env: Optional[dict] = None) -> dict:
     """Try each (tag, args) in turn until one succeeds; the next is tried only after an out-of-memory."""
@@ -409,15 +424,11 @@ def step_fused(suite: Suite) -> dict:
         out[f"forward_{label}"] = _bench_step(suite, [(f"fused_forward_{label}", common + [
             "--batch-size", s.forward_batch, "--dtype", dtype, "--mode", "forward", "--extra-variants", "none+triton",
             "--compare", s.dit])], timeout_s=90, env=env)
-    attempts, batch = [], s.train_batch
-    while batch >= max(1, s.train_batch // 4):
-        attempts.append((f"fused_train_b{batch}", common + ["--batch-size", batch, "--dtype", "bf16", "--mode", "train",
-                                                            "--extra-variants", "none+triton",
-                                                            "--peak-tflops", NOMINAL_PEAK_TFLOPS]))
-        batch //= 2
+    attempts = _batch_attempts("fused_train", s.train_batch, s.train_batch // 4, lambda batch: common + [
+        "--batch-size", batch, "--dtype", "bf16", "--mode", "train", "--extra-variants", "none+triton",
+        "--peak-tflops", NOMINAL_PEAK_TFLOPS])
     out["train"] = _bench_step(suite, attempts, timeout_s=150, env=env)
-    fits = int(out["train"]["attempts"][-1]["tag"].rsplit("_b", 1)[1]) if not out["train"].get("status") else None
-    out["train"]["fits_batch"] = fits
+    out["train"]["fits_batch"] = fits = _fits_batch(out["train"])
     prof = suite.out / "gpu_profile_fused.txt"
     res = suite.run([sys.executable, __file__, "--worker", "profile", "--device", s.device, "--model", s.model,
                      *(["--model-kwargs", s.model_kwargs] if s.model_kwargs else []), "--latent-size", s.latent256,
@@ -511,19 +522,14 @@ def step_train512(suite: Suite) -> dict:
     s = suite.sizes
     out = {}
     for mode in s.ckpt512:
-        attempts = []
-        batch = s.train_batch
-        while batch >= max(1, s.train_batch // 8):
-            attempts.append((f"train512_{mode}_b{batch}", suite.model_args() + [
-                "--latent-size", s.latent512, "--batch-size", batch, "--dtype", "bf16", "--mode", "train",
-                "--checkpointing", mode, "--peak-tflops", NOMINAL_PEAK_TFLOPS]))
-            batch //= 2
+        attempts = _batch_attempts(f"train512_{mode}", s.train_batch, s.train_batch // 8, lambda batch: (
+            suite.model_args() + ["--latent-size", s.latent512, "--batch-size", batch, "--dtype", "bf16", "--mode",
+                                  "train", "--checkpointing", mode, "--peak-tflops", NOMINAL_PEAK_TFLOPS]))
         if suite.remaining() < 30:
             out[mode] = {"status": "skipped", "reason": "budget"}
             continue
         out[mode] = _bench_step(suite, attempts, timeout_s=90)
-        out[mode]["fits_batch"] = int(re.search(r"_b(\d+)$", out[mode]["attempts"][-1]["tag"]).group(1)) \
-            if not out[mode].get("status") else None
+        out[mode]["fits_batch"] = _fits_batch(out[mode])
     return out
 
 

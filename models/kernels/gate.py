@@ -42,31 +42,18 @@ def _gate_bwd(dout_ptr, gate_ptr, o_ptr, do_ptr, dgate_ptr, HW, C, SPLITS, TILES
 
 def forward(x: torch.Tensor, gate: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
     n, h, w, c = x.shape
-    p = n * h * w
     out = torch.empty_like(x, dtype=torch.promote_types(x.dtype, o.dtype))
-    tiles = launch.elementwise_tiles(c, p)
-    if p:
-        _gate_fwd[(launch.cdiv(p, tiles.block_p), launch.cdiv(c, tiles.block_c))](
-            x, gate.contiguous(), o, out, p, h * w, c, BLOCK_P=tiles.block_p, BLOCK_C=tiles.block_c,
-            ACC=launch.accumulator(out.dtype), num_warps=tiles.num_warps)
-    return out
+    return launch.elementwise(_gate_fwd, [x, gate.contiguous(), o], out, n * h * w, h * w, c,
+                              launch.accumulator(out.dtype))
 
 
 def backward(dout: torch.Tensor, gate: torch.Tensor, o: torch.Tensor):
     """(d_gate, d_o) of `forward`."""
     n, h, w, c = o.shape
-    hw = h * w
-    red = launch.reduction(n, hw, c)
-    dout = dout.contiguous()
     d_o = torch.empty_like(o)
-    part = o.new_empty((n, red.splits, c), dtype=launch.stat_dtype(o.dtype))
-    if n * hw:
-        _gate_bwd[(n * red.splits * red.channel_blocks,)](
-            dout, gate.contiguous(), o, d_o, part, hw, c, red.splits, red.tiles_per_split, red.channel_blocks,
-            BLOCK_P=red.block_p, BLOCK_C=red.block_c, ACC=launch.accumulator(o.dtype), num_warps=red.num_warps)
-    else:
-        part.zero_()
-    return part.sum(1).to(gate.dtype), d_o
+    (d_gate,) = launch.per_sample_sums(_gate_bwd, [dout.contiguous(), gate.contiguous(), o, d_o], 1, n, h * w, c,
+                                       launch.accumulator(o.dtype))
+    return d_gate.to(gate.dtype), d_o
 
 
 @torch.library.custom_op("fcdm::gated_residual", mutates_args=())

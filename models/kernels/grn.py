@@ -98,21 +98,6 @@ def _grn_grad_apply(dr_ptr, a_ptr, f_ptr, k_ptr, da_ptr, P, HW, C,
 
 
 # ------------------------------------------------------------------------------------------------ launchers
-def _sums(kernel, tensors, outputs: int, n: int, hw: int, c: int, acc):
-    """Per-(sample, channel) sums of a reduction kernel over the pixels: `outputs` tensors (N, C)."""
-    red = launch.reduction(n, hw, c)
-    parts = [tensors[0].new_empty((n, red.splits, c), dtype=launch.stat_dtype(tensors[0].dtype))
-             for _ in range(outputs)]
-    if n * hw:
-        kernel[(n * red.splits * red.channel_blocks,)](
-            *tensors, *parts, hw, c, red.splits, red.tiles_per_split, red.channel_blocks,
-            BLOCK_P=red.block_p, BLOCK_C=red.block_c, ACC=acc, num_warps=red.num_warps)
-    else:
-        for t in parts:
-            t.zero_()
-    return [t.sum(1) for t in parts]
-
-
 def _factor(ss: torch.Tensor, gamma: torch.Tensor, eps: float):
     """GRN's (N, C) statistics from the sums of squares: G, m = mean_c G + eps, N(g) = G / m, f = 1 + gamma N(g)."""
     g = ss.clamp_min(_TINY).sqrt()
@@ -121,22 +106,13 @@ def _factor(ss: torch.Tensor, gamma: torch.Tensor, eps: float):
     return g, m, nx, 1 + gamma.to(ss.dtype) * nx
 
 
-def _elementwise(kernel, tensors, out: torch.Tensor, p: int, hw: int, c: int, acc) -> torch.Tensor:
-    tiles = launch.elementwise_tiles(c, p)
-    if p:
-        kernel[(launch.cdiv(p, tiles.block_p), launch.cdiv(c, tiles.block_c))](
-            *tensors, out, p, hw, c, BLOCK_P=tiles.block_p, BLOCK_C=tiles.block_c, ACC=acc,
-            num_warps=tiles.num_warps)
-    return out
-
-
 def forward(a: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float):
     """(r, ss): GRN(GELU(a)) of channels-last a (N, H, W, C) in a's dtype, and the (N, C) sums of squares."""
     n, h, w, c = a.shape
     acc = launch.accumulator(a.dtype)
-    (ss,) = _sums(_grn_stats, [a], 1, n, h * w, c, acc)
+    (ss,) = launch.per_sample_sums(_grn_stats, [a], 1, n, h * w, c, acc)
     *_, f = _factor(ss, gamma, eps)
-    r = _elementwise(_grn_apply, [a, f.contiguous(), beta], torch.empty_like(a), n * h * w, h * w, c, acc)
+    r = launch.elementwise(_grn_apply, [a, f.contiguous(), beta], torch.empty_like(a), n * h * w, h * w, c, acc)
     return r, ss
 
 
@@ -145,14 +121,14 @@ def backward(dr: torch.Tensor, a: torch.Tensor, ss: torch.Tensor, gamma: torch.T
     n, h, w, c = a.shape
     acc = launch.accumulator(a.dtype)
     dr = dr.contiguous()
-    s, sb = _sums(_grn_grad_stats, [dr, a], 2, n, h * w, c, acc)
+    s, sb = launch.per_sample_sums(_grn_grad_stats, [dr, a], 2, n, h * w, c, acc)
     g, m, nx, f = _factor(ss, gamma, eps)
     d_gamma = (s * nx).sum(0).to(gamma.dtype)
     d_beta = sb.sum(0).to(gamma.dtype)
     q = s * gamma.to(s.dtype)  # dL/dN(g)
     d_g = q / m - (q * g).sum(dim=-1, keepdim=True) / (m * m * c)
     k = torch.where(ss > _TINY, d_g / g, torch.zeros_like(g))
-    da = _elementwise(_grn_grad_apply, [dr, a, f.contiguous(), k.contiguous()], torch.empty_like(a),
+    da = launch.elementwise(_grn_grad_apply, [dr, a, f.contiguous(), k.contiguous()], torch.empty_like(a),
                       n * h * w, h * w, c, acc)
     return da, d_gamma, d_beta
 

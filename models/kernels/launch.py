@@ -1,4 +1,5 @@
-"""Launch geometry of the fused block kernels: tile shapes, warps and reduction splits.
+"""Launch geometry of the fused block kernels: tile shapes, warps and reduction splits, the jit helpers that index a
+program's tile, and the two launch patterns most kernels share (`elementwise`, `per_sample_sums`).
 
 Every kernel works on channels-last activations seen as a (pixels, channels) matrix. Two profiles choose
 the tile shapes:
@@ -118,35 +119,28 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @dataclass(frozen=True)
-class RowTiles:
+class Tiles:
+    """(pixels, channels) tiles of a kernel over the flattened (N*H*W, C) activations, and its warps."""
+    block_p: int
+    block_c: int
+    num_warps: int
+
+
+def row_tiles(channels: int, pixels: int) -> Tiles:
     """Whole-row tiles: `block_p` pixels x every channel (padded to `block_c`), for kernels that need all the
     channels of a pixel at once (the LayerNorm)."""
-    block_p: int
-    block_c: int
-    num_warps: int
-
-
-def row_tiles(channels: int, pixels: int) -> RowTiles:
     bc = pow2(channels)
     bp = max(1, min(profile().tile // bc, pow2(pixels)))
-    return RowTiles(bp, bc, warps(bp * bc))
+    return Tiles(bp, bc, warps(bp * bc))
 
 
-@dataclass(frozen=True)
-class Tiles2D:
-    """(pixels, channels) tiles of an elementwise kernel over the flattened (N*H*W, C) matrix."""
-    block_p: int
-    block_c: int
-    num_warps: int
-
-
-def elementwise_tiles(channels: int, pixels: int, tile: int = 0) -> Tiles2D:
+def elementwise_tiles(channels: int, pixels: int, tile: int = 0) -> Tiles:
     """`tile` (elements) overrides the profile's tile size: a smaller tile for kernels that hold many loads in
     flight per element (the depthwise input gradient keeps a row of k taps)."""
     prof = profile()
     bc = min(pow2(channels), 128 if prof.name == "gpu" else pow2(channels))
     bp = max(1, min((min(tile, prof.tile) if tile else prof.tile) // bc, pow2(pixels)))
-    return Tiles2D(bp, bc, warps(bp * bc))
+    return Tiles(bp, bc, warps(bp * bc))
 
 
 @dataclass(frozen=True)
@@ -172,3 +166,30 @@ def reduction(samples: int, hw: int, channels: int, block_c: int = 0, tile: int 
     per_split = cdiv(tiles, splits)
     splits = cdiv(tiles, per_split)  # no empty split
     return Reduction(bp, bc, splits, per_split, cb, warps(bp * bc))
+
+
+def per_sample_sums(kernel, tensors: list, outputs: int, n: int, hw: int, c: int, acc) -> list:
+    """Launch a per-(sample, channel) reduction `kernel(*tensors, *partials, HW, C, SPLITS, TILES_PER_SPLIT,
+    CBLOCKS, BLOCK_P, BLOCK_C, ACC)` over N samples of hw pixels and c channels; its `outputs` partial sums
+    (N, splits, C), in the statistics dtype of tensors[0], are added over the splits by torch: `outputs` (N, C)."""
+    red = reduction(n, hw, c)
+    parts = [tensors[0].new_empty((n, red.splits, c), dtype=stat_dtype(tensors[0].dtype)) for _ in range(outputs)]
+    if n * hw:
+        kernel[(n * red.splits * red.channel_blocks,)](
+            *tensors, *parts, hw, c, red.splits, red.tiles_per_split, red.channel_blocks,
+            BLOCK_P=red.block_p, BLOCK_C=red.block_c, ACC=acc, num_warps=red.num_warps)
+    else:
+        for t in parts:
+            t.zero_()
+    return [t.sum(1) for t in parts]
+
+
+def elementwise(kernel, tensors: list, out: torch.Tensor, p: int, hw: int, c: int, acc) -> torch.Tensor:
+    """Launch an elementwise `kernel(*tensors, out, P, HW, C, BLOCK_P, BLOCK_C, ACC)` over p pixels x c channels
+    (programs over pixel blocks x channel blocks, `pixel_tile`); returns `out`."""
+    tiles = elementwise_tiles(c, p)
+    if p:
+        kernel[(cdiv(p, tiles.block_p), cdiv(c, tiles.block_c))](
+            *tensors, out, p, hw, c, BLOCK_P=tiles.block_p, BLOCK_C=tiles.block_c, ACC=acc,
+            num_warps=tiles.num_warps)
+    return out
