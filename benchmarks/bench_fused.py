@@ -33,6 +33,7 @@ interpreted kernels are no profiler events).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -46,6 +47,7 @@ from fcdm_common.io import atomic_write_text
 from models.fcdm import FCDM, FCDMBlock
 from models.kernels import load, unavailable_reason
 
+ACTIVATION = {"bf16": torch.bfloat16, "fp32": torch.float32}  # --dtype: the residual stream's dtype (autocast: bf16)
 # name: (activation elements moved per P*C, bytes per pixel, FLOPs per P*C or "conv"): the table of the docstring
 KERNEL_COST = {
     "dwconv_norm_fwd": (3, 8, "conv+12"),
@@ -101,16 +103,21 @@ def fwd_bwd(blk, x, c, dy, autocast):
     return [out, x.grad, c.grad] + [p.grad for p in blk.parameters()]
 
 
+def timing_inputs(width: int, side: int, args, device):
+    """Block input x (--batch-size, side, side, width) in the activation dtype, condition c and output gradient dy."""
+    x = torch.randn(args.batch_size, side, side, width, device=device, dtype=ACTIVATION[args.dtype])
+    return x, torch.randn(args.batch_size, width, device=device), torch.randn_like(x)
+
+
 def check_numerics(blk, fused, width, side, args, device, autocast) -> dict:
     """Fused and torch block against float64: worst relative error over the output and every gradient."""
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.check_batch, side, side, width, generator=g)
     c = torch.randn(args.check_batch, width, generator=g)
     dy = torch.randn(args.check_batch, side, side, width, generator=g)
-    act = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    x, c, dy = x.to(device, act), c.to(device), dy.to(device)
+    x, c, dy = x.to(device, ACTIVATION[args.dtype]), c.to(device), dy.to(device)
     truth = copy.deepcopy(blk).double()
-    want = fwd_bwd(truth, x.double(), c.double(), dy.double(), _no_autocast)
+    want = fwd_bwd(truth, x.double(), c.double(), dy.double(), contextlib.nullcontext)
     err = {}
     for name, b in (("torch", blk), ("triton", fused)):
         err[name] = max(rel_err(a, w) for a, w in zip(fwd_bwd(b, x, c, dy, autocast), want))
@@ -119,20 +126,9 @@ def check_numerics(blk, fused, width, side, args, device, autocast) -> dict:
             "ok": err["triton"] <= bound}
 
 
-class _no_autocast:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def time_blocks(blk, fused, width, side, args, device, autocast) -> dict:
     """Median forward (no grad) and forward + backward times of both paths, interleaved."""
-    act = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    x = torch.randn(args.batch_size, side, side, width, device=device, dtype=act)
-    c = torch.randn(args.batch_size, width, device=device)
-    dy = torch.randn_like(x)
+    x, c, dy = timing_inputs(width, side, args, device)
 
     def forward(b):
         def run():
@@ -175,10 +171,7 @@ def profile_kernels(fused, width, side, args, device, autocast, bandwidth_gbs) -
     """Device time per fused kernel in a profiled forward + backward, against its bytes and FLOPs."""
     from torch.profiler import ProfilerActivity, profile  # deferred: loaded only once a level is profiled
 
-    act = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    x = torch.randn(args.batch_size, side, side, width, device=device, dtype=act)
-    c = torch.randn(args.batch_size, width, device=device)
-    dy = torch.randn_like(x)
+    x, c, dy = timing_inputs(width, side, args, device)
     fwd_bwd(fused, x, c, dy, autocast)
     synchronize(device)
     iters = 3 if device.type == "cuda" else 1  # a CPU run only rehearses the code
@@ -217,7 +210,7 @@ def run_benchmark(args) -> dict:
     model, _ = fcdm_on_meta(args)
 
     def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else _no_autocast()
+        return torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else contextlib.nullcontext()
 
     bandwidth = copy_bandwidth_gbs(device, args.copy_gib)
     report = {"config": {k: v for k, v in vars(args).items() if k not in ("json", "table")},
