@@ -105,12 +105,17 @@ class GuidedModel:
         return (level >= lo) & (level <= hi)
 
     def _main_and_weak(self, x, t, y, idx, kwargs):
-        """(main conditional output of every row (N, ...), weak prediction of the guided rows), float32."""
+        """(main conditional output of every row (N, ...), weak prediction of the guided rows), in the combining
+        dtype: float32, or the outputs' own dtype where it is wider (a float64 run stays float64 throughout;
+        bf16/fp16 outputs are combined in float32, so the guided difference is not rounded to their precision)."""
         xw, tw, yw = (x, t, y) if idx is None else (x[idx], t[idx], y[idx])
         if self.guide is not None:  # autoguidance: the guide, conditionally, in its own call
-            return self.model(x, t, y, **kwargs).float(), self.guide(xw, tw, yw, **kwargs).float()
+            main, weak = self.model(x, t, y, **kwargs), self.guide(xw, tw, yw, **kwargs)
+            dtype = torch.promote_types(torch.promote_types(torch.float32, main.dtype), weak.dtype)
+            return main.to(dtype), weak.to(dtype)
         null = torch.full((xw.shape[0],), self.null_label, dtype=y.dtype, device=y.device)
-        out = self.model(torch.cat([x, xw]), torch.cat([t, tw]), torch.cat([y, null]), **kwargs).float()  # one call
+        out = self.model(torch.cat([x, xw]), torch.cat([t, tw]), torch.cat([y, null]), **kwargs)  # one call
+        out = out.to(torch.promote_types(torch.float32, out.dtype))
         return out[:x.shape[0]], out[x.shape[0]:]
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -29,6 +29,7 @@ from PIL import Image
 from evaluations import metrics
 from evaluations.evaluator import BACKENDS, compute_features
 from fcdm_common.cli import HelpFormatter, UserError, alias_help, positive_int, run_main, seed_int
+from fcdm_common.images import to_rgb8
 from fcdm_common.io import atomic_path, check_writable, remove_stale_dirs, remove_stale_temps
 from fcdm_common.progress import progress as tqdm
 
@@ -36,8 +37,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", "
 
 
 def center_crop_arr(pil_image, image_size: int) -> np.ndarray:
-    """ADM's centre crop: box-halve while short side >= 2*size, bicubic to size, crop. -> uint8 (S, S, 3)."""
-    pil_image = pil_image.convert("RGB")
+    """ADM's centre crop: box-halve while short side >= 2*size, bicubic to size, crop. -> uint8 (S, S, 3).
+    Images that are not 8-bit RGB (16-bit grayscale, palette, ...) are converted by `to_rgb8` first."""
+    pil_image = to_rgb8(pil_image)
     while min(*pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
     scale = image_size / min(*pil_image.size)
@@ -118,7 +120,7 @@ def make_reference(
     for i, (path, _) in enumerate(tqdm(items, desc="images")):
         try:
             with Image.open(path) as im:
-                images[i] = center_crop_arr(im, image_size)
+                images[i] = center_crop_arr(to_rgb8(im, path), image_size)  # path: named if refused
         except OSError as e:
             raise UserError(f"{path}: cannot read image ({e})") from None
     labels = np.array([label for _, label in items], dtype=np.int64)

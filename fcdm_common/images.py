@@ -4,7 +4,8 @@
 `image_datasets.py`) that DiT and FCDM use for ImageNet: while the short side is at least twice the
 target, halve the image with a BOX filter (cheap anti-aliasing); then resize with BICUBIC so the
 short side equals the target; then take the central square. `to_uint8` rounds like DiT's sampling
-scripts: clamp((x + 1) * 127.5 + 0.5, 0, 255) truncated to uint8.
+scripts: clamp((x + 1) * 127.5 + 0.5, 0, 255) truncated to uint8. `to_rgb8` is how every program turns an
+image file it reads into 8-bit RGB (PIL's own `convert("RGB")` clips 16-bit grayscale to 0/255).
 """
 from __future__ import annotations
 
@@ -16,7 +17,47 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from fcdm_common.cli import UserError
 from fcdm_common.io import atomic_path
+
+_MODES_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")  # PIL's unsigned 16-bit grayscale modes (byte orders)
+
+
+def to_rgb8(img: Image.Image, path: str | os.PathLike | None = None) -> Image.Image:
+    """The 8-bit RGB version of an image read from a file (`path` names it in the error), its pixels loaded (the
+    file may be closed afterwards); an RGB image is returned as it is.
+
+    PIL's `convert("RGB")` maps grayscale values 1:1 and clips, which is right for 8-bit modes but turns a
+    16-bit grayscale image (a 16-bit PNG opens as "I;16", some readers give "I") into a nearly black-and-white
+    one, with no error. Here:
+    - "I;16" (any byte order): v in 0..65535 becomes round(v / 257) = round(v * 255 / 65535), the linear map
+      that sends 0 to 0 and 65535 to 255 (computed exactly in integers: (v + 128) // 257; no v is a tie);
+    - "I" (32-bit integers): read as 16-bit data, the same map, when every value lies in 0..65535 (PIL gives
+      16-bit PNGs this mode); other values have no defined 8-bit scale and are refused;
+    - "F" (32-bit floats): refused; float images follow no single range convention (0..1, 0..255, HDR);
+    - every other mode ("L", "LA", "P", "PA", "1", "RGBA", "CMYK", "YCbCr", ...): PIL's `convert("RGB")`,
+      which handles palettes, bilevel and CMYK and drops alpha. PIL itself reduces 16-bit RGB, RGBA and
+      grayscale+alpha PNGs to 8 bits when it opens them (modes "RGB", "RGBA", "RGBA"), keeping the high byte:
+      floor(v / 256), at most one level below round(v / 257), which is accepted as it is.
+    Refusals are `UserError`s naming the file and its mode."""
+    if img.mode == "RGB":
+        img.load()  # the pixels, read now: callers close the file when this returns
+        return img
+    where = f"{path}: " if path is not None else ""
+    if img.mode in _MODES_16BIT or img.mode == "I":
+        v = np.asarray(img).astype(np.int64)  # "I;16B" is big-endian uint16, "I" int32
+        if v.size and (v.min() < 0 or v.max() > 65535):
+            raise UserError(f"{where}32-bit integer image (PIL mode I) with values {v.min()}..{v.max()}, outside "
+                            "the 16-bit range 0..65535; convert it to an 8- or 16-bit image first")
+        gray = ((v + 128) // 257).astype(np.uint8)
+        return Image.fromarray(np.repeat(gray[..., None], 3, axis=-1))
+    if img.mode == "F":
+        raise UserError(f"{where}32-bit floating-point image (PIL mode F) has no defined 8-bit scale; "
+                        "convert it to an 8- or 16-bit image first")
+    try:
+        return img.convert("RGB")
+    except ValueError as e:  # a mode PIL cannot convert (e.g. "LAB", "HSV")
+        raise UserError(f"{where}cannot convert PIL mode {img.mode} to RGB ({e})") from None
 
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
@@ -34,8 +75,9 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
 
 
 def pil_to_tensor(pil_image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> float32 tensor (3, H, W) in [-1, 1] (ToTensor then Normalize(0.5, 0.5))."""
-    arr = np.asarray(pil_image.convert("RGB"), dtype=np.float32)  # (H, W, 3) in [0, 255]
+    """RGB PIL image -> float32 tensor (3, H, W) in [-1, 1] (ToTensor then Normalize(0.5, 0.5)). Other modes
+    go through `to_rgb8` first."""
+    arr = np.asarray(to_rgb8(pil_image), dtype=np.float32)  # (H, W, 3) in [0, 255]
     return torch.from_numpy(arr / 127.5 - 1.0).permute(2, 0, 1).contiguous()
 
 

@@ -53,7 +53,7 @@ from fcdm_common.cli import (
     str2bool,
 )
 from fcdm_common.distributed import barrier, cleanup, init_distributed
-from fcdm_common.images import center_crop_arr, pil_to_tensor
+from fcdm_common.images import center_crop_arr, pil_to_tensor, to_rgb8
 from fcdm_common.progress import progress
 from models.autoencoders import DEFAULT_HF_MODEL, SUPPORTED_CLASSES, describe, load_autoencoder, vae_id
 from preparation import store as zstore
@@ -128,7 +128,7 @@ class CroppedImages(torch.utils.data.Dataset):
         path, label = self.samples[i]
         try:
             with Image.open(path) as img:
-                img = img.convert("RGB")
+                img = to_rgb8(img)  # 16-bit images scaled to 8 bits, not saturated
             crop = center_crop_arr(img, self.image_size)
             small = small_image(crop, self.images_size) if self.images_size else None
             return pil_to_tensor(crop), label, "", small
