@@ -14,10 +14,47 @@ from typing import Any, Optional
 from models.latent_space import AutoencoderSpec
 
 PAPER_STEPS = 400_000  # Table 6 / headline results: 400K iterations
+REFUSE, WARN = "refuse", "warn"  # what resuming a checkpoint recorded with another value of a setting does
+SPELLED_OR_HASHED = object()  # TrajectorySetting.default of the settings the run name holds whatever their value
+
+
+@dataclass(frozen=True)
+class TrajectorySetting:
+    """A setting that changes what a run computes. Resuming compares each one with the checkpoint's config
+    (train.py resume_mismatches), so a setting listed here cannot be changed silently between two starts."""
+    where: str  # its place in TrainConfig.to_dict(): "objective" (top level) or "train.hflip" (section.field)
+    on_resume: str  # another value than the checkpoint's: REFUSE (the checkpoint is another run's) or WARN (continue)
+    flag: Optional[str] = None  # the one flag that sets it, for messages (None: several flags or derived)
+    # the flag's default where the run name's hash covers the setting only when it differs from it (run_name_extra);
+    # SPELLED_OR_HASHED: the run name spells it out or hashes it whenever set (experiment_name), or it only rounds
+    default: Any = SPELLED_OR_HASHED
+
+
+# Every setting that changes a run's trajectory, or only its float rounding (the last two), in the order a resume
+# reports them: the objective before the network, whose learn_sigma follows from it. A checkpoint of another network,
+# loss or latent normalisation cannot continue this run (refused); another optimisation, data or augmentation
+# setting continues it on another trajectory (warned), as a pinned run folder (--exp-name, --resume) asks for.
+TRAJECTORY_SETTINGS = {
+    "objective": TrajectorySetting("objective", REFUSE, "--objective"),
+    "model": TrajectorySetting("model", REFUSE, "--model"),
+    "model_kwargs": TrajectorySetting("model_kwargs", REFUSE),
+    "objective_kwargs": TrajectorySetting("objective_kwargs", REFUSE),
+    "repa": TrajectorySetting("repa", REFUSE),
+    "latent_norm": TrajectorySetting("data.latent_norm", REFUSE, "--latent-norm", default="none"),
+    "data": TrajectorySetting("data.name", WARN),
+    "global_batch_size": TrajectorySetting("train.global_batch_size", WARN, "--global-batch-size"),
+    "lr": TrajectorySetting("train.lr", WARN, "--lr"),
+    "seed": TrajectorySetting("train.seed", WARN, "--seed"),
+    "hflip": TrajectorySetting("train.hflip", WARN, "--hflip", default=True),
+    "ema_decay": TrajectorySetting("train.ema_decay", WARN, "--ema-decay", default=0.9999),
+    "weight_decay": TrajectorySetting("train.weight_decay", WARN, "--weight-decay", default=0.0),
+    "grad_clip": TrajectorySetting("train.grad_clip", WARN, "--grad-clip", default=0.0),
+    "mixed_precision": TrajectorySetting("train.mixed_precision", WARN, "--mixed-precision"),
+    "kernels": TrajectorySetting("train.kernels", WARN, "--kernels"),
+}
 # Flag defaults that also decide whether a setting goes into the run name's hash (see run_name_extra):
 # the paper's values (Table 6) and the network seeing the stored latents as they are.
-TRAJECTORY_DEFAULTS = {"hflip": True, "ema_decay": 0.9999, "weight_decay": 0.0, "grad_clip": 0.0,
-                       "latent_norm": "none"}
+TRAJECTORY_DEFAULTS = {k: s.default for k, s in TRAJECTORY_SETTINGS.items() if s.default is not SPELLED_OR_HASHED}
 
 
 @dataclass(frozen=True)

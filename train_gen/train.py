@@ -24,9 +24,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import operator
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -62,7 +63,9 @@ from preparation.readers import open_dataset
 from preparation.statistics import NormalizedDataset, norm_for_training
 from train_gen.config import (
     PAPER_STEPS,
+    REFUSE,
     TRAJECTORY_DEFAULTS,
+    TRAJECTORY_SETTINGS,
     DataConfig,
     LogConfig,
     OptimConfig,
@@ -88,9 +91,9 @@ from train_gen.training_loop import ResumePoint, training_loop
 
 CKPT_MODES = ("none", "selective", "full")
 GRID_VAE_HINT = ", or train without sample grids (--sample-every 0)"
-RESUME_MUST_MATCH = ("model", "model_kwargs", "objective", "objective_kwargs", "repa")  # else another run
-RESUME_WARN_KEYS = ("global_batch_size", "lr", "seed", "ema_decay", "weight_decay", "mixed_precision", "grad_clip",
-                    "kernels")
+# How a resume compares the recorded values of a trajectory setting where equality is not the question: alignment
+# without the encoder's file path (it may move), normalisations by mode and statistics (to a rounding tolerance).
+SAME_ON_RESUME = {"repa": lambda a, b: repa_identity(a) == repa_identity(b), "latent_norm": same_norm}
 
 
 # ---------------------------------------------------------------------------------- arguments
@@ -413,27 +416,63 @@ def check_rng_scheme(ckpt: dict, path, allow: bool, log) -> None:
     log(f"WARNING: {what}; continuing with new random streams (--allow-rng-scheme-change)")
 
 
+def recorded_setting(config: dict, where: str) -> tuple[bool, Any]:
+    """(whether the run config records it, its value or None) of a TrajectorySetting.where like "train.hflip"."""
+    value = config
+    for part in where.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return False, None
+        value = value[part]
+    return True, value
+
+
+def resume_mismatches(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
+    """(key, the checkpoint's value, this command's value) of every setting of config.TRAJECTORY_SETTINGS on which
+    the checkpoint's run config `old` and this run's `new` differ, in that table's order. A warned setting that `old`
+    does not record (a checkpoint from before the option) is not compared; a refused one compares as None, which is
+    what run configs without it mean (e.g. no alignment section: alignment off)."""
+    found = []
+    for key, setting in TRAJECTORY_SETTINGS.items():
+        recorded, was = recorded_setting(old, setting.where)
+        if not recorded and setting.on_resume != REFUSE:
+            continue
+        now = recorded_setting(new, setting.where)[1]
+        if not SAME_ON_RESUME.get(key, operator.eq)(was, now):
+            found.append((key, was, now))
+    return found
+
+
+def flag_value(value: Any) -> str:
+    """A value as it is written on the command line (flow, false, 0.0001)."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def refusal(path, key: str, was: Any, now: Any) -> str:
+    """Why the checkpoint cannot continue this run, named by the flag that sets the setting where one does."""
+    if key == "latent_norm":  # the statistics come from the store, not only from --latent-norm
+        return (f"checkpoint {path} was trained with latent normalisation {json.dumps(was or {'mode': 'none'})}, but "
+                f"the data now gives {json.dumps(now)}; train on the same store and --latent-norm, or start a new run "
+                "(--exp-name)")
+    flag = TRAJECTORY_SETTINGS[key].flag
+    if key == "repa":
+        was, now = repa_identity(was), repa_identity(now)
+    said_was, said_now = ((f"{flag} {flag_value(was)}", f"{flag} {flag_value(now)}") if flag else
+                          (f"{key}={json.dumps(was)}", json.dumps(now)))
+    return (f"checkpoint {path} was trained with {said_was}; this command asks for {said_now}, which is another run: "
+            "use another --exp-name/--results-dir")
+
+
 def check_resume_compatible(ckpt: dict, path: Path, config: dict, allow_rng_change: bool, log) -> None:
-    """The checkpoint must belong to this run (network, objective, latent normalisation); changed optimizer
-    settings are warned about."""
-    old = ckpt["config"]
-    for key in RESUME_MUST_MATCH:
-        was, now = old.get(key), config.get(key)
-        if key == "repa":  # the encoder's file may move
-            was, now = repa_identity(was), repa_identity(now)
-        if was != now:
-            raise UserError(f"checkpoint {path} was trained with {key}={json.dumps(was)}, this "
-                            f"command asks for {json.dumps(now)}; use another --exp-name/--results-dir")
-    if not same_norm((old.get("data") or {}).get("latent_norm"), config["data"]["latent_norm"]):
-        raise UserError(f"checkpoint {path} was trained with latent normalisation "
-                        f"{json.dumps((old.get('data') or {}).get('latent_norm', {'mode': 'none'}))}, but the data "
-                        f"now gives {json.dumps(config['data']['latent_norm'])}; train on the same store and "
-                        "--latent-norm, or start a new run (--exp-name)")
+    """The checkpoint must belong to this run: every trajectory setting (config.TRAJECTORY_SETTINGS) is compared
+    with its run config, a refused one that differs stops with one message (the first in the table's order), a
+    warned one is continued with a warning."""
+    mismatches = resume_mismatches(ckpt["config"], config)
+    for key, was, now in mismatches:
+        if TRAJECTORY_SETTINGS[key].on_resume == REFUSE:
+            raise UserError(refusal(path, key, was, now))
     check_rng_scheme(ckpt, path, allow_rng_change, log)
-    old_train = old.get("train", {})
-    for key in RESUME_WARN_KEYS:
-        if key in old_train and old_train[key] != config["train"][key]:
-            log(f"WARNING: {key} changed from {old_train[key]} to {config['train'][key]} on resume")
+    for key, was, now in mismatches:
+        log(f"WARNING: {key} changed from {was} to {now} on resume")
 
 
 def find_resume_point(args, config: TrainConfig, run_dir: Path, logger: RunLogger, is_main: bool) -> ResumePoint:
