@@ -6,6 +6,11 @@ complete model input: orientation choice, fresh posterior sample and scaling inc
 
     python benchmarks/bench_data.py                       # default: 20,000 items, cache auto
     python benchmarks/bench_data.py --cache none          # read zarr per batch (no RAM cache)
+    python benchmarks/bench_data.py --compare-checksums --count 4096   # the cost of the chunks' checksums
+
+`--compare-checksums` writes the same random data twice, with and without the CRC-32C of every chunk
+(preparation/checksums.py), and times the two reads training does, interleaved: decoding the whole store
+(the RAM cache's load) and random batches of items (`--cache none`); it reports each time and the ratio.
 """
 from __future__ import annotations
 
@@ -26,13 +31,14 @@ from train_gen.loader import TrainLoader
 from train_gen.step_draws import BatchPlan
 
 
-def make_random_store(path: Path, count: int, latent_shape=(4, 32, 32), seed: int = 0) -> None:
-    """A complete moments store of random data (mean ~ N(0, 1), std ~ U(0, 0.1)) with 1000 classes."""
+def make_random_store(path: Path, count: int, latent_shape=(4, 32, 32), seed: int = 0, checksums: bool = True) -> None:
+    """A complete moments store of random data (mean ~ N(0, 1), std ~ U(0, 0.1)) with 1000 classes; its chunks
+    without checksums when `checksums` is False (a store as written before they existed)."""
     settings = zstore.make_settings(image_size=latent_shape[1] * 8, vae="sd:random", scaling_factor=0.18215,
                                     store="moments", count=count, latent_shape=latent_shape, orientations=2,
                                     class_names=[f"c{i}" for i in range(1000)], shard_size=1024, chunk_size=64,
                                     seed=None)
-    group = zstore.create_store(path, settings)
+    group = zstore.create_store(path, settings, checksums=checksums)
     rng = np.random.default_rng(seed)
     for k in range(zstore.num_shards(count, 1024)):
         start, end = zstore.shard_range(k, count, 1024)
@@ -69,6 +75,37 @@ def measure(path: Path, batch_size: int, num_workers: int, steps: int, warmup: i
     return n / wall
 
 
+def compare_checksums(tmp: Path, count: int, batch_size: int, steps: int, repeats: int) -> dict:
+    """Seconds to decode the whole store and to read `steps` random batches, with and without checksums (the same
+    data), interleaved over `repeats`; the medians and their ratios."""
+    paths = {"checksums": tmp / "crc.zarr", "none": tmp / "plain.zarr"}
+    for name, path in paths.items():
+        make_random_store(path, count, checksums=name == "checksums")
+    sets = {name: open_dataset(zarr_path=path, cache="none") for name, path in paths.items()}
+    rng = np.random.default_rng(0)
+    batches = [(rng.integers(0, count, batch_size), rng.integers(0, 2, batch_size)) for _ in range(steps)]
+    times: dict = {name: {"whole": [], "batches": []} for name in paths}
+    for _ in range(repeats):
+        for name, ds in sets.items():
+            t0 = time.perf_counter()
+            np.asarray(ds._zarr_array()[:])
+            t1 = time.perf_counter()
+            for indices, orient in batches:
+                ds.read(indices, orient)
+            times[name]["whole"].append(t1 - t0)
+            times[name]["batches"].append(time.perf_counter() - t1)
+    out = {name: {k: float(np.median(v)) for k, v in t.items()} for name, t in times.items()}
+    for k in ("whole", "batches"):
+        out[f"ratio_{k}"] = out["checksums"][k] / out["none"][k]
+    nbytes = sets["none"].nbytes
+    print(f"{count} items ({nbytes / 2**20:.0f} MiB decoded), median of {repeats}:")
+    print(f"  whole store: {out['checksums']['whole']:.3f} s with checksums, {out['none']['whole']:.3f} s without "
+          f"(ratio {out['ratio_whole']:.3f})")
+    print(f"  {steps} random batches of {batch_size}: {out['checksums']['batches']:.3f} s with checksums, "
+          f"{out['none']['batches']:.3f} s without (ratio {out['ratio_batches']:.3f})")
+    return out
+
+
 def _device_copy(device: str):
     """f(x, y): copy a batch to `device` the way train.py does (non-blocking from pinned memory, x in
     channels-last); f(None, None) waits for the copies. "none": the batch stays on the host."""
@@ -101,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("none", "cpu", "cuda"), default="none",
                    help="also copy every batch to this device as train.py does (cuda: pinned memory, "
                         "non-blocking), so the rate is latents/s arriving on the GPU (default: none)")
+    p.add_argument("--compare-checksums", action="store_true",
+                   help="instead of the loader: time decoding the whole store and random batches with and without "
+                        "the chunks' checksums (the same random data written twice), as set by --count --batch-size "
+                        "--steps --repeats")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the rates as JSON here")
     return p
 
@@ -110,6 +151,12 @@ def main(argv=None):
     if args.device == "cuda":
         if not torch.cuda.is_available():
             raise UserError("--device cuda requested but torch.cuda.is_available() is False")
+    if args.compare_checksums:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = compare_checksums(Path(tmp), args.count, args.batch_size, args.steps, args.repeats)
+        if args.json:
+            atomic_write_text(args.json, json.dumps({**out, "config": vars(args)}, indent=2) + "\n")
+        return out
     with tempfile.TemporaryDirectory() as tmp:
         if args.store is None:
             path = Path(tmp) / "bench.zarr"

@@ -3,10 +3,10 @@
 Every reader (preparation/readers.py), preparation/save_zarr.py and the training loader use these, so
 every path refuses the same files with the same message naming them.
 
-* `damaged_store(path)`: zarr reads a missing or empty chunk file as the fill value (for our sharded
-  latents: silent zeros), and a damaged one raises whatever its codec raises (checksum ValueError,
+* `damaged_store(path, locate)`: zarr reads a missing or empty chunk file as the fill value (for our
+  sharded latents: silent zeros), and a damaged one raises whatever its codec raises (checksum ValueError,
   blosc RuntimeError, JSON errors in the array metadata); inside this block every failure becomes one
-  `UserError` naming the store and the fix.
+  `UserError` naming the store and the fix, and the damaged shards when `locate` finds them.
 * Missing or empty shard files (which zarr would also read as the fill value) are found when a store
   is opened by `preparation.store.check_shard_files`, which knows the layout: every shard file is written.
 * `load_latent_file(path)`, `load_label_file(path)`: the legacy per-image files, checked.
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -34,14 +34,21 @@ FIX = "delete it and rerun preparation/extract_features.py (or preparation/save_
 
 
 @contextlib.contextmanager
-def damaged_store(path: str | os.PathLike) -> Iterator[None]:
-    """Run a block that reads the store at `path`; any failure but a UserError becomes one."""
+def damaged_store(path: str | os.PathLike, locate: Optional[Callable[[], Optional[str]]] = None) -> Iterator[None]:
+    """Run a block that reads the store at `path`; any failure but a UserError becomes one.
+
+    `locate` (preparation.checksums.locate_damage): called after a failure, it decodes the shards the block read
+    one by one and returns the message naming the damaged ones and the repair, or None (then the generic one)."""
     try:
         yield
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - codecs and stores raise anything on damaged bytes
-        raise UserError(f"zarr store {path} is damaged ({error_summary(e)}); {FIX}") from None
+        message = None
+        if locate is not None:
+            with contextlib.suppress(Exception):
+                message = locate()
+        raise UserError(message or f"zarr store {path} is damaged ({error_summary(e)}); {FIX}") from None
 
 
 def check_finite(array: np.ndarray, path) -> None:

@@ -26,7 +26,8 @@ skipped when the same command is rerun after an interruption; the result equals 
 run. A kill at any moment, store creation included, leaves something the rerun finishes (the store is
 created under a temporary name and renamed into place; rank 0 removes what killed runs left, see
 preparation/store.py), and shards recorded as done whose files have gone missing are encoded again.
-Layout: docs/data.md.
+Every chunk carries a checksum that every read verifies; `--verify` reads the whole store back and encodes
+the shards that fail again (bit rot: training names them and this flag). Layout: docs/data.md.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,10 +54,11 @@ from fcdm_common.cli import (
     seed_int,
     str2bool,
 )
-from fcdm_common.distributed import barrier, cleanup, init_distributed
+from fcdm_common.distributed import all_gather_object, barrier, cleanup, init_distributed
 from fcdm_common.images import center_crop_arr, pil_to_tensor, to_rgb8
 from fcdm_common.progress import progress
 from models.autoencoders import DEFAULT_HF_MODEL, SUPPORTED_CLASSES, describe, load_autoencoder, vae_id
+from preparation import checksums
 from preparation import store as zstore
 from preparation.statistics import stats_from_info
 
@@ -196,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", type=str2bool, nargs="?", const=True, default=False,
                    help="replace a store at --zarr-path that was made with other settings (e.g. after images "
                         "were added or removed); a store with the same settings is resumed as usual")
+    p.add_argument("--verify", type=str2bool, nargs="?", const=True, default=False,
+                   help="read back every stored shard (each chunk's checksum) and encode the damaged ones again; "
+                        "the fix for a store that training reports as damaged. Reads the whole store once")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--debug-stop-after-shards", type=non_negative_int, default=None, help=argparse.SUPPRESS)
     return p
@@ -272,39 +278,91 @@ def zstore_has_stats(path) -> bool:
     return stats_from_info(dict(zarr.open_group(str(path), mode="r").attrs)) is not None
 
 
+@dataclass
+class Work:
+    """What this command has to do to the store at --zarr-path (every rank computes the same)."""
+    state: str  # of zstore.check_existing: absent, incomplete, complete, replace
+    images_size: int  # side of the stored images; 0: none
+    add_images: bool  # give an existing store an image layer
+    images_left: bool  # the store's image layer is not complete yet
+    missing: list = field(default_factory=list)  # done shards whose latents or labels file is gone
+    missing_images: list = field(default_factory=list)  # done shards whose images file is gone
+    damaged: list = field(default_factory=list)  # done shards whose latents or labels fail to decode (--verify)
+    damaged_images: list = field(default_factory=list)  # done shards whose images fail to decode (--verify)
+
+    @property
+    def nothing_to_do(self) -> bool:
+        return self.state == "complete" and not (self.missing or self.missing_images or self.damaged
+                                                 or self.damaged_images or self.add_images or self.images_left)
+
+
 def _run(args, rank, world, device, say):
+    """The steps of an extraction: scan the images, load the autoencoder, decide what is left to do (with
+    --verify: check every stored chunk), prepare the store (rank 0), encode this rank's shards, finish."""
     classes, samples = scan_image_folder(args.data_path)
     count = len(samples)
     say(f"{args.data_path}: {count} images in {len(classes)} classes; {world} process(es) on {device}")
+    vae, props = _load_vae(args, device, say)
+    settings = _store_settings(args, vae, props, classes, count, say)
+    work = _plan_work(args, settings, rank, world, say)
+    if work.nothing_to_do:
+        if rank == 0:
+            zstore.remove_leftovers(args.zarr_path)  # the other ranks only return
+        _say_complete(args.zarr_path, count, work.images_size, args.verify, rank, say)
+        return
+    barrier()
+    if rank == 0:  # the only writer until the next barrier
+        _prepare_store(args, settings, props, work, say)
+    barrier()
+    group = zstore.open_store(args.zarr_path)
+    encoded, seconds = _encode_shards(args, group, settings, work.images_size, vae, samples, rank, world, say)
+    if encoded is None:
+        return  # --debug-stop-after-shards
+    barrier()
+    if rank == 0:
+        _finish(args, group, settings, work.images_size, encoded / max(seconds, 1e-9), say)
 
+
+def _load_vae(args, device, say):
+    """The autoencoder (class, channels, downsampling, scale and shift from the snapshot's config; flags
+    override) and its properties; settles --store for deterministic encoders."""
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.vae_dtype]
-    name = vae_id(args.vae, args.hf_model_name, args.hf_model_dir)
-    # class, channels, downsampling, scale and shift come from the snapshot's config; flags override
     vae = load_autoencoder(args.vae, args.hf_model_name, args.hf_model_dir, vae_class=args.vae_class,
                            latent_channels=args.vae_latent_channels, downsample=args.vae_downsample,
                            scaling_factor=args.vae_scaling_factor, shift_factor=args.vae_shift_factor,
                            device=device, dtype=dtype)
     props = describe(vae)
-    scaling, shift, channels, down = (props["scaling_factor"], props["shift_factor"], props["latent_channels"],
-                                      props["downsample"])
-    if args.image_size % down:
-        raise UserError(f"--image-size {args.image_size} must be a multiple of the VAE downsampling {down}")
+    if args.image_size % props["downsample"]:
+        raise UserError(f"--image-size {args.image_size} must be a multiple of the VAE downsampling "
+                        f"{props['downsample']}")
     if args.store is None or (vae.deterministic and args.store == "moments"):
         if vae.deterministic and args.store == "moments":
             say(f"the {vae.vae_class} encoder is deterministic (no posterior std): storing one latent per image "
                 "(--store sample)")
         args.store = "sample" if vae.deterministic else "moments"
-    say(f"VAE {name} ({props['vae_class']}): {channels} latent channels, {down}x downsampling, "
-        f"z = (latent - {shift:g}) * {scaling:g}")
-    latent_shape = (channels, args.image_size // down, args.image_size // down)
-    settings = zstore.make_settings(
-        image_size=args.image_size, vae=name, scaling_factor=scaling, store=args.store, count=count,
-        latent_shape=latent_shape, orientations=2, class_names=classes, shard_size=args.shard_size,
-        chunk_size=args.chunk_size, seed=args.seed if args.store == "sample" else None,
-        vae_class=props["vae_class"], shift_factor=shift)
+    name = vae_id(args.vae, args.hf_model_name, args.hf_model_dir)
+    say(f"VAE {name} ({props['vae_class']}): {props['latent_channels']} latent channels, {props['downsample']}x "
+        f"downsampling, z = (latent - {props['shift_factor']:g}) * {props['scaling_factor']:g}")
+    return vae, props
 
-    state = zstore.check_existing(args.zarr_path, settings, overwrite=args.overwrite)
+
+def _store_settings(args, vae, props, classes, count: int, say) -> dict:
+    """The settings that identify the store (compared when it is reopened)."""
+    down = props["downsample"]
+    latent_shape = (props["latent_channels"], args.image_size // down, args.image_size // down)
+    return zstore.make_settings(
+        image_size=args.image_size, vae=vae_id(args.vae, args.hf_model_name, args.hf_model_dir),
+        scaling_factor=props["scaling_factor"], store=args.store, count=count, latent_shape=latent_shape,
+        orientations=2, class_names=classes, shard_size=args.shard_size, chunk_size=args.chunk_size,
+        seed=args.seed if args.store == "sample" else None, vae_class=props["vae_class"],
+        shift_factor=props["shift_factor"])
+
+
+def _plan_work(args, settings: dict, rank: int, world: int, say) -> Work:
+    """What is left: the store's state, its image layer, shards whose files are missing and (--verify) shards
+    that fail to decode. Every rank decides alike (the --verify scan is split over the ranks and gathered)."""
     path = args.zarr_path
+    state = zstore.check_existing(path, settings, overwrite=args.overwrite)
     stored = stored_images(path) if state in ("complete", "incomplete") else None  # (size, complete) or None
     if args.repa_image_size and stored is not None and stored[0] != args.repa_image_size:
         if not args.overwrite:
@@ -314,45 +372,78 @@ def _run(args, rank, world, device, say):
                             f"store and encode everything (latents included) again")
         state, stored = "replace", None
     images_size = args.repa_image_size or (stored[0] if stored else 0)  # a store with images keeps getting them
-    # every rank decides alike whether there is work (shards whose files were deleted are redone)
-    missing = zstore.shards_to_repair(path) if state in ("complete", "incomplete") else []
-    missing_images = zstore.shards_to_repair(path, zstore.IMAGES) if stored else []
-    add_images = bool(images_size) and state in ("complete", "incomplete") and stored is None
-    images_left = bool(stored) and not stored[1]
-    if state == "complete" and not (missing or missing_images or add_images or images_left):
-        if rank == 0:
-            zstore.remove_leftovers(path)  # the other ranks only return
-        with_images = f", with their {images_size}x{images_size} images" if images_size else ""
-        say(f"{path} is already complete ({count} images{with_images}); nothing to do")
-        if rank == 0 and not zstore_has_stats(path):
-            say(f"it has no per-channel latent statistics; add them with "
-                f"'python preparation/latent_stats.py {path}'")
-        return
-    barrier()
-    if rank == 0:  # the only writer until the next barrier
-        zstore.remove_leftovers(path)  # of killed runs: creation folders, zarr's .partial files
-        if state in ("absent", "replace"):
-            zstore.create_store(path, settings, extra_attrs={
-                "source": str(Path(args.data_path)), "downsample": down, "latent_channels": channels,
-                "hf_model_name": None if args.vae == "none" or args.hf_model_dir else args.hf_model_name,
-                "hf_model_dir": (None if args.vae == "none" or not args.hf_model_dir
-                                 else str(Path(args.hf_model_dir).resolve()))}, images_size=images_size)
-            say(f"--overwrite: deleted {path}, which was made with other settings, and created it anew"
-                if state == "replace" else f"created {path}")
-        if add_images:
-            zstore.add_image_layer(zstore.open_store(path), images_size)
-            say(f"{path}: adding {images_size}x{images_size} images; the latents are kept as they are")
-        if missing:
-            zstore.reset_shards(zstore.open_store(path), missing)
-            say(f"{path}: the files of {zstore.describe_shards(missing, count, args.shard_size)} are "
-                "missing; encoding them again")
-        if missing_images:
-            zstore.reset_shards(zstore.open_store(path), missing_images, zstore.IMAGES)
-            say(f"{path}: the images files of {zstore.describe_shards(missing_images, count, args.shard_size)} "
-                "are missing; storing them again")
-    barrier()
+    existing = state in ("complete", "incomplete")
+    work = Work(state, images_size, add_images=bool(images_size) and existing and stored is None,
+                images_left=bool(stored) and not stored[1])
+    if existing:  # shards whose files were deleted are redone
+        work.missing = zstore.shards_to_repair(path)
+        work.missing_images = zstore.shards_to_repair(path, zstore.IMAGES) if stored else []
+    if args.verify and existing:
+        work.damaged, work.damaged_images = _verify(path, work, rank, world, say)
+    return work
 
-    group = zstore.open_store(path)
+
+def _verify(path, work: Work, rank: int, world: int, say) -> tuple[list, list]:
+    """--verify: the done shards (of the latents, and of the images when the store has them) that fail to decode,
+    each rank decoding every world-th shard; the union, on every rank."""
+    group = zstore.open_store(path, "r")
+    note = checksums.no_checksums_note(path, group)
+    if note:
+        say(f"note: {note}; --verify can only find chunks that no longer decode")
+    layers = [(zstore.LATENTS, work.missing)]
+    if zstore.images_size_of(group) is not None:
+        layers.append((zstore.IMAGES, work.missing_images))
+    found = []
+    for layer, missing in layers:
+        done = zstore.done_shards(group, layer)
+        mine = [k for k in range(rank, len(done), world) if done[k] and k not in missing]
+        local = checksums.damaged_shards(group, mine, layer, desc=f"verifying {layer.what}" if rank == 0 else None)
+        found.append(sorted(k for part in all_gather_object(local) for k in part))
+    if not any(found):
+        say(f"{path}: every stored shard reads back intact")
+    return found[0], (found[1] if len(found) > 1 else [])
+
+
+def _say_complete(path, count: int, images_size: int, verified: bool, rank: int, say) -> None:
+    with_images = f", with their {images_size}x{images_size} images" if images_size else ""
+    say(f"{path} is already complete ({count} images{with_images}); nothing to do"
+        + ("" if verified else " (--verify checks that every stored chunk reads back intact)"))
+    if rank == 0 and not zstore_has_stats(path):
+        say(f"it has no per-channel latent statistics; add them with 'python preparation/latent_stats.py {path}'")
+
+
+def _prepare_store(args, settings: dict, props: dict, work: Work, say) -> None:
+    """Rank 0, alone: remove what killed runs left, create (or replace) the store, add the image layer, and mark
+    the shards to redo (missing files, damaged chunks) not done."""
+    path, count = args.zarr_path, settings["count"]
+    zstore.remove_leftovers(path)  # of killed runs: creation folders, zarr's .partial files
+    if work.state in ("absent", "replace"):
+        zstore.create_store(path, settings, extra_attrs={
+            "source": str(Path(args.data_path)), "downsample": props["downsample"],
+            "latent_channels": props["latent_channels"],
+            "hf_model_name": None if args.vae == "none" or args.hf_model_dir else args.hf_model_name,
+            "hf_model_dir": (None if args.vae == "none" or not args.hf_model_dir
+                             else str(Path(args.hf_model_dir).resolve()))}, images_size=work.images_size)
+        say(f"--overwrite: deleted {path}, which was made with other settings, and created it anew"
+            if work.state == "replace" else f"created {path}")
+    if work.add_images:
+        zstore.add_image_layer(zstore.open_store(path), work.images_size)
+        say(f"{path}: adding {work.images_size}x{work.images_size} images; the latents are kept as they are")
+    redo = (("the files of {} are missing; encoding them again", work.missing, zstore.LATENTS),
+            ("the images files of {} are missing; storing them again", work.missing_images, zstore.IMAGES),
+            ("the latents or labels of {} fail to read back (damaged); encoding them again", work.damaged,
+             zstore.LATENTS),
+            ("the images of {} fail to read back (damaged); storing them again", work.damaged_images, zstore.IMAGES))
+    for text, shards, layer in redo:
+        if shards:
+            zstore.reset_shards(zstore.open_store(path), shards, layer)
+            say(f"{path}: " + text.format(zstore.describe_shards(shards, count, args.shard_size)))
+
+
+def _encode_shards(args, group, settings: dict, images_size: int, vae, samples, rank: int, world: int, say):
+    """Encode (and/or store the images of) this rank's unfinished shards, shard k on rank k % world; returns
+    (images encoded here, seconds), or (None, 0) after --debug-stop-after-shards."""
+    count, shard_size, latent_shape = settings["count"], args.shard_size, tuple(settings["latent_shape"])
     done = zstore.done_shards(group)
     images_done = zstore.done_shards(group, zstore.IMAGES) if images_size else np.ones_like(done)
     finished = done & images_done
@@ -362,14 +453,14 @@ def _run(args, rank, world, device, say):
     say(f"{int(finished.sum())}/{n_shards} shards already done; {len(mine)} to encode on rank 0"
         + (f" ({only_images} of them images only: their latents are done)" if only_images else ""))
 
-    batches, owner = _plan_batches(mine, count, args.shard_size, args.per_proc_batch_size)
+    batches, owner = _plan_batches(mine, count, shard_size, args.per_proc_batch_size)
     loader = torch.utils.data.DataLoader(
         CroppedImages(samples, args.image_size, images_size), batch_sampler=batches,
-        num_workers=worker_count(args.num_workers, say), collate_fn=_collate, pin_memory=device.type == "cuda")
+        num_workers=worker_count(args.num_workers, say), collate_fn=_collate, pin_memory=vae.device.type == "cuda")
 
     total = sum(len(b) for b in batches)
     others = [k for k in range(n_shards) if not finished[k] and k % world != rank]  # shown in rank 0's bar too
-    bar = progress(total=total + sum(_shard_len(k, count, args.shard_size) for k in others),
+    bar = progress(total=total + sum(_shard_len(k, count, shard_size) for k in others),
                    unit="img", desc=f"encoding (all {world} procs)", disable=rank != 0, dynamic_ncols=True)
     others_shown, polled = 0, time.time()
     buf: dict = {}
@@ -380,7 +471,7 @@ def _run(args, rank, world, device, say):
             bar.close()
             print(file=sys.stderr)  # end the progress-bar line so the error stands on its own line
             raise UserError(errors[0] + "; replace or remove the file and rerun")
-        start, end = zstore.shard_range(k, count, args.shard_size)
+        start, end = zstore.shard_range(k, count, shard_size)
         if buf.get("k") != k:
             n = end - start
             # what shard k needs: its latents (not done yet) and/or its images (layer present, not done yet)
@@ -393,22 +484,18 @@ def _run(args, rank, world, device, say):
         b = images.shape[0]
         rows = slice(buf["filled"], buf["filled"] + b)
         if buf["latents"]:
-            images = images.to(device, non_blocking=True)
-            both = torch.cat([images, images.flip(-1)])  # (2B, 3, S, S): original, then flipped
-            mean, std = vae.encode_moments(both)  # each (2B, C, h, w), unscaled
-            buf["mean"][rows] = torch.stack([mean[:b], mean[b:]], 1).cpu().numpy()  # (B, 2, C, h, w)
-            buf["std"][rows] = torch.stack([std[:b], std[b:]], 1).cpu().numpy()
-            buf["labels"][rows] = labels.numpy()
+            _encode_batch(vae, images, labels, buf, rows)
         if buf["images"]:
             buf["small"][rows] = small
         buf["filled"] += b
         bar.update(b)
         if others and rank == 0 and time.time() - polled > 2:  # other ranks' finished shards, from the store
             polled = time.time()
-            others_shown = _add_finished(bar, group, others, others_shown, count, args.shard_size, bool(images_size))
+            others_shown = _add_finished(bar, group, others, others_shown, count, shard_size, bool(images_size))
         if buf["filled"] == end - start:
             if buf["latents"]:
-                values = _shard_values(buf["mean"], buf["std"], args.store, scaling, args.seed, k, shift)
+                values = _shard_values(buf["mean"], buf["std"], args.store, settings["scaling_factor"], args.seed, k,
+                                       settings["shift_factor"])
                 zstore.write_shard(group, k, values, buf["labels"])
             if buf["images"]:
                 zstore.write_image_shard(group, k, buf["small"])
@@ -417,21 +504,35 @@ def _run(args, rank, world, device, say):
             if args.debug_stop_after_shards is not None and written >= args.debug_stop_after_shards:
                 bar.close()
                 print(f"rank {rank}: stopping after {written} shard(s) (debug); rerun to resume", flush=True)
-                return
+                return None, 0.0
     bar.close()
-    barrier()
-    if rank == 0:
-        if images_size and zstore.done_shards(group, zstore.IMAGES).all() and not group.attrs.get("images_complete"):
-            zstore.mark_images_complete(group)
-        if zstore.done_shards(group).all():
-            if not group.attrs.get("complete"):  # (a store completed before only gained images)
-                zstore.mark_complete(group)
-            rate = total / max(time.time() - t0, 1e-9)
-            with_images = f", images {images_size}x{images_size}" if images_size else ""
-            say(f"done: {path} holds {count} images x 2 orientations, latents {latent_shape}, "
-                f"store={args.store}{with_images} ({rate:.1f} img/s on rank 0)")
-        else:
-            say(f"{path} is not complete yet; rerun the same command to resume")
+    return total, time.time() - t0
+
+
+def _encode_batch(vae, images: torch.Tensor, labels: torch.Tensor, buf: dict, rows: slice) -> None:
+    """Posterior moments of a batch in both orientations into the shard buffer `buf` at `rows`."""
+    b = images.shape[0]
+    images = images.to(vae.device, non_blocking=True)
+    both = torch.cat([images, images.flip(-1)])  # (2B, 3, S, S): original, then flipped
+    mean, std = vae.encode_moments(both)  # each (2B, C, h, w), unscaled
+    buf["mean"][rows] = torch.stack([mean[:b], mean[b:]], 1).cpu().numpy()  # (B, 2, C, h, w)
+    buf["std"][rows] = torch.stack([std[:b], std[b:]], 1).cpu().numpy()
+    buf["labels"][rows] = labels.numpy()
+
+
+def _finish(args, group, settings: dict, images_size: int, rate: float, say) -> None:
+    """Rank 0 after every rank's shards: mark the image layer and the store complete once every shard is done."""
+    path = args.zarr_path
+    if images_size and zstore.done_shards(group, zstore.IMAGES).all() and not group.attrs.get("images_complete"):
+        zstore.mark_images_complete(group)
+    if not zstore.done_shards(group).all():
+        say(f"{path} is not complete yet; rerun the same command to resume")
+        return
+    if not group.attrs.get("complete"):  # (a store completed before only gained images)
+        zstore.mark_complete(group)
+    with_images = f", images {images_size}x{images_size}" if images_size else ""
+    say(f"done: {path} holds {settings['count']} images x 2 orientations, latents {tuple(settings['latent_shape'])}, "
+        f"store={args.store}{with_images} ({rate:.1f} img/s on rank 0)")
 
 
 def stored_images(path) -> tuple[int, bool] | None:
@@ -439,6 +540,7 @@ def stored_images(path) -> tuple[int, bool] | None:
     group = zstore.open_store(path, "r")
     size = zstore.images_size_of(group)
     return None if size is None else (size, bool(group.attrs.get("images_complete")))
+
 
 if __name__ == "__main__":
     run_main(main)

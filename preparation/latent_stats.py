@@ -19,6 +19,8 @@ import numpy as np
 
 from fcdm_common.cli import UserError, non_negative_int, run_main
 from fcdm_common.distributed import barrier, cleanup, init_distributed
+from preparation.checks import damaged_store
+from preparation.checksums import locate_damage
 from preparation.statistics import (
     STATS_ATTR,
     ensure_stats_arrays,
@@ -88,7 +90,9 @@ def main(argv=None):
         mode, scale, shift = attrs["store"], float(attrs["scaling_factor"]), float(attrs.get("shift_factor") or 0.0)
         for i, k in enumerate(mine):
             start, end = k * shard, min(count, (k + 1) * shard)
-            write_shard_sums(group, k, shard_sums(np.asarray(group["latents"][start:end]), mode, scale, shift))
+            with damaged_store(path, locate_damage(path, [k])):  # a damaged chunk: one line naming the shard
+                values = np.asarray(group["latents"][start:end])
+            write_shard_sums(group, k, shard_sums(values, mode, scale, shift))
             if rank == 0 and (i + 1) % max(1, len(mine) // 10) == 0:
                 say(f"  {i + 1}/{len(mine)} shards on rank 0")
             if args.debug_stop_after_shards is not None and i + 1 >= args.debug_stop_after_shards:

@@ -36,7 +36,8 @@ from fcdm_common.cli import UserError
 from fcdm_common.io import fault_point
 from fcdm_common.progress import progress as tqdm
 from preparation.checks import check_label_gaps, damaged_store, load_label_file, load_latent_file
-from preparation.store import IMAGES, STORE_FORMAT, check_shard_files
+from preparation.checksums import locate_damage, no_checksums_note
+from preparation.store import IMAGES, LATENTS, STORE_FORMAT, check_shard_files
 
 try:  # zarr's event-loop runner (not public API): many chunks fetched concurrently in one call
     from zarr.core.sync import sync as zarr_sync
@@ -146,7 +147,7 @@ class ZarrLatentDataset:
         self.hflip = bool(hflip)  # False: always the original orientation (data whose mirror is invalid)
         self.latent_shape = tuple(int(v) for v in info["latent_shape"])  # (C, H, W)
         count = int(info["count"])
-        with damaged_store(self.path):
+        with damaged_store(self.path, self._damage()):
             latents = group["latents"]
             check_shard_files(self.path, group)  # zarr reads a missing or empty shard file as zeros
             labels = np.asarray(group["labels"][:], dtype=np.int64)
@@ -154,6 +155,8 @@ class ZarrLatentDataset:
             raise UserError(f"{self.path}: {latents.shape[0]} latents and {labels.shape[0]} labels but "
                             f"count={count}; the store is damaged - re-extract it")
         self.labels = labels  # (N,) int64
+        # one line for the programs to show: a store made before checksums (reads cannot find bit rot)
+        self.checksum_note = no_checksums_note(self.path, group)
         self.num_classes = _num_classes(labels, info.get("class_names"), str(self.path))
         self.nbytes = int(np.prod(latents.shape)) * latents.dtype.itemsize
         self._memory: np.ndarray | None = None
@@ -178,7 +181,7 @@ class ZarrLatentDataset:
             raise UserError(f"the images of the store {self.path} are incomplete (their extraction was interrupted); "
                             f"rerun the same preparation/extract_features.py command (with --repa-image-size "
                             f"{self.images_size}) to finish them")
-        with damaged_store(self.path):
+        with damaged_store(self.path, self._damage(layer=IMAGES)):
             images = group["images"]
             check_shard_files(self.path, group, IMAGES)  # zarr reads a missing or empty shard file as black
         want = (count, 3, self.images_size, self.images_size)
@@ -190,6 +193,14 @@ class ZarrLatentDataset:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def _damage(self, items: np.ndarray | None = None, layer=LATENTS):
+        """`locate` of `damaged_store`: after a failed read, the message naming the damaged shards of `layer` among
+        those holding `items` (default: every shard)."""
+        shards = None
+        if items is not None:
+            shards = sorted({int(i) // int(self.info["shard_size"]) for i in np.asarray(items).reshape(-1)})
+        return locate_damage(self.path, shards, layer)
+
     def prepare(self, local_world_size: int | None = None) -> None:
         """Load the latents into RAM when cache is "memory" (or "auto" and they fit); reads are
         then a numpy gather. Otherwise every batch is one zarr selection. The images (images=True) join
@@ -200,13 +211,14 @@ class ZarrLatentDataset:
         local = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         if mode == "auto":
             mode = "memory" if self.nbytes * local <= 0.6 * _available_memory_bytes() else "mmap"
-        with damaged_store(self.path):
+        with damaged_store(self.path, self._damage()):
             if mode == "memory":
                 self._memory = np.asarray(self._zarr_array()[:])
             else:
                 self._memory = self._mmap_cache()
-            if (self.return_images and mode == "memory"
-                    and self.images_nbytes * local < IMAGES_MEMORY_FRACTION * _available_memory_bytes()):
+        if (self.return_images and mode == "memory"
+                and self.images_nbytes * local < IMAGES_MEMORY_FRACTION * _available_memory_bytes()):
+            with damaged_store(self.path, self._damage(layer=IMAGES)):
                 self._images_memory = np.asarray(self._images_array()[:])
 
     @property
@@ -290,7 +302,7 @@ class ZarrLatentDataset:
             block = self._images_memory[indices]
         else:
             uniq, inverse = np.unique(indices, return_inverse=True)
-            with damaged_store(self.path):
+            with damaged_store(self.path, self._damage(uniq, IMAGES)):
                 block = self._read_image_rows(uniq)  # one zarr call for the whole batch
             block = block[inverse.reshape(-1)]
         out = torch.from_numpy(np.ascontiguousarray(block))
@@ -305,7 +317,7 @@ class ZarrLatentDataset:
             return self._memory[indices, orient]
         order = np.argsort(indices, kind="stable")
         uniq, inverse = np.unique(indices[order], return_inverse=True)
-        with damaged_store(self.path):
+        with damaged_store(self.path, self._damage(uniq)):
             block = self._zarr_array().oindex[uniq]  # one selection for the whole batch
         rows = np.empty_like(order)
         rows[order] = inverse

@@ -7,6 +7,7 @@ label `.npy` with the same file name. Files are taken in sorted name order. The 
 done markers as extraction, so an interrupted conversion resumes: a kill at any moment leaves
 something the same command finishes (docs/data.md), and shards whose files went missing are converted
 again. `--overwrite` replaces a store made with other settings; one with the same settings is resumed.
+`--verify` reads every stored chunk back (its checksum) and converts the shards that fail again.
 
     python preparation/save_zarr.py --feature-path features/ --label-path labels/ --zarr-path out.zarr
 """
@@ -20,15 +21,18 @@ import numpy as np
 from fcdm_common.cli import HelpFormatter, UserError, float_in, positive_int, run_main, str2bool
 from fcdm_common.progress import progress as tqdm
 from models.autoencoders import DEFAULT_SCALING_FACTOR, DEFAULT_VAE_ID
+from preparation import checksums
 from preparation import store as zstore
 from preparation.checks import check_label_gaps, load_label_file, load_latent_file
 
 
 def convert(feature_path, label_path, zarr_path, image_size: int | None = None, vae: str = DEFAULT_VAE_ID,
             scaling_factor: float = DEFAULT_SCALING_FACTOR, shard_size: int = zstore.DEFAULT_SHARD_SIZE,
-            chunk_size: int = zstore.DEFAULT_CHUNK_SIZE, progress: bool = True, overwrite: bool = False) -> Path:
+            chunk_size: int = zstore.DEFAULT_CHUNK_SIZE, progress: bool = True, overwrite: bool = False,
+            verify: bool = False) -> Path:
     """Write the store; returns its path. Raises UserError on bad input. `overwrite`: replace a store at
-    `zarr_path` made with other settings (one with the same settings is resumed)."""
+    `zarr_path` made with other settings (one with the same settings is resumed). `verify`: read every done shard
+    back and convert those that fail (a damaged chunk) again."""
     feature_path, label_path, zarr_path = Path(feature_path), Path(label_path), Path(zarr_path)
     for folder, flag in ((feature_path, "--feature-path"), (label_path, "--label-path")):
         if not folder.is_dir():
@@ -56,15 +60,25 @@ def convert(feature_path, label_path, zarr_path, image_size: int | None = None, 
     state = zstore.check_existing(zarr_path, settings, what="--zarr-path", overwrite=overwrite)
     # shards recorded as done whose files were deleted are converted again
     missing = zstore.shards_to_repair(zarr_path) if state in ("complete", "incomplete") else []
+    damaged = []
+    if verify and state in ("complete", "incomplete"):
+        done = zstore.done_shards(zstore.open_store(zarr_path, "r"))
+        damaged = checksums.verify_store(zarr_path, [k for k in range(len(done)) if done[k] and k not in missing],
+                                         desc="verifying" if progress else None)
+        print(f"{zarr_path}: every stored shard reads back intact" if not damaged else
+              f"{zarr_path}: {zstore.describe_shards(damaged, len(names), shard_size)} fail to read back (damaged); "
+              "converting them again")
     zstore.remove_leftovers(zarr_path)  # of killed runs: creation folders, zarr's .partial files
-    if state == "complete" and not missing:
-        print(f"{zarr_path} is already complete ({len(names)} items); nothing to do")
+    if state == "complete" and not missing and not damaged:
+        print(f"{zarr_path} is already complete ({len(names)} items); nothing to do"
+              + ("" if verify else " (--verify checks that every stored chunk reads back intact)"))
         return zarr_path
     if state in ("absent", "replace"):
         zstore.create_store(zarr_path, settings, extra_attrs={"source": str(feature_path)})
         if state == "replace":
             print(f"--overwrite: deleted {zarr_path}, which was made with other settings, and created it anew")
     group = zstore.open_store(zarr_path)
+    zstore.reset_shards(group, damaged)
     if missing:
         zstore.reset_shards(group, missing)
         print(f"{zarr_path}: the files of {zstore.describe_shards(missing, len(names), shard_size)} are missing; "
@@ -105,9 +119,13 @@ def main(argv=None):
     p.add_argument("--overwrite", type=str2bool, nargs="?", const=True, default=False,
                    help="replace a store at --zarr-path that was made with other settings (e.g. after files were "
                         "added or removed); a store with the same settings is resumed as usual")
+    p.add_argument("--verify", type=str2bool, nargs="?", const=True, default=False,
+                   help="read back every stored shard (each chunk's checksum) and convert the damaged ones again; "
+                        "the fix for a store that training reports as damaged")
     args = p.parse_args(argv)
     out = convert(args.feature_path, args.label_path, args.zarr_path, args.image_size, args.vae,
-                  args.vae_scaling_factor, args.shard_size, args.chunk_size, overwrite=args.overwrite)
+                  args.vae_scaling_factor, args.shard_size, args.chunk_size, overwrite=args.overwrite,
+                  verify=args.verify)
     print(f"wrote {out}")
 
 

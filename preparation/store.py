@@ -29,6 +29,10 @@ store without it opens, resumes and compares as before, and it can be added to a
 an empty one). Its shards are checked, repaired and reset like the latents' (the same functions, given the
 `IMAGES` layer instead of `LATENTS`), but only by the readers that ask for images.
 
+Checksums. Every inner chunk of `latents`, `labels` and `images` carries a CRC-32C of its compressed bytes
+(`data_compressors`), which zarr verifies on every read; preparation/checksums.py names the damaged shards and
+the writers' `--verify` re-encodes them. Stores made before have none and keep working.
+
 Test hook: every write through `open_store`/`create_store` passes `fcdm_common.io.fault_point` first, named
 `store-meta/<key>` for metadata (`zarr.json`) and `store-data/<key>` for chunk files; a kill there leaves the
 half-written `.partial` file zarr would leave. The steps of creation and removal are `store-meta/<step>`.
@@ -48,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.storage import LocalStore
 
 from fcdm_common.cli import UserError
@@ -290,13 +294,15 @@ def discard(path: Path) -> None:
     shutil.rmtree(aside)
 
 
-def create_store(path: str | os.PathLike, settings: dict, extra_attrs: dict | None = None, images_size: int = 0):
+def create_store(path: str | os.PathLike, settings: dict, extra_attrs: dict | None = None, images_size: int = 0,
+                 checksums: bool = True):
     """Create an empty store at `path` and return the zarr group (opened with `open_store`).
 
     It is built under `.<name>.creating-<pid>` and renamed into place in one step. Something already at
     `path` is replaced if it is an empty folder, an FCDM latent store or an interrupted creation
     (`replaceable`; the caller decides, e.g. with check_existing), and refused otherwise. `images_size` > 0
-    adds the image layer (`images`, `images_done` and its attributes) in the same step."""
+    adds the image layer (`images`, `images_done` and its attributes) in the same step. `checksums=False` makes
+    the latents and labels as stores were made before checksums (benchmarks/bench_data.py compares the two)."""
     path = Path(path)
     if path.exists() and not (path.is_dir() and not path.is_symlink()
                               and (not any(path.iterdir()) or replaceable(path))):
@@ -305,7 +311,7 @@ def create_store(path: str | os.PathLike, settings: dict, extra_attrs: dict | No
     try:
         if work.exists():
             shutil.rmtree(work)
-        build_empty_store(work, settings, extra_attrs, images_size)
+        build_empty_store(work, settings, extra_attrs, images_size, checksums)
         fault_point("store-meta/created")  # the whole empty store is in the creation folder
         if path.exists():
             if any(path.iterdir()):
@@ -322,12 +328,13 @@ def create_store(path: str | os.PathLike, settings: dict, extra_attrs: dict | No
     return open_store(path)
 
 
-def build_empty_store(work: Path, settings: dict, extra_attrs: dict | None, images_size: int = 0) -> None:
+def build_empty_store(work: Path, settings: dict, extra_attrs: dict | None, images_size: int = 0,
+                      checksums: bool = True) -> None:
     """Every attribute (in one write) and array of an empty store, in the new folder `work`; with the image
-    layer when `images_size` > 0."""
+    layer when `images_size` > 0; latents and labels without checksums when `checksums` is False."""
     count, shard, chunk = settings["count"], settings["shard_size"], settings["chunk_size"]
     shape = latent_array_shape(count, settings["store"], settings["orientations"], settings["latent_shape"])
-    compressor = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+    compressor = data_compressors() if checksums else data_compressors()[:1]
     attrs = {"format": STORE_FORMAT, "format_version": STORE_FORMAT_VERSION, **settings,
              "latents_axes": ("N, orientation, moment(mean,std), C, H, W" if settings["store"] == "moments"
                               else "N, orientation, C, H, W"),
@@ -344,6 +351,12 @@ def build_empty_store(work: Path, settings: dict, extra_attrs: dict | None, imag
         create_image_arrays(group, count, shard, images_size)
 
 
+def data_compressors() -> tuple:
+    """The codecs after serialisation of every data array (latents, labels, images): blosc zstd with bitshuffle,
+    then a CRC-32C of the compressed bytes that zarr verifies on every read (preparation/checksums.py)."""
+    return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"), Crc32cCodec()  # = checksums.CHECKSUM
+
+
 def image_layer_attrs(size: int) -> dict:
     """The group attributes of an (empty) image layer of side `size`."""
     return {"images_size": int(size), "images_axes": IMAGES_AXES, "images_complete": False}
@@ -354,7 +367,7 @@ def create_image_arrays(group, count: int, shard_size: int, size: int, overwrite
     image (a random read decompresses only that image), and `images_done` (one bool chunk per shard)."""
     # bitshuffle as the latents: measured on photos it compresses uint8 pixels a little better than byte
     # shuffle (which is a no-op for 1-byte items); see docs/data.md for the numbers
-    compressor = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+    compressor = data_compressors()
     group.create_array("images", shape=(count, 3, size, size), dtype="uint8", chunks=(1, 3, size, size),
                        shards=(shard_size, 3, size, size), compressors=compressor, fill_value=0, overwrite=overwrite)
     group.create_array("images_done", shape=(num_shards(count, shard_size),), dtype="bool", chunks=(1,),

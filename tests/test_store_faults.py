@@ -109,8 +109,9 @@ def count_hook(monkeypatch, glob="store-meta/*") -> list:
 KILL_DRIVER = """
 import importlib, json, os, sys, traceback
 import fcdm_common.io
-from preparation import extract_features, save_zarr
-mains = {"extract_features.py": extract_features.main, "save_zarr.py": save_zarr.main}
+from preparation import add_checksums, extract_features, save_zarr
+mains = {"extract_features.py": extract_features.main, "save_zarr.py": save_zarr.main,
+         "add_checksums.py": add_checksums.main}
 results = []
 for spec, program, argv in json.loads(sys.argv[1]):
     pid = os.fork()

@@ -520,6 +520,8 @@ def _train(config: TrainConfig, *, model: torch.nn.Module, dataset, objective, a
                f"run folder {run_dir}; steps {start_step} -> {t.max_train_steps}")
     if is_main and (launch_warning := process_count_warning(plan.world_size)):
         logger.log(launch_warning)
+    if is_main and (note := getattr(dataset, "checksum_note", None)):  # a store made before checksums
+        logger.log(f"note: {note}")
     if repa is not None:
         logger.log(describe_repa(repa.config, repa.encoder))
     if guide is not None:
