@@ -1,15 +1,18 @@
 """Command-line helpers shared by every script: boolean flags that parse correctly, and one way to fail.
 
 Scripts raise `UserError` for bad input (missing files, wrong shapes, corrupt checkpoints). `run_main`
-turns it into a single readable line on stderr and exit status 2.
+turns it into a single readable line on stderr and exit status 2, and the failed collective of a process whose
+peer died (`peer_lost_message`) into one line and `PEER_LOST_STATUS`.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import math
 import os
+import signal
 import sys
 import time
 import warnings
@@ -159,6 +162,21 @@ STORAGE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk q
                   errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
                   errno.EPERM: "operation not permitted"}
 INTERRUPTED_STATUS = 130  # the shell's status for a program stopped by Ctrl-C (128 + SIGINT)
+PEER_LOST_STATUS = 1  # a collective failed because another process of the run died: the rerun resumes
+
+# What a collective operation raises when another process of the run is gone (lower case; the line quotes the one
+# found as the cause).
+# gloo's tcp transport raises a plain RuntimeError ("[.../gloo/transport/tcp/pair.cc:561] Connection closed by peer
+# [127.0.0.1]:31953 ...", "Read error ...: Connection reset by peer", "Write error ...: Broken pipe"); NCCL and the
+# c10d store raise torch.distributed's DistBackendError / DistNetworkError (RuntimeError subclasses: "remote process
+# exited or there was a network error", "NCCL communicator was aborted on rank 3"). Matched only in the errors of
+# torch.distributed (`_distributed_error`), so an ordinary "connection reset" elsewhere is shown as it is.
+PEER_DIED_MARKERS = ("connection closed by peer", "connection reset by peer", "broken pipe", "remote process exited",
+                     "communicator was aborted", "ncclremoteerror")
+# a collective that a peer did not join within the process group's timeout: it died, hangs or was stopped (gloo's
+# "Timed out waiting 1800000ms for recv operation" and "Application timeout caused pair closure", NCCL's
+# "Watchdog caught collective operation timeout"); not the store's timeouts at start-up (a wrong MASTER_ADDR)
+PEER_TIMEOUT_MARKERS = ("timed out waiting", "timeout caused pair closure", "collective operation timeout")
 
 
 def storage_error_message(e: OSError) -> Optional[str]:
@@ -174,16 +192,74 @@ def storage_error_message(e: OSError) -> Optional[str]:
     return f"cannot write{target}: {what}; choose a folder you can write to, or fix its permissions"
 
 
-def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
-    """Run a script's `main(argv)`, mapping `UserError` and storage errors (full disk, read-only folder:
-    `storage_error_message`) to one line on stderr and exit status 2, and Ctrl-C to one line and 130.
+def _distributed_error(e: BaseException, text: str) -> bool:
+    """Is `e` (whose message is `text`, lower case) an error of torch.distributed's communication? Looks torch up
+    in sys.modules: a program that never imported it cannot have raised one."""
+    dist = sys.modules.get("torch.distributed")
+    dist_error = getattr(dist, "DistError", None)
+    if isinstance(dist_error, type) and isinstance(e, dist_error):
+        return True
+    return "gloo" in text or "nccl" in text  # gloo raises plain RuntimeErrors, older torch NCCL's too
 
-    Under torchrun every rank hands it to the launcher, whose failure summary (the last lines of
+
+def _rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of this process: torchrun's RANK and WORLD_SIZE, else the process group's while it
+    exists (a launcher that exports other variables), else (0, 1)."""
+    rank, world = os.environ.get("RANK", ""), os.environ.get("WORLD_SIZE", "")
+    if rank.isdigit() and world.isdigit():
+        return int(rank), int(world)
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def peer_lost_message(e: BaseException, resume_from: str = "the last checkpoint") -> Optional[str]:
+    """One line for the failed collective of a multi-process run whose other process died or stopped answering
+    (a kill -9, the OOM killer, a crash, a lost node), None for any other error. Without it the surviving processes
+    each print torch's traceback ending in "Connection closed by peer ... GLHF!", which reads like a bug of their
+    own. The dead rank is named when the run has two processes (then it is the other one); with more, the error
+    does not say which (a ring passes the failure on)."""
+    if not isinstance(e, RuntimeError):
+        return None
+    rank, world = _rank_and_world()
+    text = str(e).lower()
+    if world < 2 or not _distributed_error(e, text):
+        return None
+    died = next((m for m in PEER_DIED_MARKERS if m in text), None)
+    if died is None and not any(m in text for m in PEER_TIMEOUT_MARKERS):
+        return None
+    peer = f"the process of rank {1 - rank}" if world == 2 else "another process of this run"
+    what = f"died ({died})" if died else "stopped answering (the collective timed out: it died or hangs)"
+    return f"{peer} {what}, so rank {rank} stops too; rerun the same command to resume from {resume_from}"
+
+
+def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None, *,
+             resume_from: str = "the last checkpoint") -> None:
+    """Run a script's `main(argv)`, mapping `UserError` and storage errors (full disk, read-only folder:
+    `storage_error_message`) to one line on stderr and exit status 2, Ctrl-C to one line and 130, and a
+    collective that failed because another process died (`peer_lost_message`, which names `resume_from` as
+    what the rerun resumes from) to one line on every surviving process and PEER_LOST_STATUS.
+
+    Under torchrun every rank hands a user error to the launcher, whose failure summary (the last lines of
     the output) then names it next to the worker's exit code 2, and normally only rank 0 prints it
     (`hand_error_to_launcher`). torchrun itself exits with status 1."""
     install_warning_format()
     try:
         main(argv)
+    except RuntimeError as e:
+        message = peer_lost_message(e, resume_from)
+        if message is None:
+            raise
+        # torchrun SIGTERMs the survivors within its monitor interval (0.1 s) of a worker's death: it would cut
+        # this exit short, and its summary would report a SIGTERM (a preemption?) instead of this status
+        with contextlib.suppress(ValueError):  # ValueError: not the main thread
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        close_progress_bars()
+        print(f"error: {message}", file=sys.stderr, flush=True)  # first: the launcher is stopping the survivors
+        if "TORCHELASTIC_ERROR_FILE" in os.environ:  # its summary shows it, not "To enable traceback see ..."
+            hand_error_to_launcher(message, grace_s=0)  # every survivor says it (each saw the failure)
+        sys.exit(PEER_LOST_STATUS)
     except UserError as e:
         if "TORCHELASTIC_ERROR_FILE" in os.environ:
             hand_error_to_launcher(str(e))

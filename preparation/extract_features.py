@@ -543,4 +543,4 @@ def stored_images(path) -> tuple[int, bool] | None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, resume_from="the finished shards")  # what the rerun keeps when another process died

@@ -109,4 +109,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, resume_from="the shards already summed")  # what the rerun keeps when another process died

@@ -12,9 +12,15 @@ removed when it does. docs/training.md shows the SLURM lines.
 Agreement: a signal may reach the processes at slightly different times, so with several processes
 they compare flags (one all-reduce of one number) every `POLL_EVERY` steps, always at the same steps;
 with one process the flag is read after every step (no collective).
+
+Sampling (train_gen/sample_ddp.py) needs no checkpoint: every PNG is written atomically and a rerun keeps
+the finished ones. `SignalStop` turns the same signals into a `Preempted` exception raised at once (only
+the batch being computed is lost; the writes of a finished batch complete first), and the program exits
+with the same `PREEMPTED_STATUS` after one line.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
@@ -73,6 +79,69 @@ class PreemptionWatch:
         flag = torch.tensor([1.0 if self.received is not None else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
+
+
+class Preempted(BaseException):
+    """Raised by `SignalStop` when a preemption signal arrives. A BaseException, like KeyboardInterrupt, so
+    that no `except Exception` on the way (a library's fallback, a retry) swallows it."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name  # e.g. "SIGTERM"
+
+
+class SignalStop:
+    """PREEMPT_SIGNALS stop a program whose saved state is consistent at every moment (each file written
+    atomically, a rerun keeps what is finished) where it is: the handler raises `Preempted` at once, so the
+    process is gone long before the cluster's SIGKILL, losing only the work in progress. Inside `hold()`
+    (writing a finished batch's files) the stop waits for the end of the block instead. Only the first signal
+    raises: a second one (SLURM and torchrun both signal a worker) cannot interrupt the exit it started.
+    A context manager: the previous handlers come back on exit."""
+
+    def __init__(self):
+        self.received: Optional[str] = None  # name of the first signal caught, or None
+        self._raised = False
+        self._holding = 0
+        self._previous: dict = {}
+
+    def __enter__(self) -> "SignalStop":
+        for name in PREEMPT_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                try:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+                except ValueError:  # not the main thread (e.g. a test harness): no handler
+                    pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+        if not self._holding:
+            self.check()
+
+    def check(self) -> None:
+        """Raise `Preempted` if a signal arrived and nothing raised it yet (it came inside `hold()`, or the
+        handler ran where Python drops exceptions, e.g. a finalizer): call it at the safe points."""
+        if self.received is not None and not self._raised:
+            self._raised = True
+            raise Preempted(self.received)
+
+    @contextlib.contextmanager
+    def hold(self):
+        """A block a signal does not interrupt (writing files that belong together); the stop follows it."""
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+        if not self._holding:
+            self.check()
 
 
 def write_marker(run_dir: Path, step: int, received: Optional[str]) -> Path:

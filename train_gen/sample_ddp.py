@@ -15,12 +15,17 @@ sampler, guidance, seed, versions) beside the folder, both atomically. While it 
 on the folder (`sample.lock`, an flock the system frees when the process ends, kill -9 included), so a
 second run of the same command waits for nothing and stops with one message instead of deleting the
 first one's files.
+
+SIGTERM or SIGUSR1 (a cluster's warning before it kills the job) stops every process at once, after the PNGs
+of a finished batch are written (train_gen/preemption.py `SignalStop`); rank 0 prints one line with the number
+of images kept, and every process exits with PREEMPTED_STATUS (75), as training does. The rerun resumes.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -38,6 +43,8 @@ from fcdm_common.cli import (
     HelpFormatter,
     UserError,
     alias_help,
+    close_progress_bars,
+    peer_lost_message,
     positive_int,
     run_main,
     seed_int,
@@ -47,8 +54,10 @@ from fcdm_common.cli import (
 from fcdm_common.io import remove_stale_temps, sha256_file
 from fcdm_common.locks import FolderLock, lock_folder
 from fcdm_common.progress import progress as tqdm
+from train_gen.preemption import PREEMPTED_STATUS, Preempted, SignalStop
 
 SETTINGS_FILE = "settings.json"  # inside the PNG folder: what its images were sampled with
+RESUME_FROM = "the images already written"  # what a rerun keeps (run_main's line when another process died)
 LOCK_FILE = "sample.lock"  # inside the PNG folder: rank 0 of the run writing it holds an flock on it
 
 
@@ -201,11 +210,35 @@ def archive_done(npz: Path, meta: Path, settings: dict, n: int, num_classes: int
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    info = dist_utils.init_distributed(args.device)
-    try:
-        _sample(args, info)
-    finally:
-        dist_utils.cleanup()
+    run = {}  # "folder": the PNG folder, once it is known (what a stop reports)
+    with SignalStop() as stop:
+        try:
+            info = dist_utils.init_distributed(args.device)
+            try:
+                _sample(args, info, stop, run)
+            finally:
+                dist_utils.cleanup()
+        except Preempted as e:
+            report_preemption(e.signal_name, run.get("folder"), args.num_fid_samples)
+        except RuntimeError as e:  # signalled while waiting for a process that the signal already stopped
+            if stop.received is None or peer_lost_message(e) is None:
+                raise
+            report_preemption(stop.received, run.get("folder"), args.num_fid_samples)
+
+
+def report_preemption(signal_name: str, folder: Path | None, n: int) -> None:
+    """After a preemption signal: rank 0 prints one line (what is kept, how to resume); every process exits
+    with PREEMPTED_STATUS. Under torchrun every process gets the signal, and each sees the same folder."""
+    close_progress_bars()
+    if os.environ.get("RANK", "0") == "0":
+        if folder is None:
+            kept = "stopped while loading, before sampling"
+        else:  # every PNG there is complete (written atomically); a rerun checks them again anyway
+            count = sum(1 for p in folder.glob("[0-9]*.png") if p.stem.isdigit() and int(p.stem) < n)
+            kept = f"{count} of {n} images kept in {folder}"
+        print(f"preempted ({signal_name}): {kept}; exiting with status {PREEMPTED_STATUS}; "
+              "rerun the same command to resume", file=sys.stderr, flush=True)
+    sys.exit(PREEMPTED_STATUS)
 
 
 def _prepare(setup, s: SamplerSettings, args, folder: Path, npz_path: Path, meta_path: Path, n: int):
@@ -233,7 +266,7 @@ def _prepare(setup, s: SamplerSettings, args, folder: Path, npz_path: Path, meta
         raise
 
 
-def _sample(args, info) -> None:
+def _sample(args, info, stop: SignalStop, run: dict) -> None:
     torch.backends.cudnn.benchmark = False  # fixed algorithm choice: same bits on every run
     setup = load_setup(args.ckpt, model_name=args.model, use_ema=args.use_ema, vae=args.vae,
                        hf_model_name=args.hf_model_name, hf_model_dir=args.hf_model_dir, device=info.device,
@@ -244,6 +277,7 @@ def _sample(args, info) -> None:
     sample_dir = Path(args.sample_dir)
     folder = sample_dir / name
     npz_path, meta_path = sample_dir / f"{name}-{n}.npz", sample_dir / f"{name}-{n}.json"
+    run["folder"] = folder
 
     # rank 0 prepares the folder; its errors travel in the broadcast, so every rank stops with them
     state, lock = None, None
@@ -255,13 +289,14 @@ def _sample(args, info) -> None:
         except OSError as e:  # a read-only or full --sample-dir: one message on every rank
             state = {"done": False, "problem": storage_error_message(e) or f"cannot prepare {folder}: {e}"}
     try:
-        _sample_locked(args, info, setup, s, state, folder, npz_path, meta_path)
+        _sample_locked(args, info, setup, s, state, folder, npz_path, meta_path, stop)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _sample_locked(args, info, setup, s: SamplerSettings, state, folder: Path, npz_path: Path, meta_path: Path) -> None:
+def _sample_locked(args, info, setup, s: SamplerSettings, state, folder: Path, npz_path: Path, meta_path: Path,
+                   stop: SignalStop) -> None:
     n = args.num_fid_samples
     state = dist_utils.broadcast_object(state)
     if state["done"]:
@@ -289,10 +324,11 @@ def _sample_locked(args, info, setup, s: SamplerSettings, state, folder: Path, n
     for start in range(0, len(todo), b):
         batch = todo[start:start + b]
         images, _ = generate(setup, batch, s, seed=args.seed, label_mode=args.label_sampling, stats=stats)
-        for i, img in zip(batch, images):
-            write_png(folder / f"{i:06d}.png", img)
-        bar.update(min(len(batch) * info.world_size, bar.total - bar.n))
-        bar.set_postfix(nfe_per_batch=round(stats["nfe"] / (start // b + 1), 1))
+        with stop.hold():  # a signal stops the run here, once the batch is on disk, or during the next batch
+            for i, img in zip(batch, images):
+                write_png(folder / f"{i:06d}.png", img)
+            bar.update(min(len(batch) * info.world_size, bar.total - bar.n))
+            bar.set_postfix(nfe_per_batch=round(stats["nfe"] / (start // b + 1), 1))
     bar.close()
     if todo and info.is_main:
         print(f"network evaluations (NFE) per batch on rank 0: {stats['nfe'] / -(-len(todo) // b):.1f}", flush=True)
@@ -324,10 +360,11 @@ def _sample_locked(args, info, setup, s: SamplerSettings, state, folder: Path, n
         "world_size": info.world_size, "per_proc_batch_size": args.per_proc_batch_size,
     })
     if not args.keep_pngs:
-        remove_folder(folder)
+        with stop.hold():  # the archive is complete: the folder goes whole
+            remove_folder(folder)
     print(f"wrote {npz_path} ({n} images {image_shape}, labels {args.label_sampling}) and {meta_path.name} "
           f"in {time.time() - t0:.1f}s", flush=True)
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, resume_from=RESUME_FROM)
