@@ -37,6 +37,7 @@ import copy
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
@@ -44,10 +45,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import load_file
 from scipy.integrate import quad
 
 from fcdm_common.cli import error_summary
+from fcdm_common.digests import DamagedCheckpoint, NoDigestWarning, check_safetensors, stamp_metadata
 from fcdm_common.io import remove_stale_temps, save_safetensors
 
 
@@ -327,7 +328,8 @@ def snapshot_path(run_dir, step: int, sigma_rel: float):
 def save_posthoc_snapshots(power_ema: PowerEMA, model: nn.Module, run_dir, step: int, dtype: str = "fp16",
                            metadata: Optional[dict] = None, missing_only: bool = False) -> list:
     """Write every tracked average as <run>/posthoc_ema/<step>-sigma<s>.safetensors in `dtype`
-    (float entries; the rest as they are), atomically (`missing_only`: only those without a file).
+    (float entries; the rest as they are), atomically (`missing_only`: only those without a file), with
+    the content digest of tensors and metadata (fcdm_common/digests.py) that the readers check.
     Returns the paths written."""
     paths = []
     for i, (sigma, gamma) in enumerate(zip(power_ema.sigma_rels, power_ema.gammas)):
@@ -337,8 +339,8 @@ def save_posthoc_snapshots(power_ema: PowerEMA, model: nn.Module, run_dir, step:
         state = {k: (v.to(SNAPSHOT_DTYPES[dtype]) if v.dtype.is_floating_point else v)
                  for k, v in power_ema.full_state(i, model).items()}
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_safetensors(state, path, metadata={**(metadata or {}), "step": step, "sigma_rel": repr(sigma),
-                                                "gamma": repr(gamma), "dtype": dtype})
+        meta = {**(metadata or {}), "step": step, "sigma_rel": repr(sigma), "gamma": repr(gamma), "dtype": dtype}
+        save_safetensors(state, path, metadata=stamp_metadata(state, meta))
         paths.append(path)
     return paths
 
@@ -346,12 +348,17 @@ def save_posthoc_snapshots(power_ema: PowerEMA, model: nn.Module, run_dir, step:
 def read_snapshot_info(path: Path) -> Optional[dict]:
     """{path, step, gamma, sigma_rel} of a snapshot from its header; None for a readable safetensors file
     that is no snapshot (no such metadata). A damaged file (empty, truncated - safetensors checks that the
-    header covers the whole file -, not safetensors, bad metadata) raises ValueError with the reason."""
+    header covers the whole file -, not safetensors, bad metadata, metadata that differs from its digest)
+    raises ValueError with the reason. The tensors are not read (`load_snapshot` checks them)."""
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as e:  # noqa: BLE001 - a damaged file raises anything (SafetensorError, OSError, ...)
         raise ValueError(error_summary(e)) from None
+    try:
+        check_safetensors(None, meta, path, "post-hoc EMA snapshot", fix="")
+    except DamagedCheckpoint as e:
+        raise ValueError(e.detail) from None
     if not {"step", "gamma", "sigma_rel"} <= set(meta):
         if SNAPSHOT_RE.match(path.name):
             raise ValueError("no step/gamma/sigma_rel metadata")
@@ -384,6 +391,19 @@ def scan_posthoc_snapshots(run_dir) -> tuple[list[dict], list[dict]]:
     return sorted(found, key=lambda s: (s["step"], s["sigma_rel"])), damaged
 
 
+def load_snapshot(path: Path, fix: str = "") -> tuple[dict, bool]:
+    """(tensors, checked) of a snapshot file, its tensors and metadata checked against its digest:
+    DamagedCheckpoint (ending with `fix`) when they differ; checked is False for a file without a digest
+    (written before digests). ValueError naming the file when it cannot be read."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - damaged, or removed since it was listed
+        raise ValueError(f"cannot read the post-hoc EMA snapshot {path} ({error_summary(e)})") from None
+    return state, check_safetensors(state, meta, path, "post-hoc EMA snapshot", fix) is None
+
+
 def list_posthoc_snapshots(run_dir) -> list[dict]:
     """The readable snapshots of a run, oldest first (`scan_posthoc_snapshots` also names the damaged ones)."""
     return scan_posthoc_snapshots(run_dir)[0]
@@ -394,10 +414,19 @@ def remove_snapshots_after(run_dir, step: int, log=print) -> list:
     snapshot writes (a whole snapshot each), set every damaged snapshot aside as <name>.damaged with a
     warning (it is redone when training passes its step again; one of the resume step itself by
     `redo_resume_snapshots`), and delete the snapshots newer than `step` (work lost by a kill, redone
-    after resume). Returns the deleted snapshots."""
+    after resume). Headers are read for all; the tensors (checked against their digest) only for the
+    snapshots of `step`, the only damaged ones a resume can redo (reading every snapshot of a long run at
+    each start would cost more than the rest of the start). Returns the deleted snapshots."""
     folder = Path(run_dir) / POSTHOC_DIR
     remove_stale_temps(folder)
     snapshots, damaged = scan_posthoc_snapshots(run_dir)
+    for snap in [s for s in snapshots if s["step"] == step]:
+        try:
+            load_snapshot(snap["path"])
+        except (DamagedCheckpoint, ValueError) as e:
+            reason = e.detail if isinstance(e, DamagedCheckpoint) else str(e)
+            damaged.append({"path": snap["path"], "reason": reason, "step": step})
+            snapshots.remove(snap)
     for d in damaged:
         aside = d["path"].with_name(d["path"].name + DAMAGED_SUFFIX)
         os.replace(d["path"], aside)
@@ -440,7 +469,9 @@ def reconstruct_from_snapshots(snapshots: Sequence[dict], targets: Sequence[tupl
     EMATarget(step, decay=beta)) combined from `snapshots` (list_posthoc_snapshots entries; those after a
     target's step are not used for it), reading each file once. Returns one (state_dict, coefficients)
     per target, the coefficients (one per snapshot, summing to one) as `target_coefficients`. A file
-    that cannot be read raises ValueError naming it."""
+    that cannot be read raises ValueError naming it; one whose contents differ from its digest
+    DamagedCheckpoint (a UserError: one line naming the file and the tensor). Files without a digest are
+    combined unchecked, with one warning for all of them."""
     coefs = []
     for target in targets:
         t_step = EMATarget(*target).step
@@ -453,14 +484,16 @@ def reconstruct_from_snapshots(snapshots: Sequence[dict], targets: Sequence[tupl
                                      target)
         coefs.append(x)
     outs: list = [None] * len(targets)
+    unchecked = []
     for i, snap in enumerate(snapshots):
         if not any(c[i] != 0 for c in coefs):
             continue
         log(f"reading snapshot {snap['path'].name} ({i + 1}/{len(snapshots)})")
-        try:
-            state = load_file(str(snap["path"]))
-        except Exception as e:  # noqa: BLE001 - damaged or removed since it was listed
-            raise ValueError(f"cannot read the post-hoc EMA snapshot {snap['path']} ({error_summary(e)})") from None
+        fix = (f"rename it to {snap['path'].name}{DAMAGED_SUFFIX} and rerun: the reconstruction then uses the "
+               "other snapshots")
+        state, checked = load_snapshot(snap["path"], fix)
+        if not checked:
+            unchecked.append(snap["path"].name)
         for j, c in enumerate(coefs):
             if c[i] == 0:
                 continue
@@ -475,4 +508,8 @@ def reconstruct_from_snapshots(snapshots: Sequence[dict], targets: Sequence[tupl
                     outs[j][k].add_(v.float(), alpha=float(c[i]))
                 else:
                     outs[j][k] = v.clone()
+    if unchecked:  # one line for a run written before digests, not one per snapshot
+        warnings.warn(f"{len(unchecked)} post-hoc EMA snapshot(s) have no content digest (written before snapshots "
+                      f"carried one), so they were combined without a check for damage: {', '.join(unchecked[:3])}"
+                      + (f" and {len(unchecked) - 3} more" if len(unchecked) > 3 else ""), NoDigestWarning)
     return list(zip(outs, coefs))

@@ -20,12 +20,14 @@ import time
 from pathlib import Path
 from typing import Iterable, Optional
 
+import torch
 from tqdm import tqdm
 
 from fcdm_common.cli import UserError
+from fcdm_common.digests import stamp_metadata
 from fcdm_common.io import atomic_write_text, fault_point, save_safetensors
 from fcdm_common.locks import FolderLock, lock_folder
-from models.checkpoints import load_checkpoint
+from models.checkpoints import DamagedCheckpoint, load_checkpoint, load_ema_export
 
 CKPT_RE = re.compile(r"^(\d{7,})\.pt$")  # checkpoints/<step, 7+ digits>.pt
 
@@ -69,13 +71,22 @@ def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 def find_resume_checkpoint(ckpt_dir: str | os.PathLike, log=print, start_over: bool = False,
                            flag: str = "--start-over true") -> tuple[Optional[dict], Optional[Path], list[Path]]:
     """(checkpoint, its path, the unreadable newer files skipped) for resuming a run. Every unreadable
-    file (empty, truncated, random bytes, text, a zip of something else, an export) is skipped with a
-    warning and the previous one is used. When checkpoints exist but none loads, UserError lists them,
-    unless `start_over` (then training starts from step 0, keeping the files; see `prune_checkpoints`)."""
+    file (empty, truncated, random bytes, text, a zip of something else, an export, contents that differ
+    from its digest) is skipped with a warning and the previous one is used. When checkpoints exist but
+    none loads, UserError lists them, unless `start_over` (then training starts from step 0, keeping the
+    files; see `prune_checkpoints`).
+
+    A damaged file stays where it is, under its name (not renamed aside): `prune_checkpoints` keeps it while
+    it is newer than every readable checkpoint, a rerun skips it again (and says so), and the resumed run,
+    bitwise the same as the one that wrote it, replaces it with an intact copy when it saves that step."""
     unreadable = []
     for step, path in reversed(list_checkpoints(ckpt_dir)):
         try:
             return load_checkpoint(path, for_training=True), path, unreadable
+        except DamagedCheckpoint as e:
+            log(f"WARNING: skipping damaged checkpoint {path} ({e.detail}); falling back to the previous one (the "
+                f"file is kept: the run's next save of step {step} replaces it)")
+            unreadable.append(path)
         except UserError as e:
             log(f"WARNING: skipping unreadable checkpoint {path} ({e}); falling back to the previous one")
             unreadable.append(path)
@@ -137,10 +148,35 @@ def ema_export_path(ckpt_path: str | os.PathLike) -> Path:
 
 
 def export_ema(ema_state: dict, config: dict, step: int, ckpt_path: str | os.PathLike) -> Path:
-    """The EMA weights of checkpoint `ckpt_path` as safetensors with the run config and step as metadata
-    (the same bytes whether written at save time or repaired on a rerun from the loaded checkpoint)."""
+    """The EMA weights of checkpoint `ckpt_path` as safetensors with the run config, the step and the content
+    digest (fcdm_common/digests.py) as metadata (the same bytes whether written at save time or repaired on
+    a rerun from the loaded checkpoint)."""
     path = ema_export_path(ckpt_path)
-    save_safetensors(ema_state, path, metadata={"config": json.dumps(config), "step": step})
+    save_safetensors(ema_state, path, metadata=stamp_metadata(ema_state, {"config": json.dumps(config), "step": step}))
+    return path
+
+
+def repair_ema_export(ckpt: dict, ckpt_path: str | os.PathLike, log=print) -> Optional[Path]:
+    """Resuming from `ckpt` (loaded from `ckpt_path`, its digest checked): write its EMA export again when it is
+    missing (a kill between checkpoint and export) or damaged (unreadable, different from its digest, or
+    weights other than the checkpoint's EMA, which also catches damage in an export written before digests).
+    The path written, or None when the export was intact."""
+    path = ema_export_path(ckpt_path)
+    if not path.exists():
+        path = export_ema(ckpt["ema"], ckpt["config"], int(ckpt["step"]), ckpt_path)
+        log(f"completed the missing export {path}")
+        return path
+    try:
+        export = load_ema_export(path, note=False)
+    except UserError as e:
+        reason = e.detail if isinstance(e, DamagedCheckpoint) else str(e)
+    else:
+        ema = ckpt["ema"]
+        if export["ema"].keys() == ema.keys() and all(torch.equal(v, ema[k].cpu()) for k, v in export["ema"].items()):
+            return None
+        reason = "its weights differ from the checkpoint's EMA weights"
+    export_ema(ckpt["ema"], ckpt["config"], int(ckpt["step"]), ckpt_path)
+    log(f"WARNING: the EMA export {path} was damaged ({reason}); rewrote it from {ckpt_path}")
     return path
 
 

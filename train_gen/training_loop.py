@@ -60,10 +60,10 @@ from train_gen.repa import Repa, describe_repa
 from train_gen.run_folder import (
     RunLogger,
     checkpoint_path,
-    ema_export_path,
     export_ema,
     prune_checkpoints,
     prune_on_start,
+    repair_ema_export,
     truncate_metrics,
 )
 from train_gen.step_draws import RNG_SCHEME, BatchPlan, StepDraws, take
@@ -275,8 +275,8 @@ def restore_state(state: TrainState, resume: ResumePoint, config: TrainConfig, p
     else:
         seed_everything(rank_seed(config.train.seed, plan.rank, plan.world_size) + state.step)
     logger.log(f"resumed from {ckpt_file} at step {state.step}")
-    if is_main and ckpt_file.parent == run_dir / "checkpoints" and not ema_export_path(ckpt_file).exists():
-        logger.log(f"completed the missing export {export_ema(ckpt['ema'], ckpt['config'], state.step, ckpt_file)}")
+    if is_main and ckpt_file.parent == run_dir / "checkpoints":  # its export: missing (a kill) or damaged
+        repair_ema_export(ckpt, ckpt_file, logger.log)
     resume.ckpt = None
 
 
