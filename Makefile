@@ -9,7 +9,7 @@ STAMP := $(VENV)/.fcdm-installed
 
 help:
 	@echo "make demo      - the whole pipeline (data, train, sample, evaluate) on the digits demo, CPU, < 10 min"
-	@echo "make test      - install (if needed), lint (ruff) and run the test suite"
+	@echo "make test      - install (if needed), lint (ruff) and run the test suite (TEST_WORKERS=2 processes)"
 	@echo "make lint      - ruff check (pyflakes, pycodestyle, import order; pyproject.toml)"
 	@echo "make install   - create $(VENV) and install the package with its test extras (incl. TensorFlow CPU)"
 	@echo "make eval-env  - add TensorFlow (CPU) for the exact ADM evaluator backend"
@@ -24,9 +24,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# test files are spread over TEST_WORKERS processes (pytest-xdist; a file's tests stay together, so its module
+# fixtures are built once); TEST_WORKERS=0 runs them in this process, one after another
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
