@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import bench_fused, gpu_suite
+from benchmarks import bench_fused, gpu_stages, gpu_suite
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_dry_run_writes_a_record_per_step(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, OMP_NUM_THREADS="1")
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--dry-run"], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=600)  # 2 test workers share the CPU
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     recs = [json.loads(line) for line in (tmp_path / "gpu_results.jsonl").read_text().splitlines()]
     by_step = {r["step"]: r for r in recs}
@@ -111,6 +111,19 @@ def test_a_failed_step_fails_the_suite(tmp_path):
     assert proc.returncode == 0 and "0 ok, 0 failed, 1 skipped (compile256)" in proc.stdout, proc.stdout[-2000:]
 
 
+def test_the_steps_come_from_the_stage_modules_registrations():
+    """benchmarks/gpu_stages: each step of STEP_ORDER is registered by one stage module with its minimum budget,
+    gpu_suite.py dispatches to those registrations, and a second registration of a name is refused."""
+    import pytest
+
+    assert list(gpu_suite.STEPS) == list(gpu_suite.STEP_ORDER) == list(gpu_suite.MIN_SECONDS)
+    assert gpu_suite.STEPS["repa"].fn is gpu_suite.step_repa and gpu_suite.MIN_SECONDS["fused"] == 120
+    assert gpu_suite.STEPS["train512"].fn.__module__ == "benchmarks.gpu_stages.training"
+    assert set(gpu_suite.WORKERS) == {"env", "profile", "vae", "e2e_assets"}
+    with pytest.raises(ValueError, match="registered twice"):
+        gpu_stages.core.stage("env", min_s=0)(lambda suite: {})
+
+
 def test_a_failed_part_fails_its_step(tmp_path):
     suite = gpu_suite.Suite(tmp_path, budget_s=60, sizes=gpu_suite.DRY, dry_run=True)
     suite.step("forward", lambda s: {"bf16": {"rows": {}}, "tf32": {"status": "timeout"}}, min_s=0)
@@ -158,7 +171,7 @@ def test_sampling_step_calls_the_sample_mode_when_it_exists(tmp_path, monkeypatc
 
     fake = tmp_path / "bench_model.py"
     fake.write_text(FAKE_SAMPLE_BENCH)
-    monkeypatch.setattr(gpu_suite, "BENCH_MODEL", fake)
+    monkeypatch.setattr(gpu_stages.core, "BENCH_MODEL", fake)
     assert gpu_suite.has_sample_mode()
     suite = gpu_suite.Suite(tmp_path / "out", budget_s=120, sizes=dataclasses.replace(gpu_suite.DRY, compile=True),
                             dry_run=True)
@@ -195,7 +208,7 @@ def test_repa_step_halves_the_batch_after_an_out_of_memory(tmp_path, monkeypatch
 
     fake = tmp_path / "bench_repa.py"
     fake.write_text(FAKE_REPA_BENCH)
-    monkeypatch.setattr(gpu_suite, "BENCH_REPA", fake)
+    monkeypatch.setattr(gpu_stages.repa, "BENCH_REPA", fake)
     sizes = dataclasses.replace(gpu_suite.DRY, repa_batch=32)
     out = gpu_suite.step_repa(gpu_suite.Suite(tmp_path / "out", budget_s=120, sizes=sizes, dry_run=True))
     assert [(a["batch"], a["oom"]) for a in out["attempts"]] == [(32, True), (16, True), (8, False)]
@@ -250,7 +263,7 @@ def test_an_out_of_memory_retries_with_half_the_batch(tmp_path, monkeypatch):
 
     fake = tmp_path / "bench_model.py"
     fake.write_text(FAKE_OOM_BENCH)
-    monkeypatch.setattr(gpu_suite, "BENCH_MODEL", fake)
+    monkeypatch.setattr(gpu_stages.core, "BENCH_MODEL", fake)
     sizes = dataclasses.replace(gpu_suite.DRY, train_batch=256, ckpt512=("selective",))
     out = gpu_suite.step_train512(gpu_suite.Suite(tmp_path / "out", budget_s=120, sizes=sizes, dry_run=True))
     r = out["selective"]
@@ -264,7 +277,7 @@ def test_compile_step_measures_no_checkpointing_in_its_own_process_first(tmp_pat
 
     fake = tmp_path / "bench_model.py"
     fake.write_text(FAKE_OOM_BENCH)  # batch 2: writes a report
-    monkeypatch.setattr(gpu_suite, "BENCH_MODEL", fake)
+    monkeypatch.setattr(gpu_stages.core, "BENCH_MODEL", fake)
     suite = gpu_suite.Suite(tmp_path / "out", budget_s=300, sizes=dataclasses.replace(gpu_suite.DRY, compile=True),
                             dry_run=True)
     out = gpu_suite.step_compile256(suite)
