@@ -38,7 +38,32 @@ POLL_EVERY = 10  # steps between the flag comparisons of a multi-process run
 MARKER = "preempted.json"  # in the run folder: the step of the preemption checkpoint
 
 
-class PreemptionWatch:
+class SignalHandlers:
+    """A context manager that routes PREEMPT_SIGNALS to `self._handle` inside its block; the previous handlers
+    come back on exit. Outside the main thread (e.g. a test harness) no handler can be set, and none is."""
+    _previous: dict
+
+    def __enter__(self):
+        self._previous = {}
+        for name in PREEMPT_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                try:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+                except ValueError:  # not the main thread: no handler
+                    pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        raise NotImplementedError
+
+
+class PreemptionWatch(SignalHandlers):
     """Catch PREEMPT_SIGNALS while training (a context manager: the previous handlers come back on exit).
 
     `due(step)` is True once every process agrees that a signal arrived; all processes call it after
@@ -49,22 +74,6 @@ class PreemptionWatch:
         self.device = device  # where the flag lives for the all-reduce (NCCL needs a CUDA tensor)
         self.poll_every = poll_every  # steps between comparisons when world_size > 1
         self.received: Optional[str] = None  # name of the first signal caught, or None
-        self._previous: dict = {}
-
-    def __enter__(self) -> "PreemptionWatch":
-        for name in PREEMPT_SIGNALS:
-            sig = getattr(signal, name, None)
-            if sig is not None:
-                try:
-                    self._previous[sig] = signal.signal(sig, self._handle)
-                except ValueError:  # not the main thread (e.g. a test harness): no handler
-                    pass
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
         if self.received is None:
@@ -90,7 +99,7 @@ class Preempted(BaseException):
         self.signal_name = signal_name  # e.g. "SIGTERM"
 
 
-class SignalStop:
+class SignalStop(SignalHandlers):
     """PREEMPT_SIGNALS stop a program whose saved state is consistent at every moment (each file written
     atomically, a rerun keeps what is finished) where it is: the handler raises `Preempted` at once, so the
     process is gone long before the cluster's SIGKILL, losing only the work in progress. Inside `hold()`
@@ -102,22 +111,6 @@ class SignalStop:
         self.received: Optional[str] = None  # name of the first signal caught, or None
         self._raised = False
         self._holding = 0
-        self._previous: dict = {}
-
-    def __enter__(self) -> "SignalStop":
-        for name in PREEMPT_SIGNALS:
-            sig = getattr(signal, name, None)
-            if sig is not None:
-                try:
-                    self._previous[sig] = signal.signal(sig, self._handle)
-                except ValueError:  # not the main thread (e.g. a test harness): no handler
-                    pass
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
         if self.received is None:
