@@ -5,6 +5,23 @@ import torch
 from fcdm_common.processes import kill_processes_with_env, processes_with_env  # noqa: F401  (re-exported)
 
 
+def torchrun_workers(tag: str, script: str) -> dict:
+    """{RANK: pid} of the torchrun workers running `script` whose environment carries FCDM_TEST_TORCHRUN=tag (the
+    launcher itself has no LOCAL_RANK)."""
+    found = {}
+    for pid in processes_with_env("FCDM_TEST_TORCHRUN", tag):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(kv.split("=", 1) for kv in f.read().decode(errors="replace").split("\0") if "=" in kv)
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().decode(errors="replace")
+        except OSError:  # gone meanwhile
+            continue
+        if "LOCAL_RANK" in env and script in cmdline:
+            found[int(env["RANK"])] = pid
+    return found
+
+
 def randomize(model, std=0.2, seed=0):
     """Move every parameter off its (partly zero) initialisation, so comparisons are not trivial."""
     g = torch.Generator().manual_seed(seed)

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from fcdm_common.cli import PEER_LOST_STATUS, peer_lost_message, run_main
-from helpers import kill_processes_with_env, one_thread  # noqa: F401  (one_thread: fixture)
+from helpers import kill_processes_with_env, one_thread, torchrun_workers  # noqa: F401  (one_thread: fixture)
 from test_sample_ddp import make_checkpoint, run_inprocess, the_archive
 from test_train import ENV, TRAIN, make_store
 from test_train_faults import long_run_args, wait_for
@@ -37,23 +37,6 @@ SAMPLE_DDP = REPO / "train_gen" / "sample_ddp.py"
 GLOO_CLOSED = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
                "[127.0.0.1]:31953. This is typically caused by a remote worker crashing. Check the logs of the remote "
                "worker before reporting an error. GLHF!")
-
-
-def workers(tag: str, script: str) -> dict:
-    """{RANK: pid} of the torchrun workers of `script` whose environment carries FCDM_TEST_TORCHRUN=tag."""
-    found = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            env = dict(kv.split("=", 1) for kv in (d / "environ").read_bytes().decode(errors="replace").split("\0")
-                       if "=" in kv)
-            cmdline = (d / "cmdline").read_text(errors="replace")
-        except OSError:
-            continue
-        if env.get("FCDM_TEST_TORCHRUN") == tag and "LOCAL_RANK" in env and script in cmdline:
-            found[int(env["RANK"])] = int(d.name)
-    return found
 
 
 def torchrun(script, args, tag: str, log_dir: Path) -> subprocess.Popen:
@@ -162,7 +145,7 @@ def test_sigkill_of_one_training_process_leaves_one_line_on_the_other(store, tmp
     proc = torchrun(TRAIN, long_run_args(store, tmp_path, "k"), tag, logs)
     try:
         wait_for(lambda: (tmp_path / "k" / "metrics.jsonl").is_file(), proc, timeout=120)
-        os.kill(workers(tag, "train.py")[1], signal.SIGKILL)
+        os.kill(torchrun_workers(tag, "train.py")[1], signal.SIGKILL)
     finally:
         err = finish(proc, tag)
     assert proc.returncode != 0 and "exitcode  : -9" in err, err[-3000:]
@@ -251,7 +234,7 @@ def test_sigterm_to_every_torchrun_worker_stops_each_and_rank_0_says_it(ckpt, st
     proc = torchrun(SAMPLE_DDP, args, tag, logs)
     try:
         wait_for(lambda: len(pngs(tmp_path / "s")) >= 4, proc, timeout=120)
-        for pid in workers(tag, "sample_ddp.py").values():  # as a cluster does: every process is signalled
+        for pid in torchrun_workers(tag, "sample_ddp.py").values():  # as a cluster does: every process is signalled
             os.kill(pid, signal.SIGTERM)
     finally:
         err = finish(proc, tag)

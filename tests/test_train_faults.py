@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from fcdm_common.cli import run_main
-from helpers import kill_processes_with_env, one_thread  # noqa: F401  (one_thread: fixture)
+from helpers import kill_processes_with_env, one_thread, torchrun_workers  # noqa: F401  (one_thread: fixture)
 from test_train import ENV, TINY, TRAIN, assert_same_state, make_store, metrics, run_train
 from train_gen.preemption import MARKER, PREEMPTED_STATUS
 
@@ -224,23 +224,6 @@ def test_sigterm_checkpoints_exits_75_and_the_rerun_resumes_bitwise(store, tmp_p
                       torch.load(rd / "checkpoints" / final, weights_only=True))
 
 
-def worker_pids(tag: str) -> dict:
-    """{RANK: pid} of the torchrun workers whose environment carries FCDM_TEST_TORCHRUN=tag."""
-    found = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            env = dict(kv.split("=", 1) for kv in (d / "environ").read_bytes().decode(errors="replace").split("\0")
-                       if "=" in kv)
-        except OSError:
-            continue
-        if env.get("FCDM_TEST_TORCHRUN") == tag and "LOCAL_RANK" in env and "train.py" in (d / "cmdline").read_text(
-                errors="replace"):
-            found[int(env["RANK"])] = int(d.name)
-    return found
-
-
 def test_sigusr1_to_one_of_two_processes_stops_both_at_one_step(store, tmp_path):
     """SLURM may signal the processes at slightly different times: they agree on the step. Only rank 1 is
     signalled here; both write the one checkpoint of that step and exit 75 (torchrun then reports them)."""
@@ -253,7 +236,7 @@ def test_sigusr1_to_one_of_two_processes_stops_both_at_one_step(store, tmp_path)
                             start_new_session=True)
     try:
         wait_for(lambda: (tmp_path / "p2" / "metrics.jsonl").is_file(), proc, timeout=180)
-        os.kill(worker_pids(tag)[1], signal.SIGUSR1)
+        os.kill(torchrun_workers(tag, "train.py")[1], signal.SIGUSR1)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
